@@ -1,0 +1,5 @@
+//! The `nolock` command.
+fn main() {
+    nolock::init();
+    println!("nolock: {:?}", nolock::stats::snapshot().pages);
+}

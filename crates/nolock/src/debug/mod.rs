@@ -1,0 +1,363 @@
+//! Debug mode, error reports and fault injection (the userspace `slub_debug` and `failslab`).
+//!
+//! # Debug caches
+//!
+//! A cache created with the debug flag lays each slot out as
+//!
+//! ```text
+//! [left red zone][object ............][right red zone 16][state 8][free link 8]
+//! ```
+//!
+//! - *red zones* hold `0xbb` while the object is free and `0xcc` while it is allocated; a free checks both
+//!   (an overflow or underflow is reported and the object is kept out of circulation);
+//! - *poison*: a free object is filled with `0x6b` and its last byte with `0xa5`; an allocation checks the
+//!   pattern and reports a write after free;
+//! - the *state* word is `FREE` or `ALLOC`, changed by CAS, so a double free (even two racing frees) is caught
+//!   and ignored;
+//! - the free-list link lives after the object, so poison covers the whole object.
+//!
+//! The kmalloc classes exist twice, plain and debug. [`set_enabled`] (or `NOLOCK_DEBUG=1` at start) switches
+//! which set *new* kmalloc allocations come from, at run time; every free goes to the cache its object came
+//! from, so switching never mixes them up. `KmemCache` instances choose at creation.
+//!
+//! # Checks that are always on
+//!
+//! Every free checks, in O(1), that the pointer is inside the arena, on a page that is allocated, exactly at the
+//! start of an object (not an interior pointer), and for `kmem_cache_free` that the object belongs to the cache
+//! given. A slab whose in-use count would go below zero rejects the push (a double free that reached it).
+//!
+//! # Reports
+//!
+//! A refused free is reported on standard error with raw `write(2)` (no lock, no allocation; safe in a signal
+//! handler), naming the pointer, what is wrong and the cache, and is counted. Nothing is freed or changed by a
+//! refused free. The `try_*` variants of the free functions return the error instead of printing it.
+
+use core::fmt::Write as _;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::page::PagesError;
+use crate::slab::cache::{CacheInner, CacheName};
+use crate::sys::StackBuf;
+
+/// What is wrong with a pointer given to a free function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FreeErrorKind {
+    /// The pointer is not inside nolock's arena (it came from another allocator, the stack, ...).
+    Foreign,
+    /// The memory is not allocated: a free page, or a slot that is already free.
+    NotAllocated,
+    /// The pointer belongs to an `alloc_pages_nolock` run, which must be freed with `free_pages_nolock`.
+    PagesRun,
+    /// The pointer is inside an object but not at its start.
+    InteriorPointer {
+        /// Where the object starts.
+        object: usize,
+        /// How far from the start the pointer is (negative: in front of the object).
+        offset: isize,
+    },
+    /// The object is already free.
+    DoubleFree,
+    /// `kmem_cache_free` was given an object of another cache.
+    WrongCache {
+        /// The cache the object really belongs to.
+        owner: CacheName,
+    },
+    /// A red zone next to the object was overwritten (debug caches).
+    RedZone {
+        /// Offset from the object start of the first damaged byte (negative: before the object).
+        offset: isize,
+    },
+}
+
+/// A refused free: what, where, and which cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FreeError {
+    /// What is wrong.
+    pub kind: FreeErrorKind,
+    /// The pointer given.
+    pub ptr: usize,
+    /// The cache involved, where known.
+    pub cache: Option<CacheName>,
+}
+
+impl FreeError {
+    /// An error about `ptr`.
+    pub fn new(kind: FreeErrorKind, ptr: usize) -> Self {
+        Self { kind, ptr, cache: None }
+    }
+
+    /// Name the cache.
+    pub fn in_cache(mut self, name: CacheName) -> Self {
+        self.cache = Some(name);
+        self
+    }
+}
+
+impl core::fmt::Display for FreeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let p = self.ptr;
+        match self.kind {
+            FreeErrorKind::Foreign => write!(f, "{p:#x} is not from nolock's arena")?,
+            FreeErrorKind::NotAllocated => write!(f, "{p:#x} is not allocated")?,
+            FreeErrorKind::PagesRun => {
+                write!(f, "{p:#x} is an alloc_pages_nolock run; free it with free_pages_nolock")?
+            }
+            FreeErrorKind::InteriorPointer { object, offset } => {
+                write!(f, "{p:#x} points {offset} bytes into the object at {object:#x}, not at its start")?
+            }
+            FreeErrorKind::DoubleFree => write!(f, "double free of {p:#x}")?,
+            FreeErrorKind::WrongCache { owner } => write!(f, "{p:#x} belongs to cache '{owner}'")?,
+            FreeErrorKind::RedZone { offset } => {
+                write!(f, "red zone of the object at {p:#x} overwritten at offset {offset}")?
+            }
+        }
+        if let Some(c) = self.cache {
+            write!(f, " (cache '{c}')")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for FreeError {}
+
+static REPORTS: AtomicU64 = AtomicU64::new(0);
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Number of problems reported so far (refused frees and debug-mode findings), process-wide.
+pub fn reports() -> u64 {
+    REPORTS.load(Ordering::Relaxed)
+}
+
+/// Stop (or resume) printing reports on standard error; they are still counted. For tests that provoke them.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+fn emit(args: core::fmt::Arguments<'_>) {
+    REPORTS.fetch_add(1, Ordering::Relaxed);
+    if QUIET.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut b = StackBuf::<384>::new();
+    let _ = b.write_fmt(format_args!("nolock: {args}\n"));
+    crate::sys::write_stderr(b.as_bytes());
+}
+
+/// Report a refused free on standard error (async-signal-safe).
+#[cold]
+pub fn report(e: &FreeError) {
+    emit(format_args!("invalid free: {e}; nothing was freed"));
+}
+
+/// Report a refused `free_pages_nolock`.
+#[cold]
+pub fn report_pages_error(ptr: usize, order: u32, e: PagesError) {
+    emit(format_args!("invalid free_pages_nolock({ptr:#x}, order {order}): {e}; nothing was freed"));
+}
+
+/// Report a thread list that stayed busy while a cache was being destroyed.
+#[cold]
+pub fn report_stuck_shard(shard: u32, cache: CacheName) {
+    emit(format_args!(
+        "shard {shard} kept cache '{cache}' busy during destroy (a signal handler left the allocator by longjmp?); \
+         its cached objects are leaked"
+    ));
+}
+
+/// Report a cache destroyed while objects were still allocated.
+#[cold]
+pub fn report_destroy_live(cache: CacheName, live: u64, slabs: u64) {
+    emit(format_args!(
+        "cache '{cache}' destroyed with {live} objects still allocated in {slabs} slabs; \
+         those slabs are left in place and the cache slot is retired"
+    ));
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// Debug slots
+// -------------------------------------------------------------------------------------------------------------
+
+const RZ_FREE: u8 = 0xbb;
+const RZ_ALLOC: u8 = 0xcc;
+const POISON: u8 = 0x6b;
+const POISON_END: u8 = 0xa5;
+const RZ_RIGHT: usize = 16;
+const ST_FREE: u64 = 0x4652_4545_f4ee_f4ee;
+const ST_ALLOC: u64 = 0x414c_4c4f_a110_ca7e;
+
+struct Slot {
+    slot: usize,
+    obj: usize,
+    size: usize,
+}
+
+impl Slot {
+    fn of(c: &CacheInner, slot: usize) -> Self {
+        let cfg = c.cfg();
+        Self { slot, obj: slot + cfg.obj_off as usize, size: cfg.size as usize }
+    }
+
+    fn left(&self) -> &mut [u8] {
+        // SAFETY: the left red zone is [slot, obj) inside a slot of a debug cache, owned by the caller.
+        unsafe { core::slice::from_raw_parts_mut(self.slot as *mut u8, self.obj - self.slot) }
+    }
+
+    fn right(&self) -> &mut [u8] {
+        // SAFETY: the right red zone follows the object inside the slot.
+        unsafe { core::slice::from_raw_parts_mut((self.obj + self.size) as *mut u8, RZ_RIGHT) }
+    }
+
+    fn object(&self) -> &mut [u8] {
+        // SAFETY: the object is inside the slot, owned by the caller.
+        unsafe { core::slice::from_raw_parts_mut(self.obj as *mut u8, self.size) }
+    }
+
+    fn state(&self) -> &AtomicU64 {
+        // SAFETY: the state word follows the right red zone, 8-aligned, inside the slot.
+        unsafe { &*((self.obj + self.size + RZ_RIGHT) as *const AtomicU64) }
+    }
+
+    fn poison(&self) {
+        let o = self.object();
+        o.fill(POISON);
+        if let Some(last) = o.last_mut() {
+            *last = POISON_END;
+        }
+    }
+
+    /// First byte of the object that does not hold the poison pattern.
+    fn poison_damage(&self) -> Option<usize> {
+        let o = self.object();
+        let n = o.len();
+        o.iter().enumerate().position(|(i, &b)| b != if i + 1 == n { POISON_END } else { POISON })
+    }
+
+    /// First red-zone byte (as an offset from the object start) that does not hold `pat`.
+    fn red_zone_damage(&self, pat: u8) -> Option<isize> {
+        let left = self.left();
+        if let Some(i) = left.iter().position(|&b| b != pat) {
+            return Some(i as isize - left.len() as isize);
+        }
+        self.right().iter().position(|&b| b != pat).map(|i| (self.size + i) as isize)
+    }
+}
+
+/// Lay out a fresh slot of a debug cache: free red zones, poison, state FREE.
+pub fn init_slot(c: &CacheInner, slot: usize) {
+    let s = Slot::of(c, slot);
+    s.left().fill(RZ_FREE);
+    s.right().fill(RZ_FREE);
+    s.poison();
+    s.state().store(ST_FREE, Ordering::Relaxed);
+}
+
+/// A slot of a debug cache is being handed out: check it was left alone while free, mark it allocated.
+pub fn on_alloc(c: &CacheInner, slot: usize) {
+    let s = Slot::of(c, slot);
+    let name = c.name();
+    if s.state().swap(ST_ALLOC, Ordering::AcqRel) != ST_FREE {
+        c.counters.debug_errors.fetch_add(1, Ordering::Relaxed);
+        emit(format_args!("slot {slot:#x} of cache '{name}' was not marked free when allocated (corrupted)"));
+    }
+    if let Some(at) = s.poison_damage() {
+        c.counters.debug_errors.fetch_add(1, Ordering::Relaxed);
+        emit(format_args!(
+            "object {:#x} of cache '{name}' was written after it was freed (first changed byte at offset {at})",
+            s.obj
+        ));
+    }
+    if let Some(at) = s.red_zone_damage(RZ_FREE) {
+        c.counters.debug_errors.fetch_add(1, Ordering::Relaxed);
+        emit(format_args!(
+            "red zone of free object {:#x} of cache '{name}' overwritten at offset {at}",
+            s.obj
+        ));
+    }
+    s.left().fill(RZ_ALLOC);
+    s.right().fill(RZ_ALLOC);
+}
+
+/// A debug object is being freed: refuse double frees and damaged red zones, then poison it.
+pub fn on_free(c: &CacheInner, addr: usize, slot: usize) -> Result<(), FreeError> {
+    let s = Slot::of(c, slot);
+    let err = |kind| Err(FreeError::new(kind, addr).in_cache(c.name()));
+    match s.state().load(Ordering::Acquire) {
+        ST_ALLOC => {}
+        ST_FREE => return err(FreeErrorKind::DoubleFree),
+        _ => return err(FreeErrorKind::NotAllocated),
+    }
+    if let Some(offset) = s.red_zone_damage(RZ_ALLOC) {
+        return err(FreeErrorKind::RedZone { offset });
+    }
+    // The CAS decides between two racing frees of the same object.
+    if s.state().compare_exchange(ST_ALLOC, ST_FREE, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        return err(FreeErrorKind::DoubleFree);
+    }
+    s.poison();
+    s.left().fill(RZ_FREE);
+    s.right().fill(RZ_FREE);
+    Ok(())
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// Run-time switches
+// -------------------------------------------------------------------------------------------------------------
+
+/// Switch kmalloc debug mode at run time: new `kmalloc_nolock` allocations come from the debug caches while it
+/// is on. Objects already allocated keep the mode they were allocated with.
+///
+/// # Context
+/// Any context (one atomic store). Initialises nolock if needed.
+pub fn set_enabled(on: bool) {
+    if let Some(g) = crate::global::get() {
+        g.kmalloc_debug.store(on, Ordering::Relaxed);
+    }
+}
+
+/// Whether kmalloc debug mode is on.
+///
+/// # Context
+/// Any context.
+pub fn enabled() -> bool {
+    crate::global::get().is_some_and(|g| g.kmalloc_debug.load(Ordering::Relaxed))
+}
+
+/// Fault injection for a cache: make allocations fail on purpose so callers can test their failure paths.
+/// Injected failures are counted apart from real out-of-memory failures.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FaultInjection {
+    /// No injected failures.
+    Off,
+    /// Fail every n-th allocation (n ≥ 1).
+    EveryNth(u32),
+    /// Fail each allocation with this probability (0.0 ..= 1.0).
+    Probability(f64),
+}
+
+/// Configure fault injection on one cache (internal form).
+pub fn set_fault(c: &CacheInner, f: FaultInjection) {
+    let (nth, prob) = match f {
+        FaultInjection::Off => (0, 0),
+        FaultInjection::EveryNth(n) => (n.max(1), 0),
+        FaultInjection::Probability(p) => (0, (p.clamp(0.0, 1.0) * u32::MAX as f64) as u32),
+    };
+    c.fault.every_nth.store(nth, Ordering::Relaxed);
+    c.fault.prob.store(prob, Ordering::Relaxed);
+    if (nth != 0 || prob != 0)
+        && let Some(g) = crate::global::get()
+    {
+        g.fault_active.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Configure fault injection on every kmalloc cache (plain and debug).
+///
+/// # Context
+/// Any context.
+pub fn set_kmalloc_fault_injection(f: FaultInjection) {
+    if let Some(g) = crate::global::get() {
+        for id in crate::slab::kmalloc::all_kmalloc_ids() {
+            set_fault(g.cache(id), f);
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! # nolock: allocate and retire memory from any context
+//!
+//! `nolock` lets userspace code allocate and free memory where `malloc` cannot go: inside a signal handler that
+//! interrupted the allocator itself, on a real-time thread that must never block, or while holding arbitrary
+//! locks. It re-creates in userspace the Linux kernel's answer to the same problem — `alloc_pages_nolock`,
+//! `kmalloc_nolock` / `kfree_nolock` and `KmemCache` — over a reserved virtual-memory arena, with per-thread
+//! caches guarded by reentrancy flags instead of locks.
+//!
+//! ```
+//! use nolock::{Gfp, kfree_nolock, kmalloc_nolock, ksize};
+//!
+//! // Safe to run inside a signal handler, even one that interrupted this very call on the same thread.
+//! let p = kmalloc_nolock(100, Gfp::ZERO).expect("None only means: out of memory");
+//! assert_eq!(ksize(p.as_ptr()), 128); // the kmalloc-128 class
+//! // SAFETY: p came from kmalloc_nolock and is not used afterwards.
+//! unsafe { kfree_nolock(p.as_ptr()) };
+//!
+//! // Or without raw pointers:
+//! let b = nolock::NBox::try_new([0u8; 64]).expect("out of memory");
+//! drop(b);
+//! ```
+//!
+//! ## The "nolock" contract
+//!
+//! Every `*_nolock` function (and `NBox`'s constructors and drop):
+//! 1. never blocks, never spins on a lock, never waits for another thread, never calls `malloc`;
+//! 2. may be called from any context, including a signal handler that interrupted any instruction of this
+//!    library on the same thread;
+//! 3. fails (`None`) only when memory is exhausted, never because something was busy;
+//! 4. frees never fail and never lose an object: a free that cannot be done now is deferred;
+//! 5. a thread's very first call may be in a signal handler.
+//!
+//! Each public function documents its context rules in a `# Context` section.
+//!
+//! ## Layers
+//!
+//! - [`page`]: the arena and `alloc_pages_nolock` — lock-free bitmap allocation, page descriptors, returning
+//!   memory to the OS off the nolock path.
+//! - [`slab`]: `KmemCache`, kmalloc size classes, per-thread shards, `kmalloc_nolock` / `kfree_nolock`.
+//! - [`debug`]: red zones, poison, double-free and bad-pointer reports, fault injection.
+//! - [`NBox`]: safe owners; [`NolockAlloc`]: a `GlobalAlloc`.
+//! - [`sync`]: the lock-free building blocks (llist, tagged stack, slab free-list word), loom-checked.
+//!
+//! Start with [`init`] from `main` to get the background worker that gives free memory back to the OS, or call
+//! [`trim`] yourself.
+
+#![warn(missing_docs)]
+
+pub mod sync;
+
+#[cfg(not(loom))]
+mod alloc;
+#[cfg(not(loom))]
+mod boxed;
+#[cfg(not(loom))]
+pub mod debug;
+#[cfg(not(loom))]
+mod global;
+#[cfg(not(loom))]
+pub mod hooks;
+#[cfg(not(loom))]
+pub mod page;
+#[cfg(not(loom))]
+pub mod slab;
+#[cfg(not(loom))]
+pub mod stats;
+#[cfg(not(loom))]
+mod sys;
+#[cfg(not(loom))]
+mod worker;
+
+#[cfg(not(loom))]
+pub use alloc::NolockAlloc;
+#[cfg(not(loom))]
+pub use boxed::NBox;
+#[cfg(not(loom))]
+pub use debug::{FaultInjection, FreeError, FreeErrorKind};
+#[cfg(not(loom))]
+pub use global::{Config, ConfigError, DEFAULT_ARENA_SIZE, MAX_CACHES, MAX_SHARDS};
+#[cfg(not(loom))]
+pub use page::{Gfp, MAX_ORDER, PagesError, alloc_pages_nolock, free_pages_nolock, try_free_pages_nolock};
+#[cfg(not(loom))]
+pub use slab::cache::{CacheError, CacheName, CacheStats, DestroyReport};
+#[cfg(not(loom))]
+pub use slab::kmalloc::{
+    KMALLOC_MAX_CACHE_SIZE, KMALLOC_SIZES, ZERO_SIZE_PTR, kfree_nolock, kmalloc_layout_nolock, kmalloc_nolock,
+    ksize, try_kfree_nolock,
+};
+#[cfg(not(loom))]
+pub use slab::{KmemCache, KmemCacheBuilder, kmem_cache_alloc_nolock, kmem_cache_free_nolock};
+
+/// Set up nolock from a normal context: map the arena, register the thread-exit and fork hooks, register the
+/// membarrier, and start the background worker (unless disabled by [`Config::background`] or
+/// `NOLOCK_BACKGROUND=0`). Calling it is optional — everything also works without it — but without the worker,
+/// free memory returns to the OS only when you call [`trim`].
+///
+/// # Context
+/// Normal context only: may spawn a thread. Idempotent.
+#[cfg(not(loom))]
+pub fn init() {
+    let _ = global::get();
+    init_normal_context();
+}
+
+/// Work that needs a normal context, done at the first opportunity (idempotent).
+#[cfg(not(loom))]
+pub(crate) fn init_normal_context() {
+    slab::shard::ensure_process_hooks();
+    sys::membarrier::register();
+    worker::ensure_started();
+}
+
+/// What [`trim`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg(not(loom))]
+pub struct TrimReport {
+    /// Empty slabs released to the page allocator.
+    pub slabs_released: usize,
+    /// Pages given back to the OS.
+    pub pages_purged: usize,
+}
+
+/// Give memory back now: return this thread's cached free objects to their slabs, release every entirely free
+/// slab of every cache, and `madvise` every free page back to the OS.
+///
+/// # Context
+/// Normal context only: makes `madvise` system calls. Runs concurrently with allocations on other threads.
+#[cfg(not(loom))]
+pub fn trim() -> TrimReport {
+    let Some(g) = global::get() else { return TrimReport::default() };
+    if let Some(s) = slab::shard::current_if_any() {
+        for id in 0..g.cache_count() {
+            let pc = s.pc(id);
+            let c = g.cache(id);
+            if c.is_active()
+                && pc.busy.load(core::sync::atomic::Ordering::Relaxed) == 0
+                && pc.count.load(core::sync::atomic::Ordering::Relaxed) != 0
+            {
+                c.drain_pc(g, s, pc);
+            }
+        }
+    }
+    let mut r = TrimReport::default();
+    if worker::enter_critical() {
+        r.slabs_released = slab::cache::reclaim_empty_slabs(g);
+        r.pages_purged = g.pages.purge(false);
+        worker::leave_critical();
+    }
+    r
+}
+
+/// Whether the background worker is running in this process.
+///
+/// # Context
+/// Any context.
+#[cfg(not(loom))]
+pub fn worker_running() -> bool {
+    worker::is_running()
+}

@@ -1,0 +1,93 @@
+//! Page descriptors: the side table that maps any arena address to what lives there, in O(1).
+//!
+//! One 32-byte [`PageDesc`] per arena page, indexed by page number (the userspace `struct page`). The `info`
+//! word says what the page belongs to; slabs keep their free-list state and partial-list link in the descriptor
+//! of their first ("head") page, so no allocator metadata ever lives inside user memory except the link word of
+//! a free object.
+//!
+//! Which descriptors are written:
+//! - every page of a slab: kind `SLAB`, cache id, head page (so an interior pointer finds its slab);
+//! - only the head page of a large kmalloc run or an `alloc_pages_nolock` run: kind `LARGE`/`PAGES` and the
+//!   run length; its other pages keep kind `FREE`, so a pointer into them is reported as not allocated;
+//! - on release, the same descriptors go back to `FREE` before the pages return to the bitmap.
+
+use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use crate::sync::slab_freelist::SlabFreelist;
+
+/// What a page is used for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Not allocated (or a non-head page of a large run).
+    Free = 0,
+    /// Part of a slab of a `KmemCache`.
+    Slab = 1,
+    /// Head of a large `kmalloc_nolock` run (above the largest size class).
+    Large = 2,
+    /// Head of an `alloc_pages_nolock` run.
+    Pages = 3,
+}
+
+/// Decoded `info` word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Info(pub u64);
+
+impl Info {
+    /// Build an info word.
+    #[inline]
+    pub fn new(kind: Kind, cache_id: u16, head: u32) -> Self {
+        Self(kind as u64 | (u64::from(cache_id) << 16) | (u64::from(head) << 32))
+    }
+    /// The page's kind.
+    #[inline]
+    pub fn kind(self) -> Kind {
+        match self.0 & 0xff {
+            1 => Kind::Slab,
+            2 => Kind::Large,
+            3 => Kind::Pages,
+            _ => Kind::Free,
+        }
+    }
+    /// Cache id (slab pages).
+    #[inline]
+    pub fn cache_id(self) -> u16 {
+        (self.0 >> 16) as u16
+    }
+    /// Page index of the slab's (or run's) first page.
+    #[inline]
+    pub fn head(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
+
+/// The descriptor of one arena page. Zeroed memory is a free page.
+#[repr(C, align(32))]
+#[derive(Debug, Default)]
+pub struct PageDesc {
+    /// [`Info`]: kind, cache id, head page.
+    pub info: AtomicU64,
+    /// Slab head pages: the slab's free list and counters.
+    pub slab: SlabFreelist,
+    /// Slab head pages: link in the cache's partial list (`TaggedStack` encoding).
+    pub next: AtomicU32,
+    /// Slab head pages: shard id + 1 of the thread that last took the slab's objects (0: none).
+    pub owner: AtomicU32,
+    /// Large / pages runs: run length in pages.
+    pub npages: AtomicU64,
+}
+
+impl PageDesc {
+    /// The current info word. `Acquire`: pairs with the `Release` store that published the page's owner.
+    #[inline]
+    pub fn info(&self) -> Info {
+        Info(self.info.load(Ordering::Acquire))
+    }
+
+    /// Publish what this page now belongs to. `Release`: pairs with [`PageDesc::info`].
+    #[inline]
+    pub fn set_info(&self, info: Info) {
+        self.info.store(info.0, Ordering::Release);
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<PageDesc>() == 32);

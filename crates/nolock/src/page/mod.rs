@@ -1,0 +1,946 @@
+//! The page allocator: `alloc_pages_nolock` / `free_pages_nolock` over one reserved arena.
+//!
+//! # Design
+//!
+//! nolock reserves one contiguous range of virtual memory (the *arena*) at first use and never maps more; every
+//! object nolock hands out lies inside it. Physical memory is committed lazily by the kernel on first touch and
+//! given back with `madvise(MADV_DONTNEED)` by the purger.
+//!
+//! Allocation state is a bitmap, one bit per page (1 = allocated), in 64-bit words. A run of up to 64 pages is
+//! claimed inside one word with a single CAS, so allocation and free are lock-free, reentrant from signal
+//! handlers, and coalescing is automatic: a freed page is immediately part of any larger free run around it.
+//! Runs longer than 64 pages claim whole words one by one and roll back if they lose a race.
+//!
+//! Searching is guided by a *summary* bitmap with one bit per word, set while the word may have a free page.
+//! The invariant "a word with a free page has its summary bit set" is kept without locks: a free clears its
+//! page bits and then sets the summary bit; an allocation that filled a word clears the summary bit and then
+//! re-reads the word, setting the bit again if a free slipped in between (both RMWs are `AcqRel` on the summary
+//! word, so whichever comes second sees the other's page-bit change). Only words below the *frontier* are in
+//! use; when nothing fits below it, the frontier grows into never-touched address space.
+//!
+//! A second bitmap, *dirty*, has a bit set for a page whose contents may be non-zero (it was allocated and freed
+//! since it was last purged). `ZERO` allocations clear only dirty pages; fresh and purged pages are known zero.
+//!
+//! # Returning memory to the OS (off the nolock path)
+//!
+//! [`PageAllocator::purge`] runs in the background worker or in [`crate::trim`], never on a `*_nolock` path. It
+//! *claims* free dirty pages in the bitmap exactly as an allocation would (so no allocation can hand them out
+//! while their contents are being dropped), calls `madvise(MADV_DONTNEED)`, clears their dirty bits and frees
+//! them again. With aging on, a page is purged only if it was free and dirty at the previous pass as well, so
+//! memory that is reused quickly is not thrown away and faulted back in.
+//!
+//! # Contract of `alloc_pages_nolock`
+//!
+//! Never blocks, never calls into the kernel, never allocates: bounded work over atomics. It fails only when no
+//! free run of the requested shape exists in the arena. The purger holds at most one word's worth of pages (up
+//! to 64) for the length of one `madvise` call, which is the only way a racing allocation can miss pages that
+//! are free.
+
+pub mod desc;
+
+use core::ptr::NonNull;
+
+use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use crate::sys::{PAGE_SHIFT, PAGE_SIZE};
+use desc::{Info, Kind, PageDesc};
+
+/// Pages per bitmap word.
+const WORD_PAGES: usize = 64;
+/// Words added to the active region when the frontier grows (4 MiB of address space).
+const GROW_WORDS: usize = 16;
+
+/// Allocation flags (the userspace `gfp_t`). Combine with `|`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Gfp(u32);
+
+impl Gfp {
+    /// No flags.
+    pub const NONE: Gfp = Gfp(0);
+    /// Return zeroed memory (`__GFP_ZERO`).
+    pub const ZERO: Gfp = Gfp(1);
+
+    /// Whether every flag in `other` is set.
+    #[inline]
+    pub const fn contains(self, other: Gfp) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The raw bits.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+}
+
+impl core::ops::BitOr for Gfp {
+    type Output = Gfp;
+    fn bitor(self, rhs: Gfp) -> Gfp {
+        Gfp(self.0 | rhs.0)
+    }
+}
+
+impl core::ops::BitOrAssign for Gfp {
+    fn bitor_assign(&mut self, rhs: Gfp) {
+        self.0 |= rhs.0;
+    }
+}
+
+/// Counters of the page allocator (a snapshot).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageStats {
+    /// Size of the arena in pages.
+    pub arena_pages: usize,
+    /// Pages allocated right now (slabs, large objects, page runs).
+    pub used_pages: usize,
+    /// Pages below the frontier (the part of the arena ever used).
+    pub active_pages: usize,
+    /// Free pages whose contents may still be resident (candidates for purging).
+    pub dirty_free_pages: usize,
+    /// Pages given back to the OS so far.
+    pub purged_pages: u64,
+    /// Successful run allocations.
+    pub allocs: u64,
+    /// Run frees.
+    pub frees: u64,
+    /// Allocations that failed because no free run of the requested shape existed.
+    pub failures: u64,
+}
+
+/// The arena and its bitmaps. One instance lives in the global state; see the module documentation.
+pub struct PageAllocator {
+    base: usize,
+    npages: usize,
+    nwords: usize,
+    alloc: *const AtomicU64,
+    dirty: *const AtomicU64,
+    aged: *const AtomicU64,
+    summary: *const AtomicU64,
+    descs: *const PageDesc,
+    /// Words in the active region.
+    frontier: AtomicUsize,
+    /// Next-fit hint: the word where the last allocation succeeded.
+    cursor: AtomicUsize,
+    used_pages: AtomicUsize,
+    purged_pages: AtomicU64,
+    allocs: AtomicU64,
+    frees: AtomicU64,
+    failures: AtomicU64,
+}
+
+// SAFETY: every field is either immutable after construction or atomic; the raw pointers point into mappings
+// that live for the rest of the process and are only accessed atomically.
+unsafe impl Send for PageAllocator {}
+// SAFETY: see above.
+unsafe impl Sync for PageAllocator {}
+
+/// Bytes of metadata needed for an arena of `npages` pages, and the offsets of its parts.
+struct MetaLayout {
+    alloc: usize,
+    dirty: usize,
+    aged: usize,
+    summary: usize,
+    descs: usize,
+    total: usize,
+}
+
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+impl MetaLayout {
+    fn new(npages: usize) -> Self {
+        let nwords = npages / WORD_PAGES;
+        let bitmap = round_up(nwords * 8, PAGE_SIZE);
+        let summary = round_up(nwords.div_ceil(64) * 8, PAGE_SIZE);
+        let alloc = 0;
+        let dirty = alloc + bitmap;
+        let aged = dirty + bitmap;
+        let summary_off = aged + bitmap;
+        let descs = summary_off + summary;
+        let total = descs + round_up(npages * core::mem::size_of::<PageDesc>(), PAGE_SIZE);
+        Self { alloc, dirty, aged, summary: summary_off, descs, total }
+    }
+}
+
+/// A run found by the search: first page and the word(s) claimed.
+#[derive(Clone, Copy, Debug)]
+struct Claim {
+    first_page: usize,
+}
+
+impl PageAllocator {
+    /// Map an arena of `arena_bytes` (rounded down to a multiple of 256 KiB, at least 256 KiB) and its metadata.
+    /// Returns `None` if the kernel refuses either mapping.
+    ///
+    /// Async-signal-safe (two or three `mmap` calls), so the very first allocation may come from a handler.
+    pub fn map(arena_bytes: usize) -> Option<Self> {
+        let chunk = WORD_PAGES * PAGE_SIZE;
+        let arena_bytes = (arena_bytes / chunk).max(1) * chunk;
+        let npages = arena_bytes / PAGE_SIZE;
+        let nwords = npages / WORD_PAGES;
+        let layout = MetaLayout::new(npages);
+        let meta = crate::sys::mmap_reserve(layout.total)?;
+        // Align the arena to 2 MiB so that slabs (at most 128 KiB, naturally aligned) and transparent huge pages
+        // line up; the slack at either end stays reserved but unused.
+        const ALIGN: usize = 2 << 20;
+        let Some(raw) = crate::sys::mmap_reserve(arena_bytes + ALIGN) else {
+            // SAFETY: `meta` was just mapped by us and nothing refers to it.
+            unsafe { crate::sys::munmap(meta, layout.total) };
+            return None;
+        };
+        let base = round_up(raw as usize, ALIGN);
+        let at = |off: usize| (meta as usize + off) as *const AtomicU64;
+        Some(Self {
+            base,
+            npages,
+            nwords,
+            alloc: at(layout.alloc),
+            dirty: at(layout.dirty),
+            aged: at(layout.aged),
+            summary: at(layout.summary),
+            descs: (meta as usize + layout.descs) as *const PageDesc,
+            frontier: AtomicUsize::new(0),
+            cursor: AtomicUsize::new(0),
+            used_pages: AtomicUsize::new(0),
+            purged_pages: AtomicU64::new(0),
+            allocs: AtomicU64::new(0),
+            frees: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        })
+    }
+
+    /// Unmap a `PageAllocator` that lost the race to become the global one (nothing was ever allocated from it).
+    ///
+    /// # Safety
+    /// `self` must never have been shared.
+    pub unsafe fn unmap(self) {
+        let layout = MetaLayout::new(self.npages);
+        // SAFETY: both mappings were made by `map` for this instance and nothing else refers to them (caller).
+        unsafe {
+            crate::sys::munmap(self.alloc as *mut u8, layout.total);
+        }
+        // The arena mapping's original start is not kept; leaving a never-touched NORESERVE reservation mapped
+        // costs no memory, so it is simply left in place.
+    }
+
+    /// First address of the arena.
+    #[inline]
+    pub fn base(&self) -> usize {
+        self.base
+    }
+
+    /// Size of the arena in bytes.
+    #[inline]
+    pub fn size(&self) -> usize {
+        self.npages << PAGE_SHIFT
+    }
+
+    /// Whether `addr` is inside the arena.
+    #[inline]
+    pub fn contains(&self, addr: usize) -> bool {
+        addr.wrapping_sub(self.base) < self.size()
+    }
+
+    /// Page number of an address inside the arena.
+    #[inline]
+    pub fn page_of(&self, addr: usize) -> usize {
+        (addr - self.base) >> PAGE_SHIFT
+    }
+
+    /// Address of page `page`.
+    #[inline]
+    pub fn page_addr(&self, page: usize) -> usize {
+        self.base + (page << PAGE_SHIFT)
+    }
+
+    /// Descriptor of page `page` (which must be below the arena size).
+    #[inline]
+    pub fn desc(&self, page: usize) -> &PageDesc {
+        debug_assert!(page < self.npages);
+        // SAFETY: `descs` points at `npages` descriptors that live as long as `self`; zeroed memory is valid.
+        unsafe { &*self.descs.add(page) }
+    }
+
+    #[inline]
+    fn word(&self, bitmap: *const AtomicU64, w: usize) -> &AtomicU64 {
+        debug_assert!(w < self.nwords);
+        // SAFETY: every bitmap has `nwords` words living as long as `self`.
+        unsafe { &*bitmap.add(w) }
+    }
+
+    #[inline]
+    fn summary_word(&self, s: usize) -> &AtomicU64 {
+        // SAFETY: the summary has nwords.div_ceil(64) words living as long as `self`.
+        unsafe { &*self.summary.add(s) }
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // Allocation
+    // ---------------------------------------------------------------------------------------------------------
+
+    /// Allocate a run of `npages` pages whose first page number is a multiple of `align` (a power of two).
+    /// Returns the first page number. Lock-free; any context.
+    pub fn alloc_run(&self, npages: usize, align: usize) -> Option<usize> {
+        debug_assert!(align.is_power_of_two() && npages > 0);
+        if npages > self.npages {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        crate::hooks::point(crate::hooks::Point::PageAlloc);
+        let claim = if npages <= WORD_PAGES && align <= WORD_PAGES {
+            self.alloc_small(npages, align)
+        } else {
+            self.alloc_large(npages, align)
+        };
+        match claim {
+            Some(c) => {
+                self.used_pages.fetch_add(npages, Ordering::Relaxed);
+                self.allocs.fetch_add(1, Ordering::Relaxed);
+                Some(c.first_page)
+            }
+            None => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Mask of the bit positions (multiples of `align`) where a free run of `n` bits starts in `word`.
+    #[inline]
+    fn fit_mask(word: u64, n: usize, align: usize) -> u64 {
+        let mut free = !word;
+        let mut len = 1;
+        while len * 2 <= n {
+            free &= free >> len;
+            len *= 2;
+        }
+        if len < n {
+            free &= free >> (n - len);
+        }
+        // Runs that would cross the end of the word: the shifts moved zeros in from the top, so a start bit is
+        // only set if all of its `n` bits are inside the word and free.
+        free & align_mask(align)
+    }
+
+    fn alloc_small(&self, n: usize, align: usize) -> Option<Claim> {
+        loop {
+            let frontier = self.frontier.load(Ordering::Acquire);
+            let start = self.cursor.load(Ordering::Relaxed).min(frontier);
+            if let Some(c) = self.search_summary(start, frontier, n, align) {
+                return Some(c);
+            }
+            if start > 0
+                && let Some(c) = self.search_summary(0, start, n, align)
+            {
+                return Some(c);
+            }
+            if !self.grow(frontier, GROW_WORDS) {
+                // Nothing fits below the frontier and the arena is fully active. One last full pass covers runs
+                // freed while we were searching.
+                return self.search_summary(0, self.frontier.load(Ordering::Acquire), n, align);
+            }
+        }
+    }
+
+    /// Scan the words in `[from, to)` whose summary bit is set, claiming the first fit.
+    fn search_summary(&self, from: usize, to: usize, n: usize, align: usize) -> Option<Claim> {
+        let mut w = from;
+        while w < to {
+            let s = w / 64;
+            let bits = self.summary_word(s).load(Ordering::Acquire) & (!0u64 << (w % 64));
+            if bits == 0 {
+                w = (s + 1) * 64;
+                continue;
+            }
+            let cand = s * 64 + bits.trailing_zeros() as usize;
+            if cand >= to {
+                return None;
+            }
+            if let Some(c) = self.try_word(cand, n, align) {
+                return Some(c);
+            }
+            w = cand + 1;
+        }
+        None
+    }
+
+    /// Try to claim a run of `n` pages inside word `w`.
+    fn try_word(&self, w: usize, n: usize, align: usize) -> Option<Claim> {
+        let word = self.word(self.alloc, w);
+        let mut cur = word.load(Ordering::Relaxed);
+        loop {
+            let fits = Self::fit_mask(cur, n, align);
+            if fits == 0 {
+                return None;
+            }
+            let pos = fits.trailing_zeros() as usize;
+            let run = run_mask(n) << pos;
+            // Acquire: pairs with the Release clear in `free_run`; whatever the previous owner wrote (and the
+            // dirty bit it set) happens before our use of the pages.
+            match word.compare_exchange_weak(cur, cur | run, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => {
+                    if cur | run == !0 {
+                        self.note_full(w);
+                    }
+                    self.cursor.store(w, Ordering::Relaxed);
+                    return Some(Claim { first_page: w * WORD_PAGES + pos });
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Word `w` became full: clear its summary bit, then re-check (see the module docs).
+    fn note_full(&self, w: usize) {
+        let bit = 1u64 << (w % 64);
+        let s = self.summary_word(w / 64);
+        // AcqRel: pairs with the AcqRel `fetch_or` in `note_free`; whichever is second sees the other's word.
+        s.fetch_and(!bit, Ordering::AcqRel);
+        if self.word(self.alloc, w).load(Ordering::Acquire) != !0 {
+            s.fetch_or(bit, Ordering::AcqRel);
+        }
+    }
+
+    /// Pages of word `w` were freed: set its summary bit.
+    fn note_free(&self, w: usize) {
+        // AcqRel: pairs with `note_full`.
+        self.summary_word(w / 64).fetch_or(1u64 << (w % 64), Ordering::AcqRel);
+    }
+
+    /// Extend the active region from `seen` words by at least `words`; false when the arena is fully active.
+    fn grow(&self, seen: usize, words: usize) -> bool {
+        if seen >= self.nwords {
+            return false;
+        }
+        let new = (seen + words).min(self.nwords);
+        // AcqRel: the winner publishes the new region; losers just retry their search with the new frontier.
+        if self
+            .frontier
+            .compare_exchange(seen, new, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            for w in seen..new {
+                self.note_free(w);
+            }
+        }
+        true
+    }
+
+    /// Runs longer than one word (or aligned to more than one word): whole words, first fit.
+    fn alloc_large(&self, n: usize, align: usize) -> Option<Claim> {
+        let full_words = n / WORD_PAGES;
+        let tail = n % WORD_PAGES;
+        let span = full_words + usize::from(tail != 0);
+        let step = (align / WORD_PAGES).max(1);
+        loop {
+            let frontier = self.frontier.load(Ordering::Acquire);
+            let mut w = 0;
+            while w + span <= frontier {
+                match self.try_claim_words(w, full_words, tail) {
+                    Ok(c) => return Some(c),
+                    Err(skip_to) => w = round_up(skip_to.max(w + 1), step),
+                }
+            }
+            // Grow by exactly what is missing past the last aligned start (or by the whole span).
+            let need = round_up(frontier, step) + span - frontier;
+            if !self.grow(frontier, need.max(GROW_WORDS)) {
+                return None;
+            }
+        }
+    }
+
+    /// Claim words `w .. w + full` entirely and the low `tail` pages of the next. On a conflict, roll back and
+    /// return the word to continue searching from.
+    fn try_claim_words(&self, w: usize, full: usize, tail: usize) -> Result<Claim, usize> {
+        let mut claimed = 0;
+        let mut fail_at = None;
+        for i in 0..full {
+            // Acquire: as in `try_word`.
+            if self
+                .word(self.alloc, w + i)
+                .compare_exchange(0, !0, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+            {
+                fail_at = Some(w + i + 1);
+                break;
+            }
+            claimed += 1;
+        }
+        if fail_at.is_none() && tail > 0 {
+            let word = self.word(self.alloc, w + full);
+            let mask = run_mask(tail);
+            let mut cur = word.load(Ordering::Relaxed);
+            loop {
+                if cur & mask != 0 {
+                    fail_at = Some(w + full);
+                    break;
+                }
+                match word.compare_exchange_weak(cur, cur | mask, Ordering::Acquire, Ordering::Relaxed) {
+                    Ok(_) => break,
+                    Err(now) => cur = now,
+                }
+            }
+        }
+        if let Some(skip) = fail_at {
+            for i in 0..claimed {
+                // Release: we never used these pages; nothing to publish, but keep frees uniformly Release.
+                self.word(self.alloc, w + i).store(0, Ordering::Release);
+            }
+            return Err(skip);
+        }
+        for i in 0..full {
+            self.note_full(w + i);
+        }
+        if tail > 0 && self.word(self.alloc, w + full).load(Ordering::Relaxed) == !0 {
+            self.note_full(w + full);
+        }
+        Ok(Claim { first_page: w * WORD_PAGES })
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // Free
+    // ---------------------------------------------------------------------------------------------------------
+
+    /// Free the run of `npages` pages starting at page `first`. Lock-free; any context.
+    ///
+    /// # Safety
+    /// The run must have been returned by [`alloc_run`](Self::alloc_run) (or be a whole-word part of one) and not
+    /// be used afterwards.
+    pub unsafe fn free_run(&self, first: usize, npages: usize) {
+        crate::hooks::point(crate::hooks::Point::PageFree);
+        self.for_each_word(first, npages, |w, mask| {
+            // Relaxed: the Release clear below orders this store before the page bits become free.
+            self.word(self.dirty, w).fetch_or(mask, Ordering::Relaxed);
+            // Release: pairs with the Acquire claim in `try_word`/`try_claim_words`.
+            self.word(self.alloc, w).fetch_and(!mask, Ordering::Release);
+            self.note_free(w);
+        });
+        self.used_pages.fetch_sub(npages, Ordering::Relaxed);
+        self.frees.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Call `f(word, mask)` for every bitmap word the run `[first, first + npages)` touches.
+    fn for_each_word(&self, first: usize, npages: usize, mut f: impl FnMut(usize, u64)) {
+        let mut page = first;
+        let end = first + npages;
+        while page < end {
+            let w = page / WORD_PAGES;
+            let bit = page % WORD_PAGES;
+            let n = (end - page).min(WORD_PAGES - bit);
+            f(w, run_mask(n) << bit);
+            page += n;
+        }
+    }
+
+    /// Whether every page of the run is allocated in the bitmap (a sanity check for frees).
+    pub fn run_allocated(&self, first: usize, npages: usize) -> bool {
+        if first + npages > self.npages {
+            return false;
+        }
+        let mut ok = true;
+        self.for_each_word(first, npages, |w, mask| {
+            ok &= self.word(self.alloc, w).load(Ordering::Relaxed) & mask == mask;
+        });
+        ok
+    }
+
+    /// Zero the pages of a freshly claimed run that may hold old data.
+    ///
+    /// # Safety
+    /// The caller owns the run.
+    pub unsafe fn zero_dirty(&self, first: usize, npages: usize) {
+        self.for_each_word(first, npages, |w, mask| {
+            let dirty = self.word(self.dirty, w).load(Ordering::Relaxed) & mask;
+            let mut bits = dirty;
+            while bits != 0 {
+                let start = bits.trailing_zeros() as usize;
+                let len = (bits >> start).trailing_ones() as usize;
+                let addr = self.page_addr(w * WORD_PAGES + start);
+                // SAFETY: these pages are part of the caller's run, inside the arena mapping.
+                unsafe { core::ptr::write_bytes(addr as *mut u8, 0, len << PAGE_SHIFT) };
+                bits &= !(run_mask(len) << start);
+            }
+        });
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // Purging (normal context only)
+    // ---------------------------------------------------------------------------------------------------------
+
+    /// Give free, dirty pages back to the OS. With `aged`, only pages that were already free and dirty at the
+    /// previous aged pass. Returns the number of pages purged.
+    ///
+    /// # Context
+    /// Normal context only: calls `madvise`. Runs concurrently with any allocator operation.
+    pub fn purge(&self, aged: bool) -> usize {
+        let frontier = self.frontier.load(Ordering::Acquire);
+        let mut purged = 0;
+        for w in 0..frontier {
+            let alloc = self.word(self.alloc, w);
+            let cur = alloc.load(Ordering::Relaxed);
+            let cand = !cur & self.word(self.dirty, w).load(Ordering::Relaxed);
+            let mut mask = cand;
+            if aged {
+                let seen = self.word(self.aged, w);
+                mask &= seen.load(Ordering::Relaxed);
+                seen.store(cand, Ordering::Relaxed);
+            }
+            if mask == 0 {
+                continue;
+            }
+            // Claim the pages like an allocation so nobody can use them while they are dropped.
+            let mut cur = cur;
+            let claimed = loop {
+                let m = mask & !cur;
+                if m == 0 {
+                    break 0;
+                }
+                // Acquire: pairs with the Release in `free_run` (the pages' last writer is done).
+                match alloc.compare_exchange_weak(cur, cur | m, Ordering::Acquire, Ordering::Relaxed) {
+                    Ok(_) => break m,
+                    Err(now) => cur = now,
+                }
+            };
+            if claimed == 0 {
+                continue;
+            }
+            let mut bits = claimed;
+            while bits != 0 {
+                let start = bits.trailing_zeros() as usize;
+                let len = (bits >> start).trailing_ones() as usize;
+                let addr = self.page_addr(w * WORD_PAGES + start);
+                // SAFETY: the pages are claimed by us (allocated in the bitmap, owned by no one else), page
+                // aligned and inside the arena's private anonymous mapping.
+                if unsafe { crate::sys::madvise_dontneed(addr as *mut u8, len << PAGE_SHIFT) } {
+                    self.word(self.dirty, w).fetch_and(!(run_mask(len) << start), Ordering::Relaxed);
+                    purged += len;
+                }
+                bits &= !(run_mask(len) << start);
+            }
+            // Release: the dirty-bit clears above are visible to whoever claims these pages next.
+            alloc.fetch_and(!claimed, Ordering::Release);
+            self.note_free(w);
+        }
+        self.purged_pages.fetch_add(purged as u64, Ordering::Relaxed);
+        purged
+    }
+
+    /// A snapshot of the counters. Scans the bitmaps of the active region.
+    pub fn stats(&self) -> PageStats {
+        let frontier = self.frontier.load(Ordering::Acquire);
+        let mut dirty_free = 0;
+        for w in 0..frontier {
+            let free = !self.word(self.alloc, w).load(Ordering::Relaxed);
+            dirty_free += (free & self.word(self.dirty, w).load(Ordering::Relaxed)).count_ones() as usize;
+        }
+        PageStats {
+            arena_pages: self.npages,
+            used_pages: self.used_pages.load(Ordering::Relaxed),
+            active_pages: frontier * WORD_PAGES,
+            dirty_free_pages: dirty_free,
+            purged_pages: self.purged_pages.load(Ordering::Relaxed),
+            allocs: self.allocs.load(Ordering::Relaxed),
+            frees: self.frees.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Count the pages allocated in the bitmap (slow; for accounting checks in tests and reports).
+    pub fn count_allocated(&self) -> usize {
+        let frontier = self.frontier.load(Ordering::Acquire);
+        (0..frontier).map(|w| self.word(self.alloc, w).load(Ordering::Relaxed).count_ones() as usize).sum()
+    }
+
+    /// Describe the address `addr` (inside the arena): the descriptor of its page.
+    #[inline]
+    pub fn info_of(&self, addr: usize) -> Info {
+        self.desc(self.page_of(addr)).info()
+    }
+}
+
+#[inline]
+fn run_mask(n: usize) -> u64 {
+    if n >= 64 { !0 } else { (1u64 << n) - 1 }
+}
+
+/// Bits at positions that are multiples of `align` (a power of two up to 64).
+#[inline]
+fn align_mask(align: usize) -> u64 {
+    match align {
+        0 | 1 => !0,
+        2 => 0x5555_5555_5555_5555,
+        4 => 0x1111_1111_1111_1111,
+        8 => 0x0101_0101_0101_0101,
+        16 => 0x0001_0001_0001_0001,
+        32 => 0x0000_0001_0000_0001,
+        _ => 1,
+    }
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// Public API
+// -------------------------------------------------------------------------------------------------------------
+
+/// Largest order [`alloc_pages_nolock`] accepts (2^20 pages = 4 GiB).
+pub const MAX_ORDER: u32 = 20;
+
+/// Allocate `2^order` contiguous pages, aligned to their size up to 256 KiB (runs of more than 64 pages are
+/// aligned to 256 KiB). With [`Gfp::ZERO`] the pages are zeroed (only pages that were used before are written).
+///
+/// Returns `None` only when the arena has no free run of that size (the arena's size is set by
+/// [`crate::Config`] or `NOLOCK_ARENA_SIZE`), or when `order > MAX_ORDER`.
+///
+/// # Context
+/// Any context: async-signal-safe, reentrant (a signal handler may call it while it runs on the same thread),
+/// never blocks, never takes a lock, never allocates. The very first call maps the arena with `mmap`; later
+/// calls make no system call.
+pub fn alloc_pages_nolock(order: u32, flags: Gfp) -> Option<NonNull<u8>> {
+    if order > MAX_ORDER {
+        return None;
+    }
+    let g = crate::global::get()?;
+    let n = 1usize << order;
+    let first = g.pages.alloc_run(n, n.min(WORD_PAGES))?;
+    let d = g.pages.desc(first);
+    d.npages.store(n as u64, Ordering::Relaxed);
+    d.set_info(Info::new(Kind::Pages, 0, first as u32));
+    if flags.contains(Gfp::ZERO) {
+        // SAFETY: we own the run just claimed.
+        unsafe { g.pages.zero_dirty(first, n) };
+    }
+    NonNull::new(g.pages.page_addr(first) as *mut u8)
+}
+
+/// Why [`try_free_pages_nolock`] refused a pointer. Nothing was freed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PagesError {
+    /// The address is not inside nolock's arena.
+    Foreign,
+    /// The address is not the first page of a run from [`alloc_pages_nolock`] (or that run was already freed).
+    NotAllocated,
+    /// The run was allocated with another order.
+    WrongOrder {
+        /// The order it was allocated with.
+        allocated: u32,
+    },
+}
+
+impl core::fmt::Display for PagesError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            PagesError::Foreign => f.write_str("pointer is not from nolock's arena"),
+            PagesError::NotAllocated => {
+                f.write_str("pointer is not the start of a live alloc_pages_nolock run (double free?)")
+            }
+            PagesError::WrongOrder { allocated } => {
+                write!(f, "run was allocated with order {allocated}")
+            }
+        }
+    }
+}
+
+/// Free pages from [`alloc_pages_nolock`], checking the pointer and the order first.
+///
+/// # Safety
+/// If the pointer passes the checks, the pages must not be used afterwards.
+///
+/// # Context
+/// Any context: async-signal-safe, reentrant, lock-free, never blocks.
+pub unsafe fn try_free_pages_nolock(ptr: NonNull<u8>, order: u32) -> Result<(), PagesError> {
+    let g = crate::global::get().ok_or(PagesError::Foreign)?;
+    let addr = ptr.as_ptr() as usize;
+    if !g.pages.contains(addr) {
+        return Err(PagesError::Foreign);
+    }
+    if addr % PAGE_SIZE != 0 {
+        return Err(PagesError::NotAllocated);
+    }
+    let page = g.pages.page_of(addr);
+    let d = g.pages.desc(page);
+    let info = d.info();
+    if info.kind() != Kind::Pages || info.head() as usize != page {
+        return Err(PagesError::NotAllocated);
+    }
+    let n = d.npages.load(Ordering::Relaxed) as usize;
+    if n != 1usize << order.min(63) {
+        return Err(PagesError::WrongOrder { allocated: n.trailing_zeros() });
+    }
+    // Claim the right to free by flipping the descriptor; a racing double free loses here.
+    if d.info
+        .compare_exchange(info.0, Info::new(Kind::Free, 0, 0).0, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return Err(PagesError::NotAllocated);
+    }
+    // SAFETY: the run is ours (validated and claimed above) and the caller gives it up.
+    unsafe { g.pages.free_run(page, n) };
+    Ok(())
+}
+
+/// Free `2^order` pages from [`alloc_pages_nolock`]. A bad pointer or order is reported on standard error (raw
+/// `write`, no allocation) and counted; nothing is freed then.
+///
+/// # Safety
+/// The pages must not be used afterwards.
+///
+/// # Context
+/// Any context: async-signal-safe, reentrant, lock-free, never blocks. Never fails for a valid pointer.
+pub unsafe fn free_pages_nolock(ptr: NonNull<u8>, order: u32) {
+    // SAFETY: forwarded.
+    if let Err(e) = unsafe { try_free_pages_nolock(ptr, order) } {
+        crate::debug::report_pages_error(ptr.as_ptr() as usize, order, e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> PageAllocator {
+        PageAllocator::map(64 * WORD_PAGES * PAGE_SIZE).unwrap()
+    }
+
+    #[test]
+    fn fit_mask_basics() {
+        assert_eq!(PageAllocator::fit_mask(0, 1, 1), !0);
+        assert_eq!(PageAllocator::fit_mask(!0, 1, 1), 0);
+        assert_eq!(PageAllocator::fit_mask(0, 64, 64), 1);
+        assert_eq!(PageAllocator::fit_mask(1, 64, 1), 0);
+        // only pages 4..8 free
+        let w = !(0xf0u64);
+        assert_eq!(PageAllocator::fit_mask(w, 4, 4), 1 << 4);
+        assert_eq!(PageAllocator::fit_mask(w, 4, 8), 0);
+        assert_eq!(PageAllocator::fit_mask(w, 3, 1), (1 << 4) | (1 << 5));
+        // a run may not cross the top of the word
+        assert_eq!(PageAllocator::fit_mask(0, 3, 1) >> 62, 0);
+    }
+
+    #[test]
+    fn alloc_free_coalesce() {
+        let p = small();
+        let a = p.alloc_run(1, 1).unwrap();
+        let b = p.alloc_run(1, 1).unwrap();
+        assert_ne!(a, b);
+        let c = p.alloc_run(8, 8).unwrap();
+        assert_eq!(c % 8, 0);
+        // SAFETY: runs from this allocator, freed once.
+        unsafe {
+            p.free_run(a, 1);
+            p.free_run(b, 1);
+            p.free_run(c, 8);
+        }
+        assert_eq!(p.stats().used_pages, 0);
+        // everything coalesced: a whole word is available again
+        let w = p.alloc_run(64, 64).unwrap();
+        assert_eq!(w % 64, 0);
+        // SAFETY: as above.
+        unsafe { p.free_run(w, 64) };
+    }
+
+    #[test]
+    fn exhaust_and_recover() {
+        let p = small();
+        let total = p.stats().arena_pages;
+        let mut runs = Vec::new();
+        while let Some(r) = p.alloc_run(4, 4) {
+            runs.push(r);
+        }
+        assert_eq!(runs.len() * 4, total, "every page usable");
+        assert!(p.alloc_run(1, 1).is_none());
+        // SAFETY: frees runs we allocated.
+        unsafe { p.free_run(runs.pop().unwrap(), 4) };
+        assert!(p.alloc_run(4, 4).is_some(), "freed run is found again");
+    }
+
+    #[test]
+    fn large_runs() {
+        let p = small();
+        let a = p.alloc_run(200, 1).unwrap();
+        assert_eq!(a % 64, 0);
+        let b = p.alloc_run(130, 1).unwrap();
+        assert!(b >= a + 200 || b + 130 <= a);
+        assert!(p.run_allocated(a, 200) && p.run_allocated(b, 130));
+        // SAFETY: frees runs we allocated.
+        unsafe {
+            p.free_run(a, 200);
+            p.free_run(b, 130);
+        }
+        assert_eq!(p.count_allocated(), 0);
+        assert!(p.alloc_run(64 * 64, 1).is_some(), "whole arena as one run");
+        assert!(p.alloc_run(64 * 64 + 1, 1).is_none());
+    }
+
+    #[test]
+    fn purge_claims_and_clears_dirty() {
+        let p = small();
+        let a = p.alloc_run(16, 16).unwrap();
+        // SAFETY: we own the run.
+        unsafe {
+            core::ptr::write_bytes(p.page_addr(a) as *mut u8, 0xab, 16 * PAGE_SIZE);
+            p.free_run(a, 16);
+        }
+        assert_eq!(p.stats().dirty_free_pages, 16);
+        assert_eq!(p.purge(true), 0, "first aged pass only marks");
+        assert_eq!(p.purge(true), 16);
+        assert_eq!(p.stats().dirty_free_pages, 0);
+        let b = p.alloc_run(16, 16).unwrap();
+        // SAFETY: we own the run; purged memory reads as zero.
+        let s = unsafe { core::slice::from_raw_parts(p.page_addr(b) as *const u8, 16 * PAGE_SIZE) };
+        assert!(s.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn zero_dirty_only_touches_dirty() {
+        let p = small();
+        let a = p.alloc_run(2, 1).unwrap();
+        // SAFETY: we own the run.
+        unsafe {
+            core::ptr::write_bytes(p.page_addr(a) as *mut u8, 0xcd, 2 * PAGE_SIZE);
+            p.free_run(a, 2);
+        }
+        let b = p.alloc_run(2, 1).unwrap();
+        assert_eq!(a, b);
+        // SAFETY: we own the run.
+        unsafe { p.zero_dirty(b, 2) };
+        // SAFETY: as above.
+        let s = unsafe { core::slice::from_raw_parts(p.page_addr(b) as *const u8, 2 * PAGE_SIZE) };
+        assert!(s.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn concurrent_alloc_free() {
+        let p = std::sync::Arc::new(small());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    let mut held = Vec::new();
+                    for i in 0..20_000usize {
+                        let n = 1 << ((i + t) % 4);
+                        if let Some(r) = p.alloc_run(n, n) {
+                            // SAFETY: the run is ours; stamp it to detect double hand-out.
+                            unsafe { *(p.page_addr(r) as *mut usize) = r };
+                            held.push((r, n));
+                        }
+                        if held.len() > 32 || i % 3 == 0 {
+                            if let Some((r, n)) = held.pop() {
+                                // SAFETY: our run, stamped above.
+                                assert_eq!(unsafe { *(p.page_addr(r) as *const usize) }, r);
+                                // SAFETY: freeing our own run once.
+                                unsafe { p.free_run(r, n) };
+                            }
+                        }
+                    }
+                    for (r, n) in held {
+                        // SAFETY: freeing our own run once.
+                        unsafe { p.free_run(r, n) };
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(p.count_allocated(), 0);
+        assert_eq!(p.stats().used_pages, 0);
+    }
+}

@@ -1,0 +1,1095 @@
+//! `KmemCache`: a cache of fixed-size objects, and the alloc/free paths every object goes through.
+//!
+//! # Structure (after SLUB)
+//!
+//! A cache owns *slabs*: runs of pages from the page allocator, cut into `capacity` objects of `stride` bytes.
+//! Each slab's state word (free-list head index, in-use count, flags) lives in the descriptor of its first page
+//! ([`SlabFreelist`]). Slabs with free objects are on the cache's *partial list*, a [`TaggedStack`] of head page
+//! numbers. Each thread has, per cache, a private list of free objects ([`PerCpuCache`], see `shard`).
+//!
+//! # Paths
+//!
+//! - **alloc fast** (`alloc_local`): pop the thread's list under its busy flag. ~10 instructions.
+//! - **alloc refill** (cold): the list is empty: pop a slab off the partial list and take *all* its free objects
+//!   with one CAS ([`SlabFreelist::take_all`]), or carve a new slab. The chain of objects becomes the thread's
+//!   list without being walked.
+//! - **alloc shared** (cold): no usable thread list (no shard, or the list is busy because a signal handler
+//!   interrupted its owner): pop a slab off the partial list, take *one* object, put the slab back.
+//! - **free fast** (`free_slot`): push on the thread's list under its busy flag.
+//! - **flush** (cold): the list grew past `high`: give the excess back to the slabs, one CAS per run of objects
+//!   that share a slab. A push that makes a full slab non-full lists it; one that empties a slab counts an
+//!   *empty event* so the worker knows to shrink the cache.
+//! - **free deferred** (cold): the list is busy (a handler interrupted its owner): push on the list's deferred
+//!   `Llist`; the owner drains it into its list the moment it clears busy.
+//! - **free shared** (cold): no thread list: push straight onto the object's slab.
+//! - **shrink** (normal context, worker or `trim`): take the partial list, release entirely free slabs beyond a
+//!   small reserve, put the others back.
+//!
+//! Nothing here waits: every shared structure is changed by CAS, and a context that cannot use a structure
+//! (busy) takes another route. Allocation fails only when neither a slab nor the page allocator has memory,
+//! after one pass that releases other caches' empty slabs.
+//!
+//! # Ordering
+//!
+//! Objects move between threads only through slab state words and partial lists: pushes are `Release`, takes
+//! are `Acquire` (see `sync`). Per-thread lists are private to their owner and need no ordering beyond the
+//! compiler fences that order them against signal handlers.
+
+use core::cell::UnsafeCell;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use super::shard::{self, PerCpuCache, Shard, bump};
+use crate::debug::{self, FreeError, FreeErrorKind};
+use crate::global::{self, Global, MAX_CACHES};
+use crate::hooks::{self, Point};
+use crate::page::Gfp;
+use crate::page::desc::{Info, Kind};
+use crate::sync::signal_fence;
+use crate::sync::slab_freelist::{Geometry, LISTED, PushError, State};
+use crate::sync::tagged::{self, TaggedStack};
+use crate::sys::{PAGE_SHIFT, PAGE_SIZE};
+
+/// Objects of this cache carry red zones, poison and an allocation state (slub_debug).
+pub const FLAG_DEBUG: u32 = 1;
+/// One of the kmalloc size-class caches.
+pub const FLAG_KMALLOC: u32 = 2;
+
+/// Slabs that become empty between two shrinks before the worker is woken early.
+const KICK_AFTER_EMPTY: u64 = 64;
+
+/// Largest object a `KmemCache` can hold.
+pub const MAX_OBJECT_SIZE: usize = 1 << 20;
+/// Largest alignment a `KmemCache` object can ask for.
+pub const MAX_ALIGN: usize = 64 * PAGE_SIZE;
+
+/// A cache's name, stored inline (no allocation). At most 31 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheName {
+    bytes: [u8; 31],
+    len: u8,
+}
+
+impl CacheName {
+    /// Store `s`, cut to 31 bytes at a character boundary.
+    pub fn new(s: &str) -> Self {
+        let mut end = s.len().min(31);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0; 31];
+        bytes[..end].copy_from_slice(&s.as_bytes()[..end]);
+        Self { bytes, len: end as u8 }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("?")
+    }
+}
+
+impl core::fmt::Debug for CacheName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl core::fmt::Display for CacheName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Immutable parameters of a cache, written once before the cache is published.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheConfig {
+    /// Usable object size (what `ksize` reports).
+    pub size: u32,
+    /// Distance between slots in a slab.
+    pub stride: u32,
+    /// Offset of the user object inside its slot (debug caches: after the left red zone).
+    pub obj_off: u32,
+    /// Offset of the free-list link word inside a slot.
+    pub link_off: u32,
+    /// Object alignment.
+    pub align: u32,
+    /// Pages per slab.
+    pub slab_pages: u32,
+    /// Objects per slab.
+    pub capacity: u16,
+    /// `ceil(2^32 / stride)`, to turn an offset into an index without dividing.
+    pub recip: u64,
+    /// Per-thread list length above which it is flushed (down to half).
+    pub high: u32,
+    /// `FLAG_*`.
+    pub flags: u32,
+    /// Name, for reports and statistics.
+    pub name: CacheName,
+}
+
+impl CacheConfig {
+    /// Compute the layout of a cache. `size` is the usable object size, `freeptr` the link offset inside the
+    /// object (non-debug caches only).
+    pub fn new(name: &str, size: usize, align: usize, freeptr: usize, flags: u32) -> Self {
+        let align = align.max(8);
+        let osz = size.max(8).next_multiple_of(8);
+        let (obj_off, link_off, stride) = if flags & FLAG_DEBUG != 0 {
+            // [left red zone][object][right red zone 16][state 8][link 8]
+            let left = 16usize.next_multiple_of(align);
+            (left, left + osz + 24, (left + osz + 32).next_multiple_of(align))
+        } else {
+            (0, freeptr, osz.next_multiple_of(align))
+        };
+        let mut slab_pages = 1usize;
+        while (slab_pages * PAGE_SIZE) / stride < 64 && slab_pages < 32 {
+            slab_pages *= 2;
+        }
+        while slab_pages * PAGE_SIZE < stride || slab_pages * PAGE_SIZE < align {
+            slab_pages *= 2;
+        }
+        let capacity = ((slab_pages * PAGE_SIZE) / stride).min(u16::MAX as usize);
+        let high = (32768 / stride).clamp(16, 512).max(capacity);
+        Self {
+            size: osz as u32,
+            stride: stride as u32,
+            obj_off: obj_off as u32,
+            link_off: link_off as u32,
+            align: align as u32,
+            slab_pages: slab_pages as u32,
+            capacity: capacity as u16,
+            recip: (1u64 << 32).div_ceil(stride as u64),
+            high: high as u32,
+            flags,
+            name: CacheName::new(name),
+        }
+    }
+
+    /// Alignment of a slab's first page, in pages.
+    #[inline]
+    fn slab_align(&self) -> usize {
+        (self.slab_pages as usize).min(64)
+    }
+}
+
+const STATE_FREE: u32 = 0;
+const STATE_CREATING: u32 = 1;
+const STATE_ACTIVE: u32 = 2;
+const STATE_LEAKED: u32 = 3;
+
+/// Cache-wide counters for events that may happen in nested contexts (atomic RMWs).
+#[derive(Debug, Default)]
+pub struct CacheCounters {
+    /// Allocations that found their size class busy and moved to the next one.
+    pub next_bucket: AtomicU64,
+    /// Frees deferred because the thread's list was busy.
+    pub deferred: AtomicU64,
+    /// Objects flushed to a slab last taken by another thread.
+    pub remote: AtomicU64,
+    /// Allocations on the shared path.
+    pub shared_allocs: AtomicU64,
+    /// Frees on the shared path.
+    pub shared_frees: AtomicU64,
+    /// Allocations that failed: out of memory.
+    pub failures: AtomicU64,
+    /// Allocations failed on purpose by fault injection.
+    pub injected: AtomicU64,
+    /// Frees refused as invalid (foreign, interior, double, wrong cache, corrupted red zone).
+    pub bad_frees: AtomicU64,
+    /// Debug-mode findings at allocation time (poison or red zone overwritten while free).
+    pub debug_errors: AtomicU64,
+    /// Slabs created.
+    pub slabs_allocated: AtomicU64,
+    /// Slabs released to the page allocator.
+    pub slabs_freed: AtomicU64,
+    /// Times a slab became entirely free.
+    pub empty_events: AtomicU64,
+}
+
+/// Fault injection settings of one cache.
+#[derive(Debug, Default)]
+pub struct Fault {
+    /// Fail every n-th allocation (0: off).
+    pub every_nth: AtomicU32,
+    /// Fail with probability `prob / 2^32` (0: off).
+    pub prob: AtomicU32,
+    /// Allocation attempts seen while injection was on.
+    pub calls: AtomicU64,
+}
+
+/// A cache slot in the global table. Zeroed memory is a free slot.
+#[repr(C, align(64))]
+pub struct CacheInner {
+    cfg: UnsafeCell<CacheConfig>,
+    state: AtomicU32,
+    id: AtomicU32,
+    /// Slabs with free objects.
+    pub partial: TaggedStack,
+    /// Slabs currently owned by the cache.
+    pub nr_slabs: AtomicU64,
+    /// Event counters.
+    pub counters: CacheCounters,
+    /// Fault injection.
+    pub fault: Fault,
+    /// Empty events already handled by the last shrink.
+    pub shrunk_at: AtomicU64,
+    /// Whether a shrink is running (only one at a time; others skip).
+    shrinking: AtomicBool,
+}
+
+// SAFETY: `cfg` is written only while the slot is reserved (STATE_CREATING, not yet published) and read-only
+// afterwards; everything else is atomic.
+unsafe impl Sync for CacheInner {}
+
+/// Outcome of the thread-list allocation attempt.
+pub enum Got {
+    /// A slot address.
+    Obj(usize),
+    /// The thread's list for this cache is busy (a nested context) or claimed.
+    Busy,
+    /// No memory.
+    Oom,
+}
+
+impl CacheInner {
+    /// The cache's parameters.
+    #[inline(always)]
+    pub fn cfg(&self) -> &CacheConfig {
+        // SAFETY: written before publication, immutable afterwards (see the Sync impl).
+        unsafe { &*self.cfg.get() }
+    }
+
+    /// The cache's id.
+    #[inline(always)]
+    pub fn id(&self) -> u16 {
+        self.id.load(Ordering::Relaxed) as u16
+    }
+
+    /// The cache's name.
+    pub fn name(&self) -> CacheName {
+        self.cfg().name
+    }
+
+    /// Whether the cache is live.
+    pub fn is_active(&self) -> bool {
+        self.state.load(Ordering::Acquire) == STATE_ACTIVE
+    }
+
+    #[inline(always)]
+    fn geometry(&self, g: &Global, head: u32) -> Geometry {
+        let c = self.cfg();
+        Geometry {
+            base: g.pages.page_addr(head as usize),
+            stride: c.stride as usize,
+            link_off: c.link_off as usize,
+            capacity: c.capacity,
+        }
+    }
+
+    /// Link word of a free slot.
+    #[inline(always)]
+    fn link(&self, slot: usize) -> &core::sync::atomic::AtomicUsize {
+        // SAFETY: `slot` is a slot of this cache, free and owned by the caller; link_off is in bounds and
+        // pointer-aligned; arena memory is never unmapped.
+        unsafe { &*((slot + self.cfg().link_off as usize) as *const core::sync::atomic::AtomicUsize) }
+    }
+
+    /// Index of the slot at byte offset `rel` from the slab start, if `rel` is exactly a slot start.
+    #[inline(always)]
+    fn index_of(&self, rel: usize) -> Option<u32> {
+        let c = self.cfg();
+        if rel >= (c.slab_pages as usize) << PAGE_SHIFT {
+            return None;
+        }
+        let idx = ((rel as u64 * c.recip) >> 32) as usize;
+        (idx * c.stride as usize == rel && idx < c.capacity as usize).then_some(idx as u32)
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // Allocation
+    // ---------------------------------------------------------------------------------------------------------
+
+    /// Allocate one object. Never returns `Busy`: a busy thread list sends the allocation down the shared path.
+    #[inline]
+    pub fn alloc(&self, g: &'static Global, flags: Gfp) -> Option<NonNull<u8>> {
+        if g.fault_active.load(Ordering::Relaxed) && self.inject_fault() {
+            return None;
+        }
+        let slot = match self.alloc_local(g) {
+            Got::Obj(s) => s,
+            Got::Busy => self.alloc_shared(g)?,
+            Got::Oom => return None,
+        };
+        Some(self.finish_alloc(slot, flags))
+    }
+
+    /// Turn a slot into the user pointer: debug checks and zeroing.
+    #[inline(always)]
+    pub fn finish_alloc(&self, slot: usize, flags: Gfp) -> NonNull<u8> {
+        let c = self.cfg();
+        if c.flags & FLAG_DEBUG != 0 {
+            debug::on_alloc(self, slot);
+        }
+        let obj = slot + c.obj_off as usize;
+        if flags.contains(Gfp::ZERO) {
+            // SAFETY: the object is ours and `size` bytes long.
+            unsafe { core::ptr::write_bytes(obj as *mut u8, 0, c.size as usize) };
+        }
+        // SAFETY: arena addresses are never null.
+        unsafe { NonNull::new_unchecked(obj as *mut u8) }
+    }
+
+    /// Pop a slot from the calling thread's list (refilling it if empty).
+    #[inline(always)]
+    pub fn alloc_local(&self, g: &'static Global) -> Got {
+        let Some(shard) = shard::current(g) else {
+            return match self.alloc_shared(g) {
+                Some(s) => Got::Obj(s),
+                None => Got::Oom,
+            };
+        };
+        let pc = shard.pc(self.id());
+        if pc.busy.load(Ordering::Relaxed) != 0 {
+            return Got::Busy;
+        }
+        pc.busy.store(1, Ordering::Relaxed);
+        signal_fence();
+        if pc.claimed.load(Ordering::Relaxed) != 0 {
+            pc.busy.store(0, Ordering::Relaxed);
+            return Got::Busy;
+        }
+        hooks::point(Point::AllocFast);
+        let head = pc.freelist.load(Ordering::Relaxed);
+        let slot = if head != 0 {
+            pc.freelist.store(self.link(head).load(Ordering::Relaxed), Ordering::Relaxed);
+            pc.count.store(pc.count.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+            bump(&pc.alloc_fast);
+            head
+        } else {
+            self.refill(g, shard, pc)
+        };
+        signal_fence();
+        pc.busy.store(0, Ordering::Relaxed);
+        signal_fence();
+        if !pc.deferred.is_empty() {
+            self.drain_deferred(g, shard, pc);
+        }
+        if slot == 0 { Got::Oom } else { Got::Obj(slot) }
+    }
+
+    /// The thread's list is empty: refill it from a partial slab or a new one. Busy flag held.
+    #[cold]
+    #[inline(never)]
+    fn refill(&self, g: &Global, shard: &Shard, pc: &PerCpuCache) -> usize {
+        let (head, first, n) = match self.take_partial(g) {
+            Some(t) => t,
+            None => match self.new_slab(g) {
+                Some((head, first)) => (head, first, self.cfg().capacity),
+                None => {
+                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    return 0;
+                }
+            },
+        };
+        g.pages.desc(head as usize).owner.store(shard.tag(), Ordering::Relaxed);
+        hooks::point(Point::AllocRefill);
+        pc.freelist.store(self.link(first).load(Ordering::Relaxed), Ordering::Relaxed);
+        pc.count.store(u32::from(n) - 1, Ordering::Relaxed);
+        bump(&pc.alloc_refill);
+        first
+    }
+
+    /// Pop a partial slab and take all its free objects: (head page, first object, count).
+    fn take_partial(&self, g: &Global) -> Option<(u32, usize, u16)> {
+        while let Some(head) = self.partial.pop(|i| &g.pages.desc(i as usize).next) {
+            let geo = self.geometry(g, head);
+            let (first, n) = g.pages.desc(head as usize).slab.take_all(&geo);
+            if n > 0 {
+                return Some((head, first, n));
+            }
+        }
+        None
+    }
+
+    /// Allocate without a thread list: one object from a partial slab, or a new slab. Any context.
+    #[cold]
+    #[inline(never)]
+    pub fn alloc_shared(&self, g: &Global) -> Option<usize> {
+        let slot = self.alloc_shared_inner(g)?;
+        self.counters.shared_allocs.fetch_add(1, Ordering::Relaxed);
+        Some(slot)
+    }
+
+    fn alloc_shared_inner(&self, g: &Global) -> Option<usize> {
+        loop {
+            if let Some(head) = self.partial.pop(|i| &g.pages.desc(i as usize).next) {
+                hooks::point(Point::AllocShared);
+                let d = g.pages.desc(head as usize);
+                match d.slab.pop_one(&self.geometry(g, head)) {
+                    Some((slot, emptied)) => {
+                        if !emptied {
+                            self.partial.push(head, &d.next);
+                        }
+                        return Some(slot);
+                    }
+                    None => continue,
+                }
+            }
+            let Some((head, first)) = self.new_slab(g) else {
+                self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                return None;
+            };
+            let d = g.pages.desc(head as usize);
+            if self.cfg().capacity > 1 {
+                let second = self.link(first).load(Ordering::Relaxed);
+                let idx = ((second - g.pages.page_addr(head as usize)) / self.cfg().stride as usize) as u32;
+                d.slab.init(State::new(idx + 1, 1, LISTED));
+                self.partial.push(head, &d.next);
+            } else {
+                d.slab.init(State::new(0, 1, 0));
+            }
+            return Some(first);
+        }
+    }
+
+    /// Carve a new slab; all its objects are in use by the caller as one chain from the returned first slot.
+    fn new_slab(&self, g: &Global) -> Option<(u32, usize)> {
+        let c = *self.cfg();
+        let pages = c.slab_pages as usize;
+        let head = match g.pages.alloc_run(pages, c.slab_align()) {
+            Some(h) => h,
+            None => {
+                // Out of pages: give back other caches' empty slabs once and retry.
+                reclaim_empty_slabs(g);
+                g.pages.alloc_run(pages, c.slab_align())?
+            }
+        };
+        hooks::point(Point::SlabNew);
+        let info = Info::new(Kind::Slab, self.id(), head as u32);
+        for p in head..head + pages {
+            g.pages.desc(p).set_info(info);
+        }
+        let d = g.pages.desc(head);
+        d.owner.store(0, Ordering::Relaxed);
+        let geo = self.geometry(g, head as u32);
+        let debug = c.flags & FLAG_DEBUG != 0;
+        for i in 0..u32::from(c.capacity) {
+            let slot = geo.obj(i);
+            let next = if i + 1 < u32::from(c.capacity) { geo.obj(i + 1) } else { 0 };
+            if debug {
+                debug::init_slot(self, slot);
+            }
+            self.link(slot).store(next, Ordering::Relaxed);
+        }
+        d.slab.init(State::new(0, c.capacity, 0));
+        self.nr_slabs.fetch_add(1, Ordering::Relaxed);
+        self.counters.slabs_allocated.fetch_add(1, Ordering::Relaxed);
+        Some((head as u32, geo.obj(0)))
+    }
+
+    /// Fault injection: whether to fail this allocation.
+    #[cold]
+    #[inline(never)]
+    pub fn inject_fault(&self) -> bool {
+        let nth = self.fault.every_nth.load(Ordering::Relaxed);
+        let prob = self.fault.prob.load(Ordering::Relaxed);
+        if nth == 0 && prob == 0 {
+            return false;
+        }
+        let call = self.fault.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let fail = (nth != 0 && call % u64::from(nth) == 0)
+            || (prob != 0 && (splitmix64(call ^ (self as *const Self as u64)) as u32) < prob);
+        if fail {
+            self.counters.injected.fetch_add(1, Ordering::Relaxed);
+        }
+        fail
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // Free
+    // ---------------------------------------------------------------------------------------------------------
+
+    /// Check that `addr` is an allocated object of this cache, whose slab head page is `info.head()`.
+    /// Returns its slot.
+    #[inline(always)]
+    pub fn validate(&self, g: &Global, addr: usize, info: Info) -> Result<usize, FreeError> {
+        let c = self.cfg();
+        let base = g.pages.page_addr(info.head() as usize);
+        let rel = addr.wrapping_sub(base).wrapping_sub(c.obj_off as usize);
+        let Some(_) = self.index_of(rel) else {
+            return Err(self.interior_error(g, addr, info));
+        };
+        let slot = addr - c.obj_off as usize;
+        if c.flags & FLAG_DEBUG != 0 {
+            debug::on_free(self, addr, slot)?;
+        }
+        Ok(slot)
+    }
+
+    #[cold]
+    fn interior_error(&self, g: &Global, addr: usize, info: Info) -> FreeError {
+        let c = self.cfg();
+        let base = g.pages.page_addr(info.head() as usize);
+        let off = addr - base;
+        let idx = off / c.stride as usize;
+        let start = base + idx * c.stride as usize + c.obj_off as usize;
+        FreeError::new(FreeErrorKind::InteriorPointer { object: start, offset: addr as isize - start as isize }, addr)
+            .in_cache(c.name)
+    }
+
+    /// Free a validated slot. Any context.
+    #[inline(always)]
+    pub fn free_slot(&self, g: &'static Global, slot: usize) {
+        let Some(shard) = shard::current(g) else {
+            return self.free_shared(g, slot);
+        };
+        let pc = shard.pc(self.id());
+        if pc.busy.load(Ordering::Relaxed) != 0 {
+            return self.free_deferred(pc, slot);
+        }
+        pc.busy.store(1, Ordering::Relaxed);
+        signal_fence();
+        if pc.claimed.load(Ordering::Relaxed) != 0 {
+            pc.busy.store(0, Ordering::Relaxed);
+            return self.free_shared(g, slot);
+        }
+        hooks::point(Point::FreeFast);
+        self.link(slot).store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
+        pc.freelist.store(slot, Ordering::Relaxed);
+        let count = pc.count.load(Ordering::Relaxed) + 1;
+        pc.count.store(count, Ordering::Relaxed);
+        bump(&pc.free_fast);
+        if count > self.cfg().high {
+            self.flush(g, shard, pc, count - self.cfg().high / 2);
+        }
+        signal_fence();
+        pc.busy.store(0, Ordering::Relaxed);
+        signal_fence();
+        if !pc.deferred.is_empty() {
+            self.drain_deferred(g, shard, pc);
+        }
+    }
+
+    /// The list is busy: leave the object on the deferred list for the owner.
+    #[cold]
+    #[inline(never)]
+    fn free_deferred(&self, pc: &PerCpuCache, slot: usize) {
+        self.counters.deferred.fetch_add(1, Ordering::Relaxed);
+        pc.deferred.push(slot, self.link(slot));
+    }
+
+    /// Push one object straight onto its slab.
+    #[cold]
+    #[inline(never)]
+    pub fn free_shared(&self, g: &Global, slot: usize) {
+        self.counters.shared_frees.fetch_add(1, Ordering::Relaxed);
+        let head = g.pages.info_of(slot).head();
+        self.push_run(g, head, slot, slot, 1, 0);
+    }
+
+    /// Give `n` objects from the head of the thread's list back to their slabs. Busy flag held.
+    #[cold]
+    #[inline(never)]
+    fn flush(&self, g: &Global, shard: &Shard, pc: &PerCpuCache, n: u32) {
+        hooks::point(Point::FreeFlush);
+        let slab_bytes = (self.cfg().slab_pages as usize) << PAGE_SHIFT;
+        let mut left = n;
+        let mut obj = pc.freelist.load(Ordering::Relaxed);
+        while left > 0 && obj != 0 {
+            let head = g.pages.info_of(obj).head();
+            let base = g.pages.page_addr(head as usize);
+            let first = obj;
+            let mut last = obj;
+            let mut k: u16 = 1;
+            let mut next = self.link(obj).load(Ordering::Relaxed);
+            left -= 1;
+            while left > 0 && next != 0 && next.wrapping_sub(base) < slab_bytes && k < u16::MAX {
+                last = next;
+                next = self.link(next).load(Ordering::Relaxed);
+                k += 1;
+                left -= 1;
+            }
+            // Detach the run first: `push_run` rewrites the link of `last`.
+            pc.freelist.store(next, Ordering::Relaxed);
+            pc.count.store(pc.count.load(Ordering::Relaxed) - u32::from(k), Ordering::Relaxed);
+            self.push_run(g, head, first, last, k, shard.tag());
+            obj = next;
+        }
+        bump(&pc.flushes);
+    }
+
+    /// Push the chain `first ..= last` (`k` objects of the slab at `head`) onto the slab.
+    fn push_run(&self, g: &Global, head: u32, first: usize, last: usize, k: u16, shard_tag: u32) {
+        let d = g.pages.desc(head as usize);
+        let geo = self.geometry(g, head);
+        let idx = ((first - geo.base) / geo.stride) as u32;
+        // SAFETY: the chain's objects belong to this slab (checked at free time) and are given up by the caller.
+        match unsafe { d.slab.push_chain(&geo, idx, last, k) } {
+            Ok(p) => {
+                if p.listed_now {
+                    self.partial.push(head, &d.next);
+                }
+                if p.empty_now {
+                    let events = self.counters.empty_events.fetch_add(1, Ordering::Relaxed) + 1;
+                    if events.wrapping_sub(self.shrunk_at.load(Ordering::Relaxed)) == KICK_AFTER_EMPTY {
+                        crate::worker::kick();
+                    }
+                }
+                let owner = d.owner.load(Ordering::Relaxed);
+                if shard_tag != 0 && owner != 0 && owner != shard_tag {
+                    self.counters.remote.fetch_add(u64::from(k), Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                // The slab's counters say these objects were not in use: a double free that got past the checks
+                // (debug mode catches it earlier). The objects are dropped rather than corrupting the slab.
+                self.counters.bad_frees.fetch_add(u64::from(k), Ordering::Relaxed);
+                let kind = match e {
+                    PushError::Underflow => FreeErrorKind::DoubleFree,
+                    PushError::Dead => FreeErrorKind::NotAllocated,
+                };
+                debug::report(&FreeError::new(kind, first + self.cfg().obj_off as usize).in_cache(self.cfg().name));
+            }
+        }
+    }
+
+    /// Move frees deferred by nested contexts onto the thread's list. Called right after clearing busy.
+    #[cold]
+    #[inline(never)]
+    fn drain_deferred(&self, g: &Global, shard: &Shard, pc: &PerCpuCache) {
+        loop {
+            if pc.busy.load(Ordering::Relaxed) != 0 {
+                return; // a nested context holds it and will drain when it clears busy
+            }
+            pc.busy.store(1, Ordering::Relaxed);
+            signal_fence();
+            let chain = pc.deferred.take_all();
+            if chain == 0 || pc.claimed.load(Ordering::Relaxed) != 0 {
+                signal_fence();
+                pc.busy.store(0, Ordering::Relaxed);
+                signal_fence();
+                // A claimed list: return the deferred objects straight to their slabs.
+                let mut obj = chain;
+                while obj != 0 {
+                    let next = self.link(obj).load(Ordering::Relaxed);
+                    self.free_shared(g, obj);
+                    obj = next;
+                }
+                if pc.deferred.is_empty() {
+                    return;
+                }
+                continue;
+            }
+            hooks::point(Point::DeferredDrain);
+            let mut tail = chain;
+            let mut n = 1;
+            loop {
+                let next = self.link(tail).load(Ordering::Relaxed);
+                if next == 0 {
+                    break;
+                }
+                tail = next;
+                n += 1;
+            }
+            self.link(tail).store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
+            pc.freelist.store(chain, Ordering::Relaxed);
+            let count = pc.count.load(Ordering::Relaxed) + n;
+            pc.count.store(count, Ordering::Relaxed);
+            if count > self.cfg().high {
+                self.flush(g, shard, pc, count - self.cfg().high / 2);
+            }
+            signal_fence();
+            pc.busy.store(0, Ordering::Relaxed);
+            signal_fence();
+            if pc.deferred.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Return everything in a thread list (and its deferred list) to the slabs. The caller has exclusive use
+    /// of `pc` (its owner is this thread at a safe point, or gone, or the list is claimed and quiescent).
+    pub fn drain_pc(&self, g: &Global, shard: &Shard, pc: &PerCpuCache) {
+        pc.busy.store(1, Ordering::Relaxed);
+        signal_fence();
+        let deferred = pc.deferred.take_all();
+        if deferred != 0 {
+            let mut tail = deferred;
+            let mut n = 1;
+            while self.link(tail).load(Ordering::Relaxed) != 0 {
+                tail = self.link(tail).load(Ordering::Relaxed);
+                n += 1;
+            }
+            self.link(tail).store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
+            pc.freelist.store(deferred, Ordering::Relaxed);
+            pc.count.store(pc.count.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+        }
+        let count = pc.count.load(Ordering::Relaxed);
+        if count > 0 {
+            self.flush(g, shard, pc, count);
+        }
+        signal_fence();
+        pc.busy.store(0, Ordering::Relaxed);
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // Shrinking and statistics
+    // ---------------------------------------------------------------------------------------------------------
+
+    /// Release entirely free slabs beyond `keep` to the page allocator. Returns the number released.
+    ///
+    /// Lock-free (it only pops and pushes the partial list and CASes slab states), so it may also run on an
+    /// allocation path that is out of pages. While it holds the partial list, concurrent allocations see it
+    /// empty and carve new slabs (or, out of pages, fail): it holds it for one pass over the list.
+    pub fn shrink(&self, g: &Global, keep: usize) -> usize {
+        if self.shrinking.swap(true, Ordering::Acquire) {
+            return 0;
+        }
+        let events = self.counters.empty_events.load(Ordering::Relaxed);
+        let mut released = 0;
+        let mut kept_empty = 0;
+        let mut cur = self.partial.take_all();
+        while let Some(head) = cur {
+            let d = g.pages.desc(head as usize);
+            cur = tagged::decode_link(d.next.load(Ordering::Relaxed));
+            let state = d.slab.load();
+            if state.used() == 0 && state.flags() & LISTED != 0 {
+                if kept_empty >= keep && d.slab.try_kill() {
+                    self.release_slab(g, head);
+                    released += 1;
+                    continue;
+                }
+                kept_empty += 1;
+            }
+            self.partial.push(head, &d.next);
+        }
+        self.shrunk_at.store(events, Ordering::Relaxed);
+        self.shrinking.store(false, Ordering::Release);
+        released
+    }
+
+    /// Give a dead slab's pages back.
+    fn release_slab(&self, g: &Global, head: u32) {
+        let pages = self.cfg().slab_pages as usize;
+        let free = Info::new(Kind::Free, 0, 0);
+        for p in head as usize..head as usize + pages {
+            g.pages.desc(p).set_info(free);
+        }
+        // SAFETY: the slab is dead (no object in use, no list holds it), so its run is ours to free.
+        unsafe { g.pages.free_run(head as usize, pages) };
+        self.nr_slabs.fetch_sub(1, Ordering::Relaxed);
+        self.counters.slabs_freed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A snapshot of this cache's statistics (sums the per-thread counters).
+    pub fn stats(&self, g: &Global) -> CacheStats {
+        let c = self.cfg();
+        let id = self.id();
+        let mut s = CacheStats {
+            name: c.name,
+            object_size: c.size as usize,
+            slab_pages: c.slab_pages as usize,
+            objects_per_slab: c.capacity as usize,
+            debug: c.flags & FLAG_DEBUG != 0,
+            ..CacheStats::default()
+        };
+        for i in 0..g.shard_count() {
+            let pc = g.shard(i).pc(id);
+            s.alloc_fast += pc.alloc_fast.load(Ordering::Relaxed);
+            s.alloc_refill += pc.alloc_refill.load(Ordering::Relaxed);
+            s.free_fast += pc.free_fast.load(Ordering::Relaxed);
+            s.flushes += pc.flushes.load(Ordering::Relaxed);
+            s.cached_objects += u64::from(pc.count.load(Ordering::Relaxed));
+        }
+        let k = &self.counters;
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        s.shared_allocs = ld(&k.shared_allocs);
+        s.shared_frees = ld(&k.shared_frees);
+        s.deferred_frees = ld(&k.deferred);
+        s.next_bucket = ld(&k.next_bucket);
+        s.remote_frees = ld(&k.remote);
+        s.failures = ld(&k.failures);
+        s.injected_failures = ld(&k.injected);
+        s.bad_frees = ld(&k.bad_frees);
+        s.debug_errors = ld(&k.debug_errors);
+        s.slabs = ld(&self.nr_slabs);
+        s.slabs_allocated = ld(&k.slabs_allocated);
+        s.slabs_freed = ld(&k.slabs_freed);
+        s.allocs = s.alloc_fast + s.alloc_refill + s.shared_allocs;
+        s.frees = s.free_fast + s.deferred_frees + s.shared_frees;
+        s
+    }
+}
+
+/// A snapshot of one cache's counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Cache name (`kmalloc-64`, or the name given to `KmemCache::new`).
+    pub name: CacheName,
+    /// Usable object size in bytes.
+    pub object_size: usize,
+    /// Pages per slab.
+    pub slab_pages: usize,
+    /// Objects per slab.
+    pub objects_per_slab: usize,
+    /// Whether this is a debug cache.
+    pub debug: bool,
+    /// Successful allocations (all paths).
+    pub allocs: u64,
+    /// Frees accepted (all paths).
+    pub frees: u64,
+    /// Allocations served from the thread's list.
+    pub alloc_fast: u64,
+    /// Allocations that refilled the thread's list from a slab.
+    pub alloc_refill: u64,
+    /// Allocations on the shared path (no thread list, or it was busy).
+    pub shared_allocs: u64,
+    /// Frees onto the thread's list.
+    pub free_fast: u64,
+    /// Flushes of a thread's list back to slabs.
+    pub flushes: u64,
+    /// Frees deferred because the thread's list was busy.
+    pub deferred_frees: u64,
+    /// Frees on the shared path.
+    pub shared_frees: u64,
+    /// Allocations that moved to the next size class because this one was busy (kmalloc only).
+    pub next_bucket: u64,
+    /// Objects returned to a slab last taken by another thread.
+    pub remote_frees: u64,
+    /// Allocations that failed for lack of memory.
+    pub failures: u64,
+    /// Allocations failed on purpose by fault injection.
+    pub injected_failures: u64,
+    /// Frees refused as invalid.
+    pub bad_frees: u64,
+    /// Debug-mode findings at allocation time.
+    pub debug_errors: u64,
+    /// Slabs owned now.
+    pub slabs: u64,
+    /// Slabs created so far.
+    pub slabs_allocated: u64,
+    /// Slabs released so far.
+    pub slabs_freed: u64,
+    /// Free objects sitting in threads' lists right now.
+    pub cached_objects: u64,
+}
+
+impl Default for CacheStats {
+    fn default() -> Self {
+        Self {
+            name: CacheName::new(""),
+            object_size: 0,
+            slab_pages: 0,
+            objects_per_slab: 0,
+            debug: false,
+            allocs: 0,
+            frees: 0,
+            alloc_fast: 0,
+            alloc_refill: 0,
+            shared_allocs: 0,
+            free_fast: 0,
+            flushes: 0,
+            deferred_frees: 0,
+            shared_frees: 0,
+            next_bucket: 0,
+            remote_frees: 0,
+            failures: 0,
+            injected_failures: 0,
+            bad_frees: 0,
+            debug_errors: 0,
+            slabs: 0,
+            slabs_allocated: 0,
+            slabs_freed: 0,
+            cached_objects: 0,
+        }
+    }
+}
+
+impl CacheStats {
+    /// Allocations that did not come from the thread's list.
+    pub fn alloc_slow(&self) -> u64 {
+        self.alloc_refill + self.shared_allocs
+    }
+
+    /// Frees that did not go onto the thread's list directly.
+    pub fn free_slow(&self) -> u64 {
+        self.deferred_frees + self.shared_frees
+    }
+
+    /// Add another cache's counters (for totals).
+    pub fn add(&mut self, o: &CacheStats) {
+        self.allocs += o.allocs;
+        self.frees += o.frees;
+        self.alloc_fast += o.alloc_fast;
+        self.alloc_refill += o.alloc_refill;
+        self.shared_allocs += o.shared_allocs;
+        self.free_fast += o.free_fast;
+        self.flushes += o.flushes;
+        self.deferred_frees += o.deferred_frees;
+        self.shared_frees += o.shared_frees;
+        self.next_bucket += o.next_bucket;
+        self.remote_frees += o.remote_frees;
+        self.failures += o.failures;
+        self.injected_failures += o.injected_failures;
+        self.bad_frees += o.bad_frees;
+        self.debug_errors += o.debug_errors;
+        self.slabs += o.slabs;
+        self.slabs_allocated += o.slabs_allocated;
+        self.slabs_freed += o.slabs_freed;
+        self.cached_objects += o.cached_objects;
+    }
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Release every cache's entirely free slabs (keeping none). Lock-free; used when the page allocator is out.
+pub fn reclaim_empty_slabs(g: &Global) -> usize {
+    (0..g.cache_count()).map(|id| g.cache(id)).filter(|c| c.is_active()).map(|c| c.shrink(g, 0)).sum()
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// Creating and destroying caches
+// -------------------------------------------------------------------------------------------------------------
+
+/// Why a cache could not be created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheError {
+    /// All `MAX_CACHES` cache slots are in use.
+    TooManyCaches,
+    /// Size is zero or above `MAX_OBJECT_SIZE`.
+    BadSize,
+    /// Alignment is not a power of two or above `MAX_ALIGN`.
+    BadAlign,
+    /// The free-pointer offset is not 8-aligned or leaves no room for a pointer inside the object.
+    BadFreeptrOffset,
+    /// The arena could not be mapped.
+    NoArena,
+}
+
+impl core::fmt::Display for CacheError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            CacheError::TooManyCaches => "too many caches (the limit is 256, kmalloc classes included)",
+            CacheError::BadSize => "object size must be between 1 byte and 1 MiB",
+            CacheError::BadAlign => "alignment must be a power of two of at most 256 KiB",
+            CacheError::BadFreeptrOffset => "free-pointer offset must be 8-aligned and leave 8 bytes in the object",
+            CacheError::NoArena => "the arena could not be mapped",
+        })
+    }
+}
+
+impl std::error::Error for CacheError {}
+
+/// Reserve a free cache slot and publish a cache with `cfg` in it. Returns its id.
+pub fn create(g: &Global, cfg: CacheConfig) -> Result<u16, CacheError> {
+    // Reuse a destroyed slot first, then a fresh one.
+    let mut id = None;
+    for i in 0..g.cache_count() {
+        let c = g.cache(i);
+        if c.state.compare_exchange(STATE_FREE, STATE_CREATING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            id = Some(i);
+            break;
+        }
+    }
+    let id = match id {
+        Some(i) => i,
+        None => loop {
+            let i = g.next_cache.load(Ordering::Acquire);
+            if i as usize >= MAX_CACHES {
+                return Err(CacheError::TooManyCaches);
+            }
+            // AcqRel: the slot is ours once the counter moves past it.
+            if g.next_cache.compare_exchange(i, i + 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                let c = g.cache(i as u16);
+                c.state.store(STATE_CREATING, Ordering::Relaxed);
+                break i as u16;
+            }
+        },
+    };
+    let c = g.cache(id);
+    shard::reset_all(g, id);
+    // SAFETY: the slot is reserved (STATE_CREATING): nobody reads its configuration until it is published.
+    unsafe { c.cfg.get().write(cfg) };
+    c.id.store(u32::from(id), Ordering::Relaxed);
+    c.nr_slabs.store(0, Ordering::Relaxed);
+    c.shrunk_at.store(0, Ordering::Relaxed);
+    reset_counters(&c.counters);
+    c.fault.every_nth.store(0, Ordering::Relaxed);
+    c.fault.prob.store(0, Ordering::Relaxed);
+    // Release: publishes the configuration; pairs with the Acquire in `is_active` and with the handle users
+    // receive after this returns.
+    c.state.store(STATE_ACTIVE, Ordering::Release);
+    Ok(id)
+}
+
+fn reset_counters(k: &CacheCounters) {
+    for a in [
+        &k.next_bucket,
+        &k.deferred,
+        &k.remote,
+        &k.shared_allocs,
+        &k.shared_frees,
+        &k.failures,
+        &k.injected,
+        &k.bad_frees,
+        &k.debug_errors,
+        &k.slabs_allocated,
+        &k.slabs_freed,
+        &k.empty_events,
+    ] {
+        a.store(0, Ordering::Relaxed);
+    }
+}
+
+/// What destroying a cache found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestroyReport {
+    /// Slabs released.
+    pub slabs_released: usize,
+    /// Objects still allocated (their slabs were kept, and the cache slot is retired).
+    pub live_objects: u64,
+}
+
+/// Destroy cache `id`: take back every thread's cached objects, release every slab, free the slot. If objects
+/// are still allocated, their slabs are left alone (nothing is corrupted), the problem is reported, and the
+/// slot is never reused. Blocks (normal context).
+pub fn destroy(g: &Global, id: u16) -> DestroyReport {
+    let c = g.cache(id);
+    shard::claim_and_drain_all(g, id);
+    let released = c.shrink(g, 0);
+    let st = c.stats(g);
+    let live = st.allocs.saturating_sub(st.frees);
+    let slabs_left = c.nr_slabs.load(Ordering::Relaxed);
+    if slabs_left != 0 || live != 0 {
+        debug::report_destroy_live(c.name(), live, slabs_left);
+        c.state.store(STATE_LEAKED, Ordering::Release);
+    } else {
+        c.state.store(STATE_FREE, Ordering::Release);
+    }
+    DestroyReport { slabs_released: released, live_objects: live.max(u64::from(slabs_left != 0)) }
+}
+
+/// The cache that `addr` (an arena address) belongs to, if it is a slab object.
+#[inline]
+pub fn cache_of(g: &Global, info: Info) -> &CacheInner {
+    g.cache(info.cache_id())
+}
+
+/// Run `f` on every live cache.
+pub fn for_each_cache(g: &Global, mut f: impl FnMut(&CacheInner)) {
+    for id in 0..g.cache_count() {
+        let c = g.cache(id);
+        if c.is_active() {
+            f(c);
+        }
+    }
+}
+
+/// Ensure the global state exists (helper for public constructors).
+pub fn global_or_err() -> Result<&'static Global, CacheError> {
+    global::get().ok_or(CacheError::NoArena)
+}

@@ -1,0 +1,362 @@
+//! `kmalloc_nolock` / `kfree_nolock` / `ksize`: general-purpose allocation over the kmalloc size classes.
+//!
+//! Sizes up to [`KMALLOC_MAX_CACHE_SIZE`] (8 KiB) are served by thirteen caches, `kmalloc-8` … `kmalloc-8k`
+//! (sizes 8, 16, 32, 64, 96, 128, 192, 256, 512, 1k, 2k, 4k, 8k, as in the kernel). Power-of-two classes are
+//! naturally aligned; 96 and 192 are aligned to 32 and 64. Larger sizes go straight to the page allocator as a
+//! run of whole pages, and `kfree_nolock` frees both kinds: the page descriptor says which.
+//!
+//! "Try the next bucket": when this thread's list for the size class is busy — only possible when a signal
+//! handler interrupted an allocator operation on that very class on this thread — the allocation is served by
+//! the next larger class that keeps the requested alignment (8 KiB goes to pages). If that one is busy too
+//! (nested handlers), the allocation takes an object straight from the class's shared slab lists. Unlike the
+//! kernel, which gives up after one retry, nolock therefore fails only when memory is exhausted.
+//!
+//! The classes exist twice, plain and debug (`NOLOCK_DEBUG`, [`crate::debug::set_enabled`]).
+
+use core::alloc::Layout;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::cache::{self, CacheConfig, FLAG_DEBUG, FLAG_KMALLOC, Got};
+use crate::debug::{self, FreeError, FreeErrorKind};
+use crate::global::{self, Global};
+use crate::page::Gfp;
+use crate::page::desc::{Info, Kind};
+use crate::sys::{PAGE_SHIFT, PAGE_SIZE};
+
+/// Sizes of the kmalloc classes.
+pub const KMALLOC_SIZES: [usize; 13] = [8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192];
+/// Number of kmalloc classes.
+pub const NR_KMALLOC: usize = KMALLOC_SIZES.len();
+/// Largest size served by a slab cache; larger requests are page runs.
+pub const KMALLOC_MAX_CACHE_SIZE: usize = 8192;
+/// What `kmalloc_nolock(0, ..)` returns (the kernel's `ZERO_SIZE_PTR`): a non-null pointer to nothing.
+/// `kfree_nolock` accepts it (and null) and does nothing; `ksize` of it is 0. Never dereference it.
+pub const ZERO_SIZE_PTR: *mut u8 = 16 as *mut u8;
+
+/// Class index for sizes 1..=192, by `(size - 1) / 8`.
+const SIZE_INDEX: [u8; 24] = [0, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6];
+
+/// The class for `size` (1 ..= 8192).
+#[inline(always)]
+pub fn size_class(size: usize) -> usize {
+    debug_assert!((1..=KMALLOC_MAX_CACHE_SIZE).contains(&size));
+    if size <= 192 {
+        SIZE_INDEX[(size - 1) / 8] as usize
+    } else {
+        // 193..=256 → 7, 257..=512 → 8, ... 4097..=8192 → 12
+        (usize::BITS - (size - 1).leading_zeros()) as usize - 1
+    }
+}
+
+/// Alignment guaranteed by a class (the largest power of two dividing its size).
+#[inline(always)]
+pub const fn class_align(class: usize) -> usize {
+    let s = KMALLOC_SIZES[class];
+    s & s.wrapping_neg()
+}
+
+/// Cache ids of all kmalloc caches (created first, so ids 0..26).
+pub fn all_kmalloc_ids() -> impl Iterator<Item = u16> {
+    0..(2 * NR_KMALLOC) as u16
+}
+
+/// Create the plain and debug kmalloc caches in a fresh global state (ids `0..13` and `13..26`).
+pub fn create_kmalloc_caches(g: &Global) {
+    for debug in [false, true] {
+        for &size in &KMALLOC_SIZES {
+            let mut name = crate::sys::StackBuf::<32>::new();
+            let prefix = if debug { "kmalloc-dbg-" } else { "kmalloc-" };
+            let _ = if size >= 1024 {
+                core::fmt::Write::write_fmt(&mut name, format_args!("{prefix}{}k", size / 1024))
+            } else {
+                core::fmt::Write::write_fmt(&mut name, format_args!("{prefix}{size}"))
+            };
+            let flags = FLAG_KMALLOC | if debug { FLAG_DEBUG } else { 0 };
+            let align = size & size.wrapping_neg();
+            let cfg = CacheConfig::new(name.as_str(), size, align, 0, flags);
+            cache::create(g, cfg).expect("fresh cache table has room for the kmalloc caches");
+        }
+    }
+}
+
+static LARGE_ALLOCS: AtomicU64 = AtomicU64::new(0);
+static LARGE_FREES: AtomicU64 = AtomicU64::new(0);
+static LARGE_FAILURES: AtomicU64 = AtomicU64::new(0);
+static LARGE_PAGES: AtomicU64 = AtomicU64::new(0);
+
+/// Counters of allocations above `KMALLOC_MAX_CACHE_SIZE` (page runs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LargeStats {
+    /// Successful large allocations.
+    pub allocs: u64,
+    /// Large frees.
+    pub frees: u64,
+    /// Large allocations that found no free run.
+    pub failures: u64,
+    /// Pages held by live large allocations.
+    pub pages: u64,
+}
+
+/// A snapshot of the large-allocation counters.
+pub fn large_stats() -> LargeStats {
+    LargeStats {
+        allocs: LARGE_ALLOCS.load(Ordering::Relaxed),
+        frees: LARGE_FREES.load(Ordering::Relaxed),
+        failures: LARGE_FAILURES.load(Ordering::Relaxed),
+        pages: LARGE_PAGES.load(Ordering::Relaxed),
+    }
+}
+
+/// Allocate `size` bytes, aligned to at least 8 (and naturally for power-of-two sizes up to 8 KiB; page aligned
+/// above 8 KiB). With [`Gfp::ZERO`] the memory is zeroed.
+///
+/// - `size == 0` returns [`ZERO_SIZE_PTR`].
+/// - `None` means out of memory: no free object and no free pages in the arena. It never means "busy".
+///
+/// # Context
+/// Any context: async-signal-safe, reentrant (a signal handler may call it while this thread is inside any
+/// nolock function), never blocks, never takes a lock, never calls `malloc`. Makes no system call except the
+/// very first time nolock is used (`mmap` of the arena).
+#[inline]
+pub fn kmalloc_nolock(size: usize, flags: Gfp) -> Option<NonNull<u8>> {
+    if size.wrapping_sub(1) >= KMALLOC_MAX_CACHE_SIZE {
+        return kmalloc_odd(size, 8, flags);
+    }
+    let g = global::get()?;
+    kmalloc_class(g, size_class(size), 8, flags)
+}
+
+/// Allocate memory for `layout` (any size and power-of-two alignment). A zero-size layout returns a dangling,
+/// suitably aligned pointer that must not be freed... except that freeing it is harmless: see [`ZERO_SIZE_PTR`].
+///
+/// # Context
+/// As [`kmalloc_nolock`].
+#[inline]
+pub fn kmalloc_layout_nolock(layout: Layout, flags: Gfp) -> Option<NonNull<u8>> {
+    let (size, align) = (layout.size(), layout.align());
+    if size.wrapping_sub(1) >= KMALLOC_MAX_CACHE_SIZE || align > KMALLOC_MAX_CACHE_SIZE {
+        return kmalloc_odd(size, align, flags);
+    }
+    let g = global::get()?;
+    let mut class = size_class(size.max(align));
+    while class_align(class) < align {
+        class += 1;
+    }
+    kmalloc_class(g, class, align, flags)
+}
+
+#[inline(always)]
+fn kmalloc_class(g: &'static Global, class: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
+    let base = if g.kmalloc_debug.load(Ordering::Relaxed) { NR_KMALLOC } else { 0 };
+    let c = g.cache((base + class) as u16);
+    if g.fault_active.load(Ordering::Relaxed) && c.inject_fault() {
+        return None;
+    }
+    match c.alloc_local(g) {
+        Got::Obj(slot) => Some(c.finish_alloc(slot, flags)),
+        Got::Busy => next_bucket(g, base, class, align, flags),
+        Got::Oom => None,
+    }
+}
+
+/// This class is busy on this thread: try the next one, then the shared lists.
+#[cold]
+#[inline(never)]
+fn next_bucket(g: &'static Global, base: usize, class: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
+    let c = g.cache((base + class) as u16);
+    c.counters.next_bucket.fetch_add(1, Ordering::Relaxed);
+    match (class + 1..NR_KMALLOC).find(|&n| class_align(n) >= align) {
+        Some(n) => {
+            let c2 = g.cache((base + n) as u16);
+            if let Got::Obj(slot) = c2.alloc_local(g) {
+                return Some(c2.finish_alloc(slot, flags));
+            }
+        }
+        None => {
+            if let Some(p) = kmalloc_large(g, KMALLOC_MAX_CACHE_SIZE + 1, align, flags) {
+                return Some(p);
+            }
+        }
+    }
+    // Both busy (nested signal handlers), or the next class is out of memory: the shared path never fails
+    // while this class has a free object or the arena has pages.
+    c.alloc_shared(g).map(|slot| c.finish_alloc(slot, flags))
+}
+
+/// Size 0, or larger than the biggest class.
+#[cold]
+#[inline(never)]
+fn kmalloc_odd(size: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
+    if size == 0 {
+        return NonNull::new(if align <= 16 { ZERO_SIZE_PTR } else { align as *mut u8 });
+    }
+    kmalloc_large(global::get()?, size, align, flags)
+}
+
+fn kmalloc_large(g: &Global, size: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
+    if size > g.pages.size() || align > g.pages.size() {
+        LARGE_FAILURES.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
+    let npages = size.div_ceil(PAGE_SIZE);
+    let align_pages = (align >> PAGE_SHIFT).max(1);
+    let first = match g.pages.alloc_run(npages, align_pages) {
+        Some(f) => f,
+        None => {
+            cache::reclaim_empty_slabs(g);
+            match g.pages.alloc_run(npages, align_pages) {
+                Some(f) => f,
+                None => {
+                    LARGE_FAILURES.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            }
+        }
+    };
+    let d = g.pages.desc(first);
+    d.npages.store(npages as u64, Ordering::Relaxed);
+    d.set_info(Info::new(Kind::Large, 0, first as u32));
+    if flags.contains(Gfp::ZERO) {
+        // SAFETY: the run was just claimed by us.
+        unsafe { g.pages.zero_dirty(first, npages) };
+    }
+    LARGE_ALLOCS.fetch_add(1, Ordering::Relaxed);
+    LARGE_PAGES.fetch_add(npages as u64, Ordering::Relaxed);
+    NonNull::new(g.pages.page_addr(first) as *mut u8)
+}
+
+/// Free memory from [`kmalloc_nolock`] / [`kmalloc_layout_nolock`] (or a `KmemCache`: the cache is found from
+/// the address). Null and [`ZERO_SIZE_PTR`] are ignored. A bad pointer — foreign, not allocated, interior, a
+/// double free caught by the checks — is reported on standard error and counted, and nothing is freed.
+///
+/// # Safety
+/// If `ptr` is a live nolock object, it must not be used afterwards.
+///
+/// # Context
+/// Any context: async-signal-safe, reentrant, never blocks. Never fails: a free that cannot be done at once
+/// (this thread's list is busy under a signal handler) is deferred and completed by the interrupted call.
+#[inline]
+pub unsafe fn kfree_nolock(ptr: *mut u8) {
+    // SAFETY: forwarded from the caller.
+    if let Err(e) = unsafe { try_kfree_nolock(ptr) } {
+        debug::report(&e);
+    }
+}
+
+/// [`kfree_nolock`] that returns the error instead of reporting it.
+///
+/// # Safety
+/// As [`kfree_nolock`].
+///
+/// # Context
+/// As [`kfree_nolock`].
+#[inline]
+pub unsafe fn try_kfree_nolock(ptr: *mut u8) -> Result<(), FreeError> {
+    let addr = ptr as usize;
+    if addr <= ZERO_SIZE_PTR as usize {
+        return Ok(());
+    }
+    let Some(g) = global::get_if_init() else {
+        return Err(FreeError::new(FreeErrorKind::Foreign, addr));
+    };
+    if !g.pages.contains(addr) {
+        return Err(FreeError::new(FreeErrorKind::Foreign, addr));
+    }
+    let info = g.pages.info_of(addr);
+    match info.kind() {
+        Kind::Slab => {
+            let c = g.cache(info.cache_id());
+            match c.validate(g, addr, info) {
+                Ok(slot) => {
+                    c.free_slot(g, slot);
+                    Ok(())
+                }
+                Err(e) => {
+                    c.counters.bad_frees.fetch_add(1, Ordering::Relaxed);
+                    Err(e)
+                }
+            }
+        }
+        Kind::Large => free_large(g, addr, info),
+        Kind::Pages => Err(FreeError::new(FreeErrorKind::PagesRun, addr)),
+        Kind::Free => Err(FreeError::new(FreeErrorKind::NotAllocated, addr)),
+    }
+}
+
+#[cold]
+fn free_large(g: &Global, addr: usize, info: Info) -> Result<(), FreeError> {
+    let page = g.pages.page_of(addr);
+    let head = info.head() as usize;
+    if head != page || addr % PAGE_SIZE != 0 {
+        let start = g.pages.page_addr(head);
+        return Err(FreeError::new(
+            FreeErrorKind::InteriorPointer { object: start, offset: addr as isize - start as isize },
+            addr,
+        ));
+    }
+    let d = g.pages.desc(page);
+    let npages = d.npages.load(Ordering::Relaxed) as usize;
+    // Whoever flips the descriptor owns the free; a racing double free loses here.
+    if d.info
+        .compare_exchange(info.0, Info::new(Kind::Free, 0, 0).0, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return Err(FreeError::new(FreeErrorKind::DoubleFree, addr));
+    }
+    // SAFETY: the run is ours: its descriptor said Large with this head and we just retired it.
+    unsafe { g.pages.free_run(page, npages) };
+    LARGE_FREES.fetch_add(1, Ordering::Relaxed);
+    LARGE_PAGES.fetch_sub(npages as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The usable size of a nolock allocation: the size of its class, or of its page run. 0 for null,
+/// [`ZERO_SIZE_PTR`] and anything that is not the start of a live nolock object.
+///
+/// # Context
+/// Any context: async-signal-safe, reentrant, O(1).
+pub fn ksize(ptr: *const u8) -> usize {
+    let addr = ptr as usize;
+    let Some(g) = global::get_if_init() else { return 0 };
+    if addr <= ZERO_SIZE_PTR as usize || !g.pages.contains(addr) {
+        return 0;
+    }
+    let info = g.pages.info_of(addr);
+    match info.kind() {
+        Kind::Slab => {
+            let c = g.cache(info.cache_id());
+            let base = g.pages.page_addr(info.head() as usize);
+            let cfg = c.cfg();
+            let rel = (addr - base).wrapping_sub(cfg.obj_off as usize);
+            if rel % cfg.stride as usize == 0 && rel / (cfg.stride as usize) < cfg.capacity as usize {
+                cfg.size as usize
+            } else {
+                0
+            }
+        }
+        Kind::Large if g.pages.page_of(addr) == info.head() as usize && addr % PAGE_SIZE == 0 => {
+            (g.pages.desc(info.head() as usize).npages.load(Ordering::Relaxed) as usize) << PAGE_SHIFT
+        }
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        for size in 1..=KMALLOC_MAX_CACHE_SIZE {
+            let c = size_class(size);
+            assert!(KMALLOC_SIZES[c] >= size, "size {size} class {c}");
+            if c > 0 {
+                assert!(KMALLOC_SIZES[c - 1] < size, "size {size} not the smallest class");
+            }
+        }
+        assert_eq!(class_align(4), 32);
+        assert_eq!(class_align(6), 64);
+        assert_eq!(class_align(12), 8192);
+    }
+}

@@ -1,0 +1,378 @@
+//! Shards: per-thread caches of free objects (the userspace `kmem_cache_cpu`), and their life cycle.
+//!
+//! A *shard* belongs to one thread at a time. It holds one [`PerCpuCache`] per cache id: a LIFO list of free
+//! objects linked through their link words, its length, a deferred-free list and counters. The owner thread
+//! edits its list with plain (relaxed) loads and stores, so the fast paths cost a few instructions; the list is
+//! guarded against signal handlers on the same thread by the per-cache `busy` byte (the `local_trylock_t`
+//! "acquired" flag): the owner sets it before its first read of the list and clears it after its last write,
+//! with compiler fences around, and a nested context that finds it set keeps off (next size class, deferred
+//! free, or the shared path). Counters that a nested context also changes are atomic RMWs on the cache instead.
+//!
+//! Another thread may need to take over a list (cache destroy). It sets the `claimed` byte, calls
+//! `heavy_barrier()` (membarrier), then waits for `busy` to be clear: the owner checks `claimed` after setting
+//! `busy`, with only a compiler fence between, and the barrier makes the pair an asymmetric Dekker: either the
+//! owner sees the claim and backs off, or the claimer sees `busy` and waits for the bounded operation to end.
+//!
+//! Life cycle:
+//! - **claim**: a thread's first nolock call takes a shard from the free stack or a fresh one (lock-free), and
+//!   publishes it in its thread-local pointer with a CAS, so a signal handler that raced the claim on the same
+//!   thread cannot leak one. It also registers a pthread key destructor for the thread (glibc's first 32 keys
+//!   need no allocation, so this is async-signal-safe there), so the first call may be in a signal handler.
+//! - **exit**: the key destructor marks the thread as exited (its later calls use the shared path), returns
+//!   every cached object to its slab and gives the shard back.
+//! - **orphans**: a shard whose thread died without the destructor (no key available) is found by the worker
+//!   (`tgkill(pid, tid, 0)` fails with ESRCH) and drained the same way.
+//! - **fork**: in the child, only the forking thread exists; an atfork handler drains every other shard whose
+//!   lists are consistent (no busy flag set) and fixes the owner thread id of the current one.
+//!
+//! If no shard is available (more than `MAX_SHARDS` threads at once), the thread works on the shared path:
+//! slower, never failing.
+
+use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use crate::global::{self, Global, MAX_CACHES, MAX_SHARDS};
+use crate::sync::llist::Llist;
+
+/// The per-thread cache of one cache id. See the module documentation for who touches what.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct PerCpuCache {
+    /// Set by the owner around every edit of `freelist`/`count`/counters.
+    pub busy: AtomicU8,
+    /// Set by another thread that takes the list over.
+    pub claimed: AtomicU8,
+    /// Objects on `freelist`.
+    pub count: AtomicU32,
+    /// First free object (0: empty); the rest follow through link words.
+    pub freelist: AtomicUsize,
+    /// Frees that arrived while `busy` was set; drained by the owner when it clears `busy`.
+    pub deferred: Llist,
+    /// Allocations served from `freelist` (busy-guarded).
+    pub alloc_fast: AtomicU64,
+    /// Allocations that refilled `freelist` from a slab (busy-guarded).
+    pub alloc_refill: AtomicU64,
+    /// Frees pushed on `freelist` (busy-guarded).
+    pub free_fast: AtomicU64,
+    /// Times `freelist` was flushed back to slabs (busy-guarded).
+    pub flushes: AtomicU64,
+}
+
+/// Increment a counter that only the busy-flag holder writes (a plain load and store, no lock prefix).
+#[inline(always)]
+pub fn bump(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
+const STATE_FREE: u32 = 0;
+const STATE_OWNED: u32 = 1;
+const STATE_LEAKED: u32 = 2;
+
+/// One thread's set of per-cache lists. Zeroed memory is a free shard.
+#[repr(C, align(64))]
+pub struct Shard {
+    /// Index in the shard table.
+    pub id: AtomicU32,
+    /// `STATE_*`.
+    state: AtomicU32,
+    /// Link in the free-shard stack.
+    pub next: AtomicU32,
+    /// Kernel thread id of the owner.
+    pub owner_tid: AtomicI32,
+    pcs: [PerCpuCache; MAX_CACHES],
+}
+
+impl Shard {
+    /// The list of cache `id`.
+    #[inline(always)]
+    pub fn pc(&self, id: u16) -> &PerCpuCache {
+        // SAFETY-free indexing: ids are always < MAX_CACHES (u16 checked at cache creation).
+        &self.pcs[id as usize]
+    }
+
+    /// Shard id + 1 (0 means "no shard"), as stored in slab descriptors.
+    #[inline]
+    pub fn tag(&self) -> u32 {
+        self.id.load(Ordering::Relaxed) + 1
+    }
+
+    /// Whether a thread owns this shard.
+    pub fn is_owned(&self) -> bool {
+        self.state.load(Ordering::Acquire) == STATE_OWNED
+    }
+}
+
+thread_local! {
+    /// This thread's shard; null before the first claim, `EXITED` after the exit destructor ran.
+    static CURRENT: AtomicPtr<Shard> = const { AtomicPtr::new(core::ptr::null_mut()) };
+}
+
+const EXITED: usize = 1;
+
+/// The calling thread's shard, claiming one on first use. `None`: the thread has exited (it is running other
+/// thread-local destructors) or no shard is free; use the shared path.
+///
+/// # Context
+/// Any context.
+#[inline(always)]
+pub fn current(g: &'static Global) -> Option<&'static Shard> {
+    let p = CURRENT.with(|c| c.load(Ordering::Relaxed));
+    if p as usize > EXITED {
+        // SAFETY: only pointers into the shard table (which lives forever) are stored, by `claim`.
+        return Some(unsafe { &*p });
+    }
+    if p.is_null() { claim(g) } else { None }
+}
+
+/// The calling thread's shard if it has one (never claims).
+#[inline]
+pub fn current_if_any() -> Option<&'static Shard> {
+    let p = CURRENT.with(|c| c.load(Ordering::Relaxed));
+    // SAFETY: as in `current`.
+    (p as usize > EXITED).then(|| unsafe { &*p })
+}
+
+#[cold]
+#[inline(never)]
+fn claim(g: &'static Global) -> Option<&'static Shard> {
+    let id = match g.free_shards.pop(|i| &g.shard(i).next) {
+        Some(i) => i,
+        None => {
+            if g.next_shard.load(Ordering::Relaxed) as usize >= MAX_SHARDS {
+                return None;
+            }
+            let i = g.next_shard.fetch_add(1, Ordering::AcqRel);
+            if i as usize >= MAX_SHARDS {
+                return None;
+            }
+            i
+        }
+    };
+    let s = g.shard(id);
+    s.id.store(id, Ordering::Relaxed);
+    s.owner_tid.store(crate::sys::gettid(), Ordering::Relaxed);
+    // Release: pairs with Acquire in `is_owned` (sweeps and stats see a consistent owner).
+    s.state.store(STATE_OWNED, Ordering::Release);
+    crate::hooks::point(crate::hooks::Point::ShardClaim);
+    let me = s as *const Shard as *mut Shard;
+    // An atomic RMW on our own thread-local word: a signal handler that claimed meanwhile wins, and we give ours
+    // back instead of overwriting (and leaking) theirs.
+    match CURRENT.with(|c| c.compare_exchange(core::ptr::null_mut(), me, Ordering::AcqRel, Ordering::Acquire)) {
+        Ok(_) => {
+            register_exit(s);
+            Some(s)
+        }
+        Err(other) => {
+            release(g, s);
+            // SAFETY: `other` was stored by a nested claim (a shard pointer) or is EXITED.
+            (other as usize > EXITED).then(|| unsafe { &*other })
+        }
+    }
+}
+
+/// Give a shard with empty lists back to the pool.
+fn release(g: &Global, s: &Shard) {
+    s.owner_tid.store(0, Ordering::Relaxed);
+    s.state.store(STATE_FREE, Ordering::Release);
+    g.free_shards.push(s.id.load(Ordering::Relaxed), &s.next);
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// Thread exit: a pthread key destructor
+// -------------------------------------------------------------------------------------------------------------
+
+/// pthread key + 1 (0: not created).
+static EXIT_KEY: AtomicU32 = AtomicU32::new(0);
+
+/// glibc keeps the values of its first 32 keys inside the thread descriptor; setting them never allocates.
+const KEY_FIRST_LEVEL: u32 = 32;
+
+/// Create the exit key if needed. Lock-free in glibc (the key table is claimed with atomic operations).
+pub fn ensure_exit_key() -> Option<u32> {
+    let k = EXIT_KEY.load(Ordering::Acquire);
+    if k != 0 {
+        return Some(k - 1);
+    }
+    let mut key: libc::pthread_key_t = 0;
+    // SAFETY: `key` is a valid out-pointer; `shard_exit` has the destructor signature.
+    if unsafe { libc::pthread_key_create(&mut key, Some(shard_exit)) } != 0 {
+        return None;
+    }
+    // AcqRel: publish the key; a loser deletes its own.
+    match EXIT_KEY.compare_exchange(0, key + 1, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => Some(key),
+        Err(winner) => {
+            // SAFETY: `key` was created above and never used.
+            unsafe { libc::pthread_key_delete(key) };
+            Some(winner - 1)
+        }
+    }
+}
+
+fn register_exit(s: &Shard) {
+    let Some(key) = ensure_exit_key() else { return };
+    if cfg!(target_env = "gnu") && key >= KEY_FIRST_LEVEL {
+        // Setting this key could allocate: leave the shard to the orphan sweep instead.
+        return;
+    }
+    // SAFETY: `key` is a live key; the value is a pointer into the shard table.
+    unsafe { libc::pthread_setspecific(key, s as *const Shard as *const libc::c_void) };
+}
+
+extern "C" fn shard_exit(p: *mut libc::c_void) {
+    CURRENT.with(|c| c.store(EXITED as *mut Shard, Ordering::Relaxed));
+    crate::sync::signal_fence();
+    let Some(g) = global::get_if_init() else { return };
+    // SAFETY: the value was set by `register_exit` to this thread's shard.
+    let s = unsafe { &*(p as *const Shard) };
+    drain_and_release(g, s);
+}
+
+/// Return every object cached in `s` to its slab and give `s` back. The caller guarantees that no other
+/// context uses `s` (its owner exited, or is this thread past its exit marker). If a list was left mid-edit
+/// (a busy flag still set: the owner died inside the allocator, e.g. killed in a fork child), that list is
+/// leaked, never corrupted.
+pub fn drain_and_release(g: &Global, s: &Shard) {
+    let mut consistent = true;
+    for id in 0..g.cache_count() {
+        let pc = s.pc(id);
+        if pc.busy.load(Ordering::Acquire) != 0 {
+            consistent = false;
+            continue;
+        }
+        if pc.count.load(Ordering::Relaxed) != 0 || !pc.deferred.is_empty() {
+            g.cache(id).drain_pc(g, s, pc);
+        }
+    }
+    if consistent {
+        release(g, s);
+    } else {
+        s.state.store(STATE_LEAKED, Ordering::Release);
+    }
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// Orphans and fork
+// -------------------------------------------------------------------------------------------------------------
+
+/// Drain shards whose owner thread no longer exists (normal context; the worker calls it).
+pub fn sweep_orphans(g: &Global) -> usize {
+    let mut n = 0;
+    for id in 0..g.shard_count() {
+        let s = g.shard(id);
+        if !s.is_owned() {
+            continue;
+        }
+        let tid = s.owner_tid.load(Ordering::Relaxed);
+        if tid == 0 || crate::sys::thread_alive(tid) {
+            continue;
+        }
+        // The owner is gone for good (ESRCH), so nobody else can touch the shard: take it.
+        if s.state.compare_exchange(STATE_OWNED, STATE_LEAKED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            drain_and_release(g, s);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// In a fork child: fix the current shard's owner and drain every other owned shard.
+pub fn after_fork_child() {
+    let Some(g) = global::get_if_init() else { return };
+    let me = current_if_any();
+    if let Some(me) = me {
+        me.owner_tid.store(crate::sys::gettid(), Ordering::Relaxed);
+    }
+    for id in 0..g.shard_count() {
+        let s = g.shard(id);
+        if me.is_some_and(|m| core::ptr::eq(m, s)) || !s.is_owned() {
+            continue;
+        }
+        s.state.store(STATE_LEAKED, Ordering::Relaxed);
+        drain_and_release(g, s);
+    }
+}
+
+/// Take over the list of cache `id` in every shard: mark them claimed, wait out in-flight operations, and
+/// return their objects. Used by cache destroy. Blocks (normal context).
+pub fn claim_and_drain_all(g: &Global, id: u16) {
+    let n = g.shard_count();
+    for i in 0..n {
+        g.shard(i).pc(id).claimed.store(1, Ordering::Relaxed);
+    }
+    // Pairs with the owners' `busy` store + compiler fence + `claimed` load (see module documentation).
+    crate::sys::membarrier::heavy_barrier();
+    for i in 0..n {
+        let s = g.shard(i);
+        let pc = s.pc(id);
+        let start = std::time::Instant::now();
+        let mut stuck = false;
+        while pc.busy.load(Ordering::Acquire) != 0 {
+            if start.elapsed() > std::time::Duration::from_millis(200) {
+                stuck = true;
+                break;
+            }
+            std::thread::yield_now();
+        }
+        if stuck {
+            // The owner left the allocator without clearing busy (e.g. longjmp out of a signal handler): its
+            // list is leaked rather than touched.
+            crate::debug::report_stuck_shard(i, g.cache(id).name());
+            continue;
+        }
+        if pc.count.load(Ordering::Acquire) != 0 || !pc.deferred.is_empty() {
+            g.cache(id).drain_pc(g, s, pc);
+        }
+    }
+}
+
+/// Reset the list of cache `id` in every shard for a new cache with that id (before it is published).
+pub fn reset_all(g: &Global, id: u16) {
+    for i in 0..g.shard_count() {
+        let pc = g.shard(i).pc(id);
+        pc.freelist.store(0, Ordering::Relaxed);
+        pc.count.store(0, Ordering::Relaxed);
+        pc.alloc_fast.store(0, Ordering::Relaxed);
+        pc.alloc_refill.store(0, Ordering::Relaxed);
+        pc.free_fast.store(0, Ordering::Relaxed);
+        pc.flushes.store(0, Ordering::Relaxed);
+        pc.busy.store(0, Ordering::Relaxed);
+        pc.claimed.store(0, Ordering::Release);
+    }
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// Process hooks, registered before main
+// -------------------------------------------------------------------------------------------------------------
+
+extern "C" fn atfork_child() {
+    crate::worker::after_fork_child();
+    after_fork_child();
+}
+
+static PROCESS_HOOKS: AtomicU8 = AtomicU8::new(0);
+
+/// Create the exit key and register the fork handler (once). Normal context: `pthread_atfork` may allocate.
+pub fn ensure_process_hooks() {
+    if PROCESS_HOOKS.swap(1, Ordering::AcqRel) != 0 {
+        return;
+    }
+    ensure_exit_key();
+    // SAFETY: registering a plain extern "C" function as the child handler.
+    unsafe {
+        libc::pthread_atfork(
+            Some(crate::worker::before_fork),
+            Some(crate::worker::after_fork_parent),
+            Some(atfork_child),
+        )
+    };
+}
+
+extern "C" fn nolock_ctor() {
+    ensure_process_hooks();
+}
+
+/// Runs before `main` (and when a shared object containing nolock is loaded): registers the process hooks in
+/// a normal context, so that no nolock path ever has to.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static NOLOCK_CTOR: extern "C" fn() = nolock_ctor;

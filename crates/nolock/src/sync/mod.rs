@@ -1,0 +1,34 @@
+//! Synchronisation building blocks: the atomics facade and the lock-free structures everything else is made of.
+//!
+//! Every structure here is lock-free and *reentrant*: a signal handler that interrupts any of its operations on
+//! the same thread may run any operation on the same structure, because each operation changes shared state with
+//! one atomic instruction at its linearisation point and holds nothing in between that another caller waits for.
+//!
+//! - [`llist`]: the kernel's `llist`, a multi-producer stack with push by CAS and take-all by swap (ABA-free
+//!   because nothing pops single nodes). Used for deferred frees.
+//! - [`tagged`]: a Treiber stack of 32-bit indices whose head carries a 32-bit tag in the same 64-bit word, so
+//!   single pops are ABA-safe with a plain 64-bit CAS. Used for lists of slabs and of free shards.
+//! - [`slab_freelist`]: the state word of one slab: free-object list head (as an index), in-use count and flags,
+//!   changed together by one 64-bit CAS. This replaces SLUB's `cmpxchg_double` on (freelist, counters).
+//!
+//! Under `--cfg loom` only this module is compiled, with loom's atomics, so the loom models in `tests/loom.rs`
+//! exercise exactly the code the allocator runs.
+
+pub mod atomic {
+    //! `core::sync::atomic`, or loom's checked atomics under `--cfg loom`.
+    #[cfg(loom)]
+    pub use loom::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
+    #[cfg(not(loom))]
+    pub use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
+}
+
+pub mod llist;
+pub mod slab_freelist;
+pub mod tagged;
+
+/// Order this thread's memory accesses against a signal handler that interrupts it (the C `atomic_signal_fence`).
+/// Costs nothing at run time: it only stops the compiler from moving accesses across it.
+#[inline(always)]
+pub fn signal_fence() {
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+}

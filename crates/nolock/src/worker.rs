@@ -1,0 +1,140 @@
+//! The background worker: the userspace stand-in for the kernel's kthreads and deferred work.
+//!
+//! One thread, started from a normal context ([`crate::init`], `KmemCache` creation), that periodically
+//! - shrinks caches in which slabs became entirely free since the last pass (keeping a small reserve),
+//! - purges pages that stayed free and dirty for a whole interval (`madvise(MADV_DONTNEED)`),
+//! - drains the shards of threads that died without running their exit destructor.
+//!
+//! `*_nolock` paths never depend on it for correctness: it only gives memory back to the OS. Waking it early
+//! ([`kick`]) is one atomic increment and one `futex` wake, both async-signal-safe.
+//!
+//! Fork: the worker does not exist in a child; the atfork child handler marks it stopped and the next normal
+//! context call starts a new one. The prepare handler waits (bounded) for the worker to leave the part of a
+//! pass that holds slabs or pages in hand, so a fork does not leak them into the child.
+
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use core::time::Duration;
+
+use crate::global;
+
+static RUNNING_PID: AtomicI32 = AtomicI32::new(0);
+static WAKE: AtomicU32 = AtomicU32::new(0);
+static IN_CRITICAL: AtomicU32 = AtomicU32::new(0);
+static FORK_PENDING: AtomicBool = AtomicBool::new(false);
+
+/// Empty slabs each cache keeps when the worker shrinks it.
+const KEEP_EMPTY_SLABS: usize = 2;
+
+fn interval() -> Duration {
+    let ms = crate::sys::getenv(c"NOLOCK_PURGE_INTERVAL_MS")
+        .and_then(crate::sys::parse_size)
+        .unwrap_or(100)
+        .clamp(1, 60_000);
+    Duration::from_millis(ms)
+}
+
+/// Start the worker if it is enabled and not running in this process.
+///
+/// # Context
+/// Normal context only: spawns a thread.
+pub fn ensure_started() {
+    if !global::background_enabled() {
+        return;
+    }
+    let pid = crate::sys::getpid();
+    let cur = RUNNING_PID.load(Ordering::Acquire);
+    if cur == pid {
+        return;
+    }
+    // AcqRel: one starter per process (a stale pid from before a fork counts as "not running").
+    if RUNNING_PID.compare_exchange(cur, pid, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("nolock-worker".into()).spawn(run);
+    if spawned.is_err() {
+        RUNNING_PID.store(0, Ordering::Release);
+    }
+}
+
+/// Whether the worker runs in this process.
+pub fn is_running() -> bool {
+    RUNNING_PID.load(Ordering::Acquire) == crate::sys::getpid()
+}
+
+/// Ask the worker to run a pass now.
+///
+/// # Context
+/// Any context: async-signal-safe (an atomic increment and a `futex` wake).
+pub fn kick() {
+    WAKE.fetch_add(1, Ordering::Release);
+    crate::sys::futex_wake(&WAKE, 1);
+}
+
+fn run() {
+    let every = interval();
+    let mut pass: u64 = 0;
+    loop {
+        let seen = WAKE.load(Ordering::Acquire);
+        if RUNNING_PID.load(Ordering::Acquire) != crate::sys::getpid() {
+            return;
+        }
+        one_pass(pass);
+        pass += 1;
+        crate::sys::futex_wait(&WAKE, seen, Some(every));
+    }
+}
+
+fn one_pass(pass: u64) {
+    let Some(g) = global::get_if_init() else { return };
+    if !enter_critical() {
+        return;
+    }
+    crate::slab::cache::for_each_cache(g, |c| {
+        let events = c.counters.empty_events.load(Ordering::Relaxed);
+        if events != c.shrunk_at.load(Ordering::Relaxed) {
+            c.shrink(g, KEEP_EMPTY_SLABS);
+        }
+    });
+    g.pages.purge(true);
+    if pass % 10 == 0 {
+        crate::slab::shard::sweep_orphans(g);
+    }
+    leave_critical();
+}
+
+/// Enter a section that holds slabs or pages in hand; false if a fork is about to happen (skip the work).
+pub fn enter_critical() -> bool {
+    // SeqCst pair with `before_fork`: either we see FORK_PENDING or it sees our count.
+    IN_CRITICAL.fetch_add(1, Ordering::SeqCst);
+    if FORK_PENDING.load(Ordering::SeqCst) {
+        IN_CRITICAL.fetch_sub(1, Ordering::SeqCst);
+        return false;
+    }
+    true
+}
+
+/// Leave the section entered by [`enter_critical`].
+pub fn leave_critical() {
+    IN_CRITICAL.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// atfork prepare handler: keep new critical sections from starting and wait (at most 100 ms) for running ones.
+pub extern "C" fn before_fork() {
+    FORK_PENDING.store(true, Ordering::SeqCst);
+    let start = std::time::Instant::now();
+    while IN_CRITICAL.load(Ordering::SeqCst) != 0 && start.elapsed() < Duration::from_millis(100) {
+        std::thread::yield_now();
+    }
+}
+
+/// atfork parent handler.
+pub extern "C" fn after_fork_parent() {
+    FORK_PENDING.store(false, Ordering::SeqCst);
+}
+
+/// atfork child handler: the worker thread does not exist here.
+pub fn after_fork_child() {
+    FORK_PENDING.store(false, Ordering::SeqCst);
+    IN_CRITICAL.store(0, Ordering::SeqCst);
+    RUNNING_PID.store(0, Ordering::Release);
+}
