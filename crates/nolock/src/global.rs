@@ -8,7 +8,7 @@
 //! Configuration ([`Config`] or environment variables) is read once, by the initialiser.
 
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicU32, AtomicUsize, Ordering};
 
 use crate::page::PageAllocator;
 use crate::slab::cache::CacheInner;
@@ -22,6 +22,11 @@ pub const MAX_SHARDS: usize = 1024;
 /// Default arena size: 16 GiB of address space (reserved, not committed).
 pub const DEFAULT_ARENA_SIZE: usize = 16 << 30;
 
+/// `Global::slow_flags`: kmalloc debug mode is on.
+pub const SLOW_DEBUG: u8 = 1;
+/// `Global::slow_flags`: fault injection is configured somewhere.
+pub const SLOW_FAULT: u8 = 2;
+
 /// The global state. See the module documentation.
 pub struct Global {
     /// The page allocator over the arena.
@@ -34,10 +39,9 @@ pub struct Global {
     pub free_shards: TaggedStack,
     /// Cache ids never used yet start here.
     pub next_cache: AtomicU32,
-    /// Whether new kmalloc allocations come from the debug caches.
-    pub kmalloc_debug: AtomicBool,
-    /// Whether any fault injection is configured (one cheap check on the allocation path).
-    pub fault_active: AtomicBool,
+    /// `SLOW_DEBUG`: new kmalloc allocations come from the debug caches; `SLOW_FAULT`: some fault injection is
+    /// configured. Zero keeps the allocation fast paths on their shortest route (one load and branch).
+    pub slow_flags: AtomicU8,
     meta_len: usize,
 }
 
@@ -92,9 +96,16 @@ struct MetaLayout {
 impl MetaLayout {
     fn new() -> Self {
         let caches = round_up(core::mem::size_of::<Global>(), 4096);
-        let shards = round_up(caches + MAX_CACHES * core::mem::size_of::<CacheInner>(), 4096);
+        let shards = round_up(
+            caches + MAX_CACHES * core::mem::size_of::<CacheInner>(),
+            4096,
+        );
         let total = round_up(shards + MAX_SHARDS * core::mem::size_of::<Shard>(), 4096);
-        Self { caches, shards, total }
+        Self {
+            caches,
+            shards,
+            total,
+        }
     }
 }
 
@@ -129,8 +140,7 @@ fn init() -> Option<&'static Global> {
             next_shard: AtomicU32::new(0),
             free_shards: TaggedStack::new(),
             next_cache: AtomicU32::new(0),
-            kmalloc_debug: AtomicBool::new(debug),
-            fault_active: AtomicBool::new(false),
+            slow_flags: AtomicU8::new(if debug { SLOW_DEBUG } else { 0 }),
             meta_len: layout.total,
         });
     }
@@ -138,7 +148,12 @@ fn init() -> Option<&'static Global> {
     let gr = unsafe { &*g };
     crate::slab::kmalloc::create_kmalloc_caches(gr);
     // AcqRel: Release publishes the fully built state; Acquire on failure reads the winner's.
-    match GLOBAL.compare_exchange(core::ptr::null_mut(), g, Ordering::AcqRel, Ordering::Acquire) {
+    match GLOBAL.compare_exchange(
+        core::ptr::null_mut(),
+        g,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
         Ok(_) => Some(gr),
         Err(winner) => {
             // SAFETY: our instance was never published; reading its fields out and unmapping is fine.
@@ -173,13 +188,29 @@ impl Global {
     /// Shards handed out so far (an upper bound for scans).
     #[inline]
     pub fn shard_count(&self) -> u32 {
-        self.next_shard.load(Ordering::Acquire).min(MAX_SHARDS as u32)
+        self.next_shard
+            .load(Ordering::Acquire)
+            .min(MAX_SHARDS as u32)
+    }
+
+    /// Whether kmalloc debug mode is on.
+    #[inline]
+    pub fn kmalloc_debug(&self) -> bool {
+        self.slow_flags.load(Ordering::Relaxed) & SLOW_DEBUG != 0
+    }
+
+    /// Whether fault injection may be on for some cache.
+    #[inline(always)]
+    pub fn fault_active(&self) -> bool {
+        self.slow_flags.load(Ordering::Relaxed) & SLOW_FAULT != 0
     }
 
     /// Cache ids used so far (an upper bound for scans).
     #[inline]
     pub fn cache_count(&self) -> u16 {
-        self.next_cache.load(Ordering::Acquire).min(MAX_CACHES as u32) as u16
+        self.next_cache
+            .load(Ordering::Acquire)
+            .min(MAX_CACHES as u32) as u16
     }
 }
 
@@ -195,9 +226,9 @@ pub enum ConfigError {
 impl core::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            ConfigError::AlreadyInitialized => {
-                f.write_str("nolock is already initialised; configure it before the first allocation")
-            }
+            ConfigError::AlreadyInitialized => f.write_str(
+                "nolock is already initialised; configure it before the first allocation",
+            ),
             ConfigError::BadArenaSize => f.write_str("arena size must be at least 256 KiB"),
         }
     }
@@ -277,6 +308,9 @@ pub fn background_enabled() -> bool {
     match CFG_BACKGROUND.load(Ordering::Relaxed) {
         TRI_ON => true,
         TRI_OFF => false,
-        _ => !matches!(crate::sys::getenv(c"NOLOCK_BACKGROUND"), Some(b"0" | b"off")),
+        _ => !matches!(
+            crate::sys::getenv(c"NOLOCK_BACKGROUND"),
+            Some(b"0" | b"off")
+        ),
     }
 }

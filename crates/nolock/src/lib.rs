@@ -78,13 +78,15 @@ pub use debug::{FaultInjection, FreeError, FreeErrorKind};
 #[cfg(not(loom))]
 pub use global::{Config, ConfigError, DEFAULT_ARENA_SIZE, MAX_CACHES, MAX_SHARDS};
 #[cfg(not(loom))]
-pub use page::{Gfp, MAX_ORDER, PagesError, alloc_pages_nolock, free_pages_nolock, try_free_pages_nolock};
+pub use page::{
+    Gfp, MAX_ORDER, PagesError, alloc_pages_nolock, free_pages_nolock, try_free_pages_nolock,
+};
 #[cfg(not(loom))]
 pub use slab::cache::{CacheError, CacheName, CacheStats, DestroyReport};
 #[cfg(not(loom))]
 pub use slab::kmalloc::{
-    KMALLOC_MAX_CACHE_SIZE, KMALLOC_SIZES, ZERO_SIZE_PTR, kfree_nolock, kmalloc_layout_nolock, kmalloc_nolock,
-    ksize, try_kfree_nolock,
+    KMALLOC_MAX_CACHE_SIZE, KMALLOC_SIZES, ZERO_SIZE_PTR, kfree_nolock, kmalloc_layout_nolock,
+    kmalloc_nolock, ksize, try_kfree_nolock,
 };
 #[cfg(not(loom))]
 pub use slab::{KmemCache, KmemCacheBuilder, kmem_cache_alloc_nolock, kmem_cache_free_nolock};
@@ -127,7 +129,9 @@ pub struct TrimReport {
 /// Normal context only: makes `madvise` system calls. Runs concurrently with allocations on other threads.
 #[cfg(not(loom))]
 pub fn trim() -> TrimReport {
-    let Some(g) = global::get() else { return TrimReport::default() };
+    let Some(g) = global::get() else {
+        return TrimReport::default();
+    };
     if let Some(s) = slab::shard::current_if_any() {
         for id in 0..g.cache_count() {
             let pc = s.pc(id);

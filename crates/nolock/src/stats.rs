@@ -40,7 +40,9 @@ impl Snapshot {
 /// # Context
 /// Normal context: allocates the result with the global allocator and reads `/proc`.
 pub fn snapshot() -> Snapshot {
-    let Some(g) = crate::global::get() else { return Snapshot::default() };
+    let Some(g) = crate::global::get() else {
+        return Snapshot::default();
+    };
     let mut caches = Vec::new();
     cache::for_each_cache(g, |c| caches.push(c.stats(g)));
     Snapshot {

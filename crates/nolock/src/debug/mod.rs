@@ -83,7 +83,11 @@ pub struct FreeError {
 impl FreeError {
     /// An error about `ptr`.
     pub fn new(kind: FreeErrorKind, ptr: usize) -> Self {
-        Self { kind, ptr, cache: None }
+        Self {
+            kind,
+            ptr,
+            cache: None,
+        }
     }
 
     /// Name the cache.
@@ -99,17 +103,20 @@ impl core::fmt::Display for FreeError {
         match self.kind {
             FreeErrorKind::Foreign => write!(f, "{p:#x} is not from nolock's arena")?,
             FreeErrorKind::NotAllocated => write!(f, "{p:#x} is not allocated")?,
-            FreeErrorKind::PagesRun => {
-                write!(f, "{p:#x} is an alloc_pages_nolock run; free it with free_pages_nolock")?
-            }
-            FreeErrorKind::InteriorPointer { object, offset } => {
-                write!(f, "{p:#x} points {offset} bytes into the object at {object:#x}, not at its start")?
-            }
+            FreeErrorKind::PagesRun => write!(
+                f,
+                "{p:#x} is an alloc_pages_nolock run; free it with free_pages_nolock"
+            )?,
+            FreeErrorKind::InteriorPointer { object, offset } => write!(
+                f,
+                "{p:#x} points {offset} bytes into the object at {object:#x}, not at its start"
+            )?,
             FreeErrorKind::DoubleFree => write!(f, "double free of {p:#x}")?,
             FreeErrorKind::WrongCache { owner } => write!(f, "{p:#x} belongs to cache '{owner}'")?,
-            FreeErrorKind::RedZone { offset } => {
-                write!(f, "red zone of the object at {p:#x} overwritten at offset {offset}")?
-            }
+            FreeErrorKind::RedZone { offset } => write!(
+                f,
+                "red zone of the object at {p:#x} overwritten at offset {offset}"
+            )?,
         }
         if let Some(c) = self.cache {
             write!(f, " (cache '{c}')")?;
@@ -152,7 +159,9 @@ pub fn report(e: &FreeError) {
 /// Report a refused `free_pages_nolock`.
 #[cold]
 pub fn report_pages_error(ptr: usize, order: u32, e: PagesError) {
-    emit(format_args!("invalid free_pages_nolock({ptr:#x}, order {order}): {e}; nothing was freed"));
+    emit(format_args!(
+        "invalid free_pages_nolock({ptr:#x}, order {order}): {e}; nothing was freed"
+    ));
 }
 
 /// Report a thread list that stayed busy while a cache was being destroyed.
@@ -194,20 +203,24 @@ struct Slot {
 impl Slot {
     fn of(c: &CacheInner, slot: usize) -> Self {
         let cfg = c.cfg();
-        Self { slot, obj: slot + cfg.obj_off as usize, size: cfg.size as usize }
+        Self {
+            slot,
+            obj: slot + cfg.obj_off as usize,
+            size: cfg.size as usize,
+        }
     }
 
-    fn left(&self) -> &mut [u8] {
+    fn left(&mut self) -> &mut [u8] {
         // SAFETY: the left red zone is [slot, obj) inside a slot of a debug cache, owned by the caller.
         unsafe { core::slice::from_raw_parts_mut(self.slot as *mut u8, self.obj - self.slot) }
     }
 
-    fn right(&self) -> &mut [u8] {
+    fn right(&mut self) -> &mut [u8] {
         // SAFETY: the right red zone follows the object inside the slot.
         unsafe { core::slice::from_raw_parts_mut((self.obj + self.size) as *mut u8, RZ_RIGHT) }
     }
 
-    fn object(&self) -> &mut [u8] {
+    fn object(&mut self) -> &mut [u8] {
         // SAFETY: the object is inside the slot, owned by the caller.
         unsafe { core::slice::from_raw_parts_mut(self.obj as *mut u8, self.size) }
     }
@@ -217,7 +230,7 @@ impl Slot {
         unsafe { &*((self.obj + self.size + RZ_RIGHT) as *const AtomicU64) }
     }
 
-    fn poison(&self) {
+    fn poison(&mut self) {
         let o = self.object();
         o.fill(POISON);
         if let Some(last) = o.last_mut() {
@@ -226,25 +239,31 @@ impl Slot {
     }
 
     /// First byte of the object that does not hold the poison pattern.
-    fn poison_damage(&self) -> Option<usize> {
+    fn poison_damage(&mut self) -> Option<usize> {
         let o = self.object();
         let n = o.len();
-        o.iter().enumerate().position(|(i, &b)| b != if i + 1 == n { POISON_END } else { POISON })
+        o.iter()
+            .enumerate()
+            .position(|(i, &b)| b != if i + 1 == n { POISON_END } else { POISON })
     }
 
     /// First red-zone byte (as an offset from the object start) that does not hold `pat`.
-    fn red_zone_damage(&self, pat: u8) -> Option<isize> {
+    fn red_zone_damage(&mut self, pat: u8) -> Option<isize> {
         let left = self.left();
+        let len = left.len() as isize;
         if let Some(i) = left.iter().position(|&b| b != pat) {
-            return Some(i as isize - left.len() as isize);
+            return Some(i as isize - len);
         }
-        self.right().iter().position(|&b| b != pat).map(|i| (self.size + i) as isize)
+        self.right()
+            .iter()
+            .position(|&b| b != pat)
+            .map(|i| (self.size + i) as isize)
     }
 }
 
 /// Lay out a fresh slot of a debug cache: free red zones, poison, state FREE.
 pub fn init_slot(c: &CacheInner, slot: usize) {
-    let s = Slot::of(c, slot);
+    let mut s = Slot::of(c, slot);
     s.left().fill(RZ_FREE);
     s.right().fill(RZ_FREE);
     s.poison();
@@ -253,11 +272,13 @@ pub fn init_slot(c: &CacheInner, slot: usize) {
 
 /// A slot of a debug cache is being handed out: check it was left alone while free, mark it allocated.
 pub fn on_alloc(c: &CacheInner, slot: usize) {
-    let s = Slot::of(c, slot);
+    let mut s = Slot::of(c, slot);
     let name = c.name();
     if s.state().swap(ST_ALLOC, Ordering::AcqRel) != ST_FREE {
         c.counters.debug_errors.fetch_add(1, Ordering::Relaxed);
-        emit(format_args!("slot {slot:#x} of cache '{name}' was not marked free when allocated (corrupted)"));
+        emit(format_args!(
+            "slot {slot:#x} of cache '{name}' was not marked free when allocated (corrupted)"
+        ));
     }
     if let Some(at) = s.poison_damage() {
         c.counters.debug_errors.fetch_add(1, Ordering::Relaxed);
@@ -279,7 +300,7 @@ pub fn on_alloc(c: &CacheInner, slot: usize) {
 
 /// A debug object is being freed: refuse double frees and damaged red zones, then poison it.
 pub fn on_free(c: &CacheInner, addr: usize, slot: usize) -> Result<(), FreeError> {
-    let s = Slot::of(c, slot);
+    let mut s = Slot::of(c, slot);
     let err = |kind| Err(FreeError::new(kind, addr).in_cache(c.name()));
     match s.state().load(Ordering::Acquire) {
         ST_ALLOC => {}
@@ -290,7 +311,10 @@ pub fn on_free(c: &CacheInner, addr: usize, slot: usize) -> Result<(), FreeError
         return err(FreeErrorKind::RedZone { offset });
     }
     // The CAS decides between two racing frees of the same object.
-    if s.state().compare_exchange(ST_ALLOC, ST_FREE, Ordering::AcqRel, Ordering::Acquire).is_err() {
+    if s.state()
+        .compare_exchange(ST_ALLOC, ST_FREE, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
         return err(FreeErrorKind::DoubleFree);
     }
     s.poison();
@@ -310,7 +334,13 @@ pub fn on_free(c: &CacheInner, addr: usize, slot: usize) -> Result<(), FreeError
 /// Any context (one atomic store). Initialises nolock if needed.
 pub fn set_enabled(on: bool) {
     if let Some(g) = crate::global::get() {
-        g.kmalloc_debug.store(on, Ordering::Relaxed);
+        if on {
+            g.slow_flags
+                .fetch_or(crate::global::SLOW_DEBUG, Ordering::Relaxed);
+        } else {
+            g.slow_flags
+                .fetch_and(!crate::global::SLOW_DEBUG, Ordering::Relaxed);
+        }
     }
 }
 
@@ -319,7 +349,7 @@ pub fn set_enabled(on: bool) {
 /// # Context
 /// Any context.
 pub fn enabled() -> bool {
-    crate::global::get().is_some_and(|g| g.kmalloc_debug.load(Ordering::Relaxed))
+    crate::global::get().is_some_and(|g| g.kmalloc_debug())
 }
 
 /// Fault injection for a cache: make allocations fail on purpose so callers can test their failure paths.
@@ -346,7 +376,8 @@ pub fn set_fault(c: &CacheInner, f: FaultInjection) {
     if (nth != 0 || prob != 0)
         && let Some(g) = crate::global::get()
     {
-        g.fault_active.store(true, Ordering::Relaxed);
+        g.slow_flags
+            .fetch_or(crate::global::SLOW_FAULT, Ordering::Relaxed);
     }
 }
 

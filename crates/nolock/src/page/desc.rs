@@ -28,6 +28,8 @@ pub enum Kind {
     Pages = 3,
 }
 
+const DEBUG_BIT: u64 = 1 << 8;
+
 /// Decoded `info` word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Info(pub u64);
@@ -37,6 +39,19 @@ impl Info {
     #[inline]
     pub fn new(kind: Kind, cache_id: u16, head: u32) -> Self {
         Self(kind as u64 | (u64::from(cache_id) << 16) | (u64::from(head) << 32))
+    }
+
+    /// Info word of a slab page; `debug` marks slabs of debug caches so that the free fast path can route
+    /// them to the checked path without looking at the cache.
+    #[inline]
+    pub fn slab(cache_id: u16, head: u32, debug: bool) -> Self {
+        Self(Self::new(Kind::Slab, cache_id, head).0 | if debug { DEBUG_BIT } else { 0 })
+    }
+
+    /// A slab page of a non-debug cache (the free fast path's one test).
+    #[inline(always)]
+    pub fn is_plain_slab(self) -> bool {
+        self.0 & (0xff | DEBUG_BIT) == Kind::Slab as u64
     }
     /// The page's kind.
     #[inline]

@@ -79,7 +79,10 @@ impl CacheName {
         }
         let mut bytes = [0; 31];
         bytes[..end].copy_from_slice(&s.as_bytes()[..end]);
-        Self { bytes, len: end as u8 }
+        Self {
+            bytes,
+            len: end as u8,
+        }
     }
 
     /// The name.
@@ -121,6 +124,8 @@ pub struct CacheConfig {
     pub recip: u64,
     /// Per-thread list length above which it is flushed (down to half).
     pub high: u32,
+    /// `capacity * stride`: offsets of valid slots are below it.
+    pub limit: u32,
     /// `FLAG_*`.
     pub flags: u32,
     /// Name, for reports and statistics.
@@ -136,7 +141,11 @@ impl CacheConfig {
         let (obj_off, link_off, stride) = if flags & FLAG_DEBUG != 0 {
             // [left red zone][object][right red zone 16][state 8][link 8]
             let left = 16usize.next_multiple_of(align);
-            (left, left + osz + 24, (left + osz + 32).next_multiple_of(align))
+            (
+                left,
+                left + osz + 24,
+                (left + osz + 32).next_multiple_of(align),
+            )
         } else {
             (0, freeptr, osz.next_multiple_of(align))
         };
@@ -159,6 +168,7 @@ impl CacheConfig {
             capacity: capacity as u16,
             recip: (1u64 << 32).div_ceil(stride as u64),
             high: high as u32,
+            limit: (capacity * stride) as u32,
             flags,
             name: CacheName::new(name),
         }
@@ -290,18 +300,24 @@ impl CacheInner {
     fn link(&self, slot: usize) -> &core::sync::atomic::AtomicUsize {
         // SAFETY: `slot` is a slot of this cache, free and owned by the caller; link_off is in bounds and
         // pointer-aligned; arena memory is never unmapped.
-        unsafe { &*((slot + self.cfg().link_off as usize) as *const core::sync::atomic::AtomicUsize) }
+        unsafe {
+            &*((slot + self.cfg().link_off as usize) as *const core::sync::atomic::AtomicUsize)
+        }
     }
 
     /// Index of the slot at byte offset `rel` from the slab start, if `rel` is exactly a slot start.
     #[inline(always)]
     fn index_of(&self, rel: usize) -> Option<u32> {
         let c = self.cfg();
-        if rel >= (c.slab_pages as usize) << PAGE_SHIFT {
-            return None;
-        }
-        let idx = ((rel as u64 * c.recip) >> 32) as usize;
-        (idx * c.stride as usize == rel && idx < c.capacity as usize).then_some(idx as u32)
+        let idx = ((rel as u64).wrapping_mul(c.recip) >> 32) as usize;
+        (idx * c.stride as usize == rel && rel < c.limit as usize).then_some(idx as u32)
+    }
+
+    /// The free fast path's check for a non-debug cache: `addr` is exactly a slot of the slab at `info.head()`.
+    #[inline(always)]
+    pub fn plain_slot(&self, g: &Global, addr: usize, info: Info) -> Option<usize> {
+        let rel = addr - g.pages.page_addr(info.head() as usize);
+        self.index_of(rel).map(|_| addr)
     }
 
     // ---------------------------------------------------------------------------------------------------------
@@ -310,11 +326,11 @@ impl CacheInner {
 
     /// Allocate one object. Never returns `Busy`: a busy thread list sends the allocation down the shared path.
     #[inline]
-    pub fn alloc(&self, g: &'static Global, flags: Gfp) -> Option<NonNull<u8>> {
-        if g.fault_active.load(Ordering::Relaxed) && self.inject_fault() {
+    pub fn alloc(&self, g: &'static Global, id: u16, flags: Gfp) -> Option<NonNull<u8>> {
+        if g.fault_active() && self.inject_fault() {
             return None;
         }
-        let slot = match self.alloc_local(g) {
+        let slot = match self.alloc_local(g, id) {
             Got::Obj(s) => s,
             Got::Busy => self.alloc_shared(g)?,
             Got::Oom => return None,
@@ -338,16 +354,16 @@ impl CacheInner {
         unsafe { NonNull::new_unchecked(obj as *mut u8) }
     }
 
-    /// Pop a slot from the calling thread's list (refilling it if empty).
+    /// Pop a slot from the calling thread's list (refilling it if empty). `id` is this cache's id.
     #[inline(always)]
-    pub fn alloc_local(&self, g: &'static Global) -> Got {
+    pub fn alloc_local(&self, g: &'static Global, id: u16) -> Got {
         let Some(shard) = shard::current(g) else {
             return match self.alloc_shared(g) {
                 Some(s) => Got::Obj(s),
                 None => Got::Oom,
             };
         };
-        let pc = shard.pc(self.id());
+        let pc = shard.pc(id);
         if pc.busy.load(Ordering::Relaxed) != 0 {
             return Got::Busy;
         }
@@ -360,8 +376,10 @@ impl CacheInner {
         hooks::point(Point::AllocFast);
         let head = pc.freelist.load(Ordering::Relaxed);
         let slot = if head != 0 {
-            pc.freelist.store(self.link(head).load(Ordering::Relaxed), Ordering::Relaxed);
-            pc.count.store(pc.count.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+            pc.freelist
+                .store(self.link(head).load(Ordering::Relaxed), Ordering::Relaxed);
+            pc.count
+                .store(pc.count.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
             bump(&pc.alloc_fast);
             head
         } else {
@@ -390,9 +408,13 @@ impl CacheInner {
                 }
             },
         };
-        g.pages.desc(head as usize).owner.store(shard.tag(), Ordering::Relaxed);
+        g.pages
+            .desc(head as usize)
+            .owner
+            .store(shard.tag(), Ordering::Relaxed);
         hooks::point(Point::AllocRefill);
-        pc.freelist.store(self.link(first).load(Ordering::Relaxed), Ordering::Relaxed);
+        pc.freelist
+            .store(self.link(first).load(Ordering::Relaxed), Ordering::Relaxed);
         pc.count.store(u32::from(n) - 1, Ordering::Relaxed);
         bump(&pc.alloc_refill);
         first
@@ -441,7 +463,8 @@ impl CacheInner {
             let d = g.pages.desc(head as usize);
             if self.cfg().capacity > 1 {
                 let second = self.link(first).load(Ordering::Relaxed);
-                let idx = ((second - g.pages.page_addr(head as usize)) / self.cfg().stride as usize) as u32;
+                let idx = ((second - g.pages.page_addr(head as usize)) / self.cfg().stride as usize)
+                    as u32;
                 d.slab.init(State::new(idx + 1, 1, LISTED));
                 self.partial.push(head, &d.next);
             } else {
@@ -464,7 +487,7 @@ impl CacheInner {
             }
         };
         hooks::point(Point::SlabNew);
-        let info = Info::new(Kind::Slab, self.id(), head as u32);
+        let info = Info::slab(self.id(), head as u32, c.flags & FLAG_DEBUG != 0);
         for p in head..head + pages {
             g.pages.desc(p).set_info(info);
         }
@@ -474,7 +497,11 @@ impl CacheInner {
         let debug = c.flags & FLAG_DEBUG != 0;
         for i in 0..u32::from(c.capacity) {
             let slot = geo.obj(i);
-            let next = if i + 1 < u32::from(c.capacity) { geo.obj(i + 1) } else { 0 };
+            let next = if i + 1 < u32::from(c.capacity) {
+                geo.obj(i + 1)
+            } else {
+                0
+            };
             if debug {
                 debug::init_slot(self, slot);
             }
@@ -482,7 +509,9 @@ impl CacheInner {
         }
         d.slab.init(State::new(0, c.capacity, 0));
         self.nr_slabs.fetch_add(1, Ordering::Relaxed);
-        self.counters.slabs_allocated.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .slabs_allocated
+            .fetch_add(1, Ordering::Relaxed);
         Some((head as u32, geo.obj(0)))
     }
 
@@ -532,17 +561,23 @@ impl CacheInner {
         let off = addr - base;
         let idx = off / c.stride as usize;
         let start = base + idx * c.stride as usize + c.obj_off as usize;
-        FreeError::new(FreeErrorKind::InteriorPointer { object: start, offset: addr as isize - start as isize }, addr)
-            .in_cache(c.name)
+        FreeError::new(
+            FreeErrorKind::InteriorPointer {
+                object: start,
+                offset: addr as isize - start as isize,
+            },
+            addr,
+        )
+        .in_cache(c.name)
     }
 
-    /// Free a validated slot. Any context.
+    /// Free a validated slot. `id` is this cache's id. Any context.
     #[inline(always)]
-    pub fn free_slot(&self, g: &'static Global, slot: usize) {
+    pub fn free_slot(&self, g: &'static Global, id: u16, slot: usize) {
         let Some(shard) = shard::current(g) else {
             return self.free_shared(g, slot);
         };
-        let pc = shard.pc(self.id());
+        let pc = shard.pc(id);
         if pc.busy.load(Ordering::Relaxed) != 0 {
             return self.free_deferred(pc, slot);
         }
@@ -553,7 +588,8 @@ impl CacheInner {
             return self.free_shared(g, slot);
         }
         hooks::point(Point::FreeFast);
-        self.link(slot).store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.link(slot)
+            .store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
         pc.freelist.store(slot, Ordering::Relaxed);
         let count = pc.count.load(Ordering::Relaxed) + 1;
         pc.count.store(count, Ordering::Relaxed);
@@ -610,7 +646,10 @@ impl CacheInner {
             }
             // Detach the run first: `push_run` rewrites the link of `last`.
             pc.freelist.store(next, Ordering::Relaxed);
-            pc.count.store(pc.count.load(Ordering::Relaxed) - u32::from(k), Ordering::Relaxed);
+            pc.count.store(
+                pc.count.load(Ordering::Relaxed) - u32::from(k),
+                Ordering::Relaxed,
+            );
             self.push_run(g, head, first, last, k, shard.tag());
             obj = next;
         }
@@ -630,24 +669,33 @@ impl CacheInner {
                 }
                 if p.empty_now {
                     let events = self.counters.empty_events.fetch_add(1, Ordering::Relaxed) + 1;
-                    if events.wrapping_sub(self.shrunk_at.load(Ordering::Relaxed)) == KICK_AFTER_EMPTY {
+                    if events.wrapping_sub(self.shrunk_at.load(Ordering::Relaxed))
+                        == KICK_AFTER_EMPTY
+                    {
                         crate::worker::kick();
                     }
                 }
                 let owner = d.owner.load(Ordering::Relaxed);
                 if shard_tag != 0 && owner != 0 && owner != shard_tag {
-                    self.counters.remote.fetch_add(u64::from(k), Ordering::Relaxed);
+                    self.counters
+                        .remote
+                        .fetch_add(u64::from(k), Ordering::Relaxed);
                 }
             }
             Err(e) => {
                 // The slab's counters say these objects were not in use: a double free that got past the checks
                 // (debug mode catches it earlier). The objects are dropped rather than corrupting the slab.
-                self.counters.bad_frees.fetch_add(u64::from(k), Ordering::Relaxed);
+                self.counters
+                    .bad_frees
+                    .fetch_add(u64::from(k), Ordering::Relaxed);
                 let kind = match e {
                     PushError::Underflow => FreeErrorKind::DoubleFree,
                     PushError::Dead => FreeErrorKind::NotAllocated,
                 };
-                debug::report(&FreeError::new(kind, first + self.cfg().obj_off as usize).in_cache(self.cfg().name));
+                debug::report(
+                    &FreeError::new(kind, first + self.cfg().obj_off as usize)
+                        .in_cache(self.cfg().name),
+                );
             }
         }
     }
@@ -690,7 +738,8 @@ impl CacheInner {
                 tail = next;
                 n += 1;
             }
-            self.link(tail).store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.link(tail)
+                .store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
             pc.freelist.store(chain, Ordering::Relaxed);
             let count = pc.count.load(Ordering::Relaxed) + n;
             pc.count.store(count, Ordering::Relaxed);
@@ -719,9 +768,11 @@ impl CacheInner {
                 tail = self.link(tail).load(Ordering::Relaxed);
                 n += 1;
             }
-            self.link(tail).store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.link(tail)
+                .store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
             pc.freelist.store(deferred, Ordering::Relaxed);
-            pc.count.store(pc.count.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+            pc.count
+                .store(pc.count.load(Ordering::Relaxed) + n, Ordering::Relaxed);
         }
         let count = pc.count.load(Ordering::Relaxed);
         if count > 0 {
@@ -948,7 +999,11 @@ fn splitmix64(mut x: u64) -> u64 {
 
 /// Release every cache's entirely free slabs (keeping none). Lock-free; used when the page allocator is out.
 pub fn reclaim_empty_slabs(g: &Global) -> usize {
-    (0..g.cache_count()).map(|id| g.cache(id)).filter(|c| c.is_active()).map(|c| c.shrink(g, 0)).sum()
+    (0..g.cache_count())
+        .map(|id| g.cache(id))
+        .filter(|c| c.is_active())
+        .map(|c| c.shrink(g, 0))
+        .sum()
 }
 
 // -------------------------------------------------------------------------------------------------------------
@@ -973,10 +1028,14 @@ pub enum CacheError {
 impl core::fmt::Display for CacheError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(match self {
-            CacheError::TooManyCaches => "too many caches (the limit is 256, kmalloc classes included)",
+            CacheError::TooManyCaches => {
+                "too many caches (the limit is 256, kmalloc classes included)"
+            }
             CacheError::BadSize => "object size must be between 1 byte and 1 MiB",
             CacheError::BadAlign => "alignment must be a power of two of at most 256 KiB",
-            CacheError::BadFreeptrOffset => "free-pointer offset must be 8-aligned and leave 8 bytes in the object",
+            CacheError::BadFreeptrOffset => {
+                "free-pointer offset must be 8-aligned and leave 8 bytes in the object"
+            }
             CacheError::NoArena => "the arena could not be mapped",
         })
     }
@@ -990,7 +1049,15 @@ pub fn create(g: &Global, cfg: CacheConfig) -> Result<u16, CacheError> {
     let mut id = None;
     for i in 0..g.cache_count() {
         let c = g.cache(i);
-        if c.state.compare_exchange(STATE_FREE, STATE_CREATING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+        if c.state
+            .compare_exchange(
+                STATE_FREE,
+                STATE_CREATING,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
             id = Some(i);
             break;
         }
@@ -1003,7 +1070,10 @@ pub fn create(g: &Global, cfg: CacheConfig) -> Result<u16, CacheError> {
                 return Err(CacheError::TooManyCaches);
             }
             // AcqRel: the slot is ours once the counter moves past it.
-            if g.next_cache.compare_exchange(i, i + 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            if g.next_cache
+                .compare_exchange(i, i + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
                 let c = g.cache(i as u16);
                 c.state.store(STATE_CREATING, Ordering::Relaxed);
                 break i as u16;
@@ -1070,7 +1140,10 @@ pub fn destroy(g: &Global, id: u16) -> DestroyReport {
     } else {
         c.state.store(STATE_FREE, Ordering::Release);
     }
-    DestroyReport { slabs_released: released, live_objects: live.max(u64::from(slabs_left != 0)) }
+    DestroyReport {
+        slabs_released: released,
+        live_objects: live.max(u64::from(slabs_left != 0)),
+    }
 }
 
 /// The cache that `addr` (an arena address) belongs to, if it is a slab object.

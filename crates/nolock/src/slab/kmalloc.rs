@@ -25,7 +25,9 @@ use crate::page::desc::{Info, Kind};
 use crate::sys::{PAGE_SHIFT, PAGE_SIZE};
 
 /// Sizes of the kmalloc classes.
-pub const KMALLOC_SIZES: [usize; 13] = [8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192];
+pub const KMALLOC_SIZES: [usize; 13] = [
+    8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192,
+];
 /// Number of kmalloc classes.
 pub const NR_KMALLOC: usize = KMALLOC_SIZES.len();
 /// Largest size served by a slab cache; larger requests are page runs.
@@ -35,7 +37,9 @@ pub const KMALLOC_MAX_CACHE_SIZE: usize = 8192;
 pub const ZERO_SIZE_PTR: *mut u8 = 16 as *mut u8;
 
 /// Class index for sizes 1..=192, by `(size - 1) / 8`.
-const SIZE_INDEX: [u8; 24] = [0, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6];
+const SIZE_INDEX: [u8; 24] = [
+    0, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6,
+];
 
 /// The class for `size` (1 ..= 8192).
 #[inline(always)]
@@ -147,13 +151,47 @@ pub fn kmalloc_layout_nolock(layout: Layout, flags: Gfp) -> Option<NonNull<u8>> 
 }
 
 #[inline(always)]
-fn kmalloc_class(g: &'static Global, class: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
-    let base = if g.kmalloc_debug.load(Ordering::Relaxed) { NR_KMALLOC } else { 0 };
-    let c = g.cache((base + class) as u16);
-    if g.fault_active.load(Ordering::Relaxed) && c.inject_fault() {
+fn kmalloc_class(
+    g: &'static Global,
+    class: usize,
+    align: usize,
+    flags: Gfp,
+) -> Option<NonNull<u8>> {
+    if g.slow_flags.load(Ordering::Relaxed) != 0 {
+        return kmalloc_class_slow(g, class, align, flags);
+    }
+    // Plain caches have ids 0..13 and no debug layout: the slot is the object.
+    let id = class as u16;
+    match g.cache(id).alloc_local(g, id) {
+        Got::Obj(slot) => {
+            if flags.contains(Gfp::ZERO) {
+                // SAFETY: a fresh object of the class's size.
+                unsafe { core::ptr::write_bytes(slot as *mut u8, 0, KMALLOC_SIZES[class]) };
+            }
+            // SAFETY: arena addresses are never null.
+            Some(unsafe { NonNull::new_unchecked(slot as *mut u8) })
+        }
+        Got::Busy => next_bucket(g, 0, class, align, flags),
+        Got::Oom => None,
+    }
+}
+
+/// kmalloc with debug mode or fault injection on.
+#[cold]
+#[inline(never)]
+fn kmalloc_class_slow(
+    g: &'static Global,
+    class: usize,
+    align: usize,
+    flags: Gfp,
+) -> Option<NonNull<u8>> {
+    let base = if g.kmalloc_debug() { NR_KMALLOC } else { 0 };
+    let id = (base + class) as u16;
+    let c = g.cache(id);
+    if g.fault_active() && c.inject_fault() {
         return None;
     }
-    match c.alloc_local(g) {
+    match c.alloc_local(g, id) {
         Got::Obj(slot) => Some(c.finish_alloc(slot, flags)),
         Got::Busy => next_bucket(g, base, class, align, flags),
         Got::Oom => None,
@@ -163,13 +201,20 @@ fn kmalloc_class(g: &'static Global, class: usize, align: usize, flags: Gfp) -> 
 /// This class is busy on this thread: try the next one, then the shared lists.
 #[cold]
 #[inline(never)]
-fn next_bucket(g: &'static Global, base: usize, class: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
+fn next_bucket(
+    g: &'static Global,
+    base: usize,
+    class: usize,
+    align: usize,
+    flags: Gfp,
+) -> Option<NonNull<u8>> {
     let c = g.cache((base + class) as u16);
     c.counters.next_bucket.fetch_add(1, Ordering::Relaxed);
     match (class + 1..NR_KMALLOC).find(|&n| class_align(n) >= align) {
         Some(n) => {
-            let c2 = g.cache((base + n) as u16);
-            if let Got::Obj(slot) = c2.alloc_local(g) {
+            let id2 = (base + n) as u16;
+            let c2 = g.cache(id2);
+            if let Got::Obj(slot) = c2.alloc_local(g, id2) {
                 return Some(c2.finish_alloc(slot, flags));
             }
         }
@@ -189,7 +234,11 @@ fn next_bucket(g: &'static Global, base: usize, class: usize, align: usize, flag
 #[inline(never)]
 fn kmalloc_odd(size: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
     if size == 0 {
-        return NonNull::new(if align <= 16 { ZERO_SIZE_PTR } else { align as *mut u8 });
+        return NonNull::new(if align <= 16 {
+            ZERO_SIZE_PTR
+        } else {
+            align as *mut u8
+        });
     }
     kmalloc_large(global::get()?, size, align, flags)
 }
@@ -238,6 +287,31 @@ fn kmalloc_large(g: &Global, size: usize, align: usize, flags: Gfp) -> Option<No
 /// (this thread's list is busy under a signal handler) is deferred and completed by the interrupted call.
 #[inline]
 pub unsafe fn kfree_nolock(ptr: *mut u8) {
+    let addr = ptr as usize;
+    if let Some(g) = global::get_if_init()
+        && g.pages.contains(addr)
+    {
+        let info = g.pages.info_of(addr);
+        if info.is_plain_slab() {
+            let id = info.cache_id();
+            let c = g.cache(id);
+            if let Some(slot) = c.plain_slot(g, addr, info) {
+                c.free_slot(g, id, slot);
+                return;
+            }
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { kfree_slow(ptr) }
+}
+
+/// Everything but a valid object of a plain cache: null, `ZERO_SIZE_PTR`, large runs, debug caches, errors.
+///
+/// # Safety
+/// As [`kfree_nolock`].
+#[cold]
+#[inline(never)]
+unsafe fn kfree_slow(ptr: *mut u8) {
     // SAFETY: forwarded from the caller.
     if let Err(e) = unsafe { try_kfree_nolock(ptr) } {
         debug::report(&e);
@@ -269,7 +343,7 @@ pub unsafe fn try_kfree_nolock(ptr: *mut u8) -> Result<(), FreeError> {
             let c = g.cache(info.cache_id());
             match c.validate(g, addr, info) {
                 Ok(slot) => {
-                    c.free_slot(g, slot);
+                    c.free_slot(g, info.cache_id(), slot);
                     Ok(())
                 }
                 Err(e) => {
@@ -291,7 +365,10 @@ fn free_large(g: &Global, addr: usize, info: Info) -> Result<(), FreeError> {
     if head != page || addr % PAGE_SIZE != 0 {
         let start = g.pages.page_addr(head);
         return Err(FreeError::new(
-            FreeErrorKind::InteriorPointer { object: start, offset: addr as isize - start as isize },
+            FreeErrorKind::InteriorPointer {
+                object: start,
+                offset: addr as isize - start as isize,
+            },
             addr,
         ));
     }
@@ -299,7 +376,12 @@ fn free_large(g: &Global, addr: usize, info: Info) -> Result<(), FreeError> {
     let npages = d.npages.load(Ordering::Relaxed) as usize;
     // Whoever flips the descriptor owns the free; a racing double free loses here.
     if d.info
-        .compare_exchange(info.0, Info::new(Kind::Free, 0, 0).0, Ordering::AcqRel, Ordering::Acquire)
+        .compare_exchange(
+            info.0,
+            Info::new(Kind::Free, 0, 0).0,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
         .is_err()
     {
         return Err(FreeError::new(FreeErrorKind::DoubleFree, addr));
@@ -318,7 +400,9 @@ fn free_large(g: &Global, addr: usize, info: Info) -> Result<(), FreeError> {
 /// Any context: async-signal-safe, reentrant, O(1).
 pub fn ksize(ptr: *const u8) -> usize {
     let addr = ptr as usize;
-    let Some(g) = global::get_if_init() else { return 0 };
+    let Some(g) = global::get_if_init() else {
+        return 0;
+    };
     if addr <= ZERO_SIZE_PTR as usize || !g.pages.contains(addr) {
         return 0;
     }
@@ -329,14 +413,19 @@ pub fn ksize(ptr: *const u8) -> usize {
             let base = g.pages.page_addr(info.head() as usize);
             let cfg = c.cfg();
             let rel = (addr - base).wrapping_sub(cfg.obj_off as usize);
-            if rel % cfg.stride as usize == 0 && rel / (cfg.stride as usize) < cfg.capacity as usize {
+            if rel % cfg.stride as usize == 0 && rel / (cfg.stride as usize) < cfg.capacity as usize
+            {
                 cfg.size as usize
             } else {
                 0
             }
         }
         Kind::Large if g.pages.page_of(addr) == info.head() as usize && addr % PAGE_SIZE == 0 => {
-            (g.pages.desc(info.head() as usize).npages.load(Ordering::Relaxed) as usize) << PAGE_SHIFT
+            (g.pages
+                .desc(info.head() as usize)
+                .npages
+                .load(Ordering::Relaxed) as usize)
+                << PAGE_SHIFT
         }
         _ => 0,
     }
@@ -352,7 +441,10 @@ mod tests {
             let c = size_class(size);
             assert!(KMALLOC_SIZES[c] >= size, "size {size} class {c}");
             if c > 0 {
-                assert!(KMALLOC_SIZES[c - 1] < size, "size {size} not the smallest class");
+                assert!(
+                    KMALLOC_SIZES[c - 1] < size,
+                    "size {size} not the smallest class"
+                );
             }
         }
         assert_eq!(class_align(4), 32);

@@ -19,7 +19,10 @@ use crate::debug::{self, FaultInjection, FreeError, FreeErrorKind};
 use crate::global::Global;
 use crate::page::Gfp;
 use crate::page::desc::Kind;
-use cache::{CacheConfig, CacheError, CacheName, CacheStats, DestroyReport, FLAG_DEBUG, MAX_ALIGN, MAX_OBJECT_SIZE};
+use cache::{
+    CacheConfig, CacheError, CacheName, CacheStats, DestroyReport, FLAG_DEBUG, MAX_ALIGN,
+    MAX_OBJECT_SIZE,
+};
 
 /// A cache of fixed-size objects (the kernel's `struct kmem_cache`), allocated and freed from any context.
 ///
@@ -86,7 +89,7 @@ impl<'a> KmemCacheBuilder<'a> {
         }
         let g = cache::global_or_err()?;
         crate::init_normal_context();
-        let debug = self.debug.unwrap_or_else(|| g.kmalloc_debug.load(Ordering::Relaxed));
+        let debug = self.debug.unwrap_or_else(|| g.kmalloc_debug());
         let flags = if debug { FLAG_DEBUG } else { 0 };
         let cfg = CacheConfig::new(self.name, size, align, self.freeptr_offset, flags);
         let id = cache::create(g, cfg)?;
@@ -96,7 +99,10 @@ impl<'a> KmemCacheBuilder<'a> {
 
 impl core::fmt::Debug for KmemCache {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("KmemCache").field("id", &self.id).field("name", &self.name()).finish()
+        f.debug_struct("KmemCache")
+            .field("id", &self.id)
+            .field("name", &self.name())
+            .finish()
     }
 }
 
@@ -111,7 +117,12 @@ impl KmemCache {
 
     /// A builder for a cache with more options.
     pub fn builder(name: &str, layout: Layout) -> KmemCacheBuilder<'_> {
-        KmemCacheBuilder { name, layout, freeptr_offset: 0, debug: None }
+        KmemCacheBuilder {
+            name,
+            layout,
+            freeptr_offset: 0,
+            debug: None,
+        }
     }
 
     fn inner(&self) -> &cache::CacheInner {
@@ -124,7 +135,7 @@ impl KmemCache {
     /// Any context: async-signal-safe, reentrant, never blocks, never takes a lock.
     #[inline]
     pub fn alloc_nolock(&self, flags: Gfp) -> Option<NonNull<u8>> {
-        self.inner().alloc(self.g, flags)
+        self.inner().alloc(self.g, self.id, flags)
     }
 
     /// Free an object of this cache (`kmem_cache_free_nolock`). A pointer that is not a live object of this
@@ -167,11 +178,13 @@ impl KmemCache {
             return err(FreeErrorKind::NotAllocated);
         }
         if info.cache_id() != self.id {
-            return err(FreeErrorKind::WrongCache { owner: g.cache(info.cache_id()).name() });
+            return err(FreeErrorKind::WrongCache {
+                owner: g.cache(info.cache_id()).name(),
+            });
         }
         match c.validate(g, addr, info) {
             Ok(slot) => {
-                c.free_slot(g, slot);
+                c.free_slot(g, self.id, slot);
                 Ok(())
             }
             Err(e) => {

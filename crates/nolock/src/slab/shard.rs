@@ -28,7 +28,9 @@
 //! If no shard is available (more than `MAX_SHARDS` threads at once), the thread works on the shared path:
 //! slower, never failing.
 
-use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{
+    AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 
 use crate::global::{self, Global, MAX_CACHES, MAX_SHARDS};
 use crate::sync::llist::Llist;
@@ -81,12 +83,14 @@ pub struct Shard {
     pcs: [PerCpuCache; MAX_CACHES],
 }
 
+const _: () = assert!(MAX_CACHES == 256, "Shard::pc indexes with a u8");
+
 impl Shard {
     /// The list of cache `id`.
     #[inline(always)]
     pub fn pc(&self, id: u16) -> &PerCpuCache {
-        // SAFETY-free indexing: ids are always < MAX_CACHES (u16 checked at cache creation).
-        &self.pcs[id as usize]
+        // Cache ids are below MAX_CACHES = 256, so the u8 index needs no bounds check.
+        &self.pcs[usize::from(id as u8)]
     }
 
     /// Shard id + 1 (0 means "no shard"), as stored in slab descriptors.
@@ -156,7 +160,14 @@ fn claim(g: &'static Global) -> Option<&'static Shard> {
     let me = s as *const Shard as *mut Shard;
     // An atomic RMW on our own thread-local word: a signal handler that claimed meanwhile wins, and we give ours
     // back instead of overwriting (and leaking) theirs.
-    match CURRENT.with(|c| c.compare_exchange(core::ptr::null_mut(), me, Ordering::AcqRel, Ordering::Acquire)) {
+    match CURRENT.with(|c| {
+        c.compare_exchange(
+            core::ptr::null_mut(),
+            me,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+    }) {
         Ok(_) => {
             register_exit(s);
             Some(s)
@@ -221,7 +232,9 @@ fn register_exit(s: &Shard) {
 extern "C" fn shard_exit(p: *mut libc::c_void) {
     CURRENT.with(|c| c.store(EXITED as *mut Shard, Ordering::Relaxed));
     crate::sync::signal_fence();
-    let Some(g) = global::get_if_init() else { return };
+    let Some(g) = global::get_if_init() else {
+        return;
+    };
     // SAFETY: the value was set by `register_exit` to this thread's shard.
     let s = unsafe { &*(p as *const Shard) };
     drain_and_release(g, s);
@@ -267,7 +280,15 @@ pub fn sweep_orphans(g: &Global) -> usize {
             continue;
         }
         // The owner is gone for good (ESRCH), so nobody else can touch the shard: take it.
-        if s.state.compare_exchange(STATE_OWNED, STATE_LEAKED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        if s.state
+            .compare_exchange(
+                STATE_OWNED,
+                STATE_LEAKED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
             drain_and_release(g, s);
             n += 1;
         }
@@ -277,7 +298,9 @@ pub fn sweep_orphans(g: &Global) -> usize {
 
 /// In a fork child: fix the current shard's owner and drain every other owned shard.
 pub fn after_fork_child() {
-    let Some(g) = global::get_if_init() else { return };
+    let Some(g) = global::get_if_init() else {
+        return;
+    };
     let me = current_if_any();
     if let Some(me) = me {
         me.owner_tid.store(crate::sys::gettid(), Ordering::Relaxed);

@@ -16,10 +16,10 @@
 
 pub mod atomic {
     //! `core::sync::atomic`, or loom's checked atomics under `--cfg loom`.
-    #[cfg(loom)]
-    pub use loom::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
     #[cfg(not(loom))]
     pub use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
+    #[cfg(loom)]
+    pub use loom::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 }
 
 pub mod llist;

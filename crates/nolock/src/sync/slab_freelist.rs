@@ -124,7 +124,9 @@ pub struct SlabFreelist {
 impl SlabFreelist {
     /// A fresh state word.
     pub fn new(state: State) -> Self {
-        Self { state: AtomicU64::new(state.0) }
+        Self {
+            state: AtomicU64::new(state.0),
+        }
     }
 
     /// Current state (a snapshot).
@@ -171,8 +173,18 @@ impl SlabFreelist {
             let listed_now = old.flags() & LISTED == 0;
             let new = State::new(first_idx + 1, old.used() - n, old.flags() | LISTED);
             // Release: pairs with the Acquire in take_all/pop_one; publishes the links and object contents.
-            match self.state.compare_exchange_weak(old.0, new.0, Ordering::Release, Ordering::Relaxed) {
-                Ok(_) => return Ok(Pushed { listed_now, empty_now: new.used() == 0 }),
+            match self.state.compare_exchange_weak(
+                old.0,
+                new.0,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Ok(Pushed {
+                        listed_now,
+                        empty_now: new.used() == 0,
+                    });
+                }
                 Err(now) => old = State(now),
             }
         }
@@ -188,7 +200,12 @@ impl SlabFreelist {
             let n = g.capacity - old.used();
             let new = State::new(0, g.capacity, old.flags() & !LISTED);
             // AcqRel/Acquire: acquire the pushed objects; order our take before later pushes see `used`.
-            match self.state.compare_exchange_weak(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
+            match self.state.compare_exchange_weak(
+                old.0,
+                new.0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => {
                     let first = match old.head_enc() {
                         0 => 0,
@@ -215,11 +232,24 @@ impl SlabFreelist {
             // SAFETY: `obj` is on the free list, and with the take right nobody else removes it, so its link is
             // stable (pushers only prepend in front of it).
             let next = unsafe { g.link(obj) }.load(Ordering::Relaxed);
-            let next_enc = if next == 0 { 0 } else { ((next - g.base) / g.stride) as u32 + 1 };
-            let flags = if next == 0 { old.flags() & !LISTED } else { old.flags() };
+            let next_enc = if next == 0 {
+                0
+            } else {
+                ((next - g.base) / g.stride) as u32 + 1
+            };
+            let flags = if next == 0 {
+                old.flags() & !LISTED
+            } else {
+                old.flags()
+            };
             let new = State::new(next_enc, old.used() + 1, flags);
             // AcqRel/Acquire: as in take_all.
-            match self.state.compare_exchange_weak(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
+            match self.state.compare_exchange_weak(
+                old.0,
+                new.0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return Some((obj, next == 0)),
                 Err(now) => old = State(now),
             }
@@ -236,7 +266,12 @@ impl SlabFreelist {
         }
         // AcqRel: nothing can be pushed to an unused slab, but a concurrent push (a caller bug) must lose cleanly.
         self.state
-            .compare_exchange(old.0, State::new(0, 0, DEAD).0, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                old.0,
+                State::new(0, 0, DEAD).0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok()
     }
 }

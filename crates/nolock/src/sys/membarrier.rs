@@ -99,7 +99,10 @@ pub fn heavy_barrier() {
     match register() {
         Mechanism::PrivateExpedited => {
             let r = membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED);
-            assert!(r == 0, "nolock: membarrier(PRIVATE_EXPEDITED) failed after registration");
+            assert!(
+                r == 0,
+                "nolock: membarrier(PRIVATE_EXPEDITED) failed after registration"
+            );
         }
         Mechanism::Global => {
             let r = membarrier(MEMBARRIER_CMD_GLOBAL);

@@ -33,7 +33,11 @@ pub fn mmap_reserve(len: usize) -> Option<*mut u8> {
             0,
         )
     };
-    if p == libc::MAP_FAILED { None } else { Some(p.cast()) }
+    if p == libc::MAP_FAILED {
+        None
+    } else {
+        Some(p.cast())
+    }
 }
 
 /// Give a mapping made by [`mmap_reserve`] back. Async-signal-safe.
@@ -93,7 +97,9 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
         tv_sec: d.as_secs() as libc::time_t,
         tv_nsec: d.subsec_nanos() as libc::c_long,
     });
-    let ts_ptr = ts.as_ref().map_or(core::ptr::null(), |t| t as *const libc::timespec);
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(core::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: `word` is a live, aligned 32-bit atomic; the kernel only reads it. A private futex is enough because
     // the word is never shared across processes.
     unsafe {
@@ -111,7 +117,12 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
 pub fn futex_wake(word: &AtomicU32, n: i32) {
     // SAFETY: `word` is a live, aligned 32-bit atomic; FUTEX_WAKE does not dereference it in user space.
     unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, n)
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            n,
+        )
     };
 }
 
@@ -157,7 +168,11 @@ pub struct StackBuf<const N: usize> {
 impl<const N: usize> StackBuf<N> {
     /// An empty buffer.
     pub const fn new() -> Self {
-        Self { buf: [0; N], len: 0, truncated: false }
+        Self {
+            buf: [0; N],
+            len: 0,
+            truncated: false,
+        }
     }
 
     /// The text written so far.
@@ -205,7 +220,12 @@ impl<const N: usize> fmt::Write for StackBuf<N> {
 pub fn resident_bytes() -> Option<usize> {
     let mut buf = [0u8; 128];
     // SAFETY: the path is a NUL-terminated literal; the descriptor is closed below.
-    let fd = unsafe { libc::open(c"/proc/self/statm".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/statm".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
     if fd < 0 {
         return None;
     }
@@ -239,7 +259,7 @@ pub fn parse_size(text: &[u8]) -> Option<u64> {
         Some(b'B') if unit.len() == 1 => 0,
         _ => return None,
     };
-    match &unit.get(1..).unwrap_or(&[])[..] {
+    match unit.get(1..).unwrap_or(&[]) {
         [] | [b'B' | b'b'] | [b'i' | b'I', b'B' | b'b'] => {}
         _ => return None,
     }
@@ -248,10 +268,18 @@ pub fn parse_size(text: &[u8]) -> Option<u64> {
 
 fn trim_ascii(mut s: &[u8]) -> &[u8] {
     while let [first, rest @ ..] = s {
-        if first.is_ascii_whitespace() { s = rest } else { break }
+        if first.is_ascii_whitespace() {
+            s = rest
+        } else {
+            break;
+        }
     }
     while let [rest @ .., last] = s {
-        if last.is_ascii_whitespace() { s = rest } else { break }
+        if last.is_ascii_whitespace() {
+            s = rest
+        } else {
+            break;
+        }
     }
     s
 }
