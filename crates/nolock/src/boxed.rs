@@ -56,10 +56,7 @@ impl<T> NBox<T> {
                 let ptr = p.cast::<T>();
                 // SAFETY: `ptr` is fresh memory of T's size and alignment.
                 unsafe { ptr.as_ptr().write(value) };
-                Ok(Self {
-                    ptr,
-                    _owns: PhantomData,
-                })
+                Ok(Self { ptr, _owns: PhantomData })
             }
             None => Err(value),
         }
@@ -71,10 +68,7 @@ impl<T> NBox<T> {
     /// Any context.
     pub fn try_new_zeroed() -> Option<NBox<MaybeUninit<T>>> {
         let p = alloc_for(Layout::new::<T>(), Gfp::ZERO)?;
-        Some(NBox {
-            ptr: p.cast(),
-            _owns: PhantomData,
-        })
+        Some(NBox { ptr: p.cast(), _owns: PhantomData })
     }
 
     /// Take the value out and free the memory.
@@ -98,10 +92,7 @@ impl<T> NBox<MaybeUninit<T>> {
     /// The memory must hold a valid `T`.
     pub unsafe fn assume_init(self) -> NBox<T> {
         let b = ManuallyDrop::new(self);
-        NBox {
-            ptr: b.ptr.cast(),
-            _owns: PhantomData,
-        }
+        NBox { ptr: b.ptr.cast(), _owns: PhantomData }
     }
 }
 
@@ -115,10 +106,7 @@ impl<T: Copy> NBox<[T]> {
         let p = alloc_for(layout, Gfp::NONE)?.cast::<T>();
         // SAFETY: fresh memory for `src.len()` elements; T: Copy so a bitwise copy is a valid clone.
         unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), p.as_ptr(), src.len()) };
-        Some(Self {
-            ptr: NonNull::slice_from_raw_parts(p, src.len()),
-            _owns: PhantomData,
-        })
+        Some(Self { ptr: NonNull::slice_from_raw_parts(p, src.len()), _owns: PhantomData })
     }
 }
 
@@ -140,10 +128,7 @@ impl<T> NBox<[T]> {
             fn drop(&mut self) {
                 // SAFETY: the first `done` elements are initialised; the memory is ours.
                 unsafe {
-                    core::ptr::drop_in_place(core::ptr::slice_from_raw_parts_mut(
-                        self.p.as_ptr(),
-                        self.done,
-                    ));
+                    core::ptr::drop_in_place(core::ptr::slice_from_raw_parts_mut(self.p.as_ptr(), self.done));
                     free_raw(self.p.cast(), self.layout);
                 }
             }
@@ -155,10 +140,7 @@ impl<T> NBox<[T]> {
             guard.done = i + 1;
         }
         core::mem::forget(guard);
-        Some(Self {
-            ptr: NonNull::slice_from_raw_parts(p, len),
-            _owns: PhantomData,
-        })
+        Some(Self { ptr: NonNull::slice_from_raw_parts(p, len), _owns: PhantomData })
     }
 }
 
@@ -169,10 +151,7 @@ impl NBox<[u8]> {
     /// Any context.
     pub fn try_zeroed_bytes(len: usize) -> Option<Self> {
         let p = alloc_for(Layout::array::<u8>(len).ok()?, Gfp::ZERO)?;
-        Some(Self {
-            ptr: NonNull::slice_from_raw_parts(p, len),
-            _owns: PhantomData,
-        })
+        Some(Self { ptr: NonNull::slice_from_raw_parts(p, len), _owns: PhantomData })
     }
 }
 
@@ -186,10 +165,7 @@ impl NBox<str> {
         let raw = NBox::into_raw(bytes);
         // SAFETY: the bytes are a copy of a valid str; str and [u8] share layout and metadata.
         let ptr = unsafe { NonNull::new_unchecked(raw.as_ptr() as *mut str) };
-        Some(NBox {
-            ptr,
-            _owns: PhantomData,
-        })
+        Some(NBox { ptr, _owns: PhantomData })
     }
 }
 
@@ -204,10 +180,7 @@ impl<T: ?Sized> NBox<T> {
     /// # Safety
     /// `ptr` must come from `NBox::into_raw` of the same type and not be owned by anything else.
     pub unsafe fn from_raw(ptr: NonNull<T>) -> Self {
-        Self {
-            ptr,
-            _owns: PhantomData,
-        }
+        Self { ptr, _owns: PhantomData }
     }
 
     /// Leak the box, returning a reference that lives forever.

@@ -96,16 +96,9 @@ struct MetaLayout {
 impl MetaLayout {
     fn new() -> Self {
         let caches = round_up(core::mem::size_of::<Global>(), 4096);
-        let shards = round_up(
-            caches + MAX_CACHES * core::mem::size_of::<CacheInner>(),
-            4096,
-        );
+        let shards = round_up(caches + MAX_CACHES * core::mem::size_of::<CacheInner>(), 4096);
         let total = round_up(shards + MAX_SHARDS * core::mem::size_of::<Shard>(), 4096);
-        Self {
-            caches,
-            shards,
-            total,
-        }
+        Self { caches, shards, total }
     }
 }
 
@@ -148,12 +141,7 @@ fn init() -> Option<&'static Global> {
     let gr = unsafe { &*g };
     crate::slab::kmalloc::create_kmalloc_caches(gr);
     // AcqRel: Release publishes the fully built state; Acquire on failure reads the winner's.
-    match GLOBAL.compare_exchange(
-        core::ptr::null_mut(),
-        g,
-        Ordering::AcqRel,
-        Ordering::Acquire,
-    ) {
+    match GLOBAL.compare_exchange(core::ptr::null_mut(), g, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => Some(gr),
         Err(winner) => {
             // SAFETY: our instance was never published; reading its fields out and unmapping is fine.
@@ -188,9 +176,7 @@ impl Global {
     /// Shards handed out so far (an upper bound for scans).
     #[inline]
     pub fn shard_count(&self) -> u32 {
-        self.next_shard
-            .load(Ordering::Acquire)
-            .min(MAX_SHARDS as u32)
+        self.next_shard.load(Ordering::Acquire).min(MAX_SHARDS as u32)
     }
 
     /// Whether kmalloc debug mode is on.
@@ -208,9 +194,7 @@ impl Global {
     /// Cache ids used so far (an upper bound for scans).
     #[inline]
     pub fn cache_count(&self) -> u16 {
-        self.next_cache
-            .load(Ordering::Acquire)
-            .min(MAX_CACHES as u32) as u16
+        self.next_cache.load(Ordering::Acquire).min(MAX_CACHES as u32) as u16
     }
 }
 
@@ -226,9 +210,9 @@ pub enum ConfigError {
 impl core::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            ConfigError::AlreadyInitialized => f.write_str(
-                "nolock is already initialised; configure it before the first allocation",
-            ),
+            ConfigError::AlreadyInitialized => {
+                f.write_str("nolock is already initialised; configure it before the first allocation")
+            }
             ConfigError::BadArenaSize => f.write_str("arena size must be at least 256 KiB"),
         }
     }
@@ -308,9 +292,6 @@ pub fn background_enabled() -> bool {
     match CFG_BACKGROUND.load(Ordering::Relaxed) {
         TRI_ON => true,
         TRI_OFF => false,
-        _ => !matches!(
-            crate::sys::getenv(c"NOLOCK_BACKGROUND"),
-            Some(b"0" | b"off")
-        ),
+        _ => !matches!(crate::sys::getenv(c"NOLOCK_BACKGROUND"), Some(b"0" | b"off")),
     }
 }

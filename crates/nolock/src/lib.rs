@@ -78,14 +78,12 @@ pub use debug::{FaultInjection, FreeError, FreeErrorKind};
 #[cfg(not(loom))]
 pub use global::{Config, ConfigError, DEFAULT_ARENA_SIZE, MAX_CACHES, MAX_SHARDS};
 #[cfg(not(loom))]
-pub use page::{
-    Gfp, MAX_ORDER, PagesError, alloc_pages_nolock, free_pages_nolock, try_free_pages_nolock,
-};
+pub use page::{Gfp, MAX_ORDER, PagesError, alloc_pages_nolock, free_pages_nolock, try_free_pages_nolock};
 #[cfg(not(loom))]
 pub use slab::cache::{CacheError, CacheName, CacheStats, DestroyReport};
 #[cfg(not(loom))]
 pub use slab::kmalloc::{
-    KMALLOC_MAX_CACHE_SIZE, KMALLOC_SIZES, ZERO_SIZE_PTR, kfree_nolock, kmalloc_layout_nolock,
+    KMALLOC_MAX_CACHE_SIZE, KMALLOC_SIZES, ZERO_SIZE_LIMIT, ZERO_SIZE_PTR, kfree_nolock, kmalloc_layout_nolock,
     kmalloc_nolock, ksize, try_kfree_nolock,
 };
 #[cfg(not(loom))]

@@ -47,15 +47,10 @@ pub fn ensure_started() {
         return;
     }
     // AcqRel: one starter per process (a stale pid from before a fork counts as "not running").
-    if RUNNING_PID
-        .compare_exchange(cur, pid, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
+    if RUNNING_PID.compare_exchange(cur, pid, Ordering::AcqRel, Ordering::Acquire).is_err() {
         return;
     }
-    let spawned = std::thread::Builder::new()
-        .name("nolock-worker".into())
-        .spawn(run);
+    let spawned = std::thread::Builder::new().name("nolock-worker".into()).spawn(run);
     if spawned.is_err() {
         RUNNING_PID.store(0, Ordering::Release);
     }

@@ -4,18 +4,14 @@ use std::alloc::Layout;
 use std::collections::HashSet;
 
 use nolock::{
-    Gfp, KMALLOC_SIZES, KmemCache, ZERO_SIZE_PTR, kfree_nolock, kmalloc_layout_nolock,
-    kmalloc_nolock, ksize,
+    Gfp, KMALLOC_SIZES, KmemCache, ZERO_SIZE_PTR, kfree_nolock, kmalloc_layout_nolock, kmalloc_nolock, ksize,
 };
 
 #[test]
 fn every_class_and_large() {
     let mut seen = HashSet::new();
     let mut held = Vec::new();
-    for size in [
-        1usize, 7, 8, 9, 63, 64, 65, 96, 97, 150, 192, 193, 256, 500, 1000, 2048, 4000, 8192, 8193,
-        70_000,
-    ] {
+    for size in [1usize, 7, 8, 9, 63, 64, 65, 96, 97, 150, 192, 193, 256, 500, 1000, 2048, 4000, 8192, 8193, 70_000] {
         for _ in 0..50 {
             let p = kmalloc_nolock(size, Gfp::ZERO).unwrap();
             let a = p.as_ptr() as usize;
@@ -98,18 +94,12 @@ fn cross_thread_free_and_outliving_threads() {
     });
     consumer.join().unwrap();
     let st = nolock::stats::snapshot();
-    assert!(
-        st.cache("kmalloc-64").unwrap().remote_frees > 0
-            || st.cache("kmalloc-64").unwrap().flushes > 0
-    );
+    assert!(st.cache("kmalloc-64").unwrap().remote_frees > 0 || st.cache("kmalloc-64").unwrap().flushes > 0);
 }
 
 #[test]
 fn kmem_cache_roundtrip() {
-    let cache = KmemCache::builder("test-obj", Layout::new::<[u64; 5]>())
-        .freeptr_offset(16)
-        .build()
-        .unwrap();
+    let cache = KmemCache::builder("test-obj", Layout::new::<[u64; 5]>()).freeptr_offset(16).build().unwrap();
     assert_eq!(cache.object_size(), 40);
     let mut v = Vec::new();
     for i in 0..10_000u64 {

@@ -83,11 +83,7 @@ pub struct FreeError {
 impl FreeError {
     /// An error about `ptr`.
     pub fn new(kind: FreeErrorKind, ptr: usize) -> Self {
-        Self {
-            kind,
-            ptr,
-            cache: None,
-        }
+        Self { kind, ptr, cache: None }
     }
 
     /// Name the cache.
@@ -103,20 +99,17 @@ impl core::fmt::Display for FreeError {
         match self.kind {
             FreeErrorKind::Foreign => write!(f, "{p:#x} is not from nolock's arena")?,
             FreeErrorKind::NotAllocated => write!(f, "{p:#x} is not allocated")?,
-            FreeErrorKind::PagesRun => write!(
-                f,
-                "{p:#x} is an alloc_pages_nolock run; free it with free_pages_nolock"
-            )?,
-            FreeErrorKind::InteriorPointer { object, offset } => write!(
-                f,
-                "{p:#x} points {offset} bytes into the object at {object:#x}, not at its start"
-            )?,
+            FreeErrorKind::PagesRun => {
+                write!(f, "{p:#x} is an alloc_pages_nolock run; free it with free_pages_nolock")?
+            }
+            FreeErrorKind::InteriorPointer { object, offset } => {
+                write!(f, "{p:#x} points {offset} bytes into the object at {object:#x}, not at its start")?
+            }
             FreeErrorKind::DoubleFree => write!(f, "double free of {p:#x}")?,
             FreeErrorKind::WrongCache { owner } => write!(f, "{p:#x} belongs to cache '{owner}'")?,
-            FreeErrorKind::RedZone { offset } => write!(
-                f,
-                "red zone of the object at {p:#x} overwritten at offset {offset}"
-            )?,
+            FreeErrorKind::RedZone { offset } => {
+                write!(f, "red zone of the object at {p:#x} overwritten at offset {offset}")?
+            }
         }
         if let Some(c) = self.cache {
             write!(f, " (cache '{c}')")?;
@@ -159,9 +152,7 @@ pub fn report(e: &FreeError) {
 /// Report a refused `free_pages_nolock`.
 #[cold]
 pub fn report_pages_error(ptr: usize, order: u32, e: PagesError) {
-    emit(format_args!(
-        "invalid free_pages_nolock({ptr:#x}, order {order}): {e}; nothing was freed"
-    ));
+    emit(format_args!("invalid free_pages_nolock({ptr:#x}, order {order}): {e}; nothing was freed"));
 }
 
 /// Report a thread list that stayed busy while a cache was being destroyed.
@@ -203,11 +194,7 @@ struct Slot {
 impl Slot {
     fn of(c: &CacheInner, slot: usize) -> Self {
         let cfg = c.cfg();
-        Self {
-            slot,
-            obj: slot + cfg.obj_off as usize,
-            size: cfg.size as usize,
-        }
+        Self { slot, obj: slot + cfg.obj_off as usize, size: cfg.size as usize }
     }
 
     fn left(&mut self) -> &mut [u8] {
@@ -242,9 +229,7 @@ impl Slot {
     fn poison_damage(&mut self) -> Option<usize> {
         let o = self.object();
         let n = o.len();
-        o.iter()
-            .enumerate()
-            .position(|(i, &b)| b != if i + 1 == n { POISON_END } else { POISON })
+        o.iter().enumerate().position(|(i, &b)| b != if i + 1 == n { POISON_END } else { POISON })
     }
 
     /// First red-zone byte (as an offset from the object start) that does not hold `pat`.
@@ -254,10 +239,7 @@ impl Slot {
         if let Some(i) = left.iter().position(|&b| b != pat) {
             return Some(i as isize - len);
         }
-        self.right()
-            .iter()
-            .position(|&b| b != pat)
-            .map(|i| (self.size + i) as isize)
+        self.right().iter().position(|&b| b != pat).map(|i| (self.size + i) as isize)
     }
 }
 
@@ -276,9 +258,7 @@ pub fn on_alloc(c: &CacheInner, slot: usize) {
     let name = c.name();
     if s.state().swap(ST_ALLOC, Ordering::AcqRel) != ST_FREE {
         c.counters.debug_errors.fetch_add(1, Ordering::Relaxed);
-        emit(format_args!(
-            "slot {slot:#x} of cache '{name}' was not marked free when allocated (corrupted)"
-        ));
+        emit(format_args!("slot {slot:#x} of cache '{name}' was not marked free when allocated (corrupted)"));
     }
     if let Some(at) = s.poison_damage() {
         c.counters.debug_errors.fetch_add(1, Ordering::Relaxed);
@@ -289,10 +269,7 @@ pub fn on_alloc(c: &CacheInner, slot: usize) {
     }
     if let Some(at) = s.red_zone_damage(RZ_FREE) {
         c.counters.debug_errors.fetch_add(1, Ordering::Relaxed);
-        emit(format_args!(
-            "red zone of free object {:#x} of cache '{name}' overwritten at offset {at}",
-            s.obj
-        ));
+        emit(format_args!("red zone of free object {:#x} of cache '{name}' overwritten at offset {at}", s.obj));
     }
     s.left().fill(RZ_ALLOC);
     s.right().fill(RZ_ALLOC);
@@ -311,10 +288,7 @@ pub fn on_free(c: &CacheInner, addr: usize, slot: usize) -> Result<(), FreeError
         return err(FreeErrorKind::RedZone { offset });
     }
     // The CAS decides between two racing frees of the same object.
-    if s.state()
-        .compare_exchange(ST_ALLOC, ST_FREE, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
+    if s.state().compare_exchange(ST_ALLOC, ST_FREE, Ordering::AcqRel, Ordering::Acquire).is_err() {
         return err(FreeErrorKind::DoubleFree);
     }
     s.poison();
@@ -335,11 +309,9 @@ pub fn on_free(c: &CacheInner, addr: usize, slot: usize) -> Result<(), FreeError
 pub fn set_enabled(on: bool) {
     if let Some(g) = crate::global::get() {
         if on {
-            g.slow_flags
-                .fetch_or(crate::global::SLOW_DEBUG, Ordering::Relaxed);
+            g.slow_flags.fetch_or(crate::global::SLOW_DEBUG, Ordering::Relaxed);
         } else {
-            g.slow_flags
-                .fetch_and(!crate::global::SLOW_DEBUG, Ordering::Relaxed);
+            g.slow_flags.fetch_and(!crate::global::SLOW_DEBUG, Ordering::Relaxed);
         }
     }
 }
@@ -376,8 +348,7 @@ pub fn set_fault(c: &CacheInner, f: FaultInjection) {
     if (nth != 0 || prob != 0)
         && let Some(g) = crate::global::get()
     {
-        g.slow_flags
-            .fetch_or(crate::global::SLOW_FAULT, Ordering::Relaxed);
+        g.slow_flags.fetch_or(crate::global::SLOW_FAULT, Ordering::Relaxed);
     }
 }
 

@@ -157,14 +157,7 @@ impl MetaLayout {
         let summary_off = aged + bitmap;
         let descs = summary_off + summary;
         let total = descs + round_up(npages * core::mem::size_of::<PageDesc>(), PAGE_SIZE);
-        Self {
-            alloc,
-            dirty,
-            aged,
-            summary: summary_off,
-            descs,
-            total,
-        }
+        Self { alloc, dirty, aged, summary: summary_off, descs, total }
     }
 }
 
@@ -389,9 +382,7 @@ impl PageAllocator {
                         self.note_full(w);
                     }
                     self.cursor.store(w, Ordering::Relaxed);
-                    return Some(Claim {
-                        first_page: w * WORD_PAGES + pos,
-                    });
+                    return Some(Claim { first_page: w * WORD_PAGES + pos });
                 }
                 Err(now) => cur = now,
             }
@@ -412,8 +403,7 @@ impl PageAllocator {
     /// Pages of word `w` were freed: set its summary bit.
     fn note_free(&self, w: usize) {
         // AcqRel: pairs with `note_full`.
-        self.summary_word(w / 64)
-            .fetch_or(1u64 << (w % 64), Ordering::AcqRel);
+        self.summary_word(w / 64).fetch_or(1u64 << (w % 64), Ordering::AcqRel);
     }
 
     /// Extend the active region from `seen` words by at least `words`; false when the arena is fully active.
@@ -423,11 +413,7 @@ impl PageAllocator {
         }
         let new = (seen + words).min(self.nwords);
         // AcqRel: the winner publishes the new region; losers just retry their search with the new frontier.
-        if self
-            .frontier
-            .compare_exchange(seen, new, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        if self.frontier.compare_exchange(seen, new, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             for w in seen..new {
                 self.note_free(w);
             }
@@ -465,11 +451,7 @@ impl PageAllocator {
         let mut fail_at = None;
         for i in 0..full {
             // Acquire: as in `try_word`.
-            if self
-                .word(self.alloc, w + i)
-                .compare_exchange(0, !0, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
-            {
+            if self.word(self.alloc, w + i).compare_exchange(0, !0, Ordering::Acquire, Ordering::Relaxed).is_err() {
                 fail_at = Some(w + i + 1);
                 break;
             }
@@ -484,12 +466,7 @@ impl PageAllocator {
                     fail_at = Some(w + full);
                     break;
                 }
-                match word.compare_exchange_weak(
-                    cur,
-                    cur | mask,
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                ) {
+                match word.compare_exchange_weak(cur, cur | mask, Ordering::Acquire, Ordering::Relaxed) {
                     Ok(_) => break,
                     Err(now) => cur = now,
                 }
@@ -508,9 +485,7 @@ impl PageAllocator {
         if tail > 0 && self.word(self.alloc, w + full).load(Ordering::Relaxed) == !0 {
             self.note_full(w + full);
         }
-        Ok(Claim {
-            first_page: w * WORD_PAGES,
-        })
+        Ok(Claim { first_page: w * WORD_PAGES })
     }
 
     // ---------------------------------------------------------------------------------------------------------
@@ -612,12 +587,7 @@ impl PageAllocator {
                     break 0;
                 }
                 // Acquire: pairs with the Release in `free_run` (the pages' last writer is done).
-                match alloc.compare_exchange_weak(
-                    cur,
-                    cur | m,
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                ) {
+                match alloc.compare_exchange_weak(cur, cur | m, Ordering::Acquire, Ordering::Relaxed) {
                     Ok(_) => break m,
                     Err(now) => cur = now,
                 }
@@ -633,8 +603,7 @@ impl PageAllocator {
                 // SAFETY: the pages are claimed by us (allocated in the bitmap, owned by no one else), page
                 // aligned and inside the arena's private anonymous mapping.
                 if unsafe { crate::sys::madvise_dontneed(addr as *mut u8, len << PAGE_SHIFT) } {
-                    self.word(self.dirty, w)
-                        .fetch_and(!(run_mask(len) << start), Ordering::Relaxed);
+                    self.word(self.dirty, w).fetch_and(!(run_mask(len) << start), Ordering::Relaxed);
                     purged += len;
                 }
                 bits &= !(run_mask(len) << start);
@@ -643,8 +612,7 @@ impl PageAllocator {
             alloc.fetch_and(!claimed, Ordering::Release);
             self.note_free(w);
         }
-        self.purged_pages
-            .fetch_add(purged as u64, Ordering::Relaxed);
+        self.purged_pages.fetch_add(purged as u64, Ordering::Relaxed);
         purged
     }
 
@@ -654,8 +622,7 @@ impl PageAllocator {
         let mut dirty_free = 0;
         for w in 0..frontier {
             let free = !self.word(self.alloc, w).load(Ordering::Relaxed);
-            dirty_free +=
-                (free & self.word(self.dirty, w).load(Ordering::Relaxed)).count_ones() as usize;
+            dirty_free += (free & self.word(self.dirty, w).load(Ordering::Relaxed)).count_ones() as usize;
         }
         PageStats {
             arena_pages: self.npages,
@@ -672,13 +639,7 @@ impl PageAllocator {
     /// Count the pages allocated in the bitmap (slow; for accounting checks in tests and reports).
     pub fn count_allocated(&self) -> usize {
         let frontier = self.frontier.load(Ordering::Acquire);
-        (0..frontier)
-            .map(|w| {
-                self.word(self.alloc, w)
-                    .load(Ordering::Relaxed)
-                    .count_ones() as usize
-            })
-            .sum()
+        (0..frontier).map(|w| self.word(self.alloc, w).load(Ordering::Relaxed).count_ones() as usize).sum()
     }
 
     /// Describe the address `addr` (inside the arena): the descriptor of its page.
@@ -759,9 +720,9 @@ impl core::fmt::Display for PagesError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             PagesError::Foreign => f.write_str("pointer is not from nolock's arena"),
-            PagesError::NotAllocated => f.write_str(
-                "pointer is not the start of a live alloc_pages_nolock run (double free?)",
-            ),
+            PagesError::NotAllocated => {
+                f.write_str("pointer is not the start of a live alloc_pages_nolock run (double free?)")
+            }
             PagesError::WrongOrder { allocated } => {
                 write!(f, "run was allocated with order {allocated}")
             }
@@ -793,20 +754,10 @@ pub unsafe fn try_free_pages_nolock(ptr: NonNull<u8>, order: u32) -> Result<(), 
     }
     let n = d.npages.load(Ordering::Relaxed) as usize;
     if n != 1usize << order.min(63) {
-        return Err(PagesError::WrongOrder {
-            allocated: n.trailing_zeros(),
-        });
+        return Err(PagesError::WrongOrder { allocated: n.trailing_zeros() });
     }
     // Claim the right to free by flipping the descriptor; a racing double free loses here.
-    if d.info
-        .compare_exchange(
-            info.0,
-            Info::new(Kind::Free, 0, 0).0,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        )
-        .is_err()
-    {
+    if d.info.compare_exchange(info.0, Info::new(Kind::Free, 0, 0).0, Ordering::AcqRel, Ordering::Acquire).is_err() {
         return Err(PagesError::NotAllocated);
     }
     // SAFETY: the run is ours (validated and claimed above) and the caller gives it up.

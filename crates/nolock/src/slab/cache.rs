@@ -79,10 +79,7 @@ impl CacheName {
         }
         let mut bytes = [0; 31];
         bytes[..end].copy_from_slice(&s.as_bytes()[..end]);
-        Self {
-            bytes,
-            len: end as u8,
-        }
+        Self { bytes, len: end as u8 }
     }
 
     /// The name.
@@ -141,11 +138,7 @@ impl CacheConfig {
         let (obj_off, link_off, stride) = if flags & FLAG_DEBUG != 0 {
             // [left red zone][object][right red zone 16][state 8][link 8]
             let left = 16usize.next_multiple_of(align);
-            (
-                left,
-                left + osz + 24,
-                (left + osz + 32).next_multiple_of(align),
-            )
+            (left, left + osz + 24, (left + osz + 32).next_multiple_of(align))
         } else {
             (0, freeptr, osz.next_multiple_of(align))
         };
@@ -300,9 +293,7 @@ impl CacheInner {
     fn link(&self, slot: usize) -> &core::sync::atomic::AtomicUsize {
         // SAFETY: `slot` is a slot of this cache, free and owned by the caller; link_off is in bounds and
         // pointer-aligned; arena memory is never unmapped.
-        unsafe {
-            &*((slot + self.cfg().link_off as usize) as *const core::sync::atomic::AtomicUsize)
-        }
+        unsafe { &*((slot + self.cfg().link_off as usize) as *const core::sync::atomic::AtomicUsize) }
     }
 
     /// Index of the slot at byte offset `rel` from the slab start, if `rel` is exactly a slot start.
@@ -376,10 +367,8 @@ impl CacheInner {
         hooks::point(Point::AllocFast);
         let head = pc.freelist.load(Ordering::Relaxed);
         let slot = if head != 0 {
-            pc.freelist
-                .store(self.link(head).load(Ordering::Relaxed), Ordering::Relaxed);
-            pc.count
-                .store(pc.count.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+            pc.freelist.store(self.link(head).load(Ordering::Relaxed), Ordering::Relaxed);
+            pc.count.store(pc.count.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
             bump(&pc.alloc_fast);
             head
         } else {
@@ -408,13 +397,9 @@ impl CacheInner {
                 }
             },
         };
-        g.pages
-            .desc(head as usize)
-            .owner
-            .store(shard.tag(), Ordering::Relaxed);
+        g.pages.desc(head as usize).owner.store(shard.tag(), Ordering::Relaxed);
         hooks::point(Point::AllocRefill);
-        pc.freelist
-            .store(self.link(first).load(Ordering::Relaxed), Ordering::Relaxed);
+        pc.freelist.store(self.link(first).load(Ordering::Relaxed), Ordering::Relaxed);
         pc.count.store(u32::from(n) - 1, Ordering::Relaxed);
         bump(&pc.alloc_refill);
         first
@@ -463,8 +448,7 @@ impl CacheInner {
             let d = g.pages.desc(head as usize);
             if self.cfg().capacity > 1 {
                 let second = self.link(first).load(Ordering::Relaxed);
-                let idx = ((second - g.pages.page_addr(head as usize)) / self.cfg().stride as usize)
-                    as u32;
+                let idx = ((second - g.pages.page_addr(head as usize)) / self.cfg().stride as usize) as u32;
                 d.slab.init(State::new(idx + 1, 1, LISTED));
                 self.partial.push(head, &d.next);
             } else {
@@ -497,11 +481,7 @@ impl CacheInner {
         let debug = c.flags & FLAG_DEBUG != 0;
         for i in 0..u32::from(c.capacity) {
             let slot = geo.obj(i);
-            let next = if i + 1 < u32::from(c.capacity) {
-                geo.obj(i + 1)
-            } else {
-                0
-            };
+            let next = if i + 1 < u32::from(c.capacity) { geo.obj(i + 1) } else { 0 };
             if debug {
                 debug::init_slot(self, slot);
             }
@@ -509,9 +489,7 @@ impl CacheInner {
         }
         d.slab.init(State::new(0, c.capacity, 0));
         self.nr_slabs.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .slabs_allocated
-            .fetch_add(1, Ordering::Relaxed);
+        self.counters.slabs_allocated.fetch_add(1, Ordering::Relaxed);
         Some((head as u32, geo.obj(0)))
     }
 
@@ -561,14 +539,8 @@ impl CacheInner {
         let off = addr - base;
         let idx = off / c.stride as usize;
         let start = base + idx * c.stride as usize + c.obj_off as usize;
-        FreeError::new(
-            FreeErrorKind::InteriorPointer {
-                object: start,
-                offset: addr as isize - start as isize,
-            },
-            addr,
-        )
-        .in_cache(c.name)
+        FreeError::new(FreeErrorKind::InteriorPointer { object: start, offset: addr as isize - start as isize }, addr)
+            .in_cache(c.name)
     }
 
     /// Free a validated slot. `id` is this cache's id. Any context.
@@ -588,8 +560,7 @@ impl CacheInner {
             return self.free_shared(g, slot);
         }
         hooks::point(Point::FreeFast);
-        self.link(slot)
-            .store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.link(slot).store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
         pc.freelist.store(slot, Ordering::Relaxed);
         let count = pc.count.load(Ordering::Relaxed) + 1;
         pc.count.store(count, Ordering::Relaxed);
@@ -646,10 +617,7 @@ impl CacheInner {
             }
             // Detach the run first: `push_run` rewrites the link of `last`.
             pc.freelist.store(next, Ordering::Relaxed);
-            pc.count.store(
-                pc.count.load(Ordering::Relaxed) - u32::from(k),
-                Ordering::Relaxed,
-            );
+            pc.count.store(pc.count.load(Ordering::Relaxed) - u32::from(k), Ordering::Relaxed);
             self.push_run(g, head, first, last, k, shard.tag());
             obj = next;
         }
@@ -669,33 +637,24 @@ impl CacheInner {
                 }
                 if p.empty_now {
                     let events = self.counters.empty_events.fetch_add(1, Ordering::Relaxed) + 1;
-                    if events.wrapping_sub(self.shrunk_at.load(Ordering::Relaxed))
-                        == KICK_AFTER_EMPTY
-                    {
+                    if events.wrapping_sub(self.shrunk_at.load(Ordering::Relaxed)) == KICK_AFTER_EMPTY {
                         crate::worker::kick();
                     }
                 }
                 let owner = d.owner.load(Ordering::Relaxed);
                 if shard_tag != 0 && owner != 0 && owner != shard_tag {
-                    self.counters
-                        .remote
-                        .fetch_add(u64::from(k), Ordering::Relaxed);
+                    self.counters.remote.fetch_add(u64::from(k), Ordering::Relaxed);
                 }
             }
             Err(e) => {
                 // The slab's counters say these objects were not in use: a double free that got past the checks
                 // (debug mode catches it earlier). The objects are dropped rather than corrupting the slab.
-                self.counters
-                    .bad_frees
-                    .fetch_add(u64::from(k), Ordering::Relaxed);
+                self.counters.bad_frees.fetch_add(u64::from(k), Ordering::Relaxed);
                 let kind = match e {
                     PushError::Underflow => FreeErrorKind::DoubleFree,
                     PushError::Dead => FreeErrorKind::NotAllocated,
                 };
-                debug::report(
-                    &FreeError::new(kind, first + self.cfg().obj_off as usize)
-                        .in_cache(self.cfg().name),
-                );
+                debug::report(&FreeError::new(kind, first + self.cfg().obj_off as usize).in_cache(self.cfg().name));
             }
         }
     }
@@ -738,8 +697,7 @@ impl CacheInner {
                 tail = next;
                 n += 1;
             }
-            self.link(tail)
-                .store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.link(tail).store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
             pc.freelist.store(chain, Ordering::Relaxed);
             let count = pc.count.load(Ordering::Relaxed) + n;
             pc.count.store(count, Ordering::Relaxed);
@@ -768,11 +726,9 @@ impl CacheInner {
                 tail = self.link(tail).load(Ordering::Relaxed);
                 n += 1;
             }
-            self.link(tail)
-                .store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.link(tail).store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
             pc.freelist.store(deferred, Ordering::Relaxed);
-            pc.count
-                .store(pc.count.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+            pc.count.store(pc.count.load(Ordering::Relaxed) + n, Ordering::Relaxed);
         }
         let count = pc.count.load(Ordering::Relaxed);
         if count > 0 {
@@ -999,11 +955,7 @@ fn splitmix64(mut x: u64) -> u64 {
 
 /// Release every cache's entirely free slabs (keeping none). Lock-free; used when the page allocator is out.
 pub fn reclaim_empty_slabs(g: &Global) -> usize {
-    (0..g.cache_count())
-        .map(|id| g.cache(id))
-        .filter(|c| c.is_active())
-        .map(|c| c.shrink(g, 0))
-        .sum()
+    (0..g.cache_count()).map(|id| g.cache(id)).filter(|c| c.is_active()).map(|c| c.shrink(g, 0)).sum()
 }
 
 // -------------------------------------------------------------------------------------------------------------
@@ -1028,14 +980,10 @@ pub enum CacheError {
 impl core::fmt::Display for CacheError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(match self {
-            CacheError::TooManyCaches => {
-                "too many caches (the limit is 256, kmalloc classes included)"
-            }
+            CacheError::TooManyCaches => "too many caches (the limit is 256, kmalloc classes included)",
             CacheError::BadSize => "object size must be between 1 byte and 1 MiB",
             CacheError::BadAlign => "alignment must be a power of two of at most 256 KiB",
-            CacheError::BadFreeptrOffset => {
-                "free-pointer offset must be 8-aligned and leave 8 bytes in the object"
-            }
+            CacheError::BadFreeptrOffset => "free-pointer offset must be 8-aligned and leave 8 bytes in the object",
             CacheError::NoArena => "the arena could not be mapped",
         })
     }
@@ -1049,15 +997,7 @@ pub fn create(g: &Global, cfg: CacheConfig) -> Result<u16, CacheError> {
     let mut id = None;
     for i in 0..g.cache_count() {
         let c = g.cache(i);
-        if c.state
-            .compare_exchange(
-                STATE_FREE,
-                STATE_CREATING,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            )
-            .is_ok()
-        {
+        if c.state.compare_exchange(STATE_FREE, STATE_CREATING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
             id = Some(i);
             break;
         }
@@ -1069,13 +1009,12 @@ pub fn create(g: &Global, cfg: CacheConfig) -> Result<u16, CacheError> {
             if i as usize >= MAX_CACHES {
                 return Err(CacheError::TooManyCaches);
             }
-            // AcqRel: the slot is ours once the counter moves past it.
-            if g.next_cache
-                .compare_exchange(i, i + 1, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                let c = g.cache(i as u16);
-                c.state.store(STATE_CREATING, Ordering::Relaxed);
+            // Claim the slot's state first (a concurrent creator scanning for free slots may already see it),
+            // then move the counter past it; a loser helps move the counter and retries.
+            let c = g.cache(i as u16);
+            let won = c.state.compare_exchange(STATE_FREE, STATE_CREATING, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+            let _ = g.next_cache.compare_exchange(i, i + 1, Ordering::AcqRel, Ordering::Acquire);
+            if won {
                 break i as u16;
             }
         },
@@ -1140,10 +1079,7 @@ pub fn destroy(g: &Global, id: u16) -> DestroyReport {
     } else {
         c.state.store(STATE_FREE, Ordering::Release);
     }
-    DestroyReport {
-        slabs_released: released,
-        live_objects: live.max(u64::from(slabs_left != 0)),
-    }
+    DestroyReport { slabs_released: released, live_objects: live.max(u64::from(slabs_left != 0)) }
 }
 
 /// The cache that `addr` (an arena address) belongs to, if it is a slab object.

@@ -25,9 +25,7 @@ use crate::page::desc::{Info, Kind};
 use crate::sys::{PAGE_SHIFT, PAGE_SIZE};
 
 /// Sizes of the kmalloc classes.
-pub const KMALLOC_SIZES: [usize; 13] = [
-    8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192,
-];
+pub const KMALLOC_SIZES: [usize; 13] = [8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192];
 /// Number of kmalloc classes.
 pub const NR_KMALLOC: usize = KMALLOC_SIZES.len();
 /// Largest size served by a slab cache; larger requests are page runs.
@@ -36,10 +34,12 @@ pub const KMALLOC_MAX_CACHE_SIZE: usize = 8192;
 /// `kfree_nolock` accepts it (and null) and does nothing; `ksize` of it is 0. Never dereference it.
 pub const ZERO_SIZE_PTR: *mut u8 = 16 as *mut u8;
 
+/// Addresses below this are never allocations: zero-size requests return small dangling pointers there
+/// ([`ZERO_SIZE_PTR`], or the alignment itself for alignments above 16), and the free functions ignore them.
+pub const ZERO_SIZE_LIMIT: usize = 1 << 16;
+
 /// Class index for sizes 1..=192, by `(size - 1) / 8`.
-const SIZE_INDEX: [u8; 24] = [
-    0, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6,
-];
+const SIZE_INDEX: [u8; 24] = [0, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6];
 
 /// The class for `size` (1 ..= 8192).
 #[inline(always)]
@@ -132,7 +132,7 @@ pub fn kmalloc_nolock(size: usize, flags: Gfp) -> Option<NonNull<u8>> {
 }
 
 /// Allocate memory for `layout` (any size and power-of-two alignment). A zero-size layout returns a dangling,
-/// suitably aligned pointer that must not be freed... except that freeing it is harmless: see [`ZERO_SIZE_PTR`].
+/// suitably aligned pointer below [`ZERO_SIZE_LIMIT`] that must not be dereferenced; freeing it is harmless.
 ///
 /// # Context
 /// As [`kmalloc_nolock`].
@@ -151,12 +151,7 @@ pub fn kmalloc_layout_nolock(layout: Layout, flags: Gfp) -> Option<NonNull<u8>> 
 }
 
 #[inline(always)]
-fn kmalloc_class(
-    g: &'static Global,
-    class: usize,
-    align: usize,
-    flags: Gfp,
-) -> Option<NonNull<u8>> {
+fn kmalloc_class(g: &'static Global, class: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
     if g.slow_flags.load(Ordering::Relaxed) != 0 {
         return kmalloc_class_slow(g, class, align, flags);
     }
@@ -179,12 +174,7 @@ fn kmalloc_class(
 /// kmalloc with debug mode or fault injection on.
 #[cold]
 #[inline(never)]
-fn kmalloc_class_slow(
-    g: &'static Global,
-    class: usize,
-    align: usize,
-    flags: Gfp,
-) -> Option<NonNull<u8>> {
+fn kmalloc_class_slow(g: &'static Global, class: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
     let base = if g.kmalloc_debug() { NR_KMALLOC } else { 0 };
     let id = (base + class) as u16;
     let c = g.cache(id);
@@ -201,13 +191,7 @@ fn kmalloc_class_slow(
 /// This class is busy on this thread: try the next one, then the shared lists.
 #[cold]
 #[inline(never)]
-fn next_bucket(
-    g: &'static Global,
-    base: usize,
-    class: usize,
-    align: usize,
-    flags: Gfp,
-) -> Option<NonNull<u8>> {
+fn next_bucket(g: &'static Global, base: usize, class: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
     let c = g.cache((base + class) as u16);
     c.counters.next_bucket.fetch_add(1, Ordering::Relaxed);
     match (class + 1..NR_KMALLOC).find(|&n| class_align(n) >= align) {
@@ -219,7 +203,7 @@ fn next_bucket(
             }
         }
         None => {
-            if let Some(p) = kmalloc_large(g, KMALLOC_MAX_CACHE_SIZE + 1, align, flags) {
+            if let Some(p) = kmalloc_large(g, KMALLOC_MAX_CACHE_SIZE, align, flags) {
                 return Some(p);
             }
         }
@@ -234,11 +218,11 @@ fn next_bucket(
 #[inline(never)]
 fn kmalloc_odd(size: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
     if size == 0 {
-        return NonNull::new(if align <= 16 {
-            ZERO_SIZE_PTR
-        } else {
-            align as *mut u8
-        });
+        if align >= ZERO_SIZE_LIMIT {
+            // Too aligned to fit below the limit: a real (minimal) allocation, freed like any other.
+            return kmalloc_large(global::get()?, 1, align, flags);
+        }
+        return NonNull::new(if align <= 16 { ZERO_SIZE_PTR } else { align as *mut u8 });
     }
     kmalloc_large(global::get()?, size, align, flags)
 }
@@ -276,7 +260,8 @@ fn kmalloc_large(g: &Global, size: usize, align: usize, flags: Gfp) -> Option<No
 }
 
 /// Free memory from [`kmalloc_nolock`] / [`kmalloc_layout_nolock`] (or a `KmemCache`: the cache is found from
-/// the address). Null and [`ZERO_SIZE_PTR`] are ignored. A bad pointer — foreign, not allocated, interior, a
+/// the address). Null, [`ZERO_SIZE_PTR`] and every address below [`ZERO_SIZE_LIMIT`] are ignored. A bad
+/// pointer — foreign, not allocated, interior, a
 /// double free caught by the checks — is reported on standard error and counted, and nothing is freed.
 ///
 /// # Safety
@@ -328,7 +313,7 @@ unsafe fn kfree_slow(ptr: *mut u8) {
 #[inline]
 pub unsafe fn try_kfree_nolock(ptr: *mut u8) -> Result<(), FreeError> {
     let addr = ptr as usize;
-    if addr <= ZERO_SIZE_PTR as usize {
+    if addr < ZERO_SIZE_LIMIT {
         return Ok(());
     }
     let Some(g) = global::get_if_init() else {
@@ -365,25 +350,14 @@ fn free_large(g: &Global, addr: usize, info: Info) -> Result<(), FreeError> {
     if head != page || addr % PAGE_SIZE != 0 {
         let start = g.pages.page_addr(head);
         return Err(FreeError::new(
-            FreeErrorKind::InteriorPointer {
-                object: start,
-                offset: addr as isize - start as isize,
-            },
+            FreeErrorKind::InteriorPointer { object: start, offset: addr as isize - start as isize },
             addr,
         ));
     }
     let d = g.pages.desc(page);
     let npages = d.npages.load(Ordering::Relaxed) as usize;
     // Whoever flips the descriptor owns the free; a racing double free loses here.
-    if d.info
-        .compare_exchange(
-            info.0,
-            Info::new(Kind::Free, 0, 0).0,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        )
-        .is_err()
-    {
+    if d.info.compare_exchange(info.0, Info::new(Kind::Free, 0, 0).0, Ordering::AcqRel, Ordering::Acquire).is_err() {
         return Err(FreeError::new(FreeErrorKind::DoubleFree, addr));
     }
     // SAFETY: the run is ours: its descriptor said Large with this head and we just retired it.
@@ -403,7 +377,7 @@ pub fn ksize(ptr: *const u8) -> usize {
     let Some(g) = global::get_if_init() else {
         return 0;
     };
-    if addr <= ZERO_SIZE_PTR as usize || !g.pages.contains(addr) {
+    if addr < ZERO_SIZE_LIMIT || !g.pages.contains(addr) {
         return 0;
     }
     let info = g.pages.info_of(addr);
@@ -413,19 +387,14 @@ pub fn ksize(ptr: *const u8) -> usize {
             let base = g.pages.page_addr(info.head() as usize);
             let cfg = c.cfg();
             let rel = (addr - base).wrapping_sub(cfg.obj_off as usize);
-            if rel % cfg.stride as usize == 0 && rel / (cfg.stride as usize) < cfg.capacity as usize
-            {
+            if rel % cfg.stride as usize == 0 && rel / (cfg.stride as usize) < cfg.capacity as usize {
                 cfg.size as usize
             } else {
                 0
             }
         }
         Kind::Large if g.pages.page_of(addr) == info.head() as usize && addr % PAGE_SIZE == 0 => {
-            (g.pages
-                .desc(info.head() as usize)
-                .npages
-                .load(Ordering::Relaxed) as usize)
-                << PAGE_SHIFT
+            (g.pages.desc(info.head() as usize).npages.load(Ordering::Relaxed) as usize) << PAGE_SHIFT
         }
         _ => 0,
     }
@@ -441,10 +410,7 @@ mod tests {
             let c = size_class(size);
             assert!(KMALLOC_SIZES[c] >= size, "size {size} class {c}");
             if c > 0 {
-                assert!(
-                    KMALLOC_SIZES[c - 1] < size,
-                    "size {size} not the smallest class"
-                );
+                assert!(KMALLOC_SIZES[c - 1] < size, "size {size} not the smallest class");
             }
         }
         assert_eq!(class_align(4), 32);

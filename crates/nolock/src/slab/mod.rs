@@ -19,10 +19,7 @@ use crate::debug::{self, FaultInjection, FreeError, FreeErrorKind};
 use crate::global::Global;
 use crate::page::Gfp;
 use crate::page::desc::Kind;
-use cache::{
-    CacheConfig, CacheError, CacheName, CacheStats, DestroyReport, FLAG_DEBUG, MAX_ALIGN,
-    MAX_OBJECT_SIZE,
-};
+use cache::{CacheConfig, CacheError, CacheName, CacheStats, DestroyReport, FLAG_DEBUG, MAX_ALIGN, MAX_OBJECT_SIZE};
 
 /// A cache of fixed-size objects (the kernel's `struct kmem_cache`), allocated and freed from any context.
 ///
@@ -99,10 +96,7 @@ impl<'a> KmemCacheBuilder<'a> {
 
 impl core::fmt::Debug for KmemCache {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("KmemCache")
-            .field("id", &self.id)
-            .field("name", &self.name())
-            .finish()
+        f.debug_struct("KmemCache").field("id", &self.id).field("name", &self.name()).finish()
     }
 }
 
@@ -117,12 +111,7 @@ impl KmemCache {
 
     /// A builder for a cache with more options.
     pub fn builder(name: &str, layout: Layout) -> KmemCacheBuilder<'_> {
-        KmemCacheBuilder {
-            name,
-            layout,
-            freeptr_offset: 0,
-            debug: None,
-        }
+        KmemCacheBuilder { name, layout, freeptr_offset: 0, debug: None }
     }
 
     fn inner(&self) -> &cache::CacheInner {
@@ -178,9 +167,7 @@ impl KmemCache {
             return err(FreeErrorKind::NotAllocated);
         }
         if info.cache_id() != self.id {
-            return err(FreeErrorKind::WrongCache {
-                owner: g.cache(info.cache_id()).name(),
-            });
+            return err(FreeErrorKind::WrongCache { owner: g.cache(info.cache_id()).name() });
         }
         match c.validate(g, addr, info) {
             Ok(slot) => {

@@ -28,9 +28,7 @@
 //! If no shard is available (more than `MAX_SHARDS` threads at once), the thread works on the shared path:
 //! slower, never failing.
 
-use core::sync::atomic::{
-    AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering,
-};
+use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::global::{self, Global, MAX_CACHES, MAX_SHARDS};
 use crate::sync::llist::Llist;
@@ -160,14 +158,7 @@ fn claim(g: &'static Global) -> Option<&'static Shard> {
     let me = s as *const Shard as *mut Shard;
     // An atomic RMW on our own thread-local word: a signal handler that claimed meanwhile wins, and we give ours
     // back instead of overwriting (and leaking) theirs.
-    match CURRENT.with(|c| {
-        c.compare_exchange(
-            core::ptr::null_mut(),
-            me,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        )
-    }) {
+    match CURRENT.with(|c| c.compare_exchange(core::ptr::null_mut(), me, Ordering::AcqRel, Ordering::Acquire)) {
         Ok(_) => {
             register_exit(s);
             Some(s)
@@ -280,15 +271,7 @@ pub fn sweep_orphans(g: &Global) -> usize {
             continue;
         }
         // The owner is gone for good (ESRCH), so nobody else can touch the shard: take it.
-        if s.state
-            .compare_exchange(
-                STATE_OWNED,
-                STATE_LEAKED,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_ok()
-        {
+        if s.state.compare_exchange(STATE_OWNED, STATE_LEAKED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             drain_and_release(g, s);
             n += 1;
         }

@@ -18,17 +18,13 @@ impl Llist {
     /// An empty list.
     #[cfg(not(loom))]
     pub const fn new() -> Self {
-        Self {
-            head: AtomicUsize::new(0),
-        }
+        Self { head: AtomicUsize::new(0) }
     }
 
     /// An empty list.
     #[cfg(loom)]
     pub fn new() -> Self {
-        Self {
-            head: AtomicUsize::new(0),
-        }
+        Self { head: AtomicUsize::new(0) }
     }
 
     /// Whether the list looks empty right now (a hint: another context may push at any moment).
@@ -48,10 +44,7 @@ impl Llist {
         loop {
             last_link.store(head, Ordering::Relaxed);
             // Release: pairs with the Acquire swap in `take_all`; publishes the links and node contents.
-            match self
-                .head
-                .compare_exchange_weak(head, first, Ordering::Release, Ordering::Relaxed)
-            {
+            match self.head.compare_exchange_weak(head, first, Ordering::Release, Ordering::Relaxed) {
                 Ok(_) => return head == 0,
                 Err(now) => head = now,
             }

@@ -124,9 +124,7 @@ pub struct SlabFreelist {
 impl SlabFreelist {
     /// A fresh state word.
     pub fn new(state: State) -> Self {
-        Self {
-            state: AtomicU64::new(state.0),
-        }
+        Self { state: AtomicU64::new(state.0) }
     }
 
     /// Current state (a snapshot).
@@ -148,13 +146,7 @@ impl SlabFreelist {
     /// # Safety
     /// The objects belong to this slab, are in use (counted in `used`), and the caller gives them up.
     #[inline]
-    pub unsafe fn push_chain(
-        &self,
-        g: &Geometry,
-        first_idx: u32,
-        last: usize,
-        n: u16,
-    ) -> Result<Pushed, PushError> {
+    pub unsafe fn push_chain(&self, g: &Geometry, first_idx: u32, last: usize, n: u16) -> Result<Pushed, PushError> {
         // SAFETY: `last` is an object of this slab being freed by the caller.
         let last_link = unsafe { g.link(last) };
         let mut old = State(self.state.load(Ordering::Relaxed));
@@ -173,17 +165,9 @@ impl SlabFreelist {
             let listed_now = old.flags() & LISTED == 0;
             let new = State::new(first_idx + 1, old.used() - n, old.flags() | LISTED);
             // Release: pairs with the Acquire in take_all/pop_one; publishes the links and object contents.
-            match self.state.compare_exchange_weak(
-                old.0,
-                new.0,
-                Ordering::Release,
-                Ordering::Relaxed,
-            ) {
+            match self.state.compare_exchange_weak(old.0, new.0, Ordering::Release, Ordering::Relaxed) {
                 Ok(_) => {
-                    return Ok(Pushed {
-                        listed_now,
-                        empty_now: new.used() == 0,
-                    });
+                    return Ok(Pushed { listed_now, empty_now: new.used() == 0 });
                 }
                 Err(now) => old = State(now),
             }
@@ -200,12 +184,7 @@ impl SlabFreelist {
             let n = g.capacity - old.used();
             let new = State::new(0, g.capacity, old.flags() & !LISTED);
             // AcqRel/Acquire: acquire the pushed objects; order our take before later pushes see `used`.
-            match self.state.compare_exchange_weak(
-                old.0,
-                new.0,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match self.state.compare_exchange_weak(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     let first = match old.head_enc() {
                         0 => 0,
@@ -232,24 +211,11 @@ impl SlabFreelist {
             // SAFETY: `obj` is on the free list, and with the take right nobody else removes it, so its link is
             // stable (pushers only prepend in front of it).
             let next = unsafe { g.link(obj) }.load(Ordering::Relaxed);
-            let next_enc = if next == 0 {
-                0
-            } else {
-                ((next - g.base) / g.stride) as u32 + 1
-            };
-            let flags = if next == 0 {
-                old.flags() & !LISTED
-            } else {
-                old.flags()
-            };
+            let next_enc = if next == 0 { 0 } else { ((next - g.base) / g.stride) as u32 + 1 };
+            let flags = if next == 0 { old.flags() & !LISTED } else { old.flags() };
             let new = State::new(next_enc, old.used() + 1, flags);
             // AcqRel/Acquire: as in take_all.
-            match self.state.compare_exchange_weak(
-                old.0,
-                new.0,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match self.state.compare_exchange_weak(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Some((obj, next == 0)),
                 Err(now) => old = State(now),
             }
@@ -265,13 +231,6 @@ impl SlabFreelist {
             return false;
         }
         // AcqRel: nothing can be pushed to an unused slab, but a concurrent push (a caller bug) must lose cleanly.
-        self.state
-            .compare_exchange(
-                old.0,
-                State::new(0, 0, DEAD).0,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_ok()
+        self.state.compare_exchange(old.0, State::new(0, 0, DEAD).0, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 }

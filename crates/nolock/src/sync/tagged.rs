@@ -38,17 +38,13 @@ impl TaggedStack {
     /// An empty stack.
     #[cfg(not(loom))]
     pub const fn new() -> Self {
-        Self {
-            head: AtomicU64::new(0),
-        }
+        Self { head: AtomicU64::new(0) }
     }
 
     /// An empty stack.
     #[cfg(loom)]
     pub fn new() -> Self {
-        Self {
-            head: AtomicU64::new(0),
-        }
+        Self { head: AtomicU64::new(0) }
     }
 
     /// Whether the stack looks empty right now.
@@ -67,10 +63,7 @@ impl TaggedStack {
             last_link.store(cur as u32, Ordering::Relaxed);
             let new = pack(next_tag(cur), first + 1);
             // Release: pairs with the Acquire loads in `pop`/`take_all`; publishes the link store above.
-            match self
-                .head
-                .compare_exchange_weak(cur, new, Ordering::Release, Ordering::Relaxed)
-            {
+            match self.head.compare_exchange_weak(cur, new, Ordering::Release, Ordering::Relaxed) {
                 Ok(_) => return,
                 Err(now) => cur = now,
             }
@@ -99,10 +92,7 @@ impl TaggedStack {
             let new = pack(next_tag(cur), next);
             // AcqRel on success: we take ownership of the node (Acquire) and our tag bump is ordered for the next
             // popper (Release). Acquire on failure: we are about to read the new head's link.
-            match self
-                .head
-                .compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.head.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Some(enc - 1),
                 Err(now) => cur = now,
             }
@@ -120,10 +110,7 @@ impl TaggedStack {
             }
             let new = pack(next_tag(cur), 0);
             // AcqRel/Acquire: as in `pop`.
-            match self
-                .head
-                .compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.head.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Some(enc - 1),
                 Err(now) => cur = now,
             }

@@ -73,9 +73,7 @@ pub fn register() -> Mechanism {
     let m = match forced {
         Some(b"mprotect") if cfg!(target_arch = "x86_64") => Mechanism::Mprotect,
         Some(b"global") if has(MEMBARRIER_CMD_GLOBAL) => Mechanism::Global,
-        _ if has(MEMBARRIER_CMD_PRIVATE_EXPEDITED)
-            && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0 =>
-        {
+        _ if has(MEMBARRIER_CMD_PRIVATE_EXPEDITED) && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0 => {
             Mechanism::PrivateExpedited
         }
         _ if has(MEMBARRIER_CMD_GLOBAL) => Mechanism::Global,
@@ -99,10 +97,7 @@ pub fn heavy_barrier() {
     match register() {
         Mechanism::PrivateExpedited => {
             let r = membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED);
-            assert!(
-                r == 0,
-                "nolock: membarrier(PRIVATE_EXPEDITED) failed after registration"
-            );
+            assert!(r == 0, "nolock: membarrier(PRIVATE_EXPEDITED) failed after registration");
         }
         Mechanism::Global => {
             let r = membarrier(MEMBARRIER_CMD_GLOBAL);

@@ -33,11 +33,7 @@ pub fn mmap_reserve(len: usize) -> Option<*mut u8> {
             0,
         )
     };
-    if p == libc::MAP_FAILED {
-        None
-    } else {
-        Some(p.cast())
-    }
+    if p == libc::MAP_FAILED { None } else { Some(p.cast()) }
 }
 
 /// Give a mapping made by [`mmap_reserve`] back. Async-signal-safe.
@@ -93,37 +89,20 @@ fn errno() -> i32 {
 /// Sleep until `word` no longer holds `expected`, a wake-up arrives, or `timeout` passes. Spurious wake-ups are
 /// possible; callers re-check their condition. Blocks: normal context only.
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
-    let ts = timeout.map(|d| libc::timespec {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_nsec: d.subsec_nanos() as libc::c_long,
-    });
-    let ts_ptr = ts
-        .as_ref()
-        .map_or(core::ptr::null(), |t| t as *const libc::timespec);
+    let ts = timeout
+        .map(|d| libc::timespec { tv_sec: d.as_secs() as libc::time_t, tv_nsec: d.subsec_nanos() as libc::c_long });
+    let ts_ptr = ts.as_ref().map_or(core::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: `word` is a live, aligned 32-bit atomic; the kernel only reads it. A private futex is enough because
     // the word is never shared across processes.
     unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            expected,
-            ts_ptr,
-        )
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG, expected, ts_ptr)
     };
 }
 
 /// Wake up to `n` threads sleeping in [`futex_wait`] on `word`. Async-signal-safe (one system call, no locks).
 pub fn futex_wake(word: &AtomicU32, n: i32) {
     // SAFETY: `word` is a live, aligned 32-bit atomic; FUTEX_WAKE does not dereference it in user space.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            n,
-        )
-    };
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, n) };
 }
 
 /// Read an environment variable without allocating. Returns the bytes of its value.
@@ -168,11 +147,7 @@ pub struct StackBuf<const N: usize> {
 impl<const N: usize> StackBuf<N> {
     /// An empty buffer.
     pub const fn new() -> Self {
-        Self {
-            buf: [0; N],
-            len: 0,
-            truncated: false,
-        }
+        Self { buf: [0; N], len: 0, truncated: false }
     }
 
     /// The text written so far.
@@ -220,12 +195,7 @@ impl<const N: usize> fmt::Write for StackBuf<N> {
 pub fn resident_bytes() -> Option<usize> {
     let mut buf = [0u8; 128];
     // SAFETY: the path is a NUL-terminated literal; the descriptor is closed below.
-    let fd = unsafe {
-        libc::open(
-            c"/proc/self/statm".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
+    let fd = unsafe { libc::open(c"/proc/self/statm".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
     if fd < 0 {
         return None;
     }
