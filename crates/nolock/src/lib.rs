@@ -135,7 +135,7 @@ pub fn trim() -> TrimReport {
             let pc = s.pc(id);
             let c = g.cache(id);
             if c.is_active()
-                && pc.busy.load(core::sync::atomic::Ordering::Relaxed) == 0
+                && !pc.lock.is_locked()
                 && pc.count.load(core::sync::atomic::Ordering::Relaxed) != 0
             {
                 c.drain_pc(g, s, pc);

@@ -45,7 +45,7 @@ use crate::global::{self, Global, MAX_CACHES};
 use crate::hooks::{self, Point};
 use crate::page::Gfp;
 use crate::page::desc::{Info, Kind};
-use crate::sync::signal_fence;
+use crate::sync::local_lock::TryLock;
 use crate::sync::slab_freelist::{Geometry, LISTED, PushError, State};
 use crate::sync::tagged::{self, TaggedStack};
 use crate::sys::{PAGE_SHIFT, PAGE_SIZE};
@@ -355,13 +355,7 @@ impl CacheInner {
             };
         };
         let pc = shard.pc(id);
-        if pc.busy.load(Ordering::Relaxed) != 0 {
-            return Got::Busy;
-        }
-        pc.busy.store(1, Ordering::Relaxed);
-        signal_fence();
-        if pc.claimed.load(Ordering::Relaxed) != 0 {
-            pc.busy.store(0, Ordering::Relaxed);
+        if pc.lock.try_lock() != TryLock::Locked {
             return Got::Busy;
         }
         hooks::point(Point::AllocFast);
@@ -374,9 +368,7 @@ impl CacheInner {
         } else {
             self.refill(g, shard, pc)
         };
-        signal_fence();
-        pc.busy.store(0, Ordering::Relaxed);
-        signal_fence();
+        pc.lock.unlock();
         if !pc.deferred.is_empty() {
             self.drain_deferred(g, shard, pc);
         }
@@ -550,14 +542,10 @@ impl CacheInner {
             return self.free_shared(g, slot);
         };
         let pc = shard.pc(id);
-        if pc.busy.load(Ordering::Relaxed) != 0 {
-            return self.free_deferred(pc, slot);
-        }
-        pc.busy.store(1, Ordering::Relaxed);
-        signal_fence();
-        if pc.claimed.load(Ordering::Relaxed) != 0 {
-            pc.busy.store(0, Ordering::Relaxed);
-            return self.free_shared(g, slot);
+        match pc.lock.try_lock() {
+            TryLock::Locked => {}
+            TryLock::Busy => return self.free_deferred(pc, slot),
+            TryLock::Claimed => return self.free_shared(g, slot),
         }
         hooks::point(Point::FreeFast);
         self.link(slot).store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -568,9 +556,7 @@ impl CacheInner {
         if count > self.cfg().high {
             self.flush(g, shard, pc, count - self.cfg().high / 2);
         }
-        signal_fence();
-        pc.busy.store(0, Ordering::Relaxed);
-        signal_fence();
+        pc.lock.unlock();
         if !pc.deferred.is_empty() {
             self.drain_deferred(g, shard, pc);
         }
@@ -664,16 +650,17 @@ impl CacheInner {
     #[inline(never)]
     fn drain_deferred(&self, g: &Global, shard: &Shard, pc: &PerCpuCache) {
         loop {
-            if pc.busy.load(Ordering::Relaxed) != 0 {
-                return; // a nested context holds it and will drain when it clears busy
-            }
-            pc.busy.store(1, Ordering::Relaxed);
-            signal_fence();
+            let locked = match pc.lock.try_lock() {
+                // A nested context holds it and will drain when it unlocks.
+                TryLock::Busy => return,
+                TryLock::Locked => true,
+                TryLock::Claimed => false,
+            };
             let chain = pc.deferred.take_all();
-            if chain == 0 || pc.claimed.load(Ordering::Relaxed) != 0 {
-                signal_fence();
-                pc.busy.store(0, Ordering::Relaxed);
-                signal_fence();
+            if chain == 0 || !locked {
+                if locked {
+                    pc.lock.unlock();
+                }
                 // A claimed list: return the deferred objects straight to their slabs.
                 let mut obj = chain;
                 while obj != 0 {
@@ -704,9 +691,7 @@ impl CacheInner {
             if count > self.cfg().high {
                 self.flush(g, shard, pc, count - self.cfg().high / 2);
             }
-            signal_fence();
-            pc.busy.store(0, Ordering::Relaxed);
-            signal_fence();
+            pc.lock.unlock();
             if pc.deferred.is_empty() {
                 return;
             }
@@ -714,10 +699,9 @@ impl CacheInner {
     }
 
     /// Return everything in a thread list (and its deferred list) to the slabs. The caller has exclusive use
-    /// of `pc` (its owner is this thread at a safe point, or gone, or the list is claimed and quiescent).
+    /// of `pc` (its owner is this thread at a safe point, or gone, or the list is claimed and quiescent); the
+    /// lock flags are left as they were.
     pub fn drain_pc(&self, g: &Global, shard: &Shard, pc: &PerCpuCache) {
-        pc.busy.store(1, Ordering::Relaxed);
-        signal_fence();
         let deferred = pc.deferred.take_all();
         if deferred != 0 {
             let mut tail = deferred;
@@ -734,8 +718,6 @@ impl CacheInner {
         if count > 0 {
             self.flush(g, shard, pc, count);
         }
-        signal_fence();
-        pc.busy.store(0, Ordering::Relaxed);
     }
 
     // ---------------------------------------------------------------------------------------------------------

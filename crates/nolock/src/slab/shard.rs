@@ -32,15 +32,17 @@ use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, A
 
 use crate::global::{self, Global, MAX_CACHES, MAX_SHARDS};
 use crate::sync::llist::Llist;
+use crate::sync::local_lock::LocalTryLock;
+
+/// Yields a claimer waits for an owner's critical section to end before declaring it stuck.
+const CLAIM_PATIENCE: u32 = 100_000;
 
 /// The per-thread cache of one cache id. See the module documentation for who touches what.
 #[repr(C, align(64))]
 #[derive(Debug, Default)]
 pub struct PerCpuCache {
-    /// Set by the owner around every edit of `freelist`/`count`/counters.
-    pub busy: AtomicU8,
-    /// Set by another thread that takes the list over.
-    pub claimed: AtomicU8,
+    /// Held by the owner around every edit of `freelist`/`count`/counters; claimed by a thread taking over.
+    pub lock: LocalTryLock,
     /// Objects on `freelist`.
     pub count: AtomicU32,
     /// First free object (0: empty); the rest follow through link words.
@@ -239,7 +241,7 @@ pub fn drain_and_release(g: &Global, s: &Shard) {
     let mut consistent = true;
     for id in 0..g.cache_count() {
         let pc = s.pc(id);
-        if pc.busy.load(Ordering::Acquire) != 0 {
+        if pc.lock.is_locked() {
             consistent = false;
             continue;
         }
@@ -303,23 +305,14 @@ pub fn after_fork_child() {
 pub fn claim_and_drain_all(g: &Global, id: u16) {
     let n = g.shard_count();
     for i in 0..n {
-        g.shard(i).pc(id).claimed.store(1, Ordering::Relaxed);
+        g.shard(i).pc(id).lock.claim();
     }
-    // Pairs with the owners' `busy` store + compiler fence + `claimed` load (see module documentation).
+    // Pairs with the owners' try_lock (see `sync::local_lock`).
     crate::sys::membarrier::heavy_barrier();
     for i in 0..n {
         let s = g.shard(i);
         let pc = s.pc(id);
-        let start = std::time::Instant::now();
-        let mut stuck = false;
-        while pc.busy.load(Ordering::Acquire) != 0 {
-            if start.elapsed() > std::time::Duration::from_millis(200) {
-                stuck = true;
-                break;
-            }
-            std::thread::yield_now();
-        }
-        if stuck {
+        if !pc.lock.wait_unlocked(CLAIM_PATIENCE) {
             // The owner left the allocator without clearing busy (e.g. longjmp out of a signal handler): its
             // list is leaked rather than touched.
             crate::debug::report_stuck_shard(i, g.cache(id).name());
@@ -341,8 +334,7 @@ pub fn reset_all(g: &Global, id: u16) {
         pc.alloc_refill.store(0, Ordering::Relaxed);
         pc.free_fast.store(0, Ordering::Relaxed);
         pc.flushes.store(0, Ordering::Relaxed);
-        pc.busy.store(0, Ordering::Relaxed);
-        pc.claimed.store(0, Ordering::Release);
+        pc.lock.reset();
     }
 }
 

@@ -8,6 +8,10 @@
 //!   because nothing pops single nodes). Used for deferred frees.
 //! - [`tagged`]: a Treiber stack of 32-bit indices whose head carries a 32-bit tag in the same 64-bit word, so
 //!   single pops are ABA-safe with a plain 64-bit CAS. Used for lists of slabs and of free shards.
+//! - [`local_counter`]: a per-thread counter whose increments are single instructions, so a signal handler on
+//!   the same thread cannot lose them (SRCU lock/unlock counts, queue counts).
+//! - [`local_lock`]: the per-thread busy flag that signal handlers respect (`local_trylock_t`), with a claim
+//!   protocol for other threads.
 //! - [`slab_freelist`]: the state word of one slab: free-object list head (as an index), in-use count and flags,
 //!   changed together by one 64-bit CAS. This replaces SLUB's `cmpxchg_double` on (freelist, counters).
 //!
@@ -17,12 +21,14 @@
 pub mod atomic {
     //! `core::sync::atomic`, or loom's checked atomics under `--cfg loom`.
     #[cfg(not(loom))]
-    pub use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
+    pub use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
     #[cfg(loom)]
-    pub use loom::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
+    pub use loom::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 }
 
 pub mod llist;
+pub mod local_counter;
+pub mod local_lock;
 pub mod slab_freelist;
 pub mod tagged;
 
