@@ -61,6 +61,8 @@ pub mod hooks;
 #[cfg(not(loom))]
 pub mod page;
 #[cfg(not(loom))]
+pub mod rcu;
+#[cfg(not(loom))]
 pub mod slab;
 #[cfg(not(loom))]
 pub mod stats;
@@ -89,6 +91,24 @@ pub use slab::kmalloc::{
 #[cfg(not(loom))]
 pub use slab::{KmemCache, KmemCacheBuilder, kmem_cache_alloc_nolock, kmem_cache_free_nolock};
 
+#[cfg(not(loom))]
+pub use rcu::kfree::{kfree_rcu_nolock, kfree_srcu_fast_nolock};
+#[cfg(not(loom))]
+pub use rcu::srcu::{SrcuFast, SrcuFastGuard, call_srcu_fast_nolock};
+#[cfg(not(loom))]
+pub use rcu::tasks_trace::{
+    RCU_TASKS_TRACE, call_rcu_tasks_trace, rcu_barrier_tasks_trace, rcu_read_lock_tasks_trace,
+    rcu_trace_implies_rcu_gp, synchronize_rcu_tasks_trace,
+};
+#[cfg(not(loom))]
+pub use rcu::tree::{
+    GpStats, RcuCookie, RcuReadGuard, call_rcu_nolock, cond_synchronize_rcu, get_state_synchronize_rcu,
+    poll_state_synchronize_rcu, rcu_barrier, rcu_read_lock, rcu_read_lock_held, rcu_stats, start_poll_synchronize_rcu,
+    synchronize_rcu,
+};
+#[cfg(not(loom))]
+pub use rcu::{RcuCallback, RcuHead};
+
 /// Set up nolock from a normal context: map the arena, register the thread-exit and fork hooks, register the
 /// membarrier, and start the background worker (unless disabled by [`Config::background`] or
 /// `NOLOCK_BACKGROUND=0`). Calling it is optional — everything also works without it — but without the worker,
@@ -108,6 +128,7 @@ pub(crate) fn init_normal_context() {
     slab::shard::ensure_process_hooks();
     sys::membarrier::register();
     worker::ensure_started();
+    rcu::worker::ensure_started();
 }
 
 /// What [`trim`] did.
@@ -134,10 +155,7 @@ pub fn trim() -> TrimReport {
         for id in 0..g.cache_count() {
             let pc = s.pc(id);
             let c = g.cache(id);
-            if c.is_active()
-                && !pc.lock.is_locked()
-                && pc.count.load(core::sync::atomic::Ordering::Relaxed) != 0
-            {
+            if c.is_active() && !pc.lock.is_locked() && pc.count.load(core::sync::atomic::Ordering::Relaxed) != 0 {
                 c.drain_pc(g, s, pc);
             }
         }

@@ -164,6 +164,15 @@ pub fn report_stuck_shard(shard: u32, cache: CacheName) {
     ));
 }
 
+/// Report a `kfree_rcu_nolock` whose head is too far into its object to be encoded.
+#[cold]
+pub fn report_kfree_rcu_offset(ptr: usize, off: usize) {
+    emit(format_args!(
+        "kfree_rcu_nolock({ptr:#x}): the rcu_head is {off} bytes into the object (it must be within the first \
+         64 KiB) and no pointer block was available; the object is leaked instead of freed too early"
+    ));
+}
+
 /// Report a cache destroyed while objects were still allocated.
 #[cold]
 pub fn report_destroy_live(cache: CacheName, live: u64, slabs: u64) {

@@ -80,6 +80,10 @@ pub struct Shard {
     pub next: AtomicU32,
     /// Kernel thread id of the owner.
     pub owner_tid: AtomicI32,
+    /// RCU reader word and callback list of this thread.
+    pub rcu: crate::rcu::tree::ShardRcu,
+    /// `kfree_rcu` pointer blocks: `[RCU, SRCU-fast]`.
+    pub kfree: [crate::rcu::kfree::KfreeSlot; 2],
     pcs: [PerCpuCache; MAX_CACHES],
 }
 
@@ -238,6 +242,7 @@ extern "C" fn shard_exit(p: *mut libc::c_void) {
 /// (a busy flag still set: the owner died inside the allocator, e.g. killed in a fork child), that list is
 /// leaked, never corrupted.
 pub fn drain_and_release(g: &Global, s: &Shard) {
+    crate::rcu::kfree::drain_shard(s);
     let mut consistent = true;
     for id in 0..g.cache_count() {
         let pc = s.pc(id);
@@ -344,6 +349,7 @@ pub fn reset_all(g: &Global, id: u16) {
 
 extern "C" fn atfork_child() {
     crate::worker::after_fork_child();
+    crate::rcu::worker::after_fork_child();
     after_fork_child();
 }
 

@@ -61,6 +61,13 @@ impl LocalCounter {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Add one from any thread (an atomic RMW with a full fence): for counters shared by threads that have no
+    /// counter of their own.
+    #[inline]
+    pub fn shared_inc(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// The current value.
     #[inline(always)]
     pub fn get(&self) -> u64 {

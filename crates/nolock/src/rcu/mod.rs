@@ -1,0 +1,324 @@
+//! Reclamation from any context: RCU, SRCU-fast, RCU Tasks Trace, `call_rcu`, `kfree_rcu_nolock`.
+//!
+//! # What is here
+//!
+//! - [`tree`]: **RCU**, one process-wide domain for non-sleepable readers. A reader writes only its own
+//!   thread's counter word (no fence, no atomic RMW); grace periods use the two-phase counter flip of
+//!   liburcu's membarrier flavour, ordered against readers with `membarrier(PRIVATE_EXPEDITED)`.
+//! - [`srcu`]: **SRCU-fast** domains for readers that may block or sleep. Readers increment per-thread
+//!   `lock[idx]` / `unlock[idx]` counters with single-instruction increments (signal-atomic, no fence); grace
+//!   periods do the kernel's scan–flip–scan with `membarrier` where SRCU-fast relies on RCU.
+//! - [`tasks_trace`]: **RCU Tasks Trace** as one global SRCU-fast domain whose grace period begins with a full
+//!   RCU grace period, so it is guaranteed to imply one.
+//! - [`kfree`]: `kfree_rcu_nolock` / `kfree_srcu_fast_nolock`, batched in per-thread pointer blocks.
+//! - [`ptr`]: typed wrappers: [`RcuPtr`](ptr::RcuPtr), an atomic pointer whose replaced values are freed after
+//!   a grace period, usable from signal handlers.
+//!
+//! # Shared machinery (this file)
+//!
+//! Every domain has a [`GpCore`]: its grace-period sequence ([`seq::GpSeq`]), a *driver* flag, and the
+//! state of its grace-period state machine. A grace period is a sequence of non-blocking *steps* (start,
+//! wait for readers, flip, wait again, end). Whoever holds the driver flag may run a step: a thread blocked in
+//! `synchronize_*` drives its own grace period (no hand-off latency), and the grace-period worker drives them
+//! for callbacks. A step that finds readers still inside reports [`Step::Waiting`] and the driver backs off.
+//!
+//! Callbacks ([`RcuHead`] embedded in the object, the kernel's `rcu_head`) are pushed onto a lock-free list of
+//! the calling thread (one per thread per domain), so `call_*_nolock` is one CAS on a thread-local cache line
+//! and is safe from any context. The worker (`worker`) collects the lists, stamps each batch with the cookie of
+//! the grace period it needs, drives grace periods while batches wait, and invokes them in order. Barriers
+//! (`rcu_barrier`, `srcu_barrier`) push a marker callback onto every thread's list and wait for all of them:
+//! each marker runs after every callback queued before it on its list.
+
+pub mod kfree;
+pub mod ptr;
+pub mod seq;
+pub mod srcu;
+pub mod tasks_trace;
+pub mod tree;
+pub(crate) mod worker;
+
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::time::Duration;
+
+use crate::sync::llist::Llist;
+use seq::GpSeq;
+
+/// The callback link embedded in an object retired through `call_rcu_nolock` and friends (the kernel's
+/// `struct rcu_head`). 16 bytes; it must stay valid until the callback runs.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct RcuHead {
+    next: AtomicUsize,
+    func: AtomicUsize,
+}
+
+impl RcuHead {
+    /// An unused head.
+    pub const fn new() -> Self {
+        Self { next: AtomicUsize::new(0), func: AtomicUsize::new(0) }
+    }
+}
+
+/// A grace-period callback: runs on the grace-period worker thread (a normal context) once the grace period
+/// has ended, with the head it was queued with.
+pub type RcuCallback = unsafe fn(NonNull<RcuHead>);
+
+/// `func` values below this are not functions but "kfree the object whose head is at offset `func - 1`"
+/// (the kernel's `kvfree_rcu` offset trick): the head must be within the object's first 64 KiB.
+pub(crate) const KFREE_OFFSET_LIMIT: usize = crate::slab::kmalloc::ZERO_SIZE_LIMIT;
+
+/// Run one callback.
+///
+/// # Safety
+/// `head` was queued with a valid `func` and has not run yet.
+pub(crate) unsafe fn invoke(head: usize) {
+    // SAFETY: the head is live until its callback has run (caller).
+    let func = unsafe { &*(head as *const RcuHead) }.func.load(Ordering::Relaxed);
+    if func < KFREE_OFFSET_LIMIT {
+        // SAFETY: `head - (func - 1)` is the object that kfree_*_rcu_nolock retired.
+        unsafe { crate::kfree_nolock((head - (func - 1)) as *mut u8) };
+    } else {
+        // SAFETY: `func` was stored from an `RcuCallback` by `queue_on`.
+        let f: RcuCallback = unsafe { core::mem::transmute::<usize, RcuCallback>(func) };
+        // SAFETY: arena or caller memory, non-null by construction.
+        unsafe { f(NonNull::new_unchecked(head as *mut RcuHead)) };
+    }
+}
+
+/// Push `head` with callback value `func` onto `list`. Returns whether the list was empty before.
+#[inline]
+pub(crate) fn queue_on(list: &Llist, head: NonNull<RcuHead>, func: usize) -> bool {
+    // SAFETY: the caller hands the head over until its callback runs.
+    let h = unsafe { head.as_ref() };
+    h.func.store(func, Ordering::Relaxed);
+    list.push(head.as_ptr() as usize, &h.next)
+}
+
+/// Follow a chain taken from an `Llist` (newest first) and return it oldest first, with its length.
+pub(crate) fn reverse_chain(mut head: usize) -> (usize, usize, u64) {
+    let mut prev = 0usize;
+    let mut last = head;
+    let mut n = 0;
+    while head != 0 {
+        // SAFETY: chain heads are live RcuHeads owned by the collector.
+        let h = unsafe { &*(head as *const RcuHead) };
+        let next = h.next.load(Ordering::Relaxed);
+        h.next.store(prev, Ordering::Relaxed);
+        prev = head;
+        head = next;
+        n += 1;
+    }
+    if n == 0 {
+        last = 0;
+    }
+    (prev, last, n)
+}
+
+/// The next head in a (worker-owned) chain.
+pub(crate) fn next_of(head: usize) -> usize {
+    // SAFETY: chain heads are live RcuHeads owned by the worker.
+    unsafe { &*(head as *const RcuHead) }.next.load(Ordering::Relaxed)
+}
+
+/// Set the next head of a (worker-owned) chain element.
+pub(crate) fn set_next(head: usize, next: usize) {
+    // SAFETY: as in `next_of`.
+    unsafe { &*(head as *const RcuHead) }.next.store(next, Ordering::Relaxed);
+}
+
+/// Result of one grace-period step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The state machine advanced; call again at once.
+    Progress,
+    /// Readers are still inside; call again later.
+    Waiting,
+    /// No grace period is needed.
+    Idle,
+}
+
+/// Grace-period state common to all domains.
+#[derive(Debug)]
+pub struct GpCore {
+    /// Completed grace periods.
+    pub seq: GpSeq,
+    driver: AtomicBool,
+    /// State-machine phase (driver only).
+    pub phase: AtomicU32,
+    /// Phase-specific value (driver only), e.g. an RCU cookie being waited for.
+    pub aux: AtomicU64,
+    /// Highest cookie somebody waits for.
+    requested: AtomicU64,
+    /// Callbacks queued by contexts without a per-thread list.
+    pub overflow_cbs: Llist,
+    /// Callbacks queued on `overflow_cbs`.
+    pub overflow_queued: AtomicU64,
+    /// Callbacks invoked.
+    pub invoked: AtomicU64,
+    /// Highest number of callbacks waiting at once (seen by the worker).
+    pub peak_pending: AtomicU64,
+}
+
+impl GpCore {
+    /// A core with no grace period yet.
+    pub const fn new() -> Self {
+        Self {
+            seq: GpSeq::new(),
+            driver: AtomicBool::new(false),
+            phase: AtomicU32::new(0),
+            aux: AtomicU64::new(0),
+            requested: AtomicU64::new(0),
+            overflow_cbs: Llist::new(),
+            overflow_queued: AtomicU64::new(0),
+            invoked: AtomicU64::new(0),
+            peak_pending: AtomicU64::new(0),
+        }
+    }
+
+    /// Ask for the grace period named by `cookie` (any context: one atomic max).
+    pub fn request(&self, cookie: u64) {
+        let mut cur = self.requested.load(Ordering::Relaxed);
+        while cur.wrapping_sub(cookie) as i64 <= 0 && cur != cookie {
+            match self.requested.compare_exchange_weak(cur, cookie, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Whether some requested grace period has not ended yet.
+    pub fn work_requested(&self) -> bool {
+        !self.seq.done(self.requested.load(Ordering::Acquire))
+    }
+
+    /// Run `f` as the driver if nobody else is driving.
+    pub fn try_drive(&self, f: impl FnOnce() -> Step) -> Option<Step> {
+        // Acquire/Release: one driver at a time; the next driver sees the phase the previous one left.
+        if self.driver.swap(true, Ordering::Acquire) {
+            return None;
+        }
+        let r = f();
+        self.driver.store(false, Ordering::Release);
+        Some(r)
+    }
+}
+
+impl Default for GpCore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A domain the generic machinery can drive: RCU or an SRCU-fast domain.
+pub(crate) trait Domain: Sync {
+    /// The domain's grace-period core.
+    fn core(&self) -> &GpCore;
+    /// One step of the grace-period state machine. The caller holds the driver flag. Normal context.
+    fn step(&self) -> Step;
+    /// Callback list of shard `i` (or `None` when the domain keeps none there yet).
+    fn shard_cbs(&self, i: u32) -> Option<&Llist>;
+    /// Callbacks ever queued on shard `i`'s list.
+    fn shard_queued(&self, i: u32) -> u64;
+}
+
+/// Callbacks queued so far on every list of `d` (sum of per-thread counters).
+pub(crate) fn queued_total(d: &dyn Domain) -> u64 {
+    let shards = crate::global::get_if_init().map_or(0, |g| g.shard_count());
+    (0..shards).map(|i| d.shard_queued(i)).sum::<u64>() + d.core().overflow_queued.load(Ordering::Relaxed)
+}
+
+/// Block until the grace period named by `cookie` has ended, driving grace periods as needed.
+/// Normal context only.
+pub(crate) fn wait_for_cookie(d: &dyn Domain, cookie: u64) {
+    let core = d.core();
+    core.request(cookie);
+    let mut backoff = Backoff::new();
+    while !core.seq.done(cookie) {
+        let seen = core.seq.ends_word().load(Ordering::Acquire);
+        match core.try_drive(|| d.step()) {
+            Some(Step::Progress) => backoff.reset(),
+            Some(Step::Waiting) | Some(Step::Idle) => backoff.wait(),
+            None => {
+                if !core.seq.done(cookie) {
+                    crate::sys::futex_wait(core.seq.ends_word(), seen, Some(Duration::from_millis(1)));
+                }
+            }
+        }
+    }
+}
+
+/// Spin, then yield, then sleep for growing intervals (up to 1 ms) while readers hold a grace period.
+pub(crate) struct Backoff {
+    n: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self { n: 0 }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.n = 0;
+    }
+
+    pub(crate) fn wait(&mut self) {
+        self.n = self.n.saturating_add(1);
+        match self.n {
+            0..=10 => core::hint::spin_loop(),
+            11..=20 => std::thread::yield_now(),
+            n => std::thread::sleep(Duration::from_micros((1u64 << (n - 20).min(10)).min(1000))),
+        }
+    }
+}
+
+/// A marker queued by a barrier on one callback list.
+#[repr(C)]
+struct BarrierHead {
+    head: RcuHead,
+    remaining: *const AtomicU32,
+}
+
+unsafe fn barrier_done(head: NonNull<RcuHead>) {
+    // SAFETY: barrier heads are `BarrierHead`s (repr(C), head first) that live until `remaining` hits zero.
+    let b = unsafe { &*(head.as_ptr() as *const BarrierHead) };
+    // SAFETY: the barrier caller keeps the counter alive until it reads zero.
+    let remaining = unsafe { &*b.remaining };
+    if remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+        crate::sys::futex_wake(remaining, i32::MAX);
+    }
+}
+
+/// Wait until every callback queued on `d` before this call has run. Normal context only.
+pub(crate) fn barrier(d: &dyn Domain) {
+    worker::ensure_started();
+    let shards = crate::global::get_if_init().map_or(0, |g| g.shard_count());
+    let remaining = AtomicU32::new(0);
+    let mut heads: Vec<BarrierHead> = Vec::with_capacity(shards as usize + 1);
+    for _ in 0..=shards {
+        heads.push(BarrierHead { head: RcuHead::new(), remaining: &remaining });
+    }
+    // Count them all before any can run.
+    remaining.store(shards + 1, Ordering::Release);
+    let func = barrier_done as RcuCallback as usize;
+    for (i, h) in heads.iter().enumerate() {
+        let list = if (i as u32) < shards { d.shard_cbs(i as u32) } else { None };
+        let head = NonNull::from(&h.head);
+        match list {
+            Some(l) => {
+                queue_on(l, head, func);
+            }
+            None => {
+                queue_on(&d.core().overflow_cbs, head, func);
+            }
+        }
+    }
+    worker::kick();
+    loop {
+        let r = remaining.load(Ordering::Acquire);
+        if r == 0 {
+            break;
+        }
+        crate::sys::futex_wait(&remaining, r, Some(Duration::from_millis(10)));
+    }
+}

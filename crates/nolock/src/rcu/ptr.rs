@@ -1,0 +1,1 @@
+//! Typed wrappers: retire objects after a grace period without raw pointers.

@@ -1,0 +1,471 @@
+//! SRCU-fast: grace-period domains whose readers may block or sleep (the kernel's `srcu_read_lock_fast`).
+//!
+//! # Readers
+//!
+//! A domain keeps, for every thread (shard), two pairs of counters `lock[0..2]` and `unlock[0..2]`. A reader
+//! reads the domain's current index `idx & 1`, increments `lock[idx]` of its own thread, and its guard
+//! increments `unlock[idx]` when dropped. The increments are single instructions ([`LocalCounter`]), so a
+//! signal handler running its own read-side sections in the middle cannot make one get lost (DESIGN.md §4):
+//! a lost `lock` increment would hide a reader from the grace period. No fence and no atomic RMW in the reader.
+//! Threads without a shard use shared atomic counters instead.
+//!
+//! A reader may sleep or block inside its section; only grace periods of *its* domain wait for it.
+//!
+//! # Grace periods (scan, flip, scan)
+//!
+//! "Are there readers on index `i`?" is answered by summing `unlock[i]` over all threads, a `membarrier`, then
+//! summing `lock[i]`: equal sums mean none. (The `membarrier` plays the role SRCU-fast gives to
+//! `synchronize_rcu()`: it orders each reader's increments against its critical section as a fence in the
+//! reader would.) A grace period:
+//!
+//! 1. start: `membarrier` (for the Tasks Trace domain: a full RCU grace period instead, which implies it);
+//! 2. wait until there are no readers on the *inactive* index (stragglers that read `idx` long ago);
+//! 3. flip `idx`, `membarrier`;
+//! 4. wait until there are no readers on the previously active index;
+//! 5. end: `membarrier`, publish.
+//!
+//! A reader that read `idx` before the flip but increments only after our scans began its section after the
+//! grace period's barriers and so already sees the updater's earlier stores; the next grace period counts it.
+//!
+//! # Domains
+//!
+//! `SrcuFast::new()` is `const`, so domains can be statics; the per-thread counter table is mapped on first
+//! use (from any context: one `mmap`). Tables of dropped domains are recycled, never unmapped, so a stale
+//! pointer in the grace-period worker can never dangle.
+
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
+
+use super::{Domain, GpCore, RcuCallback, RcuHead, Step};
+use crate::global::MAX_SHARDS;
+use crate::slab::shard;
+use crate::sync::llist::Llist;
+use crate::sync::local_counter::LocalCounter;
+use crate::sync::signal_fence;
+use crate::sys::membarrier::heavy_barrier;
+
+const IDLE: u32 = 0;
+const WAIT_RCU: u32 = 1;
+const SCAN1: u32 = 2;
+const SCAN2: u32 = 3;
+
+const STATE_FREE: u32 = 0;
+const STATE_LIVE: u32 = 1;
+
+/// One thread's counters and callback list in one domain.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub(crate) struct SrcuPerThread {
+    lock: [LocalCounter; 2],
+    unlock: [LocalCounter; 2],
+    cbs: Llist,
+    queued: LocalCounter,
+}
+
+/// A domain's mapped state. Zeroed memory is a valid, free state.
+#[repr(C)]
+pub(crate) struct SrcuState {
+    core: GpCore,
+    idx: AtomicU64,
+    implies_rcu: AtomicU32,
+    live: AtomicU32,
+    next: AtomicPtr<SrcuState>,
+    overflow_lock: [LocalCounter; 2],
+    overflow_unlock: [LocalCounter; 2],
+    per_thread: [SrcuPerThread; MAX_SHARDS],
+}
+
+/// All states ever mapped (live or free for reuse), linked through `next`; never shrinks.
+static STATES: AtomicPtr<SrcuState> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Every live SRCU state, for the worker.
+pub(crate) fn for_each_live(mut f: impl FnMut(&'static SrcuState)) {
+    let mut p = STATES.load(Ordering::Acquire);
+    while !p.is_null() {
+        // SAFETY: states are never unmapped.
+        let s = unsafe { &*p };
+        if s.live.load(Ordering::Acquire) == STATE_LIVE {
+            f(s);
+        }
+        p = s.next.load(Ordering::Acquire);
+    }
+}
+
+fn get_state(implies_rcu: bool) -> Option<&'static SrcuState> {
+    // Reuse a free state first.
+    let mut p = STATES.load(Ordering::Acquire);
+    while !p.is_null() {
+        // SAFETY: states are never unmapped.
+        let s = unsafe { &*p };
+        if s.live.compare_exchange(STATE_FREE, STATE_LIVE, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            s.implies_rcu.store(u32::from(implies_rcu), Ordering::Release);
+            return Some(s);
+        }
+        p = s.next.load(Ordering::Acquire);
+    }
+    let len = core::mem::size_of::<SrcuState>();
+    let raw = crate::sys::mmap_reserve(len)?.cast::<SrcuState>();
+    // SAFETY: fresh zeroed mapping of the right size: a valid free state. Nobody else sees it yet.
+    let s = unsafe { &*raw };
+    s.live.store(STATE_LIVE, Ordering::Relaxed);
+    s.implies_rcu.store(u32::from(implies_rcu), Ordering::Relaxed);
+    let mut head = STATES.load(Ordering::Relaxed);
+    loop {
+        s.next.store(head, Ordering::Relaxed);
+        // Release: publishes the initialised state to `for_each_live` and `get_state`.
+        match STATES.compare_exchange_weak(head, raw, Ordering::Release, Ordering::Relaxed) {
+            Ok(_) => return Some(s),
+            Err(now) => head = now,
+        }
+    }
+}
+
+impl SrcuState {
+    #[inline(always)]
+    fn per_thread(&self, shard_id: u32) -> &SrcuPerThread {
+        &self.per_thread[shard_id as usize]
+    }
+
+    /// Whether readers may still be inside sections on index `i`.
+    fn readers_active(&self, i: usize) -> bool {
+        let n = crate::global::get_if_init().map_or(0, |g| g.shard_count());
+        let mut unlocks = self.overflow_unlock[i].get();
+        for s in 0..n {
+            unlocks = unlocks.wrapping_add(self.per_thread(s).unlock[i].get());
+        }
+        heavy_barrier(); // B: see the module documentation
+        let mut locks = self.overflow_lock[i].get();
+        for s in 0..n {
+            locks = locks.wrapping_add(self.per_thread(s).lock[i].get());
+        }
+        locks != unlocks
+    }
+
+    /// Whether the calling thread is inside a section of this domain.
+    fn held_by_current(&self) -> bool {
+        shard::current_if_any().is_some_and(|s| {
+            let pt = self.per_thread(s.id.load(Ordering::Relaxed));
+            let locks = pt.lock[0].get().wrapping_add(pt.lock[1].get());
+            let unlocks = pt.unlock[0].get().wrapping_add(pt.unlock[1].get());
+            locks != unlocks
+        })
+    }
+
+    /// Queue a callback value on the calling thread's list in this domain.
+    pub(crate) fn enqueue(&self, head: NonNull<RcuHead>, func: usize) {
+        if let Some(g) = crate::global::get()
+            && let Some(s) = shard::current(g)
+        {
+            let pt = self.per_thread(s.id.load(Ordering::Relaxed));
+            let was_empty = super::queue_on(&pt.cbs, head, func);
+            pt.queued.inc();
+            if was_empty {
+                super::worker::kick_if_sleeping();
+            }
+            return;
+        }
+        super::queue_on(&self.core.overflow_cbs, head, func);
+        self.core.overflow_queued.fetch_add(1, Ordering::Relaxed);
+        super::worker::kick_if_sleeping();
+    }
+
+    /// Wait for a full grace period of this domain (normal context).
+    pub(crate) fn synchronize(&'static self) {
+        assert!(
+            !self.held_by_current(),
+            "nolock: synchronize_srcu() called inside a read-side section of the same SRCU domain on this \
+             thread; it would wait for itself forever"
+        );
+        super::worker::ensure_started();
+        let cookie = self.core.seq.snap();
+        super::wait_for_cookie(self, cookie);
+    }
+}
+
+impl Domain for SrcuState {
+    fn core(&self) -> &GpCore {
+        &self.core
+    }
+
+    fn step(&self) -> Step {
+        let core = &self.core;
+        match core.phase.load(Ordering::Relaxed) {
+            IDLE => {
+                if !core.work_requested() {
+                    return Step::Idle;
+                }
+                core.seq.start();
+                if self.implies_rcu.load(Ordering::Relaxed) != 0 {
+                    // Begin with a full RCU grace period: every RCU reader that began before this grace
+                    // period started has ended before it can end.
+                    let c = super::tree::RCU.core().seq.snap();
+                    super::tree::RCU.core().request(c);
+                    core.aux.store(c, Ordering::Relaxed);
+                    core.phase.store(WAIT_RCU, Ordering::Relaxed);
+                } else {
+                    heavy_barrier(); // A
+                    core.phase.store(SCAN1, Ordering::Relaxed);
+                }
+                Step::Progress
+            }
+            WAIT_RCU => {
+                let rcu = &super::tree::RCU;
+                let cookie = core.aux.load(Ordering::Relaxed);
+                if !rcu.core().seq.done(cookie) {
+                    return match rcu.core().try_drive(|| rcu.step()) {
+                        Some(Step::Progress) => Step::Progress,
+                        _ => Step::Waiting,
+                    };
+                }
+                heavy_barrier();
+                core.phase.store(SCAN1, Ordering::Relaxed);
+                Step::Progress
+            }
+            SCAN1 => {
+                let inactive = ((self.idx.load(Ordering::Relaxed) & 1) ^ 1) as usize;
+                if self.readers_active(inactive) {
+                    return Step::Waiting;
+                }
+                self.idx.fetch_add(1, Ordering::SeqCst);
+                heavy_barrier(); // D: make the flip visible before the second scan
+                core.phase.store(SCAN2, Ordering::Relaxed);
+                Step::Progress
+            }
+            _ => {
+                let old = ((self.idx.load(Ordering::Relaxed) & 1) ^ 1) as usize;
+                if self.readers_active(old) {
+                    return Step::Waiting;
+                }
+                heavy_barrier();
+                core.phase.store(IDLE, Ordering::Relaxed);
+                core.seq.end();
+                Step::Progress
+            }
+        }
+    }
+
+    fn shard_cbs(&self, i: u32) -> Option<&Llist> {
+        Some(&self.per_thread(i).cbs)
+    }
+
+    fn shard_queued(&self, i: u32) -> u64 {
+        self.per_thread(i).queued.get()
+    }
+}
+
+/// An SRCU-fast domain. `const`-constructible, so it can be a `static`; a local or boxed domain works too
+/// (dropping it waits for its callbacks).
+///
+/// ```
+/// use nolock::rcu::srcu::SrcuFast;
+///
+/// static DOMAIN: SrcuFast = SrcuFast::new();
+///
+/// let guard = DOMAIN.read_lock_fast();
+/// // ... read SRCU-protected data; sleeping is allowed here ...
+/// drop(guard);
+/// DOMAIN.synchronize(); // every section that began before this call has ended
+/// ```
+#[derive(Debug)]
+pub struct SrcuFast {
+    state: AtomicPtr<SrcuState>,
+    implies_rcu: bool,
+}
+
+impl Default for SrcuFast {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SrcuFast {
+    /// A new domain (`DEFINE_SRCU_FAST` / `init_srcu_struct_fast`). Its per-thread table is mapped on first use.
+    pub const fn new() -> Self {
+        Self { state: AtomicPtr::new(core::ptr::null_mut()), implies_rcu: false }
+    }
+
+    /// The Tasks Trace domain: each grace period begins with a full RCU grace period.
+    pub(crate) const fn new_implying_rcu() -> Self {
+        Self { state: AtomicPtr::new(core::ptr::null_mut()), implies_rcu: true }
+    }
+
+    #[inline(always)]
+    pub(crate) fn state(&self) -> &'static SrcuState {
+        let p = self.state.load(Ordering::Acquire);
+        if !p.is_null() {
+            // SAFETY: states are never unmapped; `p` was published by `init_state`.
+            return unsafe { &*p };
+        }
+        self.init_state()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn init_state(&self) -> &'static SrcuState {
+        let Some(s) = get_state(self.implies_rcu) else {
+            // Out of address space for a 64 KiB table: nothing sensible is left to do.
+            crate::sys::write_stderr(b"nolock: cannot map an SRCU domain's per-thread table\n");
+            std::process::abort();
+        };
+        let p = s as *const SrcuState as *mut SrcuState;
+        // AcqRel: publish; a loser gives its state back for reuse.
+        match self.state.compare_exchange(core::ptr::null_mut(), p, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => s,
+            Err(winner) => {
+                s.live.store(STATE_FREE, Ordering::Release);
+                // SAFETY: the winner's state is published and never unmapped.
+                unsafe { &*winner }
+            }
+        }
+    }
+
+    /// Enter a read-side section (`srcu_read_lock_fast`). The section may block or sleep. The guard remembers
+    /// the index it incremented and must be dropped on the same thread (it is not `Send`).
+    ///
+    /// # Context
+    /// Any context: async-signal-safe and reentrant; no fence, no atomic RMW (two loads and a single-instruction
+    /// increment on x86-64). The first use of a domain maps its table (`mmap`).
+    #[inline]
+    pub fn read_lock_fast(&self) -> SrcuFastGuard<'_> {
+        let st = self.state();
+        let idx = (st.idx.load(Ordering::Relaxed) & 1) as usize;
+        let unlock = if let Some(g) = crate::global::get()
+            && let Some(s) = shard::current(g)
+        {
+            let pt = st.per_thread(s.id.load(Ordering::Relaxed));
+            pt.lock[idx].inc();
+            (&pt.unlock[idx] as *const LocalCounter, false)
+        } else {
+            st.overflow_lock[idx].shared_inc();
+            (&st.overflow_unlock[idx] as *const LocalCounter, true)
+        };
+        signal_fence();
+        SrcuFastGuard { unlock: unlock.0, shared: unlock.1, _domain: PhantomData }
+    }
+
+    /// Wait until every read-side section of this domain that began before the call has ended
+    /// (`synchronize_srcu`). Concurrent callers share grace periods.
+    ///
+    /// # Panics
+    /// If called inside a read-side section of this domain on this thread.
+    ///
+    /// # Context
+    /// Normal context only: blocks for as long as the longest such reader (sleeping readers included).
+    pub fn synchronize(&self) {
+        self.state().synchronize();
+    }
+
+    /// Queue `func(head)` to run after a grace period of this domain (`call_srcu_fast_nolock`).
+    ///
+    /// # Safety
+    /// As [`crate::rcu::tree::call_rcu_nolock`].
+    ///
+    /// # Context
+    /// Any context: async-signal-safe, reentrant, lock-free. Never fails.
+    #[inline]
+    pub unsafe fn call_srcu_fast_nolock(&self, head: NonNull<RcuHead>, func: RcuCallback) {
+        self.state().enqueue(head, func as usize);
+    }
+
+    /// Wait until every callback queued on this domain before the call has run (`srcu_barrier`).
+    ///
+    /// # Context
+    /// Normal context only: blocks.
+    pub fn barrier(&self) {
+        let st = self.state();
+        super::kfree::flush_blocks(super::kfree::Flavor::Srcu(st));
+        super::barrier(st);
+    }
+
+    /// Grace-period cookie (`get_state_synchronize_srcu`); see [`poll`](Self::poll). Any context.
+    pub fn get_state(&self) -> u64 {
+        self.state().core.seq.snap()
+    }
+
+    /// Like [`get_state`](Self::get_state), and ask the worker to run the grace period. Any context.
+    pub fn start_poll(&self) -> u64 {
+        let st = self.state();
+        let c = st.core.seq.snap();
+        st.core.request(c);
+        super::worker::kick();
+        c
+    }
+
+    /// Whether the grace period named by `cookie` has elapsed (`poll_state_synchronize_srcu`). Any context.
+    pub fn poll(&self, cookie: u64) -> bool {
+        self.state().core.seq.done(cookie)
+    }
+
+    /// Statistics of this domain. Any context.
+    pub fn stats(&self) -> super::tree::GpStats {
+        super::tree::stats_of(self.state())
+    }
+}
+
+impl Drop for SrcuFast {
+    /// Run every pending callback, then give the per-thread table back for reuse.
+    fn drop(&mut self) {
+        let p = *self.state.get_mut();
+        if p.is_null() {
+            return;
+        }
+        // SAFETY: states are never unmapped.
+        let st = unsafe { &*p };
+        if super::queued_total(st) != st.core.invoked.load(Ordering::Acquire) || st.core.work_requested() {
+            self.barrier();
+            let cookie = st.core.seq.snap();
+            super::worker::ensure_started();
+            super::wait_for_cookie(st, cookie);
+        }
+        // Wait until no driver is inside a step of this state, then free it for reuse.
+        let mut backoff = super::Backoff::new();
+        while st.core.try_drive(|| Step::Idle).is_none() {
+            backoff.wait();
+        }
+        st.live.store(STATE_FREE, Ordering::Release);
+    }
+}
+
+/// Proof of being inside a read-side section of an SRCU-fast domain; dropping it leaves the section.
+#[must_use = "the read-side section ends when the guard is dropped"]
+pub struct SrcuFastGuard<'d> {
+    unlock: *const LocalCounter,
+    shared: bool,
+    _domain: PhantomData<(&'d SrcuFast, *mut ())>,
+}
+
+impl Drop for SrcuFastGuard<'_> {
+    /// `srcu_read_unlock_fast`.
+    #[inline]
+    fn drop(&mut self) {
+        signal_fence();
+        // SAFETY: the counter lives in a never-unmapped state; the guard is not Send, so this is the thread
+        // whose counter it is (or a shared counter).
+        let c = unsafe { &*self.unlock };
+        if self.shared {
+            c.shared_inc();
+        } else {
+            c.inc();
+        }
+    }
+}
+
+impl core::fmt::Debug for SrcuFastGuard<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("SrcuFastGuard")
+    }
+}
+
+/// `call_srcu_fast_nolock` as a free function.
+///
+/// # Safety
+/// As [`SrcuFast::call_srcu_fast_nolock`].
+///
+/// # Context
+/// Any context.
+#[inline]
+pub unsafe fn call_srcu_fast_nolock(domain: &SrcuFast, head: NonNull<RcuHead>, func: RcuCallback) {
+    // SAFETY: forwarded.
+    unsafe { domain.call_srcu_fast_nolock(head, func) }
+}

@@ -1,0 +1,193 @@
+//! The grace-period worker: one thread that collects callbacks, drives grace periods for them, invokes them in
+//! batches, and ages `kfree_rcu` pointer blocks.
+//!
+//! Started from a normal context (`nolock::init`, `synchronize_*`, barriers). Waking it is async-signal-safe:
+//! enqueuers that find their list empty check whether the worker sleeps (after a `SeqCst` fence that pairs
+//! with the worker's own fence between announcing sleep and its final look at the lists) and only then make
+//! the `futex` wake system call, so a retire storm costs no system calls.
+
+use std::collections::{HashMap, VecDeque};
+
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering, fence};
+use core::time::Duration;
+
+use super::{Domain, Step};
+
+static RUNNING_PID: AtomicI32 = AtomicI32::new(0);
+static WORK: AtomicU32 = AtomicU32::new(0);
+static SLEEPING: AtomicBool = AtomicBool::new(false);
+
+/// Milliseconds between two aging ticks of `kfree_rcu` pointer blocks.
+const AGE_TICK: Duration = Duration::from_millis(5);
+
+/// Start the worker if it is not running in this process.
+///
+/// # Context
+/// Normal context only: spawns a thread.
+pub(crate) fn ensure_started() {
+    let pid = crate::sys::getpid();
+    let cur = RUNNING_PID.load(Ordering::Acquire);
+    if cur == pid {
+        return;
+    }
+    if RUNNING_PID.compare_exchange(cur, pid, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        return;
+    }
+    if std::thread::Builder::new().name("nolock-rcu".into()).spawn(run).is_err() {
+        RUNNING_PID.store(0, Ordering::Release);
+    }
+}
+
+/// Wake the worker. Async-signal-safe.
+pub(crate) fn kick() {
+    SLEEPING.store(false, Ordering::Relaxed);
+    WORK.fetch_add(1, Ordering::Release);
+    crate::sys::futex_wake(&WORK, 1);
+}
+
+/// Wake the worker only if it is asleep. Async-signal-safe; no system call when it is awake.
+#[inline]
+pub(crate) fn kick_if_sleeping() {
+    // SeqCst fence: pairs with the worker's fence between `SLEEPING = true` and its last look at the lists.
+    fence(Ordering::SeqCst);
+    if SLEEPING.load(Ordering::Relaxed) {
+        kick();
+    }
+}
+
+/// In a fork child: the worker thread is gone.
+pub(crate) fn after_fork_child() {
+    RUNNING_PID.store(0, Ordering::Release);
+    SLEEPING.store(false, Ordering::Relaxed);
+}
+
+/// A collected batch waiting for its grace period.
+struct Batch {
+    cookie: u64,
+    head: usize,
+    count: u64,
+}
+
+#[derive(Default)]
+struct Pending {
+    batches: VecDeque<Batch>,
+    waiting: u64,
+}
+
+fn domains() -> Vec<&'static dyn Domain> {
+    let mut v: Vec<&'static dyn Domain> = vec![super::tree::domain()];
+    super::srcu::for_each_live(|s| v.push(s));
+    v
+}
+
+fn run() {
+    let mut pending: HashMap<usize, Pending> = HashMap::new();
+    let mut last_age = std::time::Instant::now();
+    let mut idle_rounds = 0u32;
+    loop {
+        if RUNNING_PID.load(Ordering::Acquire) != crate::sys::getpid() {
+            return;
+        }
+        let seen = WORK.load(Ordering::Acquire);
+        let mut busy = false;
+        for d in domains() {
+            let key = d as *const dyn Domain as *const () as usize;
+            busy |= service(d, pending.entry(key).or_default());
+        }
+        let blocks = super::kfree::any_blocks();
+        if blocks && last_age.elapsed() >= AGE_TICK {
+            super::kfree::age_blocks();
+            last_age = std::time::Instant::now();
+            busy = true;
+        }
+        if busy {
+            idle_rounds = 0;
+            crate::sys::futex_wait(&WORK, seen, Some(Duration::from_micros(50)));
+            continue;
+        }
+        idle_rounds += 1;
+        if idle_rounds < 4 {
+            crate::sys::futex_wait(&WORK, seen, Some(Duration::from_micros(200)));
+            continue;
+        }
+        // Announce sleep, then look once more (pairs with `kick_if_sleeping`).
+        SLEEPING.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if domains().iter().any(|d| has_callbacks(*d)) {
+            SLEEPING.store(false, Ordering::Relaxed);
+            continue;
+        }
+        let timeout = if blocks { AGE_TICK } else { Duration::from_secs(1) };
+        crate::sys::futex_wait(&WORK, seen, Some(timeout));
+        SLEEPING.store(false, Ordering::Relaxed);
+    }
+}
+
+fn has_callbacks(d: &dyn Domain) -> bool {
+    let n = crate::global::get_if_init().map_or(0, |g| g.shard_count());
+    !d.core().overflow_cbs.is_empty()
+        || (0..n).any(|i| d.shard_cbs(i).is_some_and(|l| !l.is_empty()))
+        || d.core().work_requested()
+}
+
+/// Collect, drive, invoke for one domain. Returns whether it still has work.
+fn service(d: &dyn Domain, p: &mut Pending) -> bool {
+    let core = d.core();
+    // Collect every list, oldest first within each list.
+    let n = crate::global::get_if_init().map_or(0, |g| g.shard_count());
+    let mut first = 0usize;
+    let mut last = 0usize;
+    let mut count = 0u64;
+    let mut append = |chain: usize| {
+        if chain == 0 {
+            return;
+        }
+        let (h, t, k) = super::reverse_chain(chain);
+        if last == 0 {
+            first = h;
+        } else {
+            super::set_next(last, h);
+        }
+        last = t;
+        count += k;
+    };
+    for i in 0..n {
+        if let Some(l) = d.shard_cbs(i) {
+            append(l.take_all());
+        }
+    }
+    append(core.overflow_cbs.take_all());
+    if count > 0 {
+        let cookie = core.seq.snap();
+        core.request(cookie);
+        p.batches.push_back(Batch { cookie, head: first, count });
+        p.waiting += count;
+        core.peak_pending.fetch_max(p.waiting, Ordering::Relaxed);
+    }
+    // Drive the grace period as far as it goes without waiting.
+    if core.work_requested() {
+        for _ in 0..8 {
+            match core.try_drive(|| d.step()) {
+                Some(Step::Progress) => continue,
+                _ => break,
+            }
+        }
+    }
+    // Invoke the batches whose grace period has ended, in order.
+    while let Some(b) = p.batches.front() {
+        if !core.seq.done(b.cookie) {
+            break;
+        }
+        let b = p.batches.pop_front().expect("front exists");
+        let mut h = b.head;
+        while h != 0 {
+            let next = super::next_of(h);
+            // SAFETY: `h` was queued with a valid callback and its grace period has ended.
+            unsafe { super::invoke(h) };
+            h = next;
+        }
+        p.waiting -= b.count;
+        core.invoked.fetch_add(b.count, Ordering::Release);
+    }
+    !p.batches.is_empty() || core.work_requested()
+}
