@@ -1,1 +1,186 @@
 //! Typed wrappers: retire objects after a grace period without raw pointers.
+//!
+//! [`RcuPtr<T>`] is an atomic pointer to a `T` in nolock memory. Readers [`load`](RcuPtr::load) it inside a
+//! read-side section and get a `&T` that lives as long as their guard; writers [`publish`](RcuPtr::publish) a
+//! new value, and the old one is dropped and freed after a grace period of the pointer's flavour — RCU by
+//! default, or an SRCU-fast domain (sleepable readers). Publishing allocates with `kmalloc_nolock` and retires
+//! with `call_rcu_nolock`, so every operation is safe from any context, signal handlers included.
+//!
+//! ```
+//! use nolock::rcu::ptr::RcuPtr;
+//!
+//! static CONFIG: RcuPtr<[u32; 4]> = RcuPtr::null();
+//!
+//! CONFIG.publish([1, 2, 3, 4]).expect("out of memory");
+//! {
+//!     let guard = nolock::rcu_read_lock();
+//!     assert_eq!(CONFIG.load(&guard).unwrap()[2], 3);
+//! }
+//! CONFIG.publish([5, 6, 7, 8]).unwrap(); // the old array is dropped after a grace period
+//! nolock::rcu_barrier();
+//! ```
+
+use core::alloc::Layout;
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicPtr, Ordering};
+
+use super::srcu::{SrcuFast, SrcuFastGuard};
+use super::tree::RcuReadGuard;
+use super::{RcuCallback, RcuHead};
+use crate::page::Gfp;
+
+/// A grace-period flavour for typed wrappers: which read guard protects loads, and how old values are
+/// retired.
+pub trait Flavor {
+    /// The read-side guard whose lifetime bounds loaded references.
+    type Guard<'g>;
+    /// Queue `func(head)` after a grace period of this flavour. Any context.
+    ///
+    /// # Safety
+    /// As `call_rcu_nolock`.
+    unsafe fn retire(&self, head: NonNull<RcuHead>, func: RcuCallback);
+}
+
+/// The RCU flavour (non-sleepable readers, [`RcuReadGuard`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Rcu;
+
+impl Flavor for Rcu {
+    type Guard<'g> = RcuReadGuard;
+    unsafe fn retire(&self, head: NonNull<RcuHead>, func: RcuCallback) {
+        // SAFETY: forwarded.
+        unsafe { super::tree::call_rcu_nolock(head, func) }
+    }
+}
+
+/// An SRCU-fast flavour (sleepable readers of one domain, [`SrcuFastGuard`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Srcu(pub &'static SrcuFast);
+
+impl Flavor for Srcu {
+    type Guard<'g> = SrcuFastGuard<'g>;
+    unsafe fn retire(&self, head: NonNull<RcuHead>, func: RcuCallback) {
+        // SAFETY: forwarded.
+        unsafe { self.0.call_srcu_fast_nolock(head, func) }
+    }
+}
+
+#[repr(C)]
+struct Node<T> {
+    head: RcuHead,
+    value: T,
+}
+
+unsafe fn drop_node<T>(head: NonNull<RcuHead>) {
+    let node = head.as_ptr() as *mut Node<T>;
+    // SAFETY: the head is the first field of a Node<T> allocated by `publish`; its grace period has ended, so
+    // no reader can still see the value.
+    unsafe {
+        core::ptr::drop_in_place(&mut (*node).value);
+        crate::kfree_nolock(node as *mut u8);
+    }
+}
+
+/// An atomic, grace-period-protected pointer to a `T` (see the module documentation).
+pub struct RcuPtr<T: Send + Sync + 'static, F: Flavor = Rcu> {
+    ptr: AtomicPtr<Node<T>>,
+    flavor: F,
+    _owns: PhantomData<T>,
+}
+
+// SAFETY: the pointer hands out &T to any thread (T: Sync) and drops T on the worker thread (T: Send).
+unsafe impl<T: Send + Sync, F: Flavor + Send> Send for RcuPtr<T, F> {}
+// SAFETY: as above; all shared access goes through atomics.
+unsafe impl<T: Send + Sync, F: Flavor + Sync> Sync for RcuPtr<T, F> {}
+
+impl<T: Send + Sync> RcuPtr<T, Rcu> {
+    /// A null pointer protected by RCU.
+    pub const fn null() -> Self {
+        Self { ptr: AtomicPtr::new(core::ptr::null_mut()), flavor: Rcu, _owns: PhantomData }
+    }
+}
+
+impl<T: Send + Sync> Default for RcuPtr<T, Rcu> {
+    fn default() -> Self {
+        Self::null()
+    }
+}
+
+impl<T: Send + Sync> RcuPtr<T, Srcu> {
+    /// A null pointer protected by the SRCU-fast domain `domain` (readers use `domain.read_lock_fast()`).
+    pub const fn null_srcu(domain: &'static SrcuFast) -> Self {
+        Self { ptr: AtomicPtr::new(core::ptr::null_mut()), flavor: Srcu(domain), _owns: PhantomData }
+    }
+}
+
+impl<T: Send + Sync, F: Flavor> RcuPtr<T, F> {
+    /// The current value, valid while `guard` lives (`rcu_dereference`).
+    ///
+    /// # Context
+    /// Any context (one `Acquire` load).
+    #[inline]
+    pub fn load<'g>(&self, _guard: &'g F::Guard<'_>) -> Option<&'g T> {
+        // Acquire: pairs with the Release swap in `publish`, so the value's initialisation is visible.
+        let p = self.ptr.load(Ordering::Acquire);
+        // SAFETY: a published node stays allocated until a grace period after it was replaced; the guard
+        // proves we are inside a read-side section of the flavour, so that grace period cannot have ended.
+        (!p.is_null()).then(|| unsafe { &(*p).value })
+    }
+
+    /// Whether the pointer is null.
+    ///
+    /// # Context
+    /// Any context.
+    pub fn is_null(&self) -> bool {
+        self.ptr.load(Ordering::Relaxed).is_null()
+    }
+
+    /// Publish `value` (`rcu_assign_pointer`); the previous value is dropped and freed after a grace period.
+    /// On out-of-memory, the value is handed back and nothing changes.
+    ///
+    /// # Context
+    /// Any context: allocates with `kmalloc_nolock`, retires with `call_*_nolock`. `T`'s destructor later runs
+    /// on the grace-period worker thread.
+    pub fn publish(&self, value: T) -> Result<(), T> {
+        let Some(mem) = crate::kmalloc_layout_nolock(Layout::new::<Node<T>>(), Gfp::NONE) else {
+            return Err(value);
+        };
+        let node = mem.cast::<Node<T>>();
+        // SAFETY: fresh memory with Node<T>'s layout.
+        unsafe { node.as_ptr().write(Node { head: RcuHead::new(), value }) };
+        // Release: publishes the initialised node to `load`'s Acquire.
+        let old = self.ptr.swap(node.as_ptr(), Ordering::AcqRel);
+        self.retire(old);
+        Ok(())
+    }
+
+    /// Set the pointer to null; the previous value is retired after a grace period.
+    ///
+    /// # Context
+    /// Any context.
+    pub fn clear(&self) {
+        let old = self.ptr.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        self.retire(old);
+    }
+
+    fn retire(&self, old: *mut Node<T>) {
+        if let Some(old) = NonNull::new(old) {
+            // SAFETY: `old` is unlinked; its head is ours to queue and `drop_node::<T>` matches its type.
+            unsafe { self.flavor.retire(old.cast::<RcuHead>(), drop_node::<T>) };
+        }
+    }
+}
+
+impl<T: Send + Sync, F: Flavor> Drop for RcuPtr<T, F> {
+    /// The last value is retired after a grace period (readers may still hold it).
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+impl<T: Send + Sync, F: Flavor> core::fmt::Debug for RcuPtr<T, F> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RcuPtr").field("ptr", &self.ptr.load(Ordering::Relaxed)).finish()
+    }
+}
