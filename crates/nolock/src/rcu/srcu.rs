@@ -35,7 +35,7 @@
 
 use core::marker::PhantomData;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
 use super::{Domain, GpCore, RcuCallback, RcuHead, Step};
 use crate::global::MAX_SHARDS;
@@ -43,6 +43,7 @@ use crate::slab::shard;
 use crate::sync::llist::Llist;
 use crate::sync::local_counter::LocalCounter;
 use crate::sync::signal_fence;
+use crate::sync::srcu_core::{self, SrcuIndex, SrcuReader};
 use crate::sys::membarrier::heavy_barrier;
 
 const IDLE: u32 = 0;
@@ -57,8 +58,7 @@ const STATE_LIVE: u32 = 1;
 #[repr(C, align(64))]
 #[derive(Debug, Default)]
 pub(crate) struct SrcuPerThread {
-    lock: [LocalCounter; 2],
-    unlock: [LocalCounter; 2],
+    reader: SrcuReader,
     cbs: Llist,
     queued: LocalCounter,
 }
@@ -67,12 +67,12 @@ pub(crate) struct SrcuPerThread {
 #[repr(C)]
 pub(crate) struct SrcuState {
     core: GpCore,
-    idx: AtomicU64,
+    idx: SrcuIndex,
     implies_rcu: AtomicU32,
     live: AtomicU32,
     next: AtomicPtr<SrcuState>,
-    overflow_lock: [LocalCounter; 2],
-    overflow_unlock: [LocalCounter; 2],
+    /// Counters shared by readers that have no shard.
+    overflow: SrcuReader,
     per_thread: [SrcuPerThread; MAX_SHARDS],
 }
 
@@ -127,29 +127,15 @@ impl SrcuState {
         &self.per_thread[shard_id as usize]
     }
 
-    /// Whether readers may still be inside sections on index `i`.
-    fn readers_active(&self, i: usize) -> bool {
+    /// Every reader's counters: one per shard handed out so far, plus the shared ones.
+    fn readers(&self) -> impl Iterator<Item = &SrcuReader> {
         let n = crate::global::get_if_init().map_or(0, |g| g.shard_count());
-        let mut unlocks = self.overflow_unlock[i].get();
-        for s in 0..n {
-            unlocks = unlocks.wrapping_add(self.per_thread(s).unlock[i].get());
-        }
-        heavy_barrier(); // B: see the module documentation
-        let mut locks = self.overflow_lock[i].get();
-        for s in 0..n {
-            locks = locks.wrapping_add(self.per_thread(s).lock[i].get());
-        }
-        locks != unlocks
+        (0..n).map(|i| &self.per_thread(i).reader).chain(core::iter::once(&self.overflow))
     }
 
     /// Whether the calling thread is inside a section of this domain.
     fn held_by_current(&self) -> bool {
-        shard::current_if_any().is_some_and(|s| {
-            let pt = self.per_thread(s.id.load(Ordering::Relaxed));
-            let locks = pt.lock[0].get().wrapping_add(pt.lock[1].get());
-            let unlocks = pt.unlock[0].get().wrapping_add(pt.unlock[1].get());
-            locks != unlocks
-        })
+        shard::current_if_any().is_some_and(|s| self.per_thread(s.id.load(Ordering::Relaxed)).reader.nesting() != 0)
     }
 
     /// Queue a callback value on the calling thread's list in this domain.
@@ -223,18 +209,15 @@ impl Domain for SrcuState {
                 Step::Progress
             }
             SCAN1 => {
-                let inactive = ((self.idx.load(Ordering::Relaxed) & 1) ^ 1) as usize;
-                if self.readers_active(inactive) {
+                // Scan the inactive index (unlocks, barrier B, locks); flip; barrier D.
+                if !srcu_core::scan_inactive_and_flip(&self.idx, || self.readers(), heavy_barrier) {
                     return Step::Waiting;
                 }
-                self.idx.fetch_add(1, Ordering::SeqCst);
-                heavy_barrier(); // D: make the flip visible before the second scan
                 core.phase.store(SCAN2, Ordering::Relaxed);
                 Step::Progress
             }
             _ => {
-                let old = ((self.idx.load(Ordering::Relaxed) & 1) ^ 1) as usize;
-                if self.readers_active(old) {
+                if !srcu_core::scan_previous(&self.idx, || self.readers(), heavy_barrier) {
                     return Step::Waiting;
                 }
                 heavy_barrier();
@@ -329,16 +312,16 @@ impl SrcuFast {
     #[inline]
     pub fn read_lock_fast(&self) -> SrcuFastGuard<'_> {
         let st = self.state();
-        let idx = (st.idx.load(Ordering::Relaxed) & 1) as usize;
+        let idx = st.idx.current();
         let unlock = if let Some(g) = crate::global::get()
             && let Some(s) = shard::current(g)
         {
-            let pt = st.per_thread(s.id.load(Ordering::Relaxed));
-            pt.lock[idx].inc();
-            (&pt.unlock[idx] as *const LocalCounter, false)
+            let r = &st.per_thread(s.id.load(Ordering::Relaxed)).reader;
+            r.lock(idx);
+            (r.unlock_counter(idx) as *const LocalCounter, false)
         } else {
-            st.overflow_lock[idx].shared_inc();
-            (&st.overflow_unlock[idx] as *const LocalCounter, true)
+            st.overflow.shared_lock(idx);
+            (st.overflow.unlock_counter(idx) as *const LocalCounter, true)
         };
         signal_fence();
         SrcuFastGuard { unlock: unlock.0, shared: unlock.1, _domain: PhantomData }

@@ -30,11 +30,9 @@ use core::sync::atomic::{AtomicU64, Ordering, fence};
 use super::{Domain, GpCore, RcuCallback, RcuHead, Step};
 use crate::slab::shard;
 use crate::sync::llist::Llist;
+use crate::sync::rcu_core::{self, RcuGpCtr, RcuReaderWord};
 use crate::sync::signal_fence;
 use crate::sys::membarrier::heavy_barrier;
-
-const NEST_MASK: u64 = 0xffff_ffff;
-const PHASE: u64 = 1 << 32;
 
 const IDLE: u32 = 0;
 const WAIT1: u32 = 1;
@@ -44,35 +42,35 @@ const WAIT2: u32 = 2;
 pub(crate) struct RcuDomain {
     core: GpCore,
     /// Phase bit + a nesting count of one: what an outermost reader stores.
-    gp_ctr: AtomicU64,
+    gp_ctr: RcuGpCtr,
     /// Outermost sections of shard-less readers, per phase.
     overflow: [AtomicU64; 2],
 }
 
 pub(crate) static RCU: RcuDomain =
-    RcuDomain { core: GpCore::new(), gp_ctr: AtomicU64::new(1), overflow: [AtomicU64::new(0), AtomicU64::new(0)] };
+    RcuDomain { core: GpCore::new(), gp_ctr: RcuGpCtr::new(), overflow: [AtomicU64::new(0), AtomicU64::new(0)] };
 
 thread_local! {
-    /// Counter word of a thread without a shard.
-    static OVERFLOW_CTR: AtomicU64 = const { AtomicU64::new(0) };
+    /// Reader word of a thread without a shard.
+    static OVERFLOW_WORD: RcuReaderWord = const { RcuReaderWord::new() };
 }
 
-/// A reader's counter word: its shard's, or the thread-local overflow word.
+/// A reader's word: its shard's, or the thread-local overflow word.
 #[inline(always)]
-fn reader_word() -> (*const AtomicU64, bool) {
+fn reader_word() -> (*const RcuReaderWord, bool) {
     if let Some(g) = crate::global::get()
         && let Some(s) = shard::current(g)
     {
         return (&s.rcu.ctr, false);
     }
-    (OVERFLOW_CTR.with(|c| c as *const AtomicU64), true)
+    (OVERFLOW_WORD.with(|c| c as *const RcuReaderWord), true)
 }
 
 /// Proof of being inside an RCU read-side critical section; the section ends when it is dropped.
 /// Not `Send`: a section begins and ends on the same thread.
 #[must_use = "the read-side section ends when the guard is dropped"]
 pub struct RcuReadGuard {
-    ctr: *const AtomicU64,
+    ctr: *const RcuReaderWord,
     overflow: bool,
     _not_send: PhantomData<*mut ()>,
 }
@@ -90,30 +88,23 @@ pub struct RcuReadGuard {
 pub fn rcu_read_lock() -> RcuReadGuard {
     let (ctr, overflow) = reader_word();
     // SAFETY: `ctr` points at this thread's shard word or thread-local word, both live while the thread runs.
-    let c = unsafe { &*ctr };
-    let v = c.load(Ordering::Relaxed);
-    if v & NEST_MASK == 0 {
-        let g = RCU.gp_ctr.load(Ordering::Relaxed);
-        c.store(g, Ordering::Relaxed);
-        if overflow {
-            overflow_enter(g);
-        }
-    } else {
-        c.store(v + 1, Ordering::Relaxed);
+    let w = unsafe { &*ctr }.enter(&RCU.gp_ctr);
+    if overflow && RcuReaderWord::is_outermost(w) {
+        overflow_enter(w);
     }
     signal_fence();
     RcuReadGuard { ctr, overflow, _not_send: PhantomData }
 }
 
 #[cold]
-fn overflow_enter(g: u64) {
+fn overflow_enter(w: u64) {
     // SeqCst: a full fence; shard-less readers pay for ordering themselves.
-    RCU.overflow[((g & PHASE) >> 32) as usize].fetch_add(1, Ordering::SeqCst);
+    RCU.overflow[RcuReaderWord::phase_of(w)].fetch_add(1, Ordering::SeqCst);
 }
 
 #[cold]
-fn overflow_exit(v: u64) {
-    RCU.overflow[((v & PHASE) >> 32) as usize].fetch_sub(1, Ordering::SeqCst);
+fn overflow_exit(w: u64) {
+    RCU.overflow[RcuReaderWord::phase_of(w)].fetch_sub(1, Ordering::SeqCst);
 }
 
 impl Drop for RcuReadGuard {
@@ -122,12 +113,10 @@ impl Drop for RcuReadGuard {
     fn drop(&mut self) {
         signal_fence();
         // SAFETY: see `rcu_read_lock`; the guard is not Send, so this is the same thread.
-        let c = unsafe { &*self.ctr };
-        let v = c.load(Ordering::Relaxed);
-        if self.overflow && v & NEST_MASK == 1 {
+        let v = unsafe { &*self.ctr }.exit();
+        if self.overflow && RcuReaderWord::is_outermost(v) {
             overflow_exit(v);
         }
-        c.store(v - 1, Ordering::Relaxed);
     }
 }
 
@@ -144,22 +133,17 @@ impl core::fmt::Debug for RcuReadGuard {
 pub fn rcu_read_lock_held() -> bool {
     let (ctr, _) = reader_word();
     // SAFETY: as in `rcu_read_lock`.
-    unsafe { &*ctr }.load(Ordering::Relaxed) & NEST_MASK != 0
+    unsafe { &*ctr }.nested()
 }
 
 impl RcuDomain {
     /// Is some reader still inside a section begun in the phase opposite to `gp_ctr`'s?
     fn old_readers(&self) -> bool {
-        let cur = self.gp_ctr.load(Ordering::Relaxed);
-        let old = (((cur & PHASE) >> 32) ^ 1) as usize;
-        if self.overflow[old].load(Ordering::SeqCst) != 0 {
+        if self.overflow[self.gp_ctr.phase() ^ 1].load(Ordering::SeqCst) != 0 {
             return true;
         }
         let Some(g) = crate::global::get_if_init() else { return false };
-        (0..g.shard_count()).any(|i| {
-            let v = g.shard(i).rcu.ctr.load(Ordering::Relaxed);
-            v & NEST_MASK != 0 && (v ^ cur) & PHASE != 0
-        })
+        rcu_core::old_readers(&self.gp_ctr, (0..g.shard_count()).map(|i| &g.shard(i).rcu.ctr))
     }
 }
 
@@ -184,7 +168,7 @@ impl Domain for RcuDomain {
                     return Step::Waiting;
                 }
                 fence(Ordering::SeqCst);
-                self.gp_ctr.fetch_xor(PHASE, Ordering::SeqCst);
+                self.gp_ctr.flip();
                 fence(Ordering::SeqCst);
                 self.core.phase.store(WAIT2, Ordering::Relaxed);
                 Step::Progress
@@ -357,8 +341,8 @@ pub(crate) fn domain() -> &'static dyn Domain {
 /// Per-thread RCU state, kept in the thread's shard.
 #[derive(Debug, Default)]
 pub struct ShardRcu {
-    /// The reader counter word.
-    pub ctr: AtomicU64,
+    /// The reader word.
+    pub ctr: RcuReaderWord,
     /// Callbacks queued by this thread.
     pub cbs: Llist,
     /// Number of callbacks queued by this thread.

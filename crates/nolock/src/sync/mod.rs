@@ -12,6 +12,7 @@
 //!   the same thread cannot lose them (SRCU lock/unlock counts, queue counts).
 //! - [`local_lock`]: the per-thread busy flag that signal handlers respect (`local_trylock_t`), with a claim
 //!   protocol for other threads.
+//! - [`rcu_core`], [`srcu_core`]: the reader words/counters and grace-period scans of RCU and SRCU-fast.
 //! - [`slab_freelist`]: the state word of one slab: free-object list head (as an index), in-use count and flags,
 //!   changed together by one 64-bit CAS. This replaces SLUB's `cmpxchg_double` on (freelist, counters).
 //!
@@ -29,7 +30,9 @@ pub mod atomic {
 pub mod llist;
 pub mod local_counter;
 pub mod local_lock;
+pub mod rcu_core;
 pub mod slab_freelist;
+pub mod srcu_core;
 pub mod tagged;
 
 /// Order this thread's memory accesses against a signal handler that interrupts it (the C `atomic_signal_fence`).
