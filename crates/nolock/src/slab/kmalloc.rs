@@ -112,8 +112,8 @@ pub fn large_stats() -> LargeStats {
     }
 }
 
-/// Allocate `size` bytes, aligned to at least 8 (and naturally for power-of-two sizes up to 8 KiB; page aligned
-/// above 8 KiB). With [`Gfp::ZERO`] the memory is zeroed.
+/// Allocate `size` bytes, aligned to at least 8 and to the largest power of two dividing `size` (so naturally
+/// for power-of-two sizes) up to 8 KiB; page aligned above 8 KiB. With [`Gfp::ZERO`] the memory is zeroed.
 ///
 /// - `size == 0` returns [`ZERO_SIZE_PTR`].
 /// - `None` means out of memory: no free object and no free pages in the arena. It never means "busy".
@@ -128,7 +128,9 @@ pub fn kmalloc_nolock(size: usize, flags: Gfp) -> Option<NonNull<u8>> {
         return kmalloc_odd(size, 8, flags);
     }
     let g = global::get()?;
-    kmalloc_class(g, size_class(size), 8, flags)
+    // Power-of-two sizes are naturally aligned (and every size keeps the alignment of its lowest set bit), so
+    // "try the next bucket" must skip classes that would break it (64 → 128, not 96).
+    kmalloc_class(g, size_class(size), (size & size.wrapping_neg()).max(8), flags)
 }
 
 /// Allocate memory for `layout` (any size and power-of-two alignment). A zero-size layout returns a dangling,
