@@ -108,6 +108,8 @@ pub struct PageStats {
 /// The arena and its bitmaps. One instance lives in the global state; see the module documentation.
 pub struct PageAllocator {
     base: usize,
+    /// Arena size in bytes (`npages << PAGE_SHIFT`).
+    size: usize,
     npages: usize,
     nwords: usize,
     alloc: *const AtomicU64,
@@ -191,6 +193,7 @@ impl PageAllocator {
         let at = |off: usize| (meta as usize + off) as *const AtomicU64;
         Some(Self {
             base,
+            size: npages << PAGE_SHIFT,
             npages,
             nwords,
             alloc: at(layout.alloc),
@@ -231,7 +234,7 @@ impl PageAllocator {
     /// Size of the arena in bytes.
     #[inline]
     pub fn size(&self) -> usize {
-        self.npages << PAGE_SHIFT
+        self.size
     }
 
     /// Whether `addr` is inside the arena.

@@ -321,7 +321,7 @@ impl CacheInner {
         if g.fault_active() && self.inject_fault() {
             return None;
         }
-        let slot = match self.alloc_local(g, id) {
+        let slot = match self.alloc_local(g, id, self.cfg().link_off as usize) {
             Got::Obj(s) => s,
             Got::Busy => self.alloc_shared(g)?,
             Got::Oom => return None,
@@ -345,9 +345,10 @@ impl CacheInner {
         unsafe { NonNull::new_unchecked(obj as *mut u8) }
     }
 
-    /// Pop a slot from the calling thread's list (refilling it if empty). `id` is this cache's id.
+    /// Pop a slot from the calling thread's list (refilling it if empty). `id` is this cache's id and
+    /// `link_off` its link offset (passed in so that callers that know it as a constant save a load).
     #[inline(always)]
-    pub fn alloc_local(&self, g: &'static Global, id: u16) -> Got {
+    pub fn alloc_local(&self, g: &'static Global, id: u16, link_off: usize) -> Got {
         let Some(shard) = shard::current(g) else {
             return match self.alloc_shared(g) {
                 Some(s) => Got::Obj(s),
@@ -361,7 +362,10 @@ impl CacheInner {
         hooks::point(Point::AllocFast);
         let head = pc.freelist.load(Ordering::Relaxed);
         let slot = if head != 0 {
-            pc.freelist.store(self.link(head).load(Ordering::Relaxed), Ordering::Relaxed);
+            debug_assert_eq!(link_off, self.cfg().link_off as usize);
+            // SAFETY: `head` is a free slot on our list; its link word is at `link_off`.
+            let link = unsafe { &*((head + link_off) as *const core::sync::atomic::AtomicUsize) };
+            pc.freelist.store(link.load(Ordering::Relaxed), Ordering::Relaxed);
             pc.count.store(pc.count.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
             bump(&pc.alloc_fast);
             head

@@ -130,7 +130,7 @@ pub fn kmalloc_nolock(size: usize, flags: Gfp) -> Option<NonNull<u8>> {
     let g = global::get()?;
     // Power-of-two sizes are naturally aligned (and every size keeps the alignment of its lowest set bit), so
     // "try the next bucket" must skip classes that would break it (64 → 128, not 96).
-    kmalloc_class(g, size_class(size), (size & size.wrapping_neg()).max(8), flags)
+    kmalloc_class(g, size_class(size), || (size & size.wrapping_neg()).max(8), flags)
 }
 
 /// Allocate memory for `layout` (any size and power-of-two alignment). A zero-size layout returns a dangling,
@@ -149,17 +149,18 @@ pub fn kmalloc_layout_nolock(layout: Layout, flags: Gfp) -> Option<NonNull<u8>> 
     while class_align(class) < align {
         class += 1;
     }
-    kmalloc_class(g, class, align, flags)
+    kmalloc_class(g, class, || align, flags)
 }
 
+/// `align` is only evaluated off the fast path (next bucket, debug, fault injection).
 #[inline(always)]
-fn kmalloc_class(g: &'static Global, class: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
+fn kmalloc_class(g: &'static Global, class: usize, align: impl FnOnce() -> usize, flags: Gfp) -> Option<NonNull<u8>> {
     if g.slow_flags.load(Ordering::Relaxed) != 0 {
-        return kmalloc_class_slow(g, class, align, flags);
+        return kmalloc_class_slow(g, class, align(), flags);
     }
-    // Plain caches have ids 0..13 and no debug layout: the slot is the object.
+    // Plain caches have ids 0..13, no debug layout (the slot is the object) and their link word at offset 0.
     let id = class as u16;
-    match g.cache(id).alloc_local(g, id) {
+    match g.cache(id).alloc_local(g, id, 0) {
         Got::Obj(slot) => {
             if flags.contains(Gfp::ZERO) {
                 // SAFETY: a fresh object of the class's size.
@@ -168,7 +169,7 @@ fn kmalloc_class(g: &'static Global, class: usize, align: usize, flags: Gfp) -> 
             // SAFETY: arena addresses are never null.
             Some(unsafe { NonNull::new_unchecked(slot as *mut u8) })
         }
-        Got::Busy => next_bucket(g, 0, class, align, flags),
+        Got::Busy => next_bucket(g, 0, class, align(), flags),
         Got::Oom => None,
     }
 }
@@ -183,7 +184,7 @@ fn kmalloc_class_slow(g: &'static Global, class: usize, align: usize, flags: Gfp
     if g.fault_active() && c.inject_fault() {
         return None;
     }
-    match c.alloc_local(g, id) {
+    match c.alloc_local(g, id, c.cfg().link_off as usize) {
         Got::Obj(slot) => Some(c.finish_alloc(slot, flags)),
         Got::Busy => next_bucket(g, base, class, align, flags),
         Got::Oom => None,
@@ -200,7 +201,7 @@ fn next_bucket(g: &'static Global, base: usize, class: usize, align: usize, flag
         Some(n) => {
             let id2 = (base + n) as u16;
             let c2 = g.cache(id2);
-            if let Got::Obj(slot) = c2.alloc_local(g, id2) {
+            if let Got::Obj(slot) = c2.alloc_local(g, id2, c2.cfg().link_off as usize) {
                 return Some(c2.finish_alloc(slot, flags));
             }
         }
