@@ -159,7 +159,7 @@ fn init() -> Option<&'static Global> {
 impl Global {
     /// The cache with id `id`.
     #[inline]
-    pub fn cache(&self, id: u16) -> &CacheInner {
+    pub(crate) fn cache(&self, id: u16) -> &CacheInner {
         debug_assert!((id as usize) < MAX_CACHES);
         // SAFETY: the table has MAX_CACHES entries living as long as `self`; zeroed entries are valid.
         unsafe { &*self.caches.as_ptr().add(id as usize) }

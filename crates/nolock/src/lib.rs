@@ -89,7 +89,7 @@ pub use slab::kmalloc::{
     kmalloc_nolock, ksize, try_kfree_nolock,
 };
 #[cfg(not(loom))]
-pub use slab::{KmemCache, KmemCacheBuilder, kmem_cache_alloc_nolock, kmem_cache_free_nolock};
+pub use slab::{KmemCache, KmemCacheBuilder, SlabFlags, kmem_cache_alloc_nolock, kmem_cache_free_nolock};
 
 #[cfg(not(loom))]
 pub use rcu::kfree::{kfree_rcu_nolock, kfree_srcu_fast_nolock};

@@ -69,3 +69,46 @@ pub fn resident_bytes() -> Option<usize> {
 pub fn allocated_pages() -> usize {
     crate::global::get_if_init().map_or(0, |g| g.pages.count_allocated())
 }
+
+/// What the page under an address currently belongs to (for tests and diagnostics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageOwner {
+    /// Not inside nolock's arena.
+    Foreign,
+    /// A free page (given back to the page allocator).
+    Free,
+    /// A slab of the named cache (including a dead slab of a type-safe cache waiting for its grace period).
+    Slab(crate::CacheName),
+    /// The first page of a large `kmalloc_nolock` allocation.
+    Large,
+    /// The first page of an `alloc_pages_nolock` run.
+    Pages,
+}
+
+/// What the page under `ptr` belongs to right now.
+///
+/// # Context
+/// Any context (two loads).
+pub fn page_owner(ptr: *const u8) -> PageOwner {
+    use crate::page::desc::Kind;
+    let Some(g) = crate::global::get_if_init() else { return PageOwner::Foreign };
+    let addr = ptr as usize;
+    if !g.pages.contains(addr) {
+        return PageOwner::Foreign;
+    }
+    let info = g.pages.info_of(addr);
+    match info.kind() {
+        Kind::Free => PageOwner::Free,
+        Kind::Slab => PageOwner::Slab(g.cache(info.cache_id()).name()),
+        Kind::Large => PageOwner::Large,
+        Kind::Pages => PageOwner::Pages,
+    }
+}
+
+/// Whether the calling thread has its own per-thread caches (a shard) right now.
+///
+/// # Context
+/// Any context.
+pub fn thread_has_shard() -> bool {
+    crate::slab::shard::current_if_any().is_some()
+}

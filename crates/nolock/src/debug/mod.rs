@@ -11,7 +11,7 @@
 //! - *red zones* hold `0xbb` while the object is free and `0xcc` while it is allocated; a free checks both
 //!   (an overflow or underflow is reported and the object is kept out of circulation);
 //! - *poison*: a free object is filled with `0x6b` and its last byte with `0xa5`; an allocation checks the
-//!   pattern and reports a write after free;
+//!   pattern and reports a write after free (not for type-safe caches, whose freed objects readers may probe);
 //! - the *state* word is `FREE` or `ALLOC`, changed by CAS, so a double free (even two racing frees) is caught
 //!   and ignored;
 //! - the free-list link lives after the object, so poison covers the whole object.
@@ -253,23 +253,27 @@ impl Slot {
 }
 
 /// Lay out a fresh slot of a debug cache: free red zones, poison, state FREE.
-pub fn init_slot(c: &CacheInner, slot: usize) {
+pub(crate) fn init_slot(c: &CacheInner, slot: usize) {
     let mut s = Slot::of(c, slot);
     s.left().fill(RZ_FREE);
     s.right().fill(RZ_FREE);
-    s.poison();
+    if poisons(c) {
+        s.poison();
+    }
     s.state().store(ST_FREE, Ordering::Relaxed);
 }
 
 /// A slot of a debug cache is being handed out: check it was left alone while free, mark it allocated.
-pub fn on_alloc(c: &CacheInner, slot: usize) {
+pub(crate) fn on_alloc(c: &CacheInner, slot: usize) {
     let mut s = Slot::of(c, slot);
     let name = c.name();
     if s.state().swap(ST_ALLOC, Ordering::AcqRel) != ST_FREE {
         c.counters.debug_errors.fetch_add(1, Ordering::Relaxed);
         emit(format_args!("slot {slot:#x} of cache '{name}' was not marked free when allocated (corrupted)"));
     }
-    if let Some(at) = s.poison_damage() {
+    if poisons(c)
+        && let Some(at) = s.poison_damage()
+    {
         c.counters.debug_errors.fetch_add(1, Ordering::Relaxed);
         emit(format_args!(
             "object {:#x} of cache '{name}' was written after it was freed (first changed byte at offset {at})",
@@ -285,7 +289,7 @@ pub fn on_alloc(c: &CacheInner, slot: usize) {
 }
 
 /// A debug object is being freed: refuse double frees and damaged red zones, then poison it.
-pub fn on_free(c: &CacheInner, addr: usize, slot: usize) -> Result<(), FreeError> {
+pub(crate) fn on_free(c: &CacheInner, addr: usize, slot: usize) -> Result<(), FreeError> {
     let mut s = Slot::of(c, slot);
     let err = |kind| Err(FreeError::new(kind, addr).in_cache(c.name()));
     match s.state().load(Ordering::Acquire) {
@@ -300,10 +304,18 @@ pub fn on_free(c: &CacheInner, addr: usize, slot: usize) -> Result<(), FreeError
     if s.state().compare_exchange(ST_ALLOC, ST_FREE, Ordering::AcqRel, Ordering::Acquire).is_err() {
         return err(FreeErrorKind::DoubleFree);
     }
-    s.poison();
+    if poisons(c) {
+        s.poison();
+    }
     s.left().fill(RZ_FREE);
     s.right().fill(RZ_FREE);
     Ok(())
+}
+
+/// Type-safe caches are not poisoned: readers may still probe a freed object's fields (kernel slub_debug makes
+/// the same exception for `SLAB_TYPESAFE_BY_RCU`).
+fn poisons(c: &CacheInner) -> bool {
+    !c.cfg().typesafe.is_typesafe()
 }
 
 // -------------------------------------------------------------------------------------------------------------
@@ -346,7 +358,7 @@ pub enum FaultInjection {
 }
 
 /// Configure fault injection on one cache (internal form).
-pub fn set_fault(c: &CacheInner, f: FaultInjection) {
+pub(crate) fn set_fault(c: &CacheInner, f: FaultInjection) {
     let (nth, prob) = match f {
         FaultInjection::Off => (0, 0),
         FaultInjection::EveryNth(n) => (n.max(1), 0),

@@ -98,6 +98,13 @@ impl PageDesc {
         Info(self.info.load(Ordering::Acquire))
     }
 
+    /// The descriptor's last 16 bytes (`next`, `owner`, `npages`) as an `rcu_head`: only while the page is the
+    /// head of a dead slab waiting for a grace period, when nothing else uses those fields (the kernel's
+    /// `struct slab` overlays its `rcu_head` the same way).
+    pub fn rcu_head(&self) -> core::ptr::NonNull<crate::rcu::RcuHead> {
+        core::ptr::NonNull::from(&self.next).cast()
+    }
+
     /// Publish what this page now belongs to. `Release`: pairs with [`PageDesc::info`].
     #[inline]
     pub fn set_info(&self, info: Info) {
@@ -106,3 +113,4 @@ impl PageDesc {
 }
 
 const _: () = assert!(core::mem::size_of::<PageDesc>() == 32);
+const _: () = assert!(core::mem::offset_of!(PageDesc, next) == 16 && core::mem::offset_of!(PageDesc, npages) == 24);

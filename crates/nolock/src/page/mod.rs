@@ -36,7 +36,7 @@
 //! to 64) for the length of one `madvise` call, which is the only way a racing allocation can miss pages that
 //! are free.
 
-pub mod desc;
+pub(crate) mod desc;
 
 use core::ptr::NonNull;
 
@@ -643,6 +643,11 @@ impl PageAllocator {
     pub fn count_allocated(&self) -> usize {
         let frontier = self.frontier.load(Ordering::Acquire);
         (0..frontier).map(|w| self.word(self.alloc, w).load(Ordering::Relaxed).count_ones() as usize).sum()
+    }
+
+    /// The page whose descriptor is at address `desc` (inverse of [`desc`](Self::desc)).
+    pub fn page_of_desc(&self, desc: usize) -> usize {
+        (desc - self.descs as usize) / core::mem::size_of::<PageDesc>()
     }
 
     /// Describe the address `addr` (inside the arena): the descriptor of its page.

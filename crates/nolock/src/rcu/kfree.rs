@@ -84,7 +84,7 @@ impl Flavor {
         }
     }
 
-    fn enqueue(self, head: NonNull<RcuHead>, func: usize) {
+    pub(crate) fn enqueue(self, head: NonNull<RcuHead>, func: usize) {
         match self {
             Flavor::Rcu => super::tree::enqueue(head, func),
             Flavor::Srcu(s) => s.enqueue(head, func),

@@ -102,7 +102,7 @@ impl core::fmt::Display for CacheName {
 
 /// Immutable parameters of a cache, written once before the cache is published.
 #[derive(Clone, Copy, Debug)]
-pub struct CacheConfig {
+pub(crate) struct CacheConfig {
     /// Usable object size (what `ksize` reports).
     pub size: u32,
     /// Distance between slots in a slab.
@@ -111,8 +111,6 @@ pub struct CacheConfig {
     pub obj_off: u32,
     /// Offset of the free-list link word inside a slot.
     pub link_off: u32,
-    /// Object alignment.
-    pub align: u32,
     /// Pages per slab.
     pub slab_pages: u32,
     /// Objects per slab.
@@ -127,6 +125,45 @@ pub struct CacheConfig {
     pub flags: u32,
     /// Name, for reports and statistics.
     pub name: CacheName,
+    /// Type-safe reuse: how empty slabs wait before their pages go back.
+    pub typesafe: Typesafe,
+    /// Constructor run on each object when its slab is set up (`fn(NonNull<u8>)` as an address; 0: none).
+    pub ctor: usize,
+    /// Destructor run on each object when its slab is really released (0: none).
+    pub dtor: usize,
+    /// Id of the paired fallback cache (`NO_FALLBACK`: none).
+    pub fallback: u16,
+}
+
+impl core::fmt::Debug for Typesafe {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Typesafe::No => "No",
+            Typesafe::Rcu => "Rcu",
+            Typesafe::Srcu(_) => "SrcuFast",
+        })
+    }
+}
+
+impl Typesafe {
+    /// Whether slab release waits for a grace period.
+    pub fn is_typesafe(&self) -> bool {
+        !matches!(self, Typesafe::No)
+    }
+}
+
+/// No fallback cache.
+pub const NO_FALLBACK: u16 = u16::MAX;
+
+/// Whether (and after which grace period) a cache's empty slabs may go back to the page allocator.
+#[derive(Clone, Copy)]
+pub(crate) enum Typesafe {
+    /// At once: freed objects may be reused as anything.
+    No,
+    /// After an RCU grace period (`SLAB_TYPESAFE_BY_RCU`).
+    Rcu,
+    /// After a grace period of this SRCU-fast domain (`SLAB_TYPESAFE_BY_SRCU_FAST`).
+    Srcu(&'static crate::rcu::srcu::SrcuState),
 }
 
 impl CacheConfig {
@@ -156,7 +193,6 @@ impl CacheConfig {
             stride: stride as u32,
             obj_off: obj_off as u32,
             link_off: link_off as u32,
-            align: align as u32,
             slab_pages: slab_pages as u32,
             capacity: capacity as u16,
             recip: (1u64 << 32).div_ceil(stride as u64),
@@ -164,6 +200,31 @@ impl CacheConfig {
             limit: (capacity * stride) as u32,
             flags,
             name: CacheName::new(name),
+            typesafe: Typesafe::No,
+            ctor: 0,
+            dtor: 0,
+            fallback: NO_FALLBACK,
+        }
+    }
+
+    /// Run the constructor (if any) on the object at `obj`.
+    #[inline]
+    fn construct(&self, obj: usize) {
+        if self.ctor != 0 {
+            // SAFETY: `ctor` was stored from a `fn(NonNull<u8>)`; `obj` is a fresh object of this cache.
+            let f: fn(NonNull<u8>) = unsafe { core::mem::transmute::<usize, fn(NonNull<u8>)>(self.ctor) };
+            // SAFETY: arena addresses are never null.
+            f(unsafe { NonNull::new_unchecked(obj as *mut u8) });
+        }
+    }
+
+    /// Run the destructor (if any) on the object at `obj`.
+    fn destruct(&self, obj: usize) {
+        if self.dtor != 0 {
+            // SAFETY: as in `construct`.
+            let f: fn(NonNull<u8>) = unsafe { core::mem::transmute::<usize, fn(NonNull<u8>)>(self.dtor) };
+            // SAFETY: arena addresses are never null.
+            f(unsafe { NonNull::new_unchecked(obj as *mut u8) });
         }
     }
 
@@ -206,6 +267,10 @@ pub struct CacheCounters {
     pub slabs_freed: AtomicU64,
     /// Times a slab became entirely free.
     pub empty_events: AtomicU64,
+    /// Allocations served by the paired fallback cache because this one was busy.
+    pub fallback_allocs: AtomicU64,
+    /// Empty slabs waiting for a grace period before their pages go back (type-safe caches).
+    pub pending_slabs: AtomicU64,
 }
 
 /// Fault injection settings of one cache.
@@ -221,7 +286,7 @@ pub struct Fault {
 
 /// A cache slot in the global table. Zeroed memory is a free slot.
 #[repr(C, align(64))]
-pub struct CacheInner {
+pub(crate) struct CacheInner {
     cfg: UnsafeCell<CacheConfig>,
     state: AtomicU32,
     id: AtomicU32,
@@ -323,10 +388,26 @@ impl CacheInner {
         }
         let slot = match self.alloc_local(g, id, self.cfg().link_off as usize) {
             Got::Obj(s) => s,
-            Got::Busy => self.alloc_shared(g)?,
+            Got::Busy => return self.alloc_busy(g, flags),
             Got::Oom => return None,
         };
         Some(self.finish_alloc(slot, flags))
+    }
+
+    /// This thread's list is busy (a signal handler interrupted its owner): take the object from the paired
+    /// fallback cache, whose list is almost certainly free, else from the shared slab lists.
+    #[cold]
+    #[inline(never)]
+    fn alloc_busy(&self, g: &'static Global, flags: Gfp) -> Option<NonNull<u8>> {
+        let fb = self.cfg().fallback;
+        if fb != NO_FALLBACK {
+            let f = g.cache(fb);
+            if let Got::Obj(slot) = f.alloc_local(g, fb, f.cfg().link_off as usize) {
+                self.counters.fallback_allocs.fetch_add(1, Ordering::Relaxed);
+                return Some(f.finish_alloc(slot, flags));
+            }
+        }
+        self.alloc_shared(g).map(|slot| self.finish_alloc(slot, flags))
     }
 
     /// Turn a slot into the user pointer: debug checks and zeroing.
@@ -481,6 +562,8 @@ impl CacheInner {
             if debug {
                 debug::init_slot(self, slot);
             }
+            // The constructor runs once per object per slab life; the link it may overwrite is written after.
+            c.construct(slot + c.obj_off as usize);
             self.link(slot).store(next, Ordering::Relaxed);
         }
         d.slab.init(State::new(0, c.capacity, 0));
@@ -760,9 +843,28 @@ impl CacheInner {
         released
     }
 
-    /// Give a dead slab's pages back.
+    /// Give a dead slab's pages back: at once, or for a type-safe cache after a grace period (the slab's page
+    /// descriptor doubles as its `rcu_head`, as `struct slab` does in the kernel).
     fn release_slab(&self, g: &Global, head: u32) {
-        let pages = self.cfg().slab_pages as usize;
+        let via = match self.cfg().typesafe {
+            Typesafe::No => return self.free_slab_now(g, head),
+            Typesafe::Rcu => crate::rcu::kfree::Flavor::Rcu,
+            Typesafe::Srcu(s) => crate::rcu::kfree::Flavor::Srcu(s),
+        };
+        self.counters.pending_slabs.fetch_add(1, Ordering::Relaxed);
+        via.enqueue(g.pages.desc(head as usize).rcu_head(), typesafe_slab_gp_done as crate::rcu::RcuCallback as usize);
+    }
+
+    /// Run the destructors of a dead slab and give its pages back.
+    fn free_slab_now(&self, g: &Global, head: u32) {
+        let c = self.cfg();
+        if c.dtor != 0 {
+            let geo = self.geometry(g, head);
+            for i in 0..u32::from(c.capacity) {
+                c.destruct(geo.obj(i) + c.obj_off as usize);
+            }
+        }
+        let pages = c.slab_pages as usize;
         let free = Info::new(Kind::Free, 0, 0);
         for p in head as usize..head as usize + pages {
             g.pages.desc(p).set_info(free);
@@ -807,10 +909,21 @@ impl CacheInner {
         s.slabs = ld(&self.nr_slabs);
         s.slabs_allocated = ld(&k.slabs_allocated);
         s.slabs_freed = ld(&k.slabs_freed);
+        s.fallback_allocs = ld(&k.fallback_allocs);
+        s.pending_slabs = ld(&k.pending_slabs);
         s.allocs = s.alloc_fast + s.alloc_refill + s.shared_allocs;
         s.frees = s.free_fast + s.deferred_frees + s.shared_frees;
         s
     }
+}
+
+/// Grace-period callback of a type-safe cache's dead slab: destructors, then the pages go back.
+unsafe fn typesafe_slab_gp_done(head: core::ptr::NonNull<crate::rcu::RcuHead>) {
+    let g = crate::global::get_if_init().expect("a slab exists, so the global state does");
+    let page = g.pages.page_of_desc(head.as_ptr() as usize);
+    let c = g.cache(g.pages.desc(page).info().cache_id());
+    c.free_slab_now(g, page as u32);
+    c.counters.pending_slabs.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// A snapshot of one cache's counters.
@@ -864,6 +977,10 @@ pub struct CacheStats {
     pub slabs_freed: u64,
     /// Free objects sitting in threads' lists right now.
     pub cached_objects: u64,
+    /// Allocations served by the paired fallback cache (type-safe caches).
+    pub fallback_allocs: u64,
+    /// Empty slabs waiting for a grace period before their pages go back (type-safe caches).
+    pub pending_slabs: u64,
 }
 
 impl Default for CacheStats {
@@ -893,6 +1010,8 @@ impl Default for CacheStats {
             slabs_allocated: 0,
             slabs_freed: 0,
             cached_objects: 0,
+            fallback_allocs: 0,
+            pending_slabs: 0,
         }
     }
 }
@@ -929,6 +1048,8 @@ impl CacheStats {
         self.slabs_allocated += o.slabs_allocated;
         self.slabs_freed += o.slabs_freed;
         self.cached_objects += o.cached_objects;
+        self.fallback_allocs += o.fallback_allocs;
+        self.pending_slabs += o.pending_slabs;
     }
 }
 
@@ -1035,6 +1156,8 @@ fn reset_counters(k: &CacheCounters) {
         &k.slabs_allocated,
         &k.slabs_freed,
         &k.empty_events,
+        &k.fallback_allocs,
+        &k.pending_slabs,
     ] {
         a.store(0, Ordering::Relaxed);
     }
@@ -1056,6 +1179,13 @@ pub fn destroy(g: &Global, id: u16) -> DestroyReport {
     let c = g.cache(id);
     shard::claim_and_drain_all(g, id);
     let released = c.shrink(g, 0);
+    // Type-safe caches: wait for the grace periods of the slabs just queued (and of any queued earlier), so
+    // that destructors have run and every page is back before the slot is freed.
+    match c.cfg().typesafe {
+        Typesafe::No => {}
+        Typesafe::Rcu => crate::rcu::tree::rcu_barrier(),
+        Typesafe::Srcu(s) => crate::rcu::barrier(s),
+    }
     let st = c.stats(g);
     let live = st.allocs.saturating_sub(st.frees);
     let slabs_left = c.nr_slabs.load(Ordering::Relaxed);
@@ -1066,12 +1196,6 @@ pub fn destroy(g: &Global, id: u16) -> DestroyReport {
         c.state.store(STATE_FREE, Ordering::Release);
     }
     DestroyReport { slabs_released: released, live_objects: live.max(u64::from(slabs_left != 0)) }
-}
-
-/// The cache that `addr` (an arena address) belongs to, if it is a slab object.
-#[inline]
-pub fn cache_of(g: &Global, info: Info) -> &CacheInner {
-    g.cache(info.cache_id())
 }
 
 /// Run `f` on every live cache.

@@ -7,9 +7,9 @@
 //!
 //! This file holds the public `KmemCache` handle.
 
-pub mod cache;
+pub(crate) mod cache;
 pub mod kmalloc;
-pub mod shard;
+pub(crate) mod shard;
 
 use core::alloc::Layout;
 use core::ptr::NonNull;
@@ -19,7 +19,11 @@ use crate::debug::{self, FaultInjection, FreeError, FreeErrorKind};
 use crate::global::Global;
 use crate::page::Gfp;
 use crate::page::desc::Kind;
-use cache::{CacheConfig, CacheError, CacheName, CacheStats, DestroyReport, FLAG_DEBUG, MAX_ALIGN, MAX_OBJECT_SIZE};
+use crate::rcu::srcu::SrcuFast;
+use cache::{
+    CacheConfig, CacheError, CacheName, CacheStats, DestroyReport, FLAG_DEBUG, MAX_ALIGN, MAX_OBJECT_SIZE, NO_FALLBACK,
+    Typesafe,
+};
 
 /// A cache of fixed-size objects (the kernel's `struct kmem_cache`), allocated and freed from any context.
 ///
@@ -50,6 +54,41 @@ pub struct KmemCacheBuilder<'a> {
     layout: Layout,
     freeptr_offset: usize,
     debug: Option<bool>,
+    flags: SlabFlags,
+    srcu: Option<&'static SrcuFast>,
+    ctor: Option<fn(NonNull<u8>)>,
+    dtor: Option<fn(NonNull<u8>)>,
+    fallback: Option<bool>,
+}
+
+/// Cache creation flags (the kernel's `SLAB_*`). Combine with `|`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SlabFlags(u32);
+
+impl SlabFlags {
+    /// No flags.
+    pub const NONE: SlabFlags = SlabFlags(0);
+    /// `SLAB_TYPESAFE_BY_RCU`: a freed object may be reused at once, but only as an object of this cache; the
+    /// slab's memory goes back to the page allocator only after an RCU grace period.
+    pub const TYPESAFE_BY_RCU: SlabFlags = SlabFlags(1);
+    /// `SLAB_TYPESAFE_BY_SRCU_FAST`: the same, after a grace period of an SRCU-fast domain (the one given with
+    /// [`KmemCacheBuilder::srcu_domain`], Tasks Trace by default — which also implies an RCU grace period, so
+    /// both sleepable and non-sleepable readers are covered).
+    pub const TYPESAFE_BY_SRCU_FAST: SlabFlags = SlabFlags(2);
+    /// slub_debug checks for this cache (see [`crate::debug`]).
+    pub const DEBUG: SlabFlags = SlabFlags(4);
+
+    /// Whether every flag in `other` is set.
+    pub const fn contains(self, other: SlabFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl core::ops::BitOr for SlabFlags {
+    type Output = SlabFlags;
+    fn bitor(self, rhs: SlabFlags) -> SlabFlags {
+        SlabFlags(self.0 | rhs.0)
+    }
 }
 
 impl<'a> KmemCacheBuilder<'a> {
@@ -64,6 +103,45 @@ impl<'a> KmemCacheBuilder<'a> {
     /// Force debug checks on or off for this cache (default: whether kmalloc debug mode is on now).
     pub fn debug(mut self, on: bool) -> Self {
         self.debug = Some(on);
+        self
+    }
+
+    /// Creation flags, e.g. [`SlabFlags::TYPESAFE_BY_SRCU_FAST`].
+    pub fn flags(mut self, flags: SlabFlags) -> Self {
+        self.flags = self.flags | flags;
+        if flags.contains(SlabFlags::DEBUG) {
+            self.debug = Some(true);
+        }
+        self
+    }
+
+    /// The SRCU-fast domain whose grace period a `TYPESAFE_BY_SRCU_FAST` cache waits for (default: Tasks Trace).
+    pub fn srcu_domain(mut self, domain: &'static SrcuFast) -> Self {
+        self.srcu = Some(domain);
+        self
+    }
+
+    /// A constructor, run once per object when its slab is set up (not at each allocation), so that fields
+    /// lock-free readers probe — a type tag, a reference count, a key, a lock — stay meaningful across free and
+    /// reuse. It runs inside the allocation that needs a new slab, so it must be async-signal-safe and must not
+    /// allocate from this cache.
+    pub fn ctor(mut self, ctor: fn(NonNull<u8>)) -> Self {
+        self.ctor = Some(ctor);
+        self
+    }
+
+    /// A destructor, run once per object when its slab is really released (for a type-safe cache: after the
+    /// grace period, on the grace-period worker thread), to release what the constructor set up.
+    pub fn dtor(mut self, dtor: fn(NonNull<u8>)) -> Self {
+        self.dtor = Some(dtor);
+        self
+    }
+
+    /// Pair the cache with a fallback cache of the same type that serves allocations while this thread's list
+    /// is busy (a signal handler interrupted it). Default: on for type-safe caches, off otherwise (they use the
+    /// shared slab lists instead). Either way allocation never fails for being busy.
+    pub fn fallback(mut self, on: bool) -> Self {
+        self.fallback = Some(on);
         self
     }
 
@@ -88,8 +166,37 @@ impl<'a> KmemCacheBuilder<'a> {
         crate::init_normal_context();
         let debug = self.debug.unwrap_or_else(|| g.kmalloc_debug());
         let flags = if debug { FLAG_DEBUG } else { 0 };
-        let cfg = CacheConfig::new(self.name, size, align, self.freeptr_offset, flags);
-        let id = cache::create(g, cfg)?;
+        let mut cfg = CacheConfig::new(self.name, size, align, self.freeptr_offset, flags);
+        cfg.typesafe = if self.flags.contains(SlabFlags::TYPESAFE_BY_SRCU_FAST) {
+            Typesafe::Srcu(self.srcu.unwrap_or(&crate::rcu::tasks_trace::RCU_TASKS_TRACE).state())
+        } else if self.flags.contains(SlabFlags::TYPESAFE_BY_RCU) {
+            Typesafe::Rcu
+        } else {
+            Typesafe::No
+        };
+        cfg.ctor = self.ctor.map_or(0, |f| f as usize);
+        cfg.dtor = self.dtor.map_or(0, |f| f as usize);
+        if cfg.typesafe.is_typesafe() {
+            // Type-safe objects stay readable after free: the link word must not sit on fields readers probe,
+            // which is what `freeptr_offset` is for; poison would destroy them, so debug mode skips it.
+            crate::rcu::worker::ensure_started();
+        }
+        if self.fallback.unwrap_or(cfg.typesafe.is_typesafe()) {
+            let mut fb = cfg;
+            let mut name = crate::sys::StackBuf::<32>::new();
+            let _ = core::fmt::Write::write_fmt(&mut name, format_args!("{}-fb", self.name));
+            fb.name = cache::CacheName::new(name.as_str());
+            cfg.fallback = cache::create(g, fb)?;
+        }
+        let id = match cache::create(g, cfg) {
+            Ok(id) => id,
+            Err(e) => {
+                if cfg.fallback != NO_FALLBACK {
+                    cache::destroy(g, cfg.fallback);
+                }
+                return Err(e);
+            }
+        };
         Ok(KmemCache { g, id })
     }
 }
@@ -111,7 +218,21 @@ impl KmemCache {
 
     /// A builder for a cache with more options.
     pub fn builder(name: &str, layout: Layout) -> KmemCacheBuilder<'_> {
-        KmemCacheBuilder { name, layout, freeptr_offset: 0, debug: None }
+        KmemCacheBuilder {
+            name,
+            layout,
+            freeptr_offset: 0,
+            debug: None,
+            flags: SlabFlags::NONE,
+            srcu: None,
+            ctor: None,
+            dtor: None,
+            fallback: None,
+        }
+    }
+
+    fn fallback_id(&self) -> u16 {
+        self.inner().cfg().fallback
     }
 
     fn inner(&self) -> &cache::CacheInner {
@@ -166,12 +287,14 @@ impl KmemCache {
         if info.kind() != Kind::Slab {
             return err(FreeErrorKind::NotAllocated);
         }
-        if info.cache_id() != self.id {
-            return err(FreeErrorKind::WrongCache { owner: g.cache(info.cache_id()).name() });
+        let owner_id = info.cache_id();
+        if owner_id != self.id && owner_id != self.fallback_id() {
+            return err(FreeErrorKind::WrongCache { owner: g.cache(owner_id).name() });
         }
+        let c = g.cache(owner_id);
         match c.validate(g, addr, info) {
             Ok(slot) => {
-                c.free_slot(g, self.id, slot);
+                c.free_slot(g, owner_id, slot);
                 Ok(())
             }
             Err(e) => {
@@ -196,7 +319,14 @@ impl KmemCache {
     /// # Context
     /// Any context (reads counters; O(threads)).
     pub fn stats(&self) -> CacheStats {
-        self.inner().stats(self.g)
+        let mut s = self.inner().stats(self.g);
+        if self.fallback_id() != NO_FALLBACK {
+            let f = self.g.cache(self.fallback_id()).stats(self.g);
+            let fallback_allocs = s.fallback_allocs;
+            s.add(&f);
+            s.fallback_allocs = fallback_allocs;
+        }
+        s
     }
 
     /// Make allocations from this cache fail on purpose (see [`FaultInjection`]).
@@ -207,12 +337,17 @@ impl KmemCache {
         debug::set_fault(self.inner(), f);
     }
 
+    /// Ids of the cache and its fallback.
+    fn ids(&self) -> impl Iterator<Item = u16> {
+        core::iter::once(self.id).chain((self.fallback_id() != NO_FALLBACK).then_some(self.fallback_id()))
+    }
+
     /// Release the cache's entirely free slabs to the page allocator; returns how many.
     ///
     /// # Context
     /// Any context; lock-free. Work is proportional to the number of partially free slabs.
     pub fn shrink(&self) -> usize {
-        self.inner().shrink(self.g, 0)
+        self.ids().map(|id| self.g.cache(id).shrink(self.g, 0)).sum()
     }
 
     /// Destroy the cache: take back every thread's cached objects, release every slab and free the cache slot.
@@ -224,13 +359,24 @@ impl KmemCache {
     /// on this cache, bounded by 200 ms per thread).
     pub fn destroy(self) -> DestroyReport {
         let me = core::mem::ManuallyDrop::new(self);
-        cache::destroy(me.g, me.id)
+        me.destroy_both()
+    }
+
+    fn destroy_both(&self) -> DestroyReport {
+        let fb = self.fallback_id();
+        let mut r = cache::destroy(self.g, self.id);
+        if fb != NO_FALLBACK {
+            let f = cache::destroy(self.g, fb);
+            r.slabs_released += f.slabs_released;
+            r.live_objects += f.live_objects;
+        }
+        r
     }
 }
 
 impl Drop for KmemCache {
     fn drop(&mut self) {
-        cache::destroy(self.g, self.id);
+        self.destroy_both();
     }
 }
 
