@@ -298,8 +298,9 @@ pub(crate) fn barrier(d: &dyn Domain) {
     for _ in 0..=shards {
         heads.push(BarrierHead { head: RcuHead::new(), remaining: &remaining });
     }
-    // Count them all before any can run.
+    // Count them all before any can run; markers count as queued callbacks like any other.
     remaining.store(shards + 1, Ordering::Release);
+    d.core().overflow_queued.fetch_add(u64::from(shards) + 1, Ordering::Relaxed);
     let func = barrier_done as RcuCallback as usize;
     for (i, h) in heads.iter().enumerate() {
         let list = if (i as u32) < shards { d.shard_cbs(i as u32) } else { None };

@@ -182,12 +182,13 @@ fn service(d: &dyn Domain, p: &mut Pending) -> bool {
         let mut h = b.head;
         while h != 0 {
             let next = super::next_of(h);
+            // Count before invoking: a barrier marker that runs sees every earlier callback counted.
+            core.invoked.fetch_add(1, Ordering::Release);
             // SAFETY: `h` was queued with a valid callback and its grace period has ended.
             unsafe { super::invoke(h) };
             h = next;
         }
         p.waiting -= b.count;
-        core.invoked.fetch_add(b.count, Ordering::Release);
     }
     !p.batches.is_empty() || core.work_requested()
 }
