@@ -292,17 +292,16 @@ pub(crate) fn on_alloc(c: &CacheInner, slot: usize) {
 pub(crate) fn on_free(c: &CacheInner, addr: usize, slot: usize) -> Result<(), FreeError> {
     let mut s = Slot::of(c, slot);
     let err = |kind| Err(FreeError::new(kind, addr).in_cache(c.name()));
-    match s.state().load(Ordering::Acquire) {
-        ST_ALLOC => {}
-        ST_FREE => return err(FreeErrorKind::DoubleFree),
-        _ => return err(FreeErrorKind::NotAllocated),
+    // The CAS decides between two racing frees of the same object; only the winner looks at the red zones.
+    match s.state().compare_exchange(ST_ALLOC, ST_FREE, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => {}
+        Err(ST_FREE) => return err(FreeErrorKind::DoubleFree),
+        Err(_) => return err(FreeErrorKind::NotAllocated),
     }
     if let Some(offset) = s.red_zone_damage(RZ_ALLOC) {
+        // Keep the damaged object out of circulation: it stays "allocated" and is never handed out again.
+        s.state().store(ST_ALLOC, Ordering::Release);
         return err(FreeErrorKind::RedZone { offset });
-    }
-    // The CAS decides between two racing frees of the same object.
-    if s.state().compare_exchange(ST_ALLOC, ST_FREE, Ordering::AcqRel, Ordering::Acquire).is_err() {
-        return err(FreeErrorKind::DoubleFree);
     }
     if poisons(c) {
         s.poison();
@@ -366,6 +365,8 @@ pub(crate) fn set_fault(c: &CacheInner, f: FaultInjection) {
     };
     c.fault.every_nth.store(nth, Ordering::Relaxed);
     c.fault.prob.store(prob, Ordering::Relaxed);
+    // Start counting afresh, so `EveryNth(n)` fails exactly the n-th, 2n-th, ... attempt from now on.
+    c.fault.calls.store(0, Ordering::Relaxed);
     if (nth != 0 || prob != 0)
         && let Some(g) = crate::global::get()
     {

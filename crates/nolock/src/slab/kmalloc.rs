@@ -284,7 +284,9 @@ pub unsafe fn kfree_nolock(ptr: *mut u8) {
             let id = info.cache_id();
             let c = g.cache(id);
             if let Some(slot) = c.plain_slot(g, addr, info) {
-                c.free_slot(g, id, slot);
+                if !c.free_slot(g, id, slot) {
+                    debug::report(&c.double_free(addr));
+                }
                 return;
             }
         }
@@ -331,8 +333,11 @@ pub unsafe fn try_kfree_nolock(ptr: *mut u8) -> Result<(), FreeError> {
             let c = g.cache(info.cache_id());
             match c.validate(g, addr, info) {
                 Ok(slot) => {
-                    c.free_slot(g, info.cache_id(), slot);
-                    Ok(())
+                    if c.free_slot(g, info.cache_id(), slot) {
+                        Ok(())
+                    } else {
+                        Err(c.double_free(addr))
+                    }
                 }
                 Err(e) => {
                     c.counters.bad_frees.fetch_add(1, Ordering::Relaxed);

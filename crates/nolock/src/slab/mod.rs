@@ -159,7 +159,7 @@ impl<'a> KmemCacheBuilder<'a> {
             return Err(CacheError::BadAlign);
         }
         let osz = size.max(8).next_multiple_of(8);
-        if self.freeptr_offset % 8 != 0 || self.freeptr_offset + 8 > osz {
+        if self.freeptr_offset % 8 != 0 || self.freeptr_offset > osz - 8 {
             return Err(CacheError::BadFreeptrOffset);
         }
         let g = cache::global_or_err()?;
@@ -294,8 +294,11 @@ impl KmemCache {
         let c = g.cache(owner_id);
         match c.validate(g, addr, info) {
             Ok(slot) => {
-                c.free_slot(g, owner_id, slot);
-                Ok(())
+                if c.free_slot(g, owner_id, slot) {
+                    Ok(())
+                } else {
+                    Err(c.double_free(addr))
+                }
             }
             Err(e) => {
                 c.counters.bad_frees.fetch_add(1, Ordering::Relaxed);

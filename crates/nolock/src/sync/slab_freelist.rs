@@ -150,18 +150,31 @@ impl SlabFreelist {
         // SAFETY: `last` is an object of this slab being freed by the caller.
         let last_link = unsafe { g.link(last) };
         let mut old = State(self.state.load(Ordering::Relaxed));
+        // If the push is refused after a lost CAS, the link word is put back. (A refused push is a double free:
+        // the object may be on the free list already, and a concurrent taker may glimpse the written value in
+        // between — only debug caches, which track each object's state, make that race fully safe.)
+        let original = last_link.load(Ordering::Relaxed);
+        let mut wrote = false;
         loop {
-            if old.flags() & DEAD != 0 {
-                return Err(PushError::Dead);
-            }
-            if old.used() < n {
-                return Err(PushError::Underflow);
+            let refuse = if old.flags() & DEAD != 0 {
+                Some(PushError::Dead)
+            } else if old.used() < n {
+                Some(PushError::Underflow)
+            } else {
+                None
+            };
+            if let Some(e) = refuse {
+                if wrote {
+                    last_link.store(original, Ordering::Relaxed);
+                }
+                return Err(e);
             }
             let next = match old.head_enc() {
                 0 => 0,
                 enc => g.obj(enc - 1),
             };
             last_link.store(next, Ordering::Relaxed);
+            wrote = true;
             let listed_now = old.flags() & LISTED == 0;
             let new = State::new(first_idx + 1, old.used() - n, old.flags() | LISTED);
             // Release: pairs with the Acquire in take_all/pop_one; publishes the links and object contents.
