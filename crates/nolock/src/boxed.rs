@@ -90,6 +90,9 @@ impl<T> NBox<MaybeUninit<T>> {
     ///
     /// # Safety
     /// The memory must hold a valid `T`.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub unsafe fn assume_init(self) -> NBox<T> {
         let b = ManuallyDrop::new(self);
         NBox { ptr: b.ptr.cast(), _owns: PhantomData }
@@ -171,6 +174,9 @@ impl NBox<str> {
 
 impl<T: ?Sized> NBox<T> {
     /// Give up ownership without freeing; see [`NBox::from_raw`].
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn into_raw(b: Self) -> NonNull<T> {
         ManuallyDrop::new(b).ptr
     }
@@ -179,17 +185,26 @@ impl<T: ?Sized> NBox<T> {
     ///
     /// # Safety
     /// `ptr` must come from `NBox::into_raw` of the same type and not be owned by anything else.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub unsafe fn from_raw(ptr: NonNull<T>) -> Self {
         Self { ptr, _owns: PhantomData }
     }
 
     /// Leak the box, returning a reference that lives forever.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn leak<'a>(b: Self) -> &'a mut T {
         // SAFETY: the memory is never freed after this.
         unsafe { &mut *NBox::into_raw(b).as_ptr() }
     }
 
     /// The raw pointer, still owned by the box.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn as_ptr(b: &Self) -> *const T {
         b.ptr.as_ptr()
     }

@@ -28,7 +28,7 @@ pub const SLOW_DEBUG: u8 = 1;
 pub const SLOW_FAULT: u8 = 2;
 
 /// The global state. See the module documentation.
-pub struct Global {
+pub(crate) struct Global {
     /// The page allocator over the arena.
     pub pages: PageAllocator,
     caches: NonNull<CacheInner>,
@@ -241,23 +241,35 @@ pub struct Config {
 
 impl Config {
     /// Nothing set: every setting comes from the environment or its default.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Size of the virtual-memory arena that every allocation comes from. It is reserved, not committed.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn arena_size(mut self, bytes: usize) -> Self {
         self.arena_size = Some(bytes);
         self
     }
 
     /// Start with the kmalloc debug caches on (see [`crate::debug`]); can still be switched at run time.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn debug(mut self, on: bool) -> Self {
         self.debug = Some(on);
         self
     }
 
     /// Whether [`crate::init`] starts the background worker that returns free memory to the OS.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn background(mut self, on: bool) -> Self {
         self.background = Some(on);
         self

@@ -49,6 +49,9 @@ mod imp {
     }
 
     /// Install (or with `None`, remove) the hook called at every [`Point`].
+    ///
+    /// # Context
+    /// Normal context (tests): one atomic store.
     pub fn set_hook(hook: Option<fn(Point)>) {
         let p = hook.map_or(core::ptr::null_mut(), |f| f as *mut ());
         // Release: pairs with the Acquire load in `point`.
@@ -56,6 +59,9 @@ mod imp {
     }
 
     /// Call the installed hook, unless this thread is already inside it.
+    ///
+    /// # Context
+    /// Any context: calls the installed hook, which decides its own rules.
     #[inline(never)]
     pub fn point(at: Point) {
         let p = HOOK.load(Ordering::Acquire);
@@ -78,6 +84,9 @@ mod imp {
 pub use imp::{point, set_hook};
 
 /// Without the `test-hooks` feature: does nothing.
+///
+/// # Context
+/// Any context: calls the installed hook, which decides its own rules.
 #[cfg(not(feature = "test-hooks"))]
 #[inline(always)]
 pub fn point(_at: Point) {}

@@ -21,6 +21,9 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Sum over all caches.
+    ///
+    /// # Context
+    /// Any context (sums a vector that is already there).
     pub fn total(&self) -> CacheStats {
         let mut t = CacheStats::default();
         for c in &self.caches {
@@ -30,6 +33,9 @@ impl Snapshot {
     }
 
     /// The counters of the cache named `name`.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn cache(&self, name: &str) -> Option<&CacheStats> {
         self.caches.iter().find(|c| c.name.as_str() == name)
     }

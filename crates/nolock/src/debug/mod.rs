@@ -82,11 +82,17 @@ pub struct FreeError {
 
 impl FreeError {
     /// An error about `ptr`.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn new(kind: FreeErrorKind, ptr: usize) -> Self {
         Self { kind, ptr, cache: None }
     }
 
     /// Name the cache.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn in_cache(mut self, name: CacheName) -> Self {
         self.cache = Some(name);
         self
@@ -124,11 +130,17 @@ static REPORTS: AtomicU64 = AtomicU64::new(0);
 static QUIET: AtomicBool = AtomicBool::new(false);
 
 /// Number of problems reported so far (refused frees and debug-mode findings), process-wide.
+///
+/// # Context
+/// Any context (one atomic load).
 pub fn reports() -> u64 {
     REPORTS.load(Ordering::Relaxed)
 }
 
 /// Stop (or resume) printing reports on standard error; they are still counted. For tests that provoke them.
+///
+/// # Context
+/// Any context (one atomic store).
 pub fn set_quiet(quiet: bool) {
     QUIET.store(quiet, Ordering::Relaxed);
 }
@@ -145,19 +157,19 @@ fn emit(args: core::fmt::Arguments<'_>) {
 
 /// Report a refused free on standard error (async-signal-safe).
 #[cold]
-pub fn report(e: &FreeError) {
+pub(crate) fn report(e: &FreeError) {
     emit(format_args!("invalid free: {e}; nothing was freed"));
 }
 
 /// Report a refused `free_pages_nolock`.
 #[cold]
-pub fn report_pages_error(ptr: usize, order: u32, e: PagesError) {
+pub(crate) fn report_pages_error(ptr: usize, order: u32, e: PagesError) {
     emit(format_args!("invalid free_pages_nolock({ptr:#x}, order {order}): {e}; nothing was freed"));
 }
 
 /// Report a thread list that stayed busy while a cache was being destroyed.
 #[cold]
-pub fn report_stuck_shard(shard: u32, cache: CacheName) {
+pub(crate) fn report_stuck_shard(shard: u32, cache: CacheName) {
     emit(format_args!(
         "shard {shard} kept cache '{cache}' busy during destroy (a signal handler left the allocator by longjmp?); \
          its cached objects are leaked"
@@ -166,7 +178,7 @@ pub fn report_stuck_shard(shard: u32, cache: CacheName) {
 
 /// Report a `kfree_rcu_nolock` whose head is too far into its object to be encoded.
 #[cold]
-pub fn report_kfree_rcu_offset(ptr: usize, off: usize) {
+pub(crate) fn report_kfree_rcu_offset(ptr: usize, off: usize) {
     emit(format_args!(
         "kfree_rcu_nolock({ptr:#x}): the rcu_head is {off} bytes into the object (it must be within the first \
          64 KiB) and no pointer block was available; the object is leaked instead of freed too early"
@@ -175,7 +187,7 @@ pub fn report_kfree_rcu_offset(ptr: usize, off: usize) {
 
 /// Report a cache destroyed while objects were still allocated.
 #[cold]
-pub fn report_destroy_live(cache: CacheName, live: u64, slabs: u64) {
+pub(crate) fn report_destroy_live(cache: CacheName, live: u64, slabs: u64) {
     emit(format_args!(
         "cache '{cache}' destroyed with {live} objects still allocated in {slabs} slabs; \
          those slabs are left in place and the cache slot is retired"

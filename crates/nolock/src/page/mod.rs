@@ -106,7 +106,7 @@ pub struct PageStats {
 }
 
 /// The arena and its bitmaps. One instance lives in the global state; see the module documentation.
-pub struct PageAllocator {
+pub(crate) struct PageAllocator {
     base: usize,
     /// Arena size in bytes (`npages << PAGE_SHIFT`).
     size: usize,
@@ -223,12 +223,6 @@ impl PageAllocator {
         }
         // The arena mapping's original start is not kept; leaving a never-touched NORESERVE reservation mapped
         // costs no memory, so it is simply left in place.
-    }
-
-    /// First address of the arena.
-    #[inline]
-    pub fn base(&self) -> usize {
-        self.base
     }
 
     /// Size of the arena in bytes.
@@ -526,7 +520,8 @@ impl PageAllocator {
         }
     }
 
-    /// Whether every page of the run is allocated in the bitmap (a sanity check for frees).
+    /// Whether every page of the run is allocated in the bitmap (a sanity check for tests).
+    #[cfg(test)]
     pub fn run_allocated(&self, first: usize, npages: usize) -> bool {
         if first + npages > self.npages {
             return false;

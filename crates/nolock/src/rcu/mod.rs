@@ -31,7 +31,7 @@
 
 pub mod kfree;
 pub mod ptr;
-pub mod seq;
+pub(crate) mod seq;
 pub mod srcu;
 pub mod tasks_trace;
 pub mod tree;
@@ -129,7 +129,7 @@ pub(crate) fn set_next(head: usize, next: usize) {
 
 /// Result of one grace-period step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// The state machine advanced; call again at once.
     Progress,
     /// Readers are still inside; call again later.
@@ -140,7 +140,7 @@ pub enum Step {
 
 /// Grace-period state common to all domains.
 #[derive(Debug)]
-pub struct GpCore {
+pub(crate) struct GpCore {
     /// Completed grace periods.
     pub seq: GpSeq,
     driver: AtomicBool,

@@ -362,11 +362,17 @@ impl SrcuFast {
     }
 
     /// Grace-period cookie (`get_state_synchronize_srcu`); see [`poll`](Self::poll). Any context.
+    ///
+    /// # Context
+    /// Any context (one atomic load; the first use of a domain maps its table).
     pub fn get_state(&self) -> u64 {
         self.state().core.seq.snap()
     }
 
     /// Like [`get_state`](Self::get_state), and ask the worker to run the grace period. Any context.
+    ///
+    /// # Context
+    /// Any context: an atomic update and a `futex` wake of the worker.
     pub fn start_poll(&self) -> u64 {
         let st = self.state();
         let c = st.core.seq.snap();
@@ -376,11 +382,17 @@ impl SrcuFast {
     }
 
     /// Whether the grace period named by `cookie` has elapsed (`poll_state_synchronize_srcu`). Any context.
+    ///
+    /// # Context
+    /// Any context (one atomic load).
     pub fn poll(&self, cookie: u64) -> bool {
         self.state().core.seq.done(cookie)
     }
 
     /// Statistics of this domain. Any context.
+    ///
+    /// # Context
+    /// Any context (reads counters; O(threads)).
     pub fn stats(&self) -> super::tree::GpStats {
         super::tree::stats_of(self.state())
     }

@@ -72,6 +72,9 @@ pub struct CacheName {
 
 impl CacheName {
     /// Store `s`, cut to 31 bytes at a character boundary.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn new(s: &str) -> Self {
         let mut end = s.len().min(31);
         while !s.is_char_boundary(end) {
@@ -83,6 +86,9 @@ impl CacheName {
     }
 
     /// The name.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn as_str(&self) -> &str {
         core::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("?")
     }
@@ -169,6 +175,9 @@ pub(crate) enum Typesafe {
 impl CacheConfig {
     /// Compute the layout of a cache. `size` is the usable object size, `freeptr` the link offset inside the
     /// object (non-debug caches only).
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn new(name: &str, size: usize, align: usize, freeptr: usize, flags: u32) -> Self {
         let align = align.max(8);
         let osz = size.max(8).next_multiple_of(8);
@@ -1039,16 +1048,25 @@ impl Default for CacheStats {
 
 impl CacheStats {
     /// Allocations that did not come from the thread's list.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn alloc_slow(&self) -> u64 {
         self.alloc_refill + self.shared_allocs
     }
 
     /// Frees that did not go onto the thread's list directly.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn free_slow(&self) -> u64 {
         self.deferred_frees + self.shared_frees
     }
 
     /// Add another cache's counters (for totals).
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn add(&mut self, o: &CacheStats) {
         self.allocs += o.allocs;
         self.frees += o.frees;

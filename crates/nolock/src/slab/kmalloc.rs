@@ -43,7 +43,7 @@ const SIZE_INDEX: [u8; 24] = [0, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6,
 
 /// The class for `size` (1 ..= 8192).
 #[inline(always)]
-pub fn size_class(size: usize) -> usize {
+pub(crate) fn size_class(size: usize) -> usize {
     debug_assert!((1..=KMALLOC_MAX_CACHE_SIZE).contains(&size));
     if size <= 192 {
         SIZE_INDEX[(size - 1) / 8] as usize
@@ -55,18 +55,18 @@ pub fn size_class(size: usize) -> usize {
 
 /// Alignment guaranteed by a class (the largest power of two dividing its size).
 #[inline(always)]
-pub const fn class_align(class: usize) -> usize {
+pub(crate) const fn class_align(class: usize) -> usize {
     let s = KMALLOC_SIZES[class];
     s & s.wrapping_neg()
 }
 
 /// Cache ids of all kmalloc caches (created first, so ids 0..26).
-pub fn all_kmalloc_ids() -> impl Iterator<Item = u16> {
+pub(crate) fn all_kmalloc_ids() -> impl Iterator<Item = u16> {
     0..(2 * NR_KMALLOC) as u16
 }
 
 /// Create the plain and debug kmalloc caches in a fresh global state (ids `0..13` and `13..26`).
-pub fn create_kmalloc_caches(g: &Global) {
+pub(crate) fn create_kmalloc_caches(g: &Global) {
     for debug in [false, true] {
         for &size in &KMALLOC_SIZES {
             let mut name = crate::sys::StackBuf::<32>::new();
@@ -103,6 +103,9 @@ pub struct LargeStats {
 }
 
 /// A snapshot of the large-allocation counters.
+///
+/// # Context
+/// Any context (four atomic loads).
 pub fn large_stats() -> LargeStats {
     LargeStats {
         allocs: LARGE_ALLOCS.load(Ordering::Relaxed),

@@ -95,18 +95,27 @@ impl<'a> KmemCacheBuilder<'a> {
     /// Where, inside a free object, the allocator keeps its free-list link (8 bytes, 8-aligned). The default 0
     /// overwrites the object's first word; pick another offset to keep fields that lock-free readers probe
     /// intact across free and reuse.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn freeptr_offset(mut self, offset: usize) -> Self {
         self.freeptr_offset = offset;
         self
     }
 
     /// Force debug checks on or off for this cache (default: whether kmalloc debug mode is on now).
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn debug(mut self, on: bool) -> Self {
         self.debug = Some(on);
         self
     }
 
     /// Creation flags, e.g. [`SlabFlags::TYPESAFE_BY_SRCU_FAST`].
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn flags(mut self, flags: SlabFlags) -> Self {
         self.flags = self.flags | flags;
         if flags.contains(SlabFlags::DEBUG) {
@@ -116,6 +125,9 @@ impl<'a> KmemCacheBuilder<'a> {
     }
 
     /// The SRCU-fast domain whose grace period a `TYPESAFE_BY_SRCU_FAST` cache waits for (default: Tasks Trace).
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn srcu_domain(mut self, domain: &'static SrcuFast) -> Self {
         self.srcu = Some(domain);
         self
@@ -125,6 +137,9 @@ impl<'a> KmemCacheBuilder<'a> {
     /// lock-free readers probe — a type tag, a reference count, a key, a lock — stay meaningful across free and
     /// reuse. It runs inside the allocation that needs a new slab, so it must be async-signal-safe and must not
     /// allocate from this cache.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn ctor(mut self, ctor: fn(NonNull<u8>)) -> Self {
         self.ctor = Some(ctor);
         self
@@ -132,6 +147,9 @@ impl<'a> KmemCacheBuilder<'a> {
 
     /// A destructor, run once per object when its slab is really released (for a type-safe cache: after the
     /// grace period, on the grace-period worker thread), to release what the constructor set up.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn dtor(mut self, dtor: fn(NonNull<u8>)) -> Self {
         self.dtor = Some(dtor);
         self
@@ -140,6 +158,9 @@ impl<'a> KmemCacheBuilder<'a> {
     /// Pair the cache with a fallback cache of the same type that serves allocations while this thread's list
     /// is busy (a signal handler interrupted it). Default: on for type-safe caches, off otherwise (they use the
     /// shared slab lists instead). Either way allocation never fails for being busy.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn fallback(mut self, on: bool) -> Self {
         self.fallback = Some(on);
         self
@@ -217,6 +238,9 @@ impl KmemCache {
     }
 
     /// A builder for a cache with more options.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn builder(name: &str, layout: Layout) -> KmemCacheBuilder<'_> {
         KmemCacheBuilder {
             name,
@@ -308,11 +332,17 @@ impl KmemCache {
     }
 
     /// The cache's name.
+    ///
+    /// # Context
+    /// Any context (reads the cache's configuration).
     pub fn name(&self) -> CacheName {
         self.inner().name()
     }
 
     /// Usable size of each object.
+    ///
+    /// # Context
+    /// Any context (reads the cache's configuration).
     pub fn object_size(&self) -> usize {
         self.inner().cfg().size as usize
     }

@@ -16,18 +16,27 @@ pub struct Llist {
 
 impl Llist {
     /// An empty list.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[cfg(not(loom))]
     pub const fn new() -> Self {
         Self { head: AtomicUsize::new(0) }
     }
 
     /// An empty list.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[cfg(loom)]
     pub fn new() -> Self {
         Self { head: AtomicUsize::new(0) }
     }
 
     /// Whether the list looks empty right now (a hint: another context may push at any moment).
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline]
     pub fn is_empty(&self) -> bool {
         self.head.load(Ordering::Relaxed) == 0
@@ -37,6 +46,9 @@ impl Llist {
     /// `last`. Returns true when the list was empty before, the moment to kick whoever drains it.
     ///
     /// Async-signal-safe and reentrant.
+    ///
+    /// # Context
+    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
     #[inline]
     pub fn push_chain(&self, first: usize, last_link: &AtomicUsize) -> bool {
         debug_assert_ne!(first, 0);
@@ -52,6 +64,9 @@ impl Llist {
     }
 
     /// Push one node whose link word is `link`. Returns true when the list was empty before.
+    ///
+    /// # Context
+    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
     #[inline]
     pub fn push(&self, node: usize, link: &AtomicUsize) -> bool {
         self.push_chain(node, link)
@@ -59,6 +74,9 @@ impl Llist {
 
     /// Take every node pushed so far; returns the most recently pushed node (0 when empty). Follow the chain
     /// through the nodes' link words until 0.
+    ///
+    /// # Context
+    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
     #[inline]
     pub fn take_all(&self) -> usize {
         if self.is_empty() {

@@ -25,18 +25,27 @@ pub struct LocalCounter(AtomicU64);
 
 impl LocalCounter {
     /// A counter starting at zero.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[cfg(not(loom))]
     pub const fn new() -> Self {
         Self(AtomicU64::new(0))
     }
 
     /// A counter starting at zero.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[cfg(loom)]
     pub fn new() -> Self {
         Self(AtomicU64::new(0))
     }
 
     /// Add one. Only the owning thread and its signal handlers may call this.
+    ///
+    /// # Context
+    /// The owning thread and its signal handlers only: one instruction, async-signal-safe, never blocks.
     #[inline(always)]
     pub fn inc(&self) {
         #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
@@ -50,6 +59,9 @@ impl LocalCounter {
     }
 
     /// Add `n` (same rules as [`inc`](Self::inc)).
+    ///
+    /// # Context
+    /// The owning thread and its signal handlers only: one instruction, async-signal-safe, never blocks.
     #[inline(always)]
     pub fn add(&self, n: u64) {
         #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
@@ -63,12 +75,18 @@ impl LocalCounter {
 
     /// Add one from any thread (an atomic RMW with a full fence): for counters shared by threads that have no
     /// counter of their own.
+    ///
+    /// # Context
+    /// Any thread, any context: one atomic RMW.
     #[inline]
     pub fn shared_inc(&self) {
         self.0.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The current value.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)

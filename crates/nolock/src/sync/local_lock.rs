@@ -45,18 +45,27 @@ pub enum TryLock {
 
 impl LocalTryLock {
     /// An unlocked, unclaimed flag pair.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[cfg(not(loom))]
     pub const fn new() -> Self {
         Self { busy: AtomicU8::new(0), claimed: AtomicU8::new(0) }
     }
 
     /// An unlocked, unclaimed flag pair.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[cfg(loom)]
     pub fn new() -> Self {
         Self { busy: AtomicU8::new(0), claimed: AtomicU8::new(0) }
     }
 
     /// Owner: take the lock if no nested-over context holds it and nobody claimed the state.
+    ///
+    /// # Context
+    /// The owning thread and its signal handlers: async-signal-safe, never blocks.
     #[inline(always)]
     pub fn try_lock(&self) -> TryLock {
         if self.busy.load(Ordering::Relaxed) != 0 {
@@ -73,6 +82,9 @@ impl LocalTryLock {
     }
 
     /// Owner: release the lock.
+    ///
+    /// # Context
+    /// The owning thread, after a successful `try_lock`: async-signal-safe.
     #[inline(always)]
     pub fn unlock(&self) {
         signal_fence();
@@ -81,6 +93,9 @@ impl LocalTryLock {
     }
 
     /// Whether some context holds the lock right now.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline]
     pub fn is_locked(&self) -> bool {
         self.busy.load(Ordering::Acquire) != 0
@@ -88,6 +103,9 @@ impl LocalTryLock {
 
     /// Claimer: mark the state as claimed. Follow with one `heavy_barrier()` for all claims, then
     /// [`wait_unlocked`](Self::wait_unlocked).
+    ///
+    /// # Context
+    /// Any thread; never blocks. Must be followed by a heavy barrier before `wait_unlocked`.
     pub fn claim(&self) {
         self.claimed.store(1, Ordering::Relaxed);
     }
@@ -95,6 +113,9 @@ impl LocalTryLock {
     /// Claimer: wait (spinning, then yielding) until the owner's critical section is over. Returns false if it
     /// did not end within `patience` spins-and-yields (the owner left its section without unlocking, e.g. by
     /// `longjmp` out of a signal handler): the state must then be left alone.
+    ///
+    /// # Context
+    /// Normal context: spins and yields (blocks for at most `patience` yields).
     pub fn wait_unlocked(&self, mut patience: u32) -> bool {
         while self.busy.load(Ordering::Acquire) != 0 {
             if patience == 0 {
@@ -110,11 +131,17 @@ impl LocalTryLock {
     }
 
     /// Claimer: give the state back to its owner.
+    ///
+    /// # Context
+    /// The claiming thread; never blocks.
     pub fn unclaim(&self) {
         self.claimed.store(0, Ordering::Release);
     }
 
     /// Claimer or creator: force both flags clear (the state is being reset for a new user).
+    ///
+    /// # Context
+    /// Only while nobody else can use the lock (a slot being set up); never blocks.
     pub fn reset(&self) {
         self.busy.store(0, Ordering::Relaxed);
         self.claimed.store(0, Ordering::Release);

@@ -22,34 +22,52 @@ pub struct RcuGpCtr(AtomicU64);
 
 impl RcuGpCtr {
     /// Phase 0, count 1.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[cfg(not(loom))]
     pub const fn new() -> Self {
         Self(AtomicU64::new(1))
     }
 
     /// Phase 0, count 1.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[cfg(loom)]
     pub fn new() -> Self {
         Self(AtomicU64::new(1))
     }
 
     /// Switch the phase new readers take.
+    ///
+    /// # Context
+    /// Grace-period side (the domain's driver); one atomic RMW.
     pub fn flip(&self) {
         self.0.fetch_xor(PHASE, Ordering::SeqCst);
     }
 
     /// The current value.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 
     /// The phase (0 or 1) that readers entering now take.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn phase(&self) -> usize {
         ((self.get() & PHASE) >> 32) as usize
     }
 
     /// Whether `word` is inside a section begun in the phase opposite to the current one.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn is_old(&self, word: u64) -> bool {
         word & NEST_MASK != 0 && (word ^ self.get()) & PHASE != 0
     }
@@ -68,18 +86,27 @@ pub struct RcuReaderWord(AtomicU64);
 
 impl RcuReaderWord {
     /// Outside any section.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[cfg(not(loom))]
     pub const fn new() -> Self {
         Self(AtomicU64::new(0))
     }
 
     /// Outside any section.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[cfg(loom)]
     pub fn new() -> Self {
         Self(AtomicU64::new(0))
     }
 
     /// Enter a section (owning thread). Returns the word's new value; it is outermost when its nesting is 1.
+    ///
+    /// # Context
+    /// The owning thread and its signal handlers: async-signal-safe, no fence, no RMW.
     #[inline(always)]
     pub fn enter(&self, gp: &RcuGpCtr) -> u64 {
         let v = self.0.load(Ordering::Relaxed);
@@ -89,6 +116,9 @@ impl RcuReaderWord {
     }
 
     /// Leave a section (owning thread). Returns the value before leaving.
+    ///
+    /// # Context
+    /// The owning thread and its signal handlers: async-signal-safe, no fence, no RMW.
     #[inline(always)]
     pub fn exit(&self) -> u64 {
         let v = self.0.load(Ordering::Relaxed);
@@ -97,33 +127,51 @@ impl RcuReaderWord {
     }
 
     /// The raw word (for grace-period scans).
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline]
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 
     /// Whether the owner is inside a section.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn nested(&self) -> bool {
         self.get() & NEST_MASK != 0
     }
 
     /// Phase of a word.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn phase_of(word: u64) -> usize {
         ((word & PHASE) >> 32) as usize
     }
 
     /// Whether `word` is an outermost section (nesting 1).
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn is_outermost(word: u64) -> bool {
         word & NEST_MASK == 1
     }
 }
 
 /// Whether any of `readers` is inside a section begun in the phase opposite to `gp`'s.
+///
+/// # Context
+/// Any context: lock-free, async-signal-safe, reentrant; never blocks.
 pub fn old_readers<'a>(gp: &RcuGpCtr, mut readers: impl Iterator<Item = &'a RcuReaderWord>) -> bool {
     readers.any(|r| gp.is_old(r.get()))
 }
 
 /// A whole RCU grace period, blocking (for models; the domain runs the same steps as a state machine).
+///
+/// # Context
+/// Blocks (calls `wait`) until the readers are gone: normal context.
 pub fn grace_period<'a, I>(gp: &RcuGpCtr, readers: impl Fn() -> I, barrier: impl Fn(), wait: impl Fn())
 where
     I: Iterator<Item = &'a RcuReaderWord>,

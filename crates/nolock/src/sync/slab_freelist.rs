@@ -51,6 +51,9 @@ pub struct Geometry {
 
 impl Geometry {
     /// Address of object `idx`.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn obj(&self, idx: u32) -> usize {
         self.base + idx as usize * self.stride
@@ -61,6 +64,9 @@ impl Geometry {
     /// # Safety
     /// `obj` must be an object of this slab that the caller may treat as free (on a free list it controls, or
     /// one it is about to push), and the slab's memory must stay mapped for `'a`.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub unsafe fn link<'a>(&self, obj: usize) -> &'a AtomicUsize {
         // SAFETY: `obj + link_off` is inside the object and pointer-aligned (the cache guarantees both); the memory
@@ -75,21 +81,33 @@ pub struct State(pub u64);
 
 impl State {
     /// Build a state word.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn new(head_enc: u32, used: u16, flags: u16) -> Self {
         Self(u64::from(head_enc) | (u64::from(used) << 32) | (u64::from(flags) << 48))
     }
     /// Head index + 1, or 0 when the list is empty.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn head_enc(self) -> u32 {
         self.0 as u32
     }
     /// Objects not on the free list.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn used(self) -> u16 {
         (self.0 >> 32) as u16
     }
     /// `LISTED` / `DEAD`.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn flags(self) -> u16 {
         (self.0 >> 48) as u16
@@ -123,17 +141,26 @@ pub struct SlabFreelist {
 
 impl SlabFreelist {
     /// A fresh state word.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn new(state: State) -> Self {
         Self { state: AtomicU64::new(state.0) }
     }
 
     /// Current state (a snapshot).
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline]
     pub fn load(&self) -> State {
         State(self.state.load(Ordering::Acquire))
     }
 
     /// Set the state of a slab nobody else can see yet (just created, or just killed and being reused).
+    ///
+    /// # Context
+    /// Only while nobody else can see the slab: one store.
     #[inline]
     pub fn init(&self, state: State) {
         // Release: pairs with the Acquire loads of whoever finds the slab through its descriptor afterwards.
@@ -145,6 +172,9 @@ impl SlabFreelist {
     ///
     /// # Safety
     /// The objects belong to this slab, are in use (counted in `used`), and the caller gives them up.
+    ///
+    /// # Context
+    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
     #[inline]
     pub unsafe fn push_chain(&self, g: &Geometry, first_idx: u32, last: usize, n: u16) -> Result<Pushed, PushError> {
         // SAFETY: `last` is an object of this slab being freed by the caller.
@@ -189,6 +219,9 @@ impl SlabFreelist {
 
     /// Take every free object and unlist the slab. Returns the first object's address (0 if none) and how many
     /// there are. Caller holds the take right.
+    ///
+    /// # Context
+    /// Any context, by the holder of the slab's take right: lock-free, async-signal-safe.
     #[inline]
     pub fn take_all(&self, g: &Geometry) -> (usize, u16) {
         let mut old = State(self.state.load(Ordering::Acquire));
@@ -212,6 +245,9 @@ impl SlabFreelist {
 
     /// Take one free object. Returns it and whether the list is now empty (then the slab was unlisted in the
     /// same CAS, and the caller must not put it back on the partial list). Caller holds the take right.
+    ///
+    /// # Context
+    /// Any context, by the holder of the slab's take right: lock-free, async-signal-safe.
     #[inline]
     pub fn pop_one(&self, g: &Geometry) -> Option<(usize, bool)> {
         let mut old = State(self.state.load(Ordering::Acquire));
@@ -237,6 +273,9 @@ impl SlabFreelist {
 
     /// Mark an entirely free slab dead so that it can be released. Fails (changing nothing) if any object is in
     /// use. Caller holds the take right.
+    ///
+    /// # Context
+    /// Any context, by the holder of the slab's take right: one CAS.
     #[inline]
     pub fn try_kill(&self) -> bool {
         let old = State(self.state.load(Ordering::Acquire));

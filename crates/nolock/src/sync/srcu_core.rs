@@ -23,42 +23,63 @@ pub struct SrcuReader {
 
 impl SrcuReader {
     /// Counters at zero.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[cfg(loom)]
     pub fn new() -> Self {
         Self { lock: [LocalCounter::new(), LocalCounter::new()], unlock: [LocalCounter::new(), LocalCounter::new()] }
     }
 
     /// Enter on index `idx` (owning thread only).
+    ///
+    /// # Context
+    /// The owning thread and its signal handlers: async-signal-safe, no fence.
     #[inline(always)]
     pub fn lock(&self, idx: usize) {
         self.lock[idx].inc();
     }
 
     /// Leave a section entered on `idx` (owning thread only).
+    ///
+    /// # Context
+    /// The owning thread and its signal handlers: async-signal-safe, no fence.
     #[inline(always)]
     pub fn unlock(&self, idx: usize) {
         self.unlock[idx].inc();
     }
 
     /// Enter on `idx` from any thread (shared counters of readers without their own).
+    ///
+    /// # Context
+    /// Any thread, any context: one atomic RMW.
     #[inline]
     pub fn shared_lock(&self, idx: usize) {
         self.lock[idx].shared_inc();
     }
 
     /// Leave from any thread.
+    ///
+    /// # Context
+    /// Any thread, any context: one atomic RMW.
     #[inline]
     pub fn shared_unlock(&self, idx: usize) {
         self.unlock[idx].shared_inc();
     }
 
     /// The unlock counter of `idx` (for guards that increment it later).
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn unlock_counter(&self, idx: usize) -> &LocalCounter {
         &self.unlock[idx]
     }
 
     /// Sections entered and not left, both indexes (meaningful for the owning thread).
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     pub fn nesting(&self) -> u64 {
         let l = self.lock[0].get().wrapping_add(self.lock[1].get());
         let u = self.unlock[0].get().wrapping_add(self.unlock[1].get());
@@ -81,30 +102,45 @@ pub struct SrcuIndex(AtomicU64);
 
 impl SrcuIndex {
     /// Index 0.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[cfg(loom)]
     pub fn new() -> Self {
         Self(AtomicU64::new(0))
     }
 
     /// The index a new reader uses.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn current(&self) -> usize {
         (self.0.load(Ordering::Relaxed) & 1) as usize
     }
 
     /// The other index.
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
     #[inline]
     pub fn other(&self) -> usize {
         self.current() ^ 1
     }
 
     /// Switch readers to the other index.
+    ///
+    /// # Context
+    /// Grace-period side (the domain's driver); one atomic RMW.
     pub fn flip(&self) {
         self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
 
 /// Whether readers may still be inside sections on index `i`.
+///
+/// # Context
+/// Grace-period side: calls `barrier` once (a `membarrier` in nolock, so normal context there).
 pub fn readers_active<'a, I>(readers: impl Fn() -> I, i: usize, barrier: impl FnOnce()) -> bool
 where
     I: Iterator<Item = &'a SrcuReader>,
@@ -116,6 +152,9 @@ where
 }
 
 /// Grace-period step 2–3: if no reader is left on the inactive index, flip and return true.
+///
+/// # Context
+/// Grace-period side: calls `barrier` (normal context in nolock).
 pub fn scan_inactive_and_flip<'a, I>(index: &SrcuIndex, readers: impl Fn() -> I, barrier: impl Fn()) -> bool
 where
     I: Iterator<Item = &'a SrcuReader>,
@@ -129,6 +168,9 @@ where
 }
 
 /// Grace-period step 4: whether no reader is left on the index that was active before the flip.
+///
+/// # Context
+/// Grace-period side: calls `barrier` (normal context in nolock).
 pub fn scan_previous<'a, I>(index: &SrcuIndex, readers: impl Fn() -> I, barrier: impl Fn()) -> bool
 where
     I: Iterator<Item = &'a SrcuReader>,
@@ -137,6 +179,9 @@ where
 }
 
 /// A whole grace period, blocking: `wait()` is called while readers hold it (the loom models yield there).
+///
+/// # Context
+/// Blocks (calls `wait`) until the readers are gone: normal context.
 pub fn grace_period<'a, I>(index: &SrcuIndex, readers: impl Fn() -> I, barrier: impl Fn(), wait: impl Fn())
 where
     I: Iterator<Item = &'a SrcuReader>,
