@@ -153,16 +153,21 @@ pub fn trim() -> TrimReport {
     };
     if let Some(s) = slab::shard::current_if_any() {
         for id in 0..g.cache_count() {
-            let pc = s.pc(id);
-            let c = g.cache(id);
-            if c.is_active() && !pc.lock.is_locked() && pc.count.load(core::sync::atomic::Ordering::Relaxed) != 0 {
+            let (pc, c) = (s.pc(id), g.cache(id));
+            // Under the list's lock, like any owner operation: a signal handler that lands in the middle finds
+            // it busy and defers; what it deferred is drained by the next round.
+            while c.is_active()
+                && (pc.count.load(core::sync::atomic::Ordering::Relaxed) != 0 || !pc.deferred.is_empty())
+                && pc.lock.try_lock() == sync::local_lock::TryLock::Locked
+            {
                 c.drain_pc(g, s, pc);
+                pc.lock.unlock();
             }
         }
     }
     let mut r = TrimReport::default();
     if worker::enter_critical() {
-        r.slabs_released = slab::cache::reclaim_empty_slabs(g);
+        r.slabs_released = slab::cache::reclaim_empty_slabs_wait(g);
         r.pages_purged = g.pages.purge(false);
         worker::leave_critical();
     }

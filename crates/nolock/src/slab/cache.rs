@@ -850,6 +850,22 @@ impl CacheInner {
         if self.shrinking.swap(true, Ordering::Acquire) {
             return 0;
         }
+        self.shrink_locked(g, keep)
+    }
+
+    /// [`shrink`](Self::shrink) that waits (yielding) for a shrink already running on this cache instead of
+    /// skipping it, so that "every entirely free slab beyond `keep` is released" holds when it returns.
+    ///
+    /// # Context
+    /// Normal context only: may yield while another thread shrinks the cache.
+    pub fn shrink_wait(&self, g: &Global, keep: usize) -> usize {
+        while self.shrinking.swap(true, Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        self.shrink_locked(g, keep)
+    }
+
+    fn shrink_locked(&self, g: &Global, keep: usize) -> usize {
         let events = self.counters.empty_events.load(Ordering::Relaxed);
         let mut released = 0;
         let mut kept_empty = 0;
@@ -1102,6 +1118,11 @@ fn splitmix64(mut x: u64) -> u64 {
 /// Release every cache's entirely free slabs (keeping none). Lock-free; used when the page allocator is out.
 pub fn reclaim_empty_slabs(g: &Global) -> usize {
     (0..g.cache_count()).map(|id| g.cache(id)).filter(|c| c.is_active()).map(|c| c.shrink(g, 0)).sum()
+}
+
+/// Release every cache's entirely free slabs, waiting for shrinks in progress. Normal context only.
+pub fn reclaim_empty_slabs_wait(g: &Global) -> usize {
+    (0..g.cache_count()).map(|id| g.cache(id)).filter(|c| c.is_active()).map(|c| c.shrink_wait(g, 0)).sum()
 }
 
 // -------------------------------------------------------------------------------------------------------------
