@@ -31,6 +31,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use nolock::{Gfp, kfree_nolock, kmalloc_layout_nolock, kmalloc_nolock};
 
 use crate::fmt::{bytes, count, rate};
+use crate::sig::{
+    Storm, Timed, install_handler, nominal_interval_ns, restore_handler, start_thread_timers, stop_thread_timers,
+};
 
 /// What the user asked for.
 pub struct DemoArgs {
@@ -143,16 +146,16 @@ static FIRST_SPURIOUS: AtomicU64 = AtomicU64::new(0);
 /// First natural-alignment miss: `size << 32 | address % size`, plus one (0: none yet).
 static FIRST_NATURAL_MISS: AtomicU64 = AtomicU64::new(0);
 
-/// xorshift64*: a tiny generator with no state outside the caller's stack.
-struct Rng(u64);
+/// xorshift64*: a tiny generator with no state outside the caller's stack (async-signal-safe).
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Self(splitmix(seed) | 1)
     }
 
     #[inline]
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -412,165 +415,17 @@ fn handler_work(w: &Worker, overrun: c_int) {
     w.h_live.fetch_add(t.live, Ordering::Relaxed);
 }
 
-fn storm_signals() -> [c_int; 2] {
-    [libc::SIGRTMIN(), libc::SIGRTMIN() + 1]
-}
-
-fn sigset_of(sigs: &[c_int]) -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
-    let mut set: libc::sigset_t = unsafe { core::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t.
-    unsafe { libc::sigemptyset(&mut set) };
-    for &s in sigs {
-        // SAFETY: as above; `s` is a valid signal number.
-        unsafe { libc::sigaddset(&mut set, s) };
-    }
-    set
-}
-
-/// Install the handler for both storm signals; returns the previous actions.
-fn install_handler() -> std::io::Result<[libc::sigaction; 2]> {
-    let mut old = [
-        // SAFETY: sigaction is plain data.
-        unsafe { core::mem::zeroed::<libc::sigaction>() },
-        // SAFETY: as above.
-        unsafe { core::mem::zeroed::<libc::sigaction>() },
-    ];
-    for (i, sig) in storm_signals().into_iter().enumerate() {
-        // SAFETY: sigaction is plain data.
-        let mut sa: libc::sigaction = unsafe { core::mem::zeroed() };
-        sa.sa_sigaction = on_signal as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-        // Nothing else blocked while in the handler: the other storm signal may nest into it.
-        sa.sa_mask = sigset_of(&[]);
-        // SAFETY: valid signal number and action; `on_signal` has the SA_SIGINFO signature.
-        if unsafe { libc::sigaction(sig, &sa, &mut old[i]) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(old)
-}
-
-fn restore_handler(old: &[libc::sigaction; 2]) {
-    for (i, sig) in storm_signals().into_iter().enumerate() {
-        // SAFETY: restoring an action that sigaction returned.
-        unsafe { libc::sigaction(sig, &old[i], ptr::null_mut()) };
-    }
-}
-
-fn timespec_ns(ns: u64) -> libc::timespec {
-    libc::timespec { tv_sec: (ns / 1_000_000_000) as libc::time_t, tv_nsec: (ns % 1_000_000_000) as libc::c_long }
-}
-
-/// (Re)arm timer `t`: first expiry after `first_ns`, then every `interval_ns`.
-fn arm_timer(t: libc::timer_t, first_ns: u64, interval_ns: u64) -> std::io::Result<()> {
-    let spec = libc::itimerspec { it_interval: timespec_ns(interval_ns), it_value: timespec_ns(first_ns) };
-    // SAFETY: `t` is a live timer of this process (see `Worker::timers`); valid itimerspec.
-    if unsafe { libc::timer_settime(t, 0, &spec, ptr::null_mut()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Start this thread's two timers, each at `interval_ns`, the second half an interval later, and publish them
-/// in `w.timers`.
-fn start_timers(w: &Worker, interval_ns: u64) -> std::io::Result<Vec<libc::timer_t>> {
-    let mut timers = Vec::new();
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() };
-    let mut result = Ok(());
-    for (i, sig) in storm_signals().into_iter().enumerate() {
-        // SAFETY: sigevent is plain data (it has private padding, so it cannot be built literally).
-        let mut sev: libc::sigevent = unsafe { core::mem::zeroed() };
-        sev.sigev_notify = libc::SIGEV_THREAD_ID;
-        sev.sigev_signo = sig;
-        sev.sigev_value = libc::sigval { sival_ptr: w as *const Worker as *mut c_void };
-        sev.sigev_notify_thread_id = tid;
-        let mut t: libc::timer_t = ptr::null_mut();
-        // SAFETY: valid clock, event and out pointer.
-        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut t) } != 0 {
-            result = Err(std::io::Error::last_os_error());
-            break;
-        }
-        timers.push(t);
-        if let Err(e) = arm_timer(t, interval_ns + interval_ns * i as u64 / 2, interval_ns) {
-            result = Err(e);
-            break;
-        }
-    }
-    if let Err(e) = result {
-        stop_timers(&timers);
-        return Err(e);
-    }
-    for (slot, &t) in w.timers.iter().zip(&timers) {
-        slot.store(t as usize, Ordering::Relaxed);
-    }
-    w.interval_ns.store(interval_ns, Ordering::Relaxed);
-    Ok(timers)
-}
-
-/// Stop the storm on this thread: block both signals (pending ones die with the thread), delete the timers.
-fn stop_timers(timers: &[libc::timer_t]) {
-    let set = sigset_of(&storm_signals());
-    // SAFETY: valid set; changes only this thread's mask.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut()) };
-    for &t in timers {
-        // SAFETY: a timer this thread created and has not deleted.
-        unsafe { libc::timer_delete(t) };
-    }
-}
-
-/// Shortest timer period the controller sets (50,000 expirations per second per timer).
-const MIN_INTERVAL_NS: u64 = 20_000;
-
-/// Keeps the *delivered* signal rate near the target. A periodic timer whose signal is still pending (its
-/// thread is not running, or is still in the handler) does not queue another one: the expiry only counts as an
-/// overrun. On a machine with fewer cores than workers most expirations are lost that way, so every 100 ms the
-/// period of each worker's timers is scaled by (delivered / wanted), within a factor of 2 per step.
-struct Storm {
-    per_worker: f64,
-    max_interval_ns: u64,
-    last: Vec<u64>,
-}
-
-impl Storm {
-    fn new(rate: u64, workers: &[Worker], nominal_ns: u64) -> Self {
-        Self {
-            per_worker: rate as f64 / workers.len() as f64,
-            max_interval_ns: nominal_ns.saturating_mul(4),
-            last: vec![0; workers.len()],
-        }
+impl Timed for Worker {
+    fn signals(&self) -> u64 {
+        self.h_signals.load(Ordering::Relaxed)
     }
 
-    fn adjust(&mut self, workers: &[Worker], dt_s: f64) {
-        for (w, last) in workers.iter().zip(self.last.iter_mut()) {
-            let cur = w.h_signals.load(Ordering::Relaxed);
-            let got = cur.saturating_sub(*last) as f64;
-            *last = cur;
-            let want = self.per_worker * dt_s;
-            let ratio = if want > 0.0 { (got / want).clamp(0.5, 2.0) } else { 1.0 };
-            if (0.93..=1.07).contains(&ratio) {
-                continue;
-            }
-            let old = w.interval_ns.load(Ordering::Relaxed);
-            let new = ((old as f64 * ratio) as u64).clamp(MIN_INTERVAL_NS, self.max_interval_ns.max(MIN_INTERVAL_NS));
-            if new == old {
-                continue;
-            }
-            w.interval_ns.store(new, Ordering::Relaxed);
-            for (i, slot) in w.timers.iter().enumerate() {
-                let t = slot.load(Ordering::Relaxed);
-                if t != 0 {
-                    // Workers delete their timers only after STOP, which the caller has not set yet.
-                    let _ = arm_timer(t as libc::timer_t, new + new * i as u64 / 2, new);
-                }
-            }
-        }
+    fn timers(&self) -> &[AtomicUsize; 2] {
+        &self.timers
     }
 
-    fn mean_interval_ns(workers: &[Worker]) -> u64 {
-        let sum: u64 = workers.iter().map(|w| w.interval_ns.load(Ordering::Relaxed)).sum();
-        sum / workers.len().max(1) as u64
+    fn interval_ns(&self) -> &AtomicU64 {
+        &self.interval_ns
     }
 }
 
@@ -603,7 +458,7 @@ impl Tally {
 
 fn worker_main(w: &Worker, all: &[Worker], interval_ns: Option<u64>, start: &Barrier) -> std::io::Result<()> {
     let timers = match interval_ns {
-        Some(ns) => start_timers(w, ns),
+        Some(ns) => start_thread_timers(w, w as *const Worker as *mut c_void, ns),
         None => Ok(Vec::new()),
     };
     start.wait();
@@ -652,7 +507,7 @@ fn worker_main(w: &Worker, all: &[Worker], interval_ns: Option<u64>, start: &Bar
         }
         t.publish(w);
     }
-    stop_timers(&timers);
+    stop_thread_timers(&timers);
     // No handler runs on this thread any more: empty its ring and its handler slots.
     for p in ring {
         if !p.is_null() {
@@ -694,7 +549,7 @@ fn totals(workers: &[Worker]) -> Totals {
 }
 
 /// Peak resident set size of the process (`VmHWM`), if readable.
-fn peak_rss() -> Option<u64> {
+pub(crate) fn peak_rss() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -716,8 +571,8 @@ pub fn run(args: &DemoArgs) -> ExitCode {
     NWORKERS.store(n, Ordering::Release);
     STOP.store(false, Ordering::Relaxed);
 
-    let interval_ns = (args.rate > 0).then(|| (2 * n as u64 * 1_000_000_000 / args.rate).max(MIN_INTERVAL_NS));
-    let old_actions = match install_handler() {
+    let interval_ns = nominal_interval_ns(args.rate, n);
+    let old_actions = match install_handler(on_signal) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("nolock demo: cannot install the signal handler: {e}");
@@ -751,7 +606,7 @@ pub fn run(args: &DemoArgs) -> ExitCode {
     let start = Barrier::new(n + 1);
     let mut rss_peak_sampled = rss_before;
     let mut worker_errors = Vec::new();
-    let mut storm = interval_ns.map(|ns| Storm::new(args.rate, &workers, ns));
+    let mut storm = interval_ns.map(|ns| Storm::new(args.rate, workers.len(), ns));
     let elapsed = std::thread::scope(|s| {
         let handles: Vec<_> = workers
             .iter()
@@ -776,6 +631,7 @@ pub fn run(args: &DemoArgs) -> ExitCode {
             let (cur, now) = (totals(&workers), Instant::now());
             let dt = (now - last_t).as_secs_f64().max(1e-9);
             if let Some(ctl) = storm.as_mut() {
+                // Workers delete their timers only after STOP, which is not set yet.
                 ctl.adjust(&workers, dt);
             }
             let ops = (cur.thread_allocs + cur.handler_allocs + cur.frees)

@@ -1,15 +1,21 @@
-//! The `nolock` command: a signal-storm demo of the allocator and allocator benchmarks against glibc, mimalloc
-//! and jemalloc.
+//! The `nolock` command: signal-storm scenarios for the allocator and the reclamation layer, and benchmarks.
 //!
 //! - `nolock demo`: worker threads and a POSIX-timer signal storm allocate, verify and free from loops and from
 //!   signal handlers; prints one summary table and exits non-zero on a spurious failure or a corrupted object.
-//! - `nolock bench`: alloc/free workloads, nolock against the three baselines measured in the same run.
+//! - `nolock rcu`: reader threads and signal handlers read an RCU / SRCU-fast protected table while updaters
+//!   replace and retire its objects; exits non-zero if a reader ever sees a freed object.
+//! - `nolock bench` (= `nolock bench alloc`): alloc/free workloads against glibc, mimalloc and jemalloc.
+//! - `nolock bench rcu`: readers, grace periods, callbacks and retire-and-free against crossbeam-epoch, seize,
+//!   `membarrier` and (feature `liburcu`) liburcu.
 //!
-//! This file only parses arguments; the work is in [`demo`](mod@demo) and [`bench`](mod@bench).
+//! This file only parses arguments; the work is in [`demo`](mod@demo), [`rcu`](mod@rcu) and
+//! [`bench`](mod@bench).
 
 mod bench;
 mod demo;
 mod fmt;
+mod rcu;
+mod sig;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,19 +47,49 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
-    /// Allocator benchmarks: nolock against glibc, mimalloc and jemalloc, measured in the same run.
-    Bench {
-        /// Short run (a few seconds): fewer iterations per repetition.
+    /// RCU scenario: readers (threads and signal handlers) verify an RCU / SRCU-fast protected table while
+    /// updaters replace its objects and retire them with kfree_rcu_nolock / kfree_srcu_fast_nolock.
+    Rcu {
+        /// Worker threads, split into updaters (a third), SRCU-fast readers that sleep inside sections, and RCU
+        /// readers.
+        #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(3..=64))]
+        threads: u32,
+        /// How long the scenario runs, in seconds.
+        #[arg(long, default_value_t = 4.0)]
+        seconds: f64,
+        /// Timer signals per second over all threads together; re-tuned every 100 ms to reach it (0: none).
+        #[arg(long, default_value_t = 20_000)]
+        rate: u64,
+        /// Hide the progress bar.
         #[arg(long)]
+        quiet: bool,
+        /// Testing the checker: free replaced raw objects at once, without a grace period (the run must fail).
+        #[arg(long, hide = true)]
+        inject_bug: bool,
+    },
+    /// Benchmarks, nolock against baselines measured in the same run: `alloc` (the default) or `rcu`.
+    Bench {
+        #[command(subcommand)]
+        what: Option<BenchWhat>,
+        /// Short run (a few seconds): fewer iterations per repetition.
+        #[arg(long, global = true)]
         quick: bool,
-        /// Timed repetitions per workload and allocator, at least 5 (default 9, or 5 with --quick); the table shows
-        /// their median, min and max.
-        #[arg(long, value_parser = clap::value_parser!(u32).range(5..=1000))]
+        /// Timed repetitions per workload and contender, at least 5 (default 9, or 5 with --quick); the tables
+        /// show their median, min and max.
+        #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(5..=1000))]
         reps: Option<u32>,
         /// Also write the results as JSON to this file.
-        #[arg(long)]
+        #[arg(long, global = true)]
         json: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand, Debug, Clone, Copy)]
+enum BenchWhat {
+    /// Allocator workloads: nolock against glibc, mimalloc and jemalloc.
+    Alloc,
+    /// Reclamation workloads: RCU, SRCU-fast and Tasks Trace against crossbeam-epoch, seize and membarrier.
+    Rcu,
 }
 
 fn main() -> ExitCode {
@@ -67,8 +103,19 @@ fn main() -> ExitCode {
             }
             demo::run(&demo::DemoArgs { threads: threads as usize, seconds, rate, progress: !quiet })
         }
-        Command::Bench { quick, reps, json } => {
-            bench::run(&bench::BenchArgs { quick, reps: reps.map(|r| r as usize), json })
+        Command::Rcu { threads, seconds, rate, quiet, inject_bug } => {
+            if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {
+                eprintln!("nolock rcu: --seconds must be in (0, 3600]");
+                return ExitCode::from(2);
+            }
+            rcu::run(&rcu::RcuArgs { threads: threads as usize, seconds, rate, progress: !quiet, inject_bug })
+        }
+        Command::Bench { what, quick, reps, json } => {
+            let args = bench::BenchArgs { quick, reps: reps.map(|r| r as usize), json };
+            match what.unwrap_or(BenchWhat::Alloc) {
+                BenchWhat::Alloc => bench::alloc::run(&args),
+                BenchWhat::Rcu => bench::rcu::run(&args),
+            }
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `nolock bench`: allocation workloads for nolock and three baselines, all measured in the same run.
+//! `nolock bench` / `nolock bench alloc`: allocation workloads for nolock and three baselines, all measured in
+//! the same run.
 //!
 //! Allocators: nolock (`kmalloc_nolock` / `kfree_nolock`), glibc (`std::alloc::System`), mimalloc
 //! (`mimalloc::MiMalloc`) and jemalloc (`tikv_jemallocator::Jemalloc`). The baselines are called through the
@@ -18,24 +19,14 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Barrier;
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use nolock::{Gfp, kfree_nolock, kmalloc_nolock};
 
-/// What the user asked for.
-pub struct BenchArgs {
-    /// Short run.
-    pub quick: bool,
-    /// Repetitions per cell (default 9, 5 with `--quick`).
-    pub reps: Option<usize>,
-    /// Write JSON results here.
-    pub json: Option<PathBuf>,
-}
+use super::{BenchArgs, Summary, print_rows, progress_bar, summarize};
 
 /// An allocator as the workloads see it: raw pointers, size known at free.
 trait RawAlloc: Sync {
@@ -206,6 +197,9 @@ fn xthread<A: RawAlloc>(a: &A, name: &str, n: u64) -> f64 {
         let producer = s.spawn(|| {
             let tx = tx;
             start.wait();
+            // The clock starts here: the main thread may be descheduled after the barrier for longer than the
+            // whole transfer takes.
+            let t0 = Instant::now();
             for _ in 0..batches {
                 let mut b = Batch([core::ptr::null_mut(); 256]);
                 for slot in b.0.iter_mut() {
@@ -218,6 +212,7 @@ fn xthread<A: RawAlloc>(a: &A, name: &str, n: u64) -> f64 {
                 }
                 tx.send(b).expect("consumer alive");
             }
+            t0
         });
         let consumer = s.spawn(|| {
             start.wait();
@@ -230,8 +225,7 @@ fn xthread<A: RawAlloc>(a: &A, name: &str, n: u64) -> f64 {
             Instant::now()
         });
         start.wait();
-        let t0 = Instant::now();
-        producer.join().expect("producer");
+        let t0 = producer.join().expect("producer");
         let end = consumer.join().expect("consumer");
         (end - t0).as_nanos() as f64 / (batches * 256) as f64
     })
@@ -255,25 +249,9 @@ fn measure(k: Kind, w: Work, n: u64) -> f64 {
     }
 }
 
-/// Median, min and max of the samples.
-#[derive(Clone, Copy, Debug)]
-struct Summary {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn summarize(samples: &[f64]) -> Summary {
-    let mut v = samples.to_vec();
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    let median = if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 };
-    Summary { median, min: v[0], max: v[v.len() - 1] }
-}
-
 /// Run the benchmarks and print the table.
 pub fn run(args: &BenchArgs) -> ExitCode {
-    let reps = args.reps.unwrap_or(if args.quick { 5 } else { 9 });
+    let reps = args.reps();
     let scale = if args.quick { 5 } else { 1 };
     let ops = |w: Work| w.full_ops() / scale;
 
@@ -281,12 +259,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
         "nolock bench ({}): {reps} timed repetitions per cell; allocators take turns inside each repetition",
         if args.quick { "quick" } else { "full" }
     );
-    let bar = ProgressBar::new((reps * WORKS.len() * KINDS.len()) as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed:>3} [{bar:30}] {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
+    let bar = progress_bar((reps * WORKS.len() * KINDS.len()) as u64);
 
     // Warm-up: threads' caches, page faults, code paths.
     bar.set_message("warming up");
@@ -334,7 +307,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
 }
 
 fn cell(s: &Summary) -> String {
-    format!("{:.1} [{:.1}–{:.1}]", s.median, s.min, s.max)
+    super::cell(s, 1)
 }
 
 fn print_table(sums: &[Vec<Summary>]) {
@@ -353,24 +326,8 @@ fn print_table(sums: &[Vec<Summary>]) {
         }
         rows.push(row);
     }
-    let widths: Vec<usize> =
-        (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     println!();
-    for (i, r) in rows.iter().enumerate() {
-        let mut line = String::new();
-        for (c, text) in r.iter().enumerate() {
-            let pad = widths[c] - text.chars().count();
-            if c == 0 {
-                let _ = write!(line, "{text}{}", " ".repeat(pad));
-            } else {
-                let _ = write!(line, "  {}{text}", " ".repeat(pad));
-            }
-        }
-        println!("{line}");
-        if i == 0 {
-            println!("{}", "-".repeat(line.chars().count()));
-        }
-    }
+    print_rows(&rows);
     println!();
 }
 
@@ -425,14 +382,6 @@ fn to_json(quick: bool, reps: usize, samples: &[Vec<Vec<f64>>], sums: &[Vec<Summ
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn summary_of_samples() {
-        let s = summarize(&[5.0, 1.0, 3.0, 4.0, 2.0]);
-        assert_eq!((s.median, s.min, s.max), (3.0, 1.0, 5.0));
-        let s = summarize(&[4.0, 1.0, 3.0, 2.0]);
-        assert_eq!(s.median, 2.5);
-    }
 
     #[test]
     fn every_allocator_runs_every_workload() {
