@@ -38,21 +38,28 @@ fn interval() -> Duration {
 /// # Context
 /// Normal context only: spawns a thread.
 pub fn ensure_started() {
-    if !global::background_enabled() {
-        return;
+    if global::background_enabled() {
+        start_once(&RUNNING_PID, "nolock-worker", run);
     }
+}
+
+/// Spawn `run` as thread `name` unless `running` already holds this process's pid. One starter wins; a pid
+/// left from before a `fork` counts as "not running" (the thread does not exist in the child).
+///
+/// # Context
+/// Normal context only: spawns a thread.
+pub(crate) fn start_once(running: &AtomicI32, name: &str, run: fn()) {
     let pid = crate::sys::getpid();
-    let cur = RUNNING_PID.load(Ordering::Acquire);
+    let cur = running.load(Ordering::Acquire);
     if cur == pid {
         return;
     }
-    // AcqRel: one starter per process (a stale pid from before a fork counts as "not running").
-    if RUNNING_PID.compare_exchange(cur, pid, Ordering::AcqRel, Ordering::Acquire).is_err() {
+    // AcqRel: one starter per process.
+    if running.compare_exchange(cur, pid, Ordering::AcqRel, Ordering::Acquire).is_err() {
         return;
     }
-    let spawned = std::thread::Builder::new().name("nolock-worker".into()).spawn(run);
-    if spawned.is_err() {
-        RUNNING_PID.store(0, Ordering::Release);
+    if std::thread::Builder::new().name(name.into()).spawn(run).is_err() {
+        running.store(0, Ordering::Release);
     }
 }
 

@@ -25,17 +25,7 @@ const AGE_TICK: Duration = Duration::from_millis(5);
 /// # Context
 /// Normal context only: spawns a thread.
 pub(crate) fn ensure_started() {
-    let pid = crate::sys::getpid();
-    let cur = RUNNING_PID.load(Ordering::Acquire);
-    if cur == pid {
-        return;
-    }
-    if RUNNING_PID.compare_exchange(cur, pid, Ordering::AcqRel, Ordering::Acquire).is_err() {
-        return;
-    }
-    if std::thread::Builder::new().name("nolock-rcu".into()).spawn(run).is_err() {
-        RUNNING_PID.store(0, Ordering::Release);
-    }
+    crate::worker::start_once(&RUNNING_PID, "nolock-rcu", run);
 }
 
 /// Wake the worker. Async-signal-safe.

@@ -672,6 +672,19 @@ impl CacheInner {
         true
     }
 
+    /// Validate `addr` (an object of this cache, id `id`, on the slab `info` describes) and free it; a refused
+    /// free is counted in `bad_frees` and returned. Any context.
+    pub fn free_checked(&self, g: &'static Global, id: u16, addr: usize, info: Info) -> Result<(), FreeError> {
+        match self.validate(g, addr, info) {
+            Ok(slot) if self.free_slot(g, id, slot) => Ok(()),
+            Ok(_) => Err(self.double_free(addr)),
+            Err(e) => {
+                self.counters.bad_frees.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
     /// A double free caught by `free_slot`: count it and build the error.
     #[cold]
     pub fn double_free(&self, addr: usize) -> FreeError {

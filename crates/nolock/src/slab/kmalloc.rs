@@ -332,22 +332,7 @@ pub unsafe fn try_kfree_nolock(ptr: *mut u8) -> Result<(), FreeError> {
     }
     let info = g.pages.info_of(addr);
     match info.kind() {
-        Kind::Slab => {
-            let c = g.cache(info.cache_id());
-            match c.validate(g, addr, info) {
-                Ok(slot) => {
-                    if c.free_slot(g, info.cache_id(), slot) {
-                        Ok(())
-                    } else {
-                        Err(c.double_free(addr))
-                    }
-                }
-                Err(e) => {
-                    c.counters.bad_frees.fetch_add(1, Ordering::Relaxed);
-                    Err(e)
-                }
-            }
-        }
+        Kind::Slab => g.cache(info.cache_id()).free_checked(g, info.cache_id(), addr, info),
         Kind::Large => free_large(g, addr, info),
         Kind::Pages => Err(FreeError::new(FreeErrorKind::PagesRun, addr)),
         Kind::Free => Err(FreeError::new(FreeErrorKind::NotAllocated, addr)),

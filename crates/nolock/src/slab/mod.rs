@@ -315,20 +315,7 @@ impl KmemCache {
         if owner_id != self.id && owner_id != self.fallback_id() {
             return err(FreeErrorKind::WrongCache { owner: g.cache(owner_id).name() });
         }
-        let c = g.cache(owner_id);
-        match c.validate(g, addr, info) {
-            Ok(slot) => {
-                if c.free_slot(g, owner_id, slot) {
-                    Ok(())
-                } else {
-                    Err(c.double_free(addr))
-                }
-            }
-            Err(e) => {
-                c.counters.bad_frees.fetch_add(1, Ordering::Relaxed);
-                Err(e)
-            }
-        }
+        g.cache(owner_id).free_checked(g, owner_id, addr, info)
     }
 
     /// The cache's name.
