@@ -102,7 +102,7 @@ pub use rcu::tasks_trace::{
 };
 #[cfg(not(loom))]
 pub use rcu::tree::{
-    GpStats, RcuCookie, RcuReadGuard, call_rcu_nolock, cond_synchronize_rcu, get_state_synchronize_rcu,
+    GpStats, RcuCookie, RcuReadGuard, call_rcu, call_rcu_nolock, cond_synchronize_rcu, get_state_synchronize_rcu,
     poll_state_synchronize_rcu, rcu_barrier, rcu_read_lock, rcu_read_lock_held, rcu_stats, start_poll_synchronize_rcu,
     synchronize_rcu,
 };

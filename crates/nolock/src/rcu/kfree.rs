@@ -13,6 +13,14 @@
 //! the object goes through its own head instead: the callback value encodes "kfree the object at `head - off`"
 //! (the kernel's offset trick; the head must lie in the object's first 64 KiB). So retiring never fails.
 //!
+//! # Freeing, and keeping a retire flood bounded
+//!
+//! When a block's grace period ends, its callback only pushes it on a global *ready* stack (a `TaggedStack`
+//! of page numbers). The worker frees ready blocks after each batch; and every thread that fills a block of
+//! its own while ready blocks are waiting frees up to two of them on the spot (bounded work: 1016 `kfree`s).
+//! So the threads that retire memory also free it, in proportion, and a flood of `kfree_rcu_nolock` cannot
+//! outrun the single worker thread.
+//!
 //! # Getting partial blocks out
 //!
 //! A block that is not full would wait forever on an idle thread, so the grace-period worker *ages* blocks:
@@ -29,6 +37,7 @@ use super::srcu::{SrcuFast, SrcuState};
 use crate::page::Gfp;
 use crate::slab::shard::{self, Shard};
 use crate::sync::local_lock::{LocalTryLock, TryLock};
+use crate::sync::tagged::TaggedStack;
 
 /// Bytes per pointer block.
 const BLOCK_BYTES: usize = 4096;
@@ -41,6 +50,8 @@ struct BlockHeader {
     count: u32,
     epoch: u32,
     domain: usize,
+    /// Link in the ready stack once the grace period has ended (page index + 1 encoding).
+    ready_link: AtomicU32,
 }
 
 #[repr(C)]
@@ -53,6 +64,16 @@ const _: () = assert!(core::mem::size_of::<PtrBlock>() <= BLOCK_BYTES);
 
 /// Aging clock, advanced by the worker.
 static EPOCH: AtomicU32 = AtomicU32::new(0);
+
+/// Blocks whose grace period has ended, waiting to be freed (by the worker, or by retiring threads that help).
+static READY: TaggedStack = TaggedStack::new();
+
+/// Blocks whose grace period has ended and that are not entirely freed yet (on the ready stack or being freed).
+static UNFREED: AtomicUsize = AtomicUsize::new(0);
+
+/// Ready blocks a retiring thread frees each time it fills a block of its own while some are waiting: the
+/// backpressure that keeps a retire flood bounded (the threads that retire also free, in proportion).
+const HELP_BLOCKS: usize = 2;
 
 /// One per-thread block slot.
 #[derive(Debug, Default)]
@@ -88,7 +109,7 @@ impl Flavor {
         match self {
             Flavor::Rcu => super::tree::enqueue(head, func),
             Flavor::Srcu(s) => s.enqueue(head, func),
-        }
+        };
     }
 
     fn of_tag(slot: usize, tag: usize) -> Self {
@@ -101,10 +122,24 @@ impl Flavor {
     }
 }
 
+/// Grace-period callback of a block: its pointers may be freed now. It goes on the ready stack, where the
+/// worker — or a retiring thread that helps — frees it (see [`HELP_BLOCKS`]).
+unsafe fn block_gp_done(head: NonNull<RcuHead>) {
+    let Some(g) = crate::global::get_if_init() else { return };
+    let b = head.as_ptr() as usize;
+    // SAFETY: blocks are queued with this callback only; the block is ours until freed.
+    let hdr = unsafe { &*(b as *const BlockHeader) };
+    UNFREED.fetch_add(1, Ordering::AcqRel);
+    READY.push(g.pages.page_of(b) as u32, &hdr.ready_link);
+}
+
 /// Free every pointer of a block, then the block.
-unsafe fn free_block(head: NonNull<RcuHead>) {
-    let b = head.as_ptr() as *mut PtrBlock;
-    // SAFETY: blocks are queued with this callback only; `count` pointers were stored by `retire`.
+///
+/// # Safety
+/// `b` is a block whose grace period has ended, owned by the caller.
+unsafe fn free_block(b: usize) {
+    let b = b as *mut PtrBlock;
+    // SAFETY: `count` pointers were stored by `retire_in_block`; the caller owns the block.
     unsafe {
         let n = (*b).hdr.count as usize;
         for i in 0..n {
@@ -114,10 +149,42 @@ unsafe fn free_block(head: NonNull<RcuHead>) {
     }
 }
 
+/// Free up to `max` ready blocks; returns how many. Any context (bounded by `max` blocks of 508 frees each).
+pub(crate) fn free_ready_blocks(max: usize) -> usize {
+    let Some(g) = crate::global::get_if_init() else { return 0 };
+    let mut n = 0;
+    while n < max {
+        // The link words live in the blocks, which stay in the arena (readable) even once freed: a stale read
+        // only makes the tagged pop retry.
+        let Some(page) = READY.pop(|i| {
+            // SAFETY: `i` is the page of a block that was pushed; arena memory is never unmapped.
+            unsafe { &(*(g.pages.page_addr(i as usize) as *const BlockHeader)).ready_link }
+        }) else {
+            break;
+        };
+        // SAFETY: popped: the block is ours, and its grace period has ended.
+        unsafe { free_block(g.pages.page_addr(page as usize)) };
+        // Release: pairs with the Acquire in `finish_ready_blocks`: the frees happen before it sees the count.
+        UNFREED.fetch_sub(1, Ordering::Release);
+        n += 1;
+    }
+    n
+}
+
+/// Free every ready block and wait (yielding) until blocks that helping threads popped are freed too, so that
+/// when a barrier marker runs every pointer of an earlier block is back in the allocator. Normal context.
+pub(crate) fn finish_ready_blocks() {
+    free_ready_blocks(usize::MAX);
+    while UNFREED.load(Ordering::Acquire) != 0 {
+        free_ready_blocks(usize::MAX);
+        std::thread::yield_now();
+    }
+}
+
 fn queue_block(b: usize, flavor: Flavor) {
     // SAFETY: `b` is a block owned by the caller, handed over to the callback.
     let head = unsafe { NonNull::new_unchecked(b as *mut RcuHead) };
-    flavor.enqueue(head, free_block as super::RcuCallback as usize);
+    flavor.enqueue(head, block_gp_done as super::RcuCallback as usize);
 }
 
 fn retire(ptr: *mut u8, head: NonNull<RcuHead>, flavor: Flavor) {
@@ -153,7 +220,9 @@ fn retire_in_block(s: &Shard, ptr: *mut u8, flavor: Flavor) -> bool {
         }
     }
     if b == 0 {
-        match crate::kmalloc_nolock(BLOCK_BYTES, Gfp::NONE) {
+        // Page-aligned, so that a block is named by its page number on the ready stack.
+        let layout = core::alloc::Layout::from_size_align(BLOCK_BYTES, BLOCK_BYTES).expect("constant layout");
+        match crate::kmalloc_layout_nolock(layout, Gfp::NONE) {
             Some(p) => {
                 b = p.as_ptr() as usize;
                 // SAFETY: a fresh 4 KiB object.
@@ -163,9 +232,11 @@ fn retire_in_block(s: &Shard, ptr: *mut u8, flavor: Flavor) -> bool {
                         count: 0,
                         epoch: EPOCH.load(Ordering::Relaxed),
                         domain: flavor.domain_tag(),
+                        ready_link: AtomicU32::new(0),
                     })
                 };
-                slot.block.store(b, Ordering::Relaxed);
+                // Release: pairs with the Acquire pre-check in `steal_blocks`, which reads the header.
+                slot.block.store(b, Ordering::Release);
             }
             None => {
                 slot.lock.unlock();
@@ -186,6 +257,10 @@ fn retire_in_block(s: &Shard, ptr: *mut u8, flavor: Flavor) -> bool {
         queue_block(b, flavor);
     }
     slot.lock.unlock();
+    if full && !READY.is_empty() {
+        // Backpressure: a thread that fills blocks also frees ready ones, so retiring cannot outrun freeing.
+        free_ready_blocks(HELP_BLOCKS);
+    }
     true
 }
 

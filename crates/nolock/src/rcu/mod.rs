@@ -24,10 +24,11 @@
 //!
 //! Callbacks ([`RcuHead`] embedded in the object, the kernel's `rcu_head`) are pushed onto a lock-free list of
 //! the calling thread (one per thread per domain), so `call_*_nolock` is one CAS on a thread-local cache line
-//! and is safe from any context. The worker (`worker`) collects the lists, stamps each batch with the cookie of
-//! the grace period it needs, drives grace periods while batches wait, and invokes them in order. Barriers
-//! (`rcu_barrier`, `srcu_barrier`) push a marker callback onto every thread's list and wait for all of them:
-//! each marker runs after every callback queued before it on its list.
+//! and is safe from any context. The worker (`worker`) takes the lists, stamps each batch with the cookie of
+//! the grace period it needs, drives grace periods while batches wait (and every few hundred callbacks while it
+//! invokes a long batch), and invokes batches in order. Barriers (`rcu_barrier`, `srcu_barrier`) push a marker
+//! callback onto every thread's list and wait for all of them; the worker runs a batch's markers after the
+//! rest of the batch, so each runs after every callback queued before it on its list.
 
 pub mod kfree;
 pub mod ptr;
@@ -95,36 +96,16 @@ pub(crate) fn queue_on(list: &Llist, head: NonNull<RcuHead>, func: usize) -> boo
     list.push(head.as_ptr() as usize, &h.next)
 }
 
-/// Follow a chain taken from an `Llist` (newest first) and return it oldest first, with its length.
-pub(crate) fn reverse_chain(mut head: usize) -> (usize, usize, u64) {
-    let mut prev = 0usize;
-    let mut last = head;
-    let mut n = 0;
-    while head != 0 {
-        // SAFETY: chain heads are live RcuHeads owned by the collector.
-        let h = unsafe { &*(head as *const RcuHead) };
-        let next = h.next.load(Ordering::Relaxed);
-        h.next.store(prev, Ordering::Relaxed);
-        prev = head;
-        head = next;
-        n += 1;
-    }
-    if n == 0 {
-        last = 0;
-    }
-    (prev, last, n)
-}
-
 /// The next head in a (worker-owned) chain.
 pub(crate) fn next_of(head: usize) -> usize {
     // SAFETY: chain heads are live RcuHeads owned by the worker.
     unsafe { &*(head as *const RcuHead) }.next.load(Ordering::Relaxed)
 }
 
-/// Set the next head of a (worker-owned) chain element.
-pub(crate) fn set_next(head: usize, next: usize) {
+/// Whether a (worker-owned) head is a barrier marker.
+pub(crate) fn is_barrier_marker(head: usize) -> bool {
     // SAFETY: as in `next_of`.
-    unsafe { &*(head as *const RcuHead) }.next.store(next, Ordering::Relaxed);
+    unsafe { &*(head as *const RcuHead) }.func.load(Ordering::Relaxed) == barrier_done as RcuCallback as usize
 }
 
 /// Result of one grace-period step.
@@ -220,6 +201,32 @@ pub(crate) trait Domain: Sync {
     fn shard_cbs(&self, i: u32) -> Option<&Llist>;
     /// Callbacks ever queued on shard `i`'s list.
     fn shard_queued(&self, i: u32) -> u64;
+}
+
+/// Callbacks waiting (queued, not yet invoked) above which the normal-context `call_rcu` / `call_srcu_fast`
+/// make their caller wait for the worker.
+pub const BACKLOG_HIGH: u64 = 1 << 16;
+/// The backlog a throttled caller waits for.
+pub const BACKLOG_LOW: u64 = 1 << 14;
+/// How many callbacks a thread queues between two looks at the backlog (summing it costs O(threads)).
+const THROTTLE_EVERY: u64 = 256;
+
+/// Backpressure for normal-context callers: every `THROTTLE_EVERY` callbacks queued by this thread (`mine`),
+/// if `d`'s backlog is above [`BACKLOG_HIGH`], wait until the worker brings it below [`BACKLOG_LOW`].
+pub(crate) fn throttle(d: &dyn Domain, mine: u64) {
+    if !mine.is_multiple_of(THROTTLE_EVERY) {
+        return;
+    }
+    let pending = || queued_total(d).saturating_sub(d.core().invoked.load(Ordering::Acquire));
+    if pending() <= BACKLOG_HIGH {
+        return;
+    }
+    worker::ensure_started();
+    worker::kick();
+    let mut backoff = Backoff::new();
+    while pending() > BACKLOG_LOW {
+        backoff.wait();
+    }
 }
 
 /// Callbacks queued so far on every list of `d` (sum of per-thread counters).

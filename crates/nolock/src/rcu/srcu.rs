@@ -139,7 +139,7 @@ impl SrcuState {
     }
 
     /// Queue a callback value on the calling thread's list in this domain.
-    pub(crate) fn enqueue(&self, head: NonNull<RcuHead>, func: usize) {
+    pub(crate) fn enqueue(&self, head: NonNull<RcuHead>, func: usize) -> u64 {
         if let Some(g) = crate::global::get()
             && let Some(s) = shard::current(g)
         {
@@ -149,11 +149,12 @@ impl SrcuState {
             if was_empty {
                 super::worker::kick_if_sleeping();
             }
-            return;
+            return pt.queued.get();
         }
         super::queue_on(&self.core.overflow_cbs, head, func);
-        self.core.overflow_queued.fetch_add(1, Ordering::Relaxed);
+        let n = self.core.overflow_queued.fetch_add(1, Ordering::Relaxed) + 1;
         super::worker::kick_if_sleeping();
+        n
     }
 
     /// Wait for a full grace period of this domain (normal context).
@@ -349,6 +350,20 @@ impl SrcuFast {
     #[inline]
     pub unsafe fn call_srcu_fast_nolock(&self, head: NonNull<RcuHead>, func: RcuCallback) {
         self.state().enqueue(head, func as usize);
+    }
+
+    /// `call_srcu_fast` for normal contexts: [`call_srcu_fast_nolock`](Self::call_srcu_fast_nolock) with
+    /// backpressure (see [`crate::rcu::tree::call_rcu`]).
+    ///
+    /// # Safety
+    /// As [`crate::rcu::tree::call_rcu_nolock`].
+    ///
+    /// # Context
+    /// Normal context only: may sleep while the backlog is high.
+    pub unsafe fn call_srcu_fast(&self, head: NonNull<RcuHead>, func: RcuCallback) {
+        let st = self.state();
+        let mine = st.enqueue(head, func as usize);
+        super::throttle(st, mine);
     }
 
     /// Wait until every callback queued on this domain before the call has run (`srcu_barrier`).

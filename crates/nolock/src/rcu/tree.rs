@@ -273,9 +273,10 @@ pub unsafe fn call_rcu_nolock(head: NonNull<RcuHead>, func: RcuCallback) {
     enqueue(head, func as usize);
 }
 
-/// Queue a head with a raw callback value (a function, or a kfree offset).
+/// Queue a head with a raw callback value (a function, or a kfree offset). Returns how many callbacks this
+/// thread has queued so far (for throttling).
 #[inline]
-pub(crate) fn enqueue(head: NonNull<RcuHead>, func: usize) {
+pub(crate) fn enqueue(head: NonNull<RcuHead>, func: usize) -> u64 {
     if let Some(g) = crate::global::get()
         && let Some(s) = shard::current(g)
     {
@@ -284,11 +285,28 @@ pub(crate) fn enqueue(head: NonNull<RcuHead>, func: usize) {
         if was_empty {
             super::worker::kick_if_sleeping();
         }
-        return;
+        return s.rcu.queued.get();
     }
     super::queue_on(&RCU.core.overflow_cbs, head, func);
-    RCU.core.overflow_queued.fetch_add(1, Ordering::Relaxed);
+    let n = RCU.core.overflow_queued.fetch_add(1, Ordering::Relaxed) + 1;
     super::worker::kick_if_sleeping();
+    n
+}
+
+/// `call_rcu` for normal contexts: [`call_rcu_nolock`] with backpressure. If more than
+/// [`BACKLOG_HIGH`](super::BACKLOG_HIGH) callbacks are waiting, the caller waits until the grace-period worker
+/// has brought the backlog down, so a thread that retires faster than callbacks can run cannot make memory grow
+/// without bound. (`call_rcu_nolock` cannot wait; under a flood its backlog is bounded only by the CPU time the
+/// worker gets. `kfree_rcu_nolock` needs no such help: the retiring threads free ready blocks themselves.)
+///
+/// # Safety
+/// As [`call_rcu_nolock`].
+///
+/// # Context
+/// Normal context only: may sleep while the backlog is high. Not async-signal-safe.
+pub unsafe fn call_rcu(head: NonNull<RcuHead>, func: RcuCallback) {
+    let mine = enqueue(head, func as usize);
+    super::throttle(&RCU, mine);
 }
 
 /// Wait until every callback queued with `call_rcu_nolock` (and every `kfree_rcu_nolock`) before this call has

@@ -51,18 +51,21 @@ pub(crate) fn after_fork_child() {
     SLEEPING.store(false, Ordering::Relaxed);
 }
 
-/// A collected batch waiting for its grace period.
+/// A collected batch waiting for its grace period: the chains taken from each list, newest first within a
+/// chain (they are not reversed: walking them twice would double the cost per callback).
 struct Batch {
     cookie: u64,
-    head: usize,
-    count: u64,
+    chains: Vec<usize>,
 }
 
 #[derive(Default)]
 struct Pending {
     batches: VecDeque<Batch>,
-    waiting: u64,
 }
+
+/// Callbacks invoked between two single-step attempts to advance the grace period, so that a long batch does
+/// not stall the grace periods the next batches wait for (a step may cost a `membarrier`, a few µs).
+const STEP_EVERY: u32 = 4096;
 
 fn domains() -> Vec<&'static dyn Domain> {
     let mut v: Vec<&'static dyn Domain> = vec![super::tree::domain()];
@@ -123,38 +126,43 @@ fn has_callbacks(d: &dyn Domain) -> bool {
 /// Collect, drive, invoke for one domain. Returns whether it still has work.
 fn service(d: &dyn Domain, p: &mut Pending) -> bool {
     let core = d.core();
-    // Collect every list, oldest first within each list.
     let n = crate::global::get_if_init().map_or(0, |g| g.shard_count());
-    let mut first = 0usize;
-    let mut last = 0usize;
-    let mut count = 0u64;
-    let mut append = |chain: usize| {
-        if chain == 0 {
-            return;
-        }
-        let (h, t, k) = super::reverse_chain(chain);
-        if last == 0 {
-            first = h;
-        } else {
-            super::set_next(last, h);
-        }
-        last = t;
-        count += k;
-    };
+    let mut chains = Vec::new();
     for i in 0..n {
         if let Some(l) = d.shard_cbs(i) {
-            append(l.take_all());
+            let c = l.take_all();
+            if c != 0 {
+                chains.push(c);
+            }
         }
     }
-    append(core.overflow_cbs.take_all());
-    if count > 0 {
+    let c = core.overflow_cbs.take_all();
+    if c != 0 {
+        chains.push(c);
+    }
+    if !chains.is_empty() {
         let cookie = core.seq.snap();
         core.request(cookie);
-        p.batches.push_back(Batch { cookie, head: first, count });
-        p.waiting += count;
-        core.peak_pending.fetch_max(p.waiting, Ordering::Relaxed);
+        p.batches.push_back(Batch { cookie, chains });
     }
-    // Drive the grace period as far as it goes without waiting.
+    let pending = super::queued_total(d).saturating_sub(core.invoked.load(Ordering::Relaxed));
+    core.peak_pending.fetch_max(pending, Ordering::Relaxed);
+    drive(d);
+    // Invoke the batches whose grace period has ended, in order.
+    while let Some(b) = p.batches.front() {
+        if !core.seq.done(b.cookie) {
+            break;
+        }
+        let b = p.batches.pop_front().expect("front exists");
+        invoke_batch(d, &b);
+    }
+    super::kfree::free_ready_blocks(usize::MAX);
+    !p.batches.is_empty() || core.work_requested()
+}
+
+/// Advance the domain's grace period as far as it goes without waiting.
+fn drive(d: &dyn Domain) {
+    let core = d.core();
     if core.work_requested() {
         for _ in 0..8 {
             match core.try_drive(|| d.step()) {
@@ -163,22 +171,43 @@ fn service(d: &dyn Domain, p: &mut Pending) -> bool {
             }
         }
     }
-    // Invoke the batches whose grace period has ended, in order.
-    while let Some(b) = p.batches.front() {
-        if !core.seq.done(b.cookie) {
-            break;
-        }
-        let b = p.batches.pop_front().expect("front exists");
-        let mut h = b.head;
+}
+
+/// Run every callback of a batch. Barrier markers run last: each was queued after every callback of its own
+/// list that it must follow, and those are all in this batch or an earlier one.
+fn invoke_batch(d: &dyn Domain, b: &Batch) {
+    let core = d.core();
+    let mut markers = Vec::new();
+    let mut since_step = 0u32;
+    for &chain in &b.chains {
+        let mut h = chain;
         while h != 0 {
             let next = super::next_of(h);
-            // Count before invoking: a barrier marker that runs sees every earlier callback counted.
-            core.invoked.fetch_add(1, Ordering::Release);
-            // SAFETY: `h` was queued with a valid callback and its grace period has ended.
-            unsafe { super::invoke(h) };
+            if super::is_barrier_marker(h) {
+                markers.push(h);
+            } else {
+                // Count before invoking, so that counts are exact when a barrier returns.
+                core.invoked.fetch_add(1, Ordering::Release);
+                // SAFETY: `h` was queued with a valid callback and its grace period has ended.
+                unsafe { super::invoke(h) };
+            }
             h = next;
+            since_step += 1;
+            if since_step == STEP_EVERY {
+                since_step = 0;
+                if core.work_requested() {
+                    core.try_drive(|| d.step());
+                }
+            }
         }
-        p.waiting -= b.count;
     }
-    !p.batches.is_empty() || core.work_requested()
+    if !markers.is_empty() {
+        // Blocks of `kfree_*_rcu_nolock` freed by earlier callbacks of this batch must be entirely freed first.
+        super::kfree::finish_ready_blocks();
+    }
+    for h in markers {
+        core.invoked.fetch_add(1, Ordering::Release);
+        // SAFETY: as above.
+        unsafe { super::invoke(h) };
+    }
 }

@@ -88,7 +88,10 @@ impl LocalTryLock {
     #[inline(always)]
     pub fn unlock(&self) {
         signal_fence();
-        self.busy.store(0, Ordering::Relaxed);
+        // Release: pairs with the claimer's Acquire loads in `wait_unlocked`/`is_locked`, so a claimer that saw
+        // the owner inside its section and then sees it out also sees everything written inside (a plain `mov`
+        // on x86-64, like a relaxed store).
+        self.busy.store(0, Ordering::Release);
         signal_fence();
     }
 

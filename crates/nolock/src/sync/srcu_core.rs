@@ -81,9 +81,16 @@ impl SrcuReader {
     /// # Context
     /// Any context (a plain computation or one load).
     pub fn nesting(&self) -> u64 {
-        let l = self.lock[0].get().wrapping_add(self.lock[1].get());
-        let u = self.unlock[0].get().wrapping_add(self.unlock[1].get());
-        l.wrapping_sub(u)
+        // A signal handler may run whole sections between our loads. Each of its sections is complete before we
+        // resume, so if the lock sum is the same before and after reading the unlock sum, no section began (and
+        // hence none ended) in between, and the two sums are consistent.
+        loop {
+            let l = self.lock[0].get().wrapping_add(self.lock[1].get());
+            let u = self.unlock[0].get().wrapping_add(self.unlock[1].get());
+            if self.lock[0].get().wrapping_add(self.lock[1].get()) == l {
+                return l.wrapping_sub(u);
+            }
+        }
     }
 
     fn locks(&self, i: usize) -> u64 {
