@@ -279,7 +279,7 @@ fn count_failure(size: usize, in_handler: bool) {
 /// Pick a size code from random bits: small sizes most of the time, a page run one time in `large_one_in`.
 #[inline]
 fn pick_code(r: u64, large_one_in: u64) -> usize {
-    if (r >> 44) % large_one_in == 0 {
+    if (r >> 44).is_multiple_of(large_one_in) {
         N_SMALL + (r % (SIZES.len() - N_SMALL) as u64) as usize
     } else if (r >> 52) & 3 != 0 {
         (r % N_TINY as u64) as usize
@@ -315,9 +315,9 @@ fn alloc_obj(r: u64, origin: usize, in_handler: bool, seq: u64, large_one_in: u6
     let addr = p.as_ptr() as usize;
     // The contract of the call: the requested alignment (at least 8), whole pages above 8 KiB.
     let required = if size > nolock::KMALLOC_MAX_CACHE_SIZE { 4096.max(align) } else { align };
-    if addr % required != 0 {
+    if !addr.is_multiple_of(required) {
         MISALIGNED.fetch_add(1, Ordering::Relaxed);
-    } else if align == 8 && size.is_power_of_two() && size <= nolock::KMALLOC_MAX_CACHE_SIZE && addr % size != 0 {
+    } else if align == 8 && size.is_power_of_two() && size <= nolock::KMALLOC_MAX_CACHE_SIZE && !addr.is_multiple_of(size) {
         // kmalloc_nolock's documentation also promises natural alignment for power-of-two sizes.
         NATURAL_MISS.fetch_add(1, Ordering::Relaxed);
         let _ = FIRST_NATURAL_MISS.compare_exchange(

@@ -105,7 +105,7 @@ fn one_pass(pass: u64) {
         }
     });
     g.pages.purge(true);
-    if pass % 10 == 0 {
+    if pass.is_multiple_of(10) {
         crate::slab::shard::sweep_orphans(g);
     }
     leave_critical();

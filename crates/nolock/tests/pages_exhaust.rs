@@ -104,7 +104,7 @@ fn exhaust_arena() {
 
     // A freed, aligned block of 16 pages serves an order-4 allocation; scattered pages do not.
     pages.sort_by_key(|p| p.as_ptr() as usize);
-    let start = pages.iter().position(|p| (p.as_ptr() as usize) % (16 * PAGE) == 0).unwrap() + 16 * 7;
+    let start = pages.iter().position(|p| (p.as_ptr() as usize).is_multiple_of(16 * PAGE)).unwrap() + 16 * 7;
     let block: Vec<NonNull<u8>> = pages.drain(start..start + 16).collect();
     assert_eq!(block[15].as_ptr() as usize - block[0].as_ptr() as usize, 15 * PAGE);
     let block_start = block[0].as_ptr() as usize;

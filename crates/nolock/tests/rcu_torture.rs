@@ -716,7 +716,7 @@ fn handler_work<T: Torture>() {
 /// One read-side section in a thread: check a raw and an `RcuPtr` object, sleeping inside now and then.
 fn thread_read<T: Torture>(r: u64) {
     let st = T::st();
-    let sleep = T::SLEEPY && r % SLEEP_ONE_IN == 0;
+    let sleep = T::SLEEPY && r.is_multiple_of(SLEEP_ONE_IN);
     let g = T::lock();
     let p = st.raw[(r >> 8) as usize % RAW_SLOTS].load(Ordering::Acquire);
     if !p.is_null() {

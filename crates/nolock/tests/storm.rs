@@ -131,7 +131,7 @@ fn alloc_obj(size: usize, r: u64) -> Option<(usize, u64)> {
 fn stamp(p: *mut u8, size: usize, zero: bool) -> Option<(usize, u64)> {
     let addr = p as usize;
     let got = ksize(p);
-    if got < size || addr % 8 != 0 {
+    if got < size || !addr.is_multiple_of(8) {
         note_corruption(addr, Damage { word: usize::MAX, expected: size as u64, found: got as u64 });
     }
     let len = pattern_len(p);
@@ -258,7 +258,7 @@ fn storm_thread(me: usize) {
     RNG.with(|r| r.store(common::splitmix64(me as u64 + 1), Ordering::Relaxed));
     // Handlers run on an alternate stack (SA_ONSTACK), big enough for MAX_NEST nested handlers; half the
     // threads get a small one, so nesting is also exercised close to the stack's end.
-    let alt = AltStack::new(if me % 2 == 0 { 256 << 10 } else { 64 << 10 });
+    let alt = AltStack::new(if me.is_multiple_of(2) { 256 << 10 } else { 64 << 10 });
     let mut held: Vec<(usize, u64)> = Vec::with_capacity(1024);
     let mut burst: Vec<(usize, u64)> = Vec::with_capacity(1024);
     let timers = SIGS.map(|sig| ThreadTimer::for_current_thread(sig, TIMER_PERIOD));

@@ -746,7 +746,7 @@ pub unsafe fn try_free_pages_nolock(ptr: NonNull<u8>, order: u32) -> Result<(), 
     if !g.pages.contains(addr) {
         return Err(PagesError::Foreign);
     }
-    if addr % PAGE_SIZE != 0 {
+    if !addr.is_multiple_of(PAGE_SIZE) {
         return Err(PagesError::NotAllocated);
     }
     let page = g.pages.page_of(addr);
@@ -913,13 +913,13 @@ mod tests {
                             unsafe { *(p.page_addr(r) as *mut usize) = r };
                             held.push((r, n));
                         }
-                        if held.len() > 32 || i % 3 == 0 {
-                            if let Some((r, n)) = held.pop() {
-                                // SAFETY: our run, stamped above.
-                                assert_eq!(unsafe { *(p.page_addr(r) as *const usize) }, r);
-                                // SAFETY: freeing our own run once.
-                                unsafe { p.free_run(r, n) };
-                            }
+                        if (held.len() > 32 || i % 3 == 0)
+                            && let Some((r, n)) = held.pop()
+                        {
+                            // SAFETY: our run, stamped above.
+                            assert_eq!(unsafe { *(p.page_addr(r) as *const usize) }, r);
+                            // SAFETY: freeing our own run once.
+                            unsafe { p.free_run(r, n) };
                         }
                     }
                     for (r, n) in held {

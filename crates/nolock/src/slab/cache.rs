@@ -591,7 +591,7 @@ impl CacheInner {
             return false;
         }
         let call = self.fault.calls.fetch_add(1, Ordering::Relaxed) + 1;
-        let fail = (nth != 0 && call % u64::from(nth) == 0)
+        let fail = (nth != 0 && call.is_multiple_of(u64::from(nth)))
             || (prob != 0 && (splitmix64(call ^ (self as *const Self as u64)) as u32) < prob);
         if fail {
             self.counters.injected.fetch_add(1, Ordering::Relaxed);

@@ -343,7 +343,7 @@ pub unsafe fn try_kfree_nolock(ptr: *mut u8) -> Result<(), FreeError> {
 fn free_large(g: &Global, addr: usize, info: Info) -> Result<(), FreeError> {
     let page = g.pages.page_of(addr);
     let head = info.head() as usize;
-    if head != page || addr % PAGE_SIZE != 0 {
+    if head != page || !addr.is_multiple_of(PAGE_SIZE) {
         let start = g.pages.page_addr(head);
         return Err(FreeError::new(
             FreeErrorKind::InteriorPointer { object: start, offset: addr as isize - start as isize },
@@ -383,13 +383,13 @@ pub fn ksize(ptr: *const u8) -> usize {
             let base = g.pages.page_addr(info.head() as usize);
             let cfg = c.cfg();
             let rel = (addr - base).wrapping_sub(cfg.obj_off as usize);
-            if rel % cfg.stride as usize == 0 && rel / (cfg.stride as usize) < cfg.capacity as usize {
+            if rel.is_multiple_of(cfg.stride as usize) && rel / (cfg.stride as usize) < cfg.capacity as usize {
                 cfg.size as usize
             } else {
                 0
             }
         }
-        Kind::Large if g.pages.page_of(addr) == info.head() as usize && addr % PAGE_SIZE == 0 => {
+        Kind::Large if g.pages.page_of(addr) == info.head() as usize && addr.is_multiple_of(PAGE_SIZE) => {
             (g.pages.desc(info.head() as usize).npages.load(Ordering::Relaxed) as usize) << PAGE_SHIFT
         }
         _ => 0,

@@ -180,7 +180,7 @@ impl<'a> KmemCacheBuilder<'a> {
             return Err(CacheError::BadAlign);
         }
         let osz = size.max(8).next_multiple_of(8);
-        if self.freeptr_offset % 8 != 0 || self.freeptr_offset > osz - 8 {
+        if !self.freeptr_offset.is_multiple_of(8) || self.freeptr_offset > osz - 8 {
             return Err(CacheError::BadFreeptrOffset);
         }
         let g = cache::global_or_err()?;
