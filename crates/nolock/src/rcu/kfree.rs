@@ -15,11 +15,14 @@
 //!
 //! # Freeing, and keeping a retire flood bounded
 //!
-//! When a block's grace period ends, its callback only pushes it on a global *ready* stack (a `TaggedStack`
-//! of page numbers). The worker frees ready blocks after each batch; and every thread that fills a block of
-//! its own while ready blocks are waiting frees up to two of them on the spot (bounded work: 1016 `kfree`s).
-//! So the threads that retire memory also free it, in proportion, and a flood of `kfree_rcu_nolock` cannot
-//! outrun the single worker thread.
+//! A full block does not go through the callback machinery: it is stamped with the cookie of the grace period
+//! it needs and put, in order, on its domain's *block ring* (a bounded multi-producer multi-consumer ring,
+//! [`BlockRing`]). Whoever finds the oldest block's grace period over may take it and free its pointers: the
+//! grace-period worker after each pass, and — the backpressure — every thread that fills a block of its own
+//! frees up to two ready blocks on the spot (bounded work: at most 1016 `kfree`s) and, when blocks wait, tries
+//! one non-blocking step of the grace period itself. So the threads that retire memory also free it, in
+//! proportion, and a `kfree_rcu_nolock` flood does not depend on the worker getting CPU. (Only if a ring is
+//! full does a block fall back to a grace-period callback run by the worker.)
 //!
 //! # Getting partial blocks out
 //!
@@ -30,14 +33,13 @@
 //! thread's exit queues its own blocks.
 
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::RcuHead;
 use super::srcu::{SrcuFast, SrcuState};
 use crate::page::Gfp;
 use crate::slab::shard::{self, Shard};
 use crate::sync::local_lock::{LocalTryLock, TryLock};
-use crate::sync::tagged::TaggedStack;
 
 /// Bytes per pointer block.
 const BLOCK_BYTES: usize = 4096;
@@ -50,8 +52,6 @@ struct BlockHeader {
     count: u32,
     epoch: u32,
     domain: usize,
-    /// Link in the ready stack once the grace period has ended (page index + 1 encoding).
-    ready_link: AtomicU32,
 }
 
 #[repr(C)]
@@ -65,15 +65,120 @@ const _: () = assert!(core::mem::size_of::<PtrBlock>() <= BLOCK_BYTES);
 /// Aging clock, advanced by the worker.
 static EPOCH: AtomicU32 = AtomicU32::new(0);
 
-/// Blocks whose grace period has ended, waiting to be freed (by the worker, or by retiring threads that help).
-static READY: TaggedStack = TaggedStack::new();
-
-/// Blocks whose grace period has ended and that are not entirely freed yet (on the ready stack or being freed).
-static UNFREED: AtomicUsize = AtomicUsize::new(0);
-
-/// Ready blocks a retiring thread frees each time it fills a block of its own while some are waiting: the
-/// backpressure that keeps a retire flood bounded (the threads that retire also free, in proportion).
+/// Blocks a retiring thread frees each time it fills a block of its own, if their grace period is over: the
+/// backpressure that keeps a retire flood bounded.
 const HELP_BLOCKS: usize = 2;
+
+/// Blocks taken off a ring and not entirely freed yet (a barrier waits for these).
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Cells per ring: blocks that may wait for their grace period per domain (× 508 objects).
+const RING_CELLS: usize = 4096;
+
+/// One ring cell. `seq` holds the cell's sequence number minus its index (so zeroed memory is a valid, empty
+/// ring): equal to `pos - idx` when free for the producer of position `pos`, `pos - idx + 1` once published.
+#[derive(Debug, Default)]
+struct Cell {
+    seq: AtomicUsize,
+    block: AtomicUsize,
+    cookie: AtomicU64,
+}
+
+/// A domain's ring of blocks waiting for their grace period, in submission order (Dmitry Vyukov's bounded
+/// MPMC queue). Lock-free for producers; a consumer that finds the oldest cell unpublished (its producer was
+/// interrupted between claiming and filling it) or its grace period not over simply gets nothing. Zeroed
+/// memory is an empty ring.
+#[derive(Debug)]
+pub struct BlockRing {
+    head: AtomicUsize,
+    tail: AtomicUsize,
+    cells: [Cell; RING_CELLS],
+}
+
+impl BlockRing {
+    /// An empty ring.
+    pub const fn new() -> Self {
+        Self {
+            head: AtomicUsize::new(0),
+            tail: AtomicUsize::new(0),
+            cells: [const { Cell { seq: AtomicUsize::new(0), block: AtomicUsize::new(0), cookie: AtomicU64::new(0) } };
+                RING_CELLS],
+        }
+    }
+
+    /// Append `block` waiting for `cookie`; false if the ring is full. Any context, lock-free.
+    fn push(&self, block: usize, cookie: u64) -> bool {
+        let mut pos = self.tail.load(Ordering::Relaxed);
+        loop {
+            let idx = pos % RING_CELLS;
+            let c = &self.cells[idx];
+            // Acquire: pairs with the consumer's Release that freed the cell.
+            let seq = c.seq.load(Ordering::Acquire);
+            let diff = seq.wrapping_sub(pos - idx) as isize;
+            if diff == 0 {
+                match self.tail.compare_exchange_weak(pos, pos + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => {
+                        c.block.store(block, Ordering::Relaxed);
+                        c.cookie.store(cookie, Ordering::Relaxed);
+                        // Release: publishes block and cookie to the consumer's Acquire.
+                        c.seq.store(pos - idx + 1, Ordering::Release);
+                        return true;
+                    }
+                    Err(now) => pos = now,
+                }
+            } else if diff < 0 {
+                return false; // full: the cell still holds the previous lap's block
+            } else {
+                pos = self.tail.load(Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Take the oldest block if `done(cookie)` says its grace period is over. Any context, lock-free.
+    fn pop_done(&self, done: impl Fn(u64) -> bool) -> Option<usize> {
+        let mut pos = self.head.load(Ordering::Relaxed);
+        loop {
+            let idx = pos % RING_CELLS;
+            let c = &self.cells[idx];
+            // Acquire: pairs with the producer's Release.
+            let seq = c.seq.load(Ordering::Acquire);
+            let diff = seq.wrapping_sub(pos - idx + 1) as isize;
+            if diff == 0 {
+                if !done(c.cookie.load(Ordering::Relaxed)) {
+                    return None;
+                }
+                match self.head.compare_exchange_weak(pos, pos + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => {
+                        let b = c.block.load(Ordering::Relaxed);
+                        IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
+                        // Release: the cell may be reused by the producer of the next lap.
+                        c.seq.store(pos - idx + RING_CELLS, Ordering::Release);
+                        return Some(b);
+                    }
+                    Err(now) => pos = now,
+                }
+            } else if diff < 0 {
+                return None; // empty, or the oldest cell is not published yet
+            } else {
+                pos = self.head.load(Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether blocks are waiting.
+    fn is_empty(&self) -> bool {
+        self.head.load(Ordering::Relaxed) == self.tail.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for BlockRing {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The RCU domain's block ring.
+static RCU_RING: BlockRing = BlockRing::new();
 
 /// One per-thread block slot.
 #[derive(Debug, Default)]
@@ -112,6 +217,27 @@ impl Flavor {
         };
     }
 
+    fn ring(self) -> &'static BlockRing {
+        match self {
+            Flavor::Rcu => &RCU_RING,
+            Flavor::Srcu(s) => s.block_ring(),
+        }
+    }
+
+    fn domain(self) -> &'static dyn super::Domain {
+        match self {
+            Flavor::Rcu => super::tree::domain(),
+            Flavor::Srcu(s) => s,
+        }
+    }
+
+    fn core(self) -> &'static super::GpCore {
+        match self {
+            Flavor::Rcu => super::tree::domain().core(),
+            Flavor::Srcu(s) => s.core_ref(),
+        }
+    }
+
     fn of_tag(slot: usize, tag: usize) -> Self {
         if slot == 0 {
             Flavor::Rcu
@@ -120,17 +246,6 @@ impl Flavor {
             Flavor::Srcu(unsafe { &*(tag as *const SrcuState) })
         }
     }
-}
-
-/// Grace-period callback of a block: its pointers may be freed now. It goes on the ready stack, where the
-/// worker — or a retiring thread that helps — frees it (see [`HELP_BLOCKS`]).
-unsafe fn block_gp_done(head: NonNull<RcuHead>) {
-    let Some(g) = crate::global::get_if_init() else { return };
-    let b = head.as_ptr() as usize;
-    // SAFETY: blocks are queued with this callback only; the block is ours until freed.
-    let hdr = unsafe { &*(b as *const BlockHeader) };
-    UNFREED.fetch_add(1, Ordering::AcqRel);
-    READY.push(g.pages.page_of(b) as u32, &hdr.ready_link);
 }
 
 /// Free every pointer of a block, then the block.
@@ -149,42 +264,85 @@ unsafe fn free_block(b: usize) {
     }
 }
 
-/// Free up to `max` ready blocks; returns how many. Any context (bounded by `max` blocks of 508 frees each).
-pub(crate) fn free_ready_blocks(max: usize) -> usize {
-    let Some(g) = crate::global::get_if_init() else { return 0 };
+/// Grace-period callback of a block that found its ring full.
+unsafe fn block_gp_done(head: NonNull<RcuHead>) {
+    // SAFETY: blocks are queued with this callback only; the grace period has ended.
+    unsafe { free_block(head.as_ptr() as usize) };
+}
+
+/// Free up to `max` blocks of `flavor` whose grace period is over; returns how many. Any context (bounded
+/// by `max` blocks of 508 frees each).
+fn free_done_blocks(flavor: Flavor, max: usize) -> usize {
+    let core = flavor.core();
     let mut n = 0;
     while n < max {
-        // The link words live in the blocks, which stay in the arena (readable) even once freed: a stale read
-        // only makes the tagged pop retry.
-        let Some(page) = READY.pop(|i| {
-            // SAFETY: `i` is the page of a block that was pushed; arena memory is never unmapped.
-            unsafe { &(*(g.pages.page_addr(i as usize) as *const BlockHeader)).ready_link }
-        }) else {
-            break;
-        };
-        // SAFETY: popped: the block is ours, and its grace period has ended.
-        unsafe { free_block(g.pages.page_addr(page as usize)) };
-        // Release: pairs with the Acquire in `finish_ready_blocks`: the frees happen before it sees the count.
-        UNFREED.fetch_sub(1, Ordering::Release);
+        let Some(b) = flavor.ring().pop_done(|c| core.seq.done(c)) else { break };
+        // SAFETY: taken off the ring: ours, and its grace period has ended.
+        unsafe { free_block(b) };
+        // Release: pairs with the Acquire in `finish_blocks`: the frees happen before it sees the count.
+        IN_FLIGHT.fetch_sub(1, Ordering::Release);
         n += 1;
     }
     n
 }
 
-/// Free every ready block and wait (yielding) until blocks that helping threads popped are freed too, so that
-/// when a barrier marker runs every pointer of an earlier block is back in the allocator. Normal context.
-pub(crate) fn finish_ready_blocks() {
-    free_ready_blocks(usize::MAX);
-    while UNFREED.load(Ordering::Acquire) != 0 {
-        free_ready_blocks(usize::MAX);
+/// The worker's share: free every block whose grace period is over, in every domain. Returns whether blocks
+/// still wait (the worker keeps driving their grace periods).
+pub(crate) fn free_done_blocks_everywhere() -> bool {
+    let mut waiting = false;
+    let mut one = |f: Flavor| {
+        free_done_blocks(f, usize::MAX);
+        waiting |= !f.ring().is_empty();
+    };
+    one(Flavor::Rcu);
+    super::srcu::for_each_live(|s| one(Flavor::Srcu(s)));
+    waiting
+}
+
+/// For a barrier: wait for the grace period of every block on `flavor`'s ring and free them all, including
+/// blocks other threads took and are still freeing. Normal context (blocks).
+pub(crate) fn finish_blocks(flavor: Flavor, d: &dyn super::Domain) {
+    if !flavor.ring().is_empty() {
+        super::worker::ensure_started();
+        let cookie = flavor.core().seq.snap();
+        super::wait_for_cookie(d, cookie);
+        while !flavor.ring().is_empty() {
+            if free_done_blocks(flavor, usize::MAX) == 0 {
+                std::thread::yield_now(); // an unpublished cell: its producer finishes in a moment
+            }
+        }
+    }
+    while IN_FLIGHT.load(Ordering::Acquire) != 0 {
         std::thread::yield_now();
     }
 }
 
 fn queue_block(b: usize, flavor: Flavor) {
+    let core = flavor.core();
+    let cookie = core.seq.snap();
+    core.request(cookie);
+    if flavor.ring().push(b, cookie) {
+        super::worker::kick_if_sleeping();
+        return;
+    }
+    // The ring is full: let the worker free the block after the grace period.
     // SAFETY: `b` is a block owned by the caller, handed over to the callback.
     let head = unsafe { NonNull::new_unchecked(b as *mut RcuHead) };
     flavor.enqueue(head, block_gp_done as super::RcuCallback as usize);
+}
+
+/// Backpressure, after filling a block: free ready blocks, and if blocks still wait, try one non-blocking step
+/// of their grace period (only with the IPI-based membarrier, whose cost is bounded).
+fn help(flavor: Flavor) {
+    if flavor.ring().is_empty() {
+        return;
+    }
+    if free_done_blocks(flavor, HELP_BLOCKS) == 0 && crate::sys::membarrier::is_expedited() {
+        let d = flavor.domain();
+        if d.core().work_requested() {
+            d.core().try_drive(|| d.step());
+        }
+    }
 }
 
 fn retire(ptr: *mut u8, head: NonNull<RcuHead>, flavor: Flavor) {
@@ -220,9 +378,7 @@ fn retire_in_block(s: &Shard, ptr: *mut u8, flavor: Flavor) -> bool {
         }
     }
     if b == 0 {
-        // Page-aligned, so that a block is named by its page number on the ready stack.
-        let layout = core::alloc::Layout::from_size_align(BLOCK_BYTES, BLOCK_BYTES).expect("constant layout");
-        match crate::kmalloc_layout_nolock(layout, Gfp::NONE) {
+        match crate::kmalloc_nolock(BLOCK_BYTES, Gfp::NONE) {
             Some(p) => {
                 b = p.as_ptr() as usize;
                 // SAFETY: a fresh 4 KiB object.
@@ -232,7 +388,6 @@ fn retire_in_block(s: &Shard, ptr: *mut u8, flavor: Flavor) -> bool {
                         count: 0,
                         epoch: EPOCH.load(Ordering::Relaxed),
                         domain: flavor.domain_tag(),
-                        ready_link: AtomicU32::new(0),
                     })
                 };
                 // Release: pairs with the Acquire pre-check in `steal_blocks`, which reads the header.
@@ -257,9 +412,8 @@ fn retire_in_block(s: &Shard, ptr: *mut u8, flavor: Flavor) -> bool {
         queue_block(b, flavor);
     }
     slot.lock.unlock();
-    if full && !READY.is_empty() {
-        // Backpressure: a thread that fills blocks also frees ready ones, so retiring cannot outrun freeing.
-        free_ready_blocks(HELP_BLOCKS);
+    if full {
+        help(flavor);
     }
     true
 }
@@ -288,9 +442,11 @@ pub unsafe fn kfree_srcu_fast_nolock(domain: &SrcuFast, ptr: *mut u8, head: NonN
     retire(ptr, head, Flavor::Srcu(domain.state()));
 }
 
-/// Queue every partial block of `flavor` (an SRCU flavour: only blocks of that domain). Normal context.
+/// Queue every partial block of `flavor` (an SRCU flavour: only blocks of that domain), then wait for their
+/// grace periods and free every block of the flavour's ring. For barriers. Normal context.
 pub(crate) fn flush_blocks(flavor: Flavor) {
     steal_blocks(flavor.slot_index(), Some(flavor.domain_tag()), None);
+    finish_blocks(flavor, flavor.domain());
 }
 
 /// Advance the aging clock; queue blocks at least two ticks old. Called by the worker every few ms.

@@ -73,6 +73,8 @@ pub(crate) struct SrcuState {
     next: AtomicPtr<SrcuState>,
     /// Counters shared by readers that have no shard.
     overflow: SrcuReader,
+    /// `kfree_srcu_fast_nolock` blocks waiting for their grace period.
+    blocks: super::kfree::BlockRing,
     per_thread: [SrcuPerThread; MAX_SHARDS],
 }
 
@@ -125,6 +127,16 @@ impl SrcuState {
     #[inline(always)]
     fn per_thread(&self, shard_id: u32) -> &SrcuPerThread {
         &self.per_thread[shard_id as usize]
+    }
+
+    /// The ring of `kfree_srcu_fast_nolock` blocks waiting for this domain's grace period.
+    pub(crate) fn block_ring(&self) -> &super::kfree::BlockRing {
+        &self.blocks
+    }
+
+    /// The domain's grace-period core.
+    pub(crate) fn core_ref(&self) -> &GpCore {
+        &self.core
     }
 
     /// Every reader's counters: one per shard handed out so far, plus the shared ones.
@@ -422,12 +434,8 @@ impl Drop for SrcuFast {
         }
         // SAFETY: states are never unmapped.
         let st = unsafe { &*p };
-        if super::queued_total(st) != st.core.invoked.load(Ordering::Acquire) || st.core.work_requested() {
-            self.barrier();
-            let cookie = st.core.seq.snap();
-            super::worker::ensure_started();
-            super::wait_for_cookie(st, cookie);
-        }
+        // Run every callback and free every `kfree_srcu_fast_nolock` block of this domain.
+        self.barrier();
         // Wait until no driver is inside a step of this state, then free it for reuse.
         let mut backoff = super::Backoff::new();
         while st.core.try_drive(|| Step::Idle).is_none() {

@@ -87,6 +87,8 @@ fn run() {
             let key = d as *const dyn Domain as *const () as usize;
             busy |= service(d, pending.entry(key).or_default());
         }
+        // Free the pointer blocks whose grace period is over (the rings' consumers of last resort).
+        busy |= super::kfree::free_done_blocks_everywhere();
         let blocks = super::kfree::any_blocks();
         if blocks && last_age.elapsed() >= AGE_TICK {
             super::kfree::age_blocks();
@@ -156,7 +158,6 @@ fn service(d: &dyn Domain, p: &mut Pending) -> bool {
         let b = p.batches.pop_front().expect("front exists");
         invoke_batch(d, &b);
     }
-    super::kfree::free_ready_blocks(usize::MAX);
     !p.batches.is_empty() || core.work_requested()
 }
 
@@ -200,10 +201,6 @@ fn invoke_batch(d: &dyn Domain, b: &Batch) {
                 }
             }
         }
-    }
-    if !markers.is_empty() {
-        // Blocks of `kfree_*_rcu_nolock` freed by earlier callbacks of this batch must be entirely freed first.
-        super::kfree::finish_ready_blocks();
     }
     for h in markers {
         core.invoked.fetch_add(1, Ordering::Release);
