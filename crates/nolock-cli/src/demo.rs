@@ -317,7 +317,11 @@ fn alloc_obj(r: u64, origin: usize, in_handler: bool, seq: u64, large_one_in: u6
     let required = if size > nolock::KMALLOC_MAX_CACHE_SIZE { 4096.max(align) } else { align };
     if !addr.is_multiple_of(required) {
         MISALIGNED.fetch_add(1, Ordering::Relaxed);
-    } else if align == 8 && size.is_power_of_two() && size <= nolock::KMALLOC_MAX_CACHE_SIZE && !addr.is_multiple_of(size) {
+    } else if align == 8
+        && size.is_power_of_two()
+        && size <= nolock::KMALLOC_MAX_CACHE_SIZE
+        && !addr.is_multiple_of(size)
+    {
         // kmalloc_nolock's documentation also promises natural alignment for power-of-two sizes.
         NATURAL_MISS.fetch_add(1, Ordering::Relaxed);
         let _ = FIRST_NATURAL_MISS.compare_exchange(

@@ -7,6 +7,8 @@
 //! - `nolock bench` (= `nolock bench alloc`): alloc/free workloads against glibc, mimalloc and jemalloc.
 //! - `nolock bench rcu`: readers, grace periods, callbacks and retire-and-free against crossbeam-epoch, seize,
 //!   `membarrier` and (feature `liburcu`) liburcu.
+//! - `nolock bench typesafe`: the add-then-delete pattern through a type-safe cache, `kfree_rcu_nolock` and
+//!   `kfree_nolock`: throughput and memory held.
 //!
 //! This file only parses arguments; the work is in [`demo`](mod@demo), [`rcu`](mod@rcu) and
 //! [`bench`](mod@bench).
@@ -67,7 +69,8 @@ enum Command {
         #[arg(long, hide = true)]
         inject_bug: bool,
     },
-    /// Benchmarks, nolock against baselines measured in the same run: `alloc` (the default) or `rcu`.
+    /// Benchmarks, nolock against baselines measured in the same run: `alloc` (the default), `rcu` or
+    /// `typesafe`.
     Bench {
         #[command(subcommand)]
         what: Option<BenchWhat>,
@@ -90,6 +93,9 @@ enum BenchWhat {
     Alloc,
     /// Reclamation workloads: RCU, SRCU-fast and Tasks Trace against crossbeam-epoch, seize and membarrier.
     Rcu,
+    /// Add-then-delete (allocate, fill, look up once, free) through a type-safe cache, kfree_rcu_nolock and
+    /// kfree_nolock: throughput and memory held.
+    Typesafe,
 }
 
 fn main() -> ExitCode {
@@ -115,6 +121,7 @@ fn main() -> ExitCode {
             match what.unwrap_or(BenchWhat::Alloc) {
                 BenchWhat::Alloc => bench::alloc::run(&args),
                 BenchWhat::Rcu => bench::rcu::run(&args),
+                BenchWhat::Typesafe => bench::typesafe::run(&args),
             }
         }
     }

@@ -508,9 +508,9 @@ fn updater(w: &Worker) {
             };
             replaced[kind] += done as u64;
         }
-        if seq % 4096 == 0 {
+        if seq.is_multiple_of(4096) {
             // The blocking path too, now and then.
-            if (seq / 4096) % 2 == 0 {
+            if (seq / 4096).is_multiple_of(2) {
                 nolock::synchronize_rcu();
             } else {
                 SRCU.synchronize();

@@ -3,7 +3,9 @@
 //! - [`alloc`]: `kmalloc_nolock` / `kfree_nolock` against glibc, mimalloc and jemalloc (`nolock bench` or
 //!   `nolock bench alloc`);
 //! - [`rcu`]: RCU, SRCU-fast and Tasks Trace readers, grace periods, `call_rcu_nolock` and `kfree_rcu_nolock`
-//!   against crossbeam-epoch, seize, `membarrier` and (with the `liburcu` feature) liburcu (`nolock bench rcu`).
+//!   against crossbeam-epoch, seize, `membarrier` and (with the `liburcu` feature) liburcu (`nolock bench rcu`);
+//! - [`typesafe`]: the add-then-delete pattern through a type-safe cache, `kfree_rcu_nolock` and plain
+//!   `kfree_nolock`: throughput and memory held (`nolock bench typesafe`).
 //!
 //! These machines are noisy (results can move 2× between runs), so each cell is the median of at least five
 //! timed repetitions with min and max, the contenders take turns inside every repetition, and only ratios
@@ -11,6 +13,7 @@
 
 pub mod alloc;
 pub mod rcu;
+pub mod typesafe;
 #[cfg(feature = "liburcu")]
 mod urcu;
 
