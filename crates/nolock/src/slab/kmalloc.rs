@@ -136,8 +136,10 @@ pub fn kmalloc_nolock(size: usize, flags: Gfp) -> Option<NonNull<u8>> {
     kmalloc_class(g, size_class(size), || (size & size.wrapping_neg()).max(8), flags)
 }
 
-/// Allocate memory for `layout` (any size and power-of-two alignment). A zero-size layout returns a dangling,
-/// suitably aligned pointer below [`ZERO_SIZE_LIMIT`] that must not be dereferenced; freeing it is harmless.
+/// Allocate memory for `layout` (any size and power-of-two alignment), aligned to `layout.align()` and, like
+/// [`kmalloc_nolock`], to the largest power of two dividing the size (up to 8 KiB). A zero-size layout returns
+/// a dangling, suitably aligned pointer below [`ZERO_SIZE_LIMIT`] that must not be dereferenced; freeing it is
+/// harmless.
 ///
 /// # Context
 /// As [`kmalloc_nolock`].
@@ -152,7 +154,8 @@ pub fn kmalloc_layout_nolock(layout: Layout, flags: Gfp) -> Option<NonNull<u8>> 
     while class_align(class) < align {
         class += 1;
     }
-    kmalloc_class(g, class, || align, flags)
+    // Like kmalloc_nolock, keep the natural alignment of the size too (the next bucket must not lose it).
+    kmalloc_class(g, class, || align.max(size & size.wrapping_neg()), flags)
 }
 
 /// `align` is only evaluated off the fast path (next bucket, debug, fault injection).
