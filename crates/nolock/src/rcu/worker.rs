@@ -189,8 +189,7 @@ fn invoke_batch(d: &dyn Domain, b: &Batch) {
             } else {
                 // Count before invoking, so that counts are exact when a barrier returns.
                 core.invoked.fetch_add(1, Ordering::Release);
-                // SAFETY: `h` was queued with a valid callback and its grace period has ended.
-                unsafe { super::invoke(h) };
+                invoke_guarded(h);
             }
             h = next;
             since_step += 1;
@@ -204,7 +203,16 @@ fn invoke_batch(d: &dyn Domain, b: &Batch) {
     }
     for h in markers {
         core.invoked.fetch_add(1, Ordering::Release);
-        // SAFETY: as above.
-        unsafe { super::invoke(h) };
+        invoke_guarded(h);
+    }
+}
+
+/// Run one callback; a callback (or a slab destructor it runs) that panics is reported and the worker goes on,
+/// instead of dying and leaving every later barrier waiting forever.
+fn invoke_guarded(h: usize) {
+    // SAFETY: `h` was queued with a valid callback and its grace period has ended.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { super::invoke(h) }));
+    if r.is_err() {
+        crate::debug::report_callback_panic(h);
     }
 }

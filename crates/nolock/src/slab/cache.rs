@@ -1252,7 +1252,9 @@ pub struct DestroyReport {
 pub fn destroy(g: &Global, id: u16) -> DestroyReport {
     let c = g.cache(id);
     shard::claim_and_drain_all(g, id);
-    let released = c.shrink(g, 0);
+    // Wait for a shrink in progress (trim on another thread, the worker, an out-of-pages reclaim) rather than
+    // skip: otherwise slabs it holds would be counted as still in use.
+    let released = c.shrink_wait(g, 0);
     // Type-safe caches: wait for the grace periods of the slabs just queued (and of any queued earlier), so
     // that destructors have run and every page is back before the slot is freed.
     match c.cfg().typesafe {
