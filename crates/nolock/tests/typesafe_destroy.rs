@@ -649,6 +649,8 @@ fn destroy_racing_a_paused_shrink_of_the_same_cache() {
         let per_slab = cache.stats().objects_per_slab;
         // No entirely free slab anywhere else, so the paused release below is one of ours.
         nolock::trim();
+        // Slabs 2 and 3 first: objects this thread frees later into its own list (destroy's drain empties them).
+        let ps: Vec<_> = (0..2 * per_slab).map(|_| cache.alloc_nolock(Gfp::NONE).expect("alloc")).collect();
         // Slab 1: emptied by a thread that exits (its list goes back): entirely free, on the partial list.
         std::thread::scope(|s| {
             s.spawn(|| {
@@ -659,8 +661,12 @@ fn destroy_racing_a_paused_shrink_of_the_same_cache() {
                 }
             });
         });
-        // Slabs 2 and 3: freed objects cached in this thread's list (destroy's drain empties them).
-        let ps: Vec<_> = (0..2 * per_slab).map(|_| cache.alloc_nolock(Gfp::NONE).expect("alloc")).collect();
+        // A scoped thread counts as finished when its closure returns, before its thread-local destructors run:
+        // wait for its exit to hand its list back.
+        let start = std::time::Instant::now();
+        while cache.stats().cached_objects != 0 && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         for p in ps {
             // SAFETY: ours, freed once.
             unsafe { cache.free_nolock(p) };
