@@ -29,6 +29,7 @@ pub enum Kind {
 }
 
 const DEBUG_BIT: u64 = 1 << 8;
+const STRIDE_SHIFT_BIT: u32 = 9;
 
 /// Decoded `info` word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,10 +43,22 @@ impl Info {
     }
 
     /// Info word of a slab page; `debug` marks slabs of debug caches so that the free fast path can route
-    /// them to the checked path without looking at the cache.
+    /// them to the checked path without looking at the cache; `stride_shift` is log2 of the object stride when
+    /// every address of the slab that is a multiple of the stride is an object (0: check by division).
     #[inline]
-    pub fn slab(cache_id: u16, head: u32, debug: bool) -> Self {
-        Self(Self::new(Kind::Slab, cache_id, head).0 | if debug { DEBUG_BIT } else { 0 })
+    pub fn slab(cache_id: u16, head: u32, debug: bool, stride_shift: u32) -> Self {
+        debug_assert!(stride_shift < 64);
+        Self(
+            Self::new(Kind::Slab, cache_id, head).0
+                | if debug { DEBUG_BIT } else { 0 }
+                | (u64::from(stride_shift) << STRIDE_SHIFT_BIT),
+        )
+    }
+
+    /// log2 of the stride if objects sit exactly at the multiples of a power-of-two stride (0: not so).
+    #[inline(always)]
+    pub fn stride_shift(self) -> u32 {
+        ((self.0 >> STRIDE_SHIFT_BIT) & 0x3f) as u32
     }
 
     /// A slab page of a non-debug cache (the free fast path's one test).

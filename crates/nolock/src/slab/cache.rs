@@ -139,6 +139,9 @@ pub(crate) struct CacheConfig {
     pub dtor: usize,
     /// Id of the paired fallback cache (`NO_FALLBACK`: none).
     pub fallback: u16,
+    /// log2 of `stride` when the stride is a power of two that divides the slab's alignment and the slab has no
+    /// tail: then an address is an object exactly when it is a multiple of the stride (0: otherwise).
+    pub stride_shift: u32,
 }
 
 impl core::fmt::Debug for Typesafe {
@@ -213,6 +216,14 @@ impl CacheConfig {
             ctor: 0,
             dtor: 0,
             fallback: NO_FALLBACK,
+            stride_shift: if stride.is_power_of_two()
+                && stride <= slab_pages.min(64) * PAGE_SIZE
+                && capacity * stride == slab_pages * PAGE_SIZE
+            {
+                stride.trailing_zeros()
+            } else {
+                0
+            },
         }
     }
 
@@ -381,6 +392,11 @@ impl CacheInner {
     /// The free fast path's check for a non-debug cache: `addr` is exactly a slot of the slab at `info.head()`.
     #[inline(always)]
     pub fn plain_slot(&self, g: &Global, addr: usize, info: Info) -> Option<usize> {
+        let shift = info.stride_shift();
+        if shift != 0 {
+            // Power-of-two stride, slab aligned to it, no tail: one mask test, no load from the cache.
+            return (addr & ((1usize << shift) - 1) == 0).then_some(addr);
+        }
         let rel = addr - g.pages.page_addr(info.head() as usize);
         self.index_of(rel).map(|_| addr)
     }
@@ -557,7 +573,7 @@ impl CacheInner {
             }
         };
         hooks::point(Point::SlabNew);
-        let info = Info::slab(self.id(), head as u32, c.flags & FLAG_DEBUG != 0);
+        let info = Info::slab(self.id(), head as u32, c.flags & FLAG_DEBUG != 0, c.stride_shift);
         for p in head..head + pages {
             g.pages.desc(p).set_info(info);
         }
@@ -1287,4 +1303,33 @@ pub fn for_each_cache(g: &Global, mut f: impl FnMut(&CacheInner)) {
 /// Ensure the global state exists (helper for public constructors).
 pub fn global_or_err() -> Result<&'static Global, CacheError> {
     global::get().ok_or(CacheError::NoArena)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mask test of `plain_slot` accepts exactly the addresses the division test accepts.
+    #[test]
+    fn stride_shift_agrees_with_division() {
+        let mut sizes: Vec<usize> = crate::slab::kmalloc::KMALLOC_SIZES.to_vec();
+        sizes.extend([24, 40, 48, 4000, 16384, 65536, 1 << 19, 1 << 20]);
+        for size in sizes {
+            let align = (size & size.wrapping_neg()).min(MAX_ALIGN);
+            let c = CacheConfig::new("t", size, align, 0, 0);
+            if c.stride_shift == 0 {
+                continue;
+            }
+            let slab_bytes = (c.slab_pages as usize) << PAGE_SHIFT;
+            let (stride, limit) = (c.stride as usize, c.limit as usize);
+            assert_eq!(1usize << c.stride_shift, stride);
+            // Slab bases are multiples of the slab alignment; check offsets from one such base.
+            let base = c.slab_align() << PAGE_SHIFT;
+            for rel in (0..slab_bytes).step_by(8) {
+                let by_division = rel % stride == 0 && rel < limit;
+                let by_mask = (base + rel) & (stride - 1) == 0;
+                assert_eq!(by_division, by_mask, "size {size} offset {rel}");
+            }
+        }
+    }
 }
