@@ -77,15 +77,19 @@ fn run() {
     let mut pending: HashMap<usize, Pending> = HashMap::new();
     let mut last_age = std::time::Instant::now();
     let mut idle_rounds = 0u32;
+    let mut poll_us = 20u64;
+    let mut last_progress = 0u64;
     loop {
         if RUNNING_PID.load(Ordering::Acquire) != crate::sys::getpid() {
             return;
         }
         let seen = WORK.load(Ordering::Acquire);
         let mut busy = false;
+        let mut progress = 0u64;
         for d in domains() {
             let key = d as *const dyn Domain as *const () as usize;
             busy |= service(d, pending.entry(key).or_default());
+            progress = progress.wrapping_add(d.core().seq.get()).wrapping_add(d.core().invoked.load(Ordering::Relaxed));
         }
         // Free the pointer blocks whose grace period is over (the rings' consumers of last resort).
         busy |= super::kfree::free_done_blocks_everywhere();
@@ -97,7 +101,12 @@ fn run() {
         }
         if busy {
             idle_rounds = 0;
-            crate::sys::futex_wait(&WORK, seen, Some(Duration::from_micros(50)));
+            // Poll quickly while grace periods and callbacks move; back off (up to 1 ms) while readers hold a
+            // grace period, so that waiting costs neither the worker's CPU nor its neighbours' (a 2-CPU machine
+            // feels every wake-up as a preemption).
+            poll_us = if progress != last_progress { 20 } else { (poll_us * 2).min(1000) };
+            last_progress = progress;
+            crate::sys::futex_wait(&WORK, seen, Some(Duration::from_micros(poll_us)));
             continue;
         }
         idle_rounds += 1;
