@@ -75,7 +75,7 @@ impl LocalTryLock {
         signal_fence();
         // Pairs with the claimer's `claimed` store + heavy barrier (see the module documentation).
         if self.claimed.load(Ordering::Relaxed) != 0 {
-            self.busy.store(0, Ordering::Relaxed);
+            self.busy.store(0, Ordering::Release);
             return TryLock::Claimed;
         }
         TryLock::Locked
@@ -146,7 +146,7 @@ impl LocalTryLock {
     /// # Context
     /// Only while nobody else can use the lock (a slot being set up); never blocks.
     pub fn reset(&self) {
-        self.busy.store(0, Ordering::Relaxed);
+        self.busy.store(0, Ordering::Release);
         self.claimed.store(0, Ordering::Release);
     }
 }
