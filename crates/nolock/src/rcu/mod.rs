@@ -45,6 +45,19 @@ use core::time::Duration;
 use crate::sync::llist::Llist;
 use seq::GpSeq;
 
+/// The mechanism grace periods use to order readers: `"membarrier-private-expedited"`, `"membarrier-global"`
+/// or `"mprotect"` (the fallbacks; `NOLOCK_MEMBARRIER=global|mprotect` forces one, for tests).
+///
+/// # Context
+/// Normal context: registers the mechanism on first use (system calls).
+pub fn barrier_mechanism() -> &'static str {
+    match crate::sys::membarrier::register() {
+        crate::sys::membarrier::Mechanism::PrivateExpedited => "membarrier-private-expedited",
+        crate::sys::membarrier::Mechanism::Global => "membarrier-global",
+        crate::sys::membarrier::Mechanism::Mprotect => "mprotect",
+    }
+}
+
 /// The callback link embedded in an object retired through `call_rcu_nolock` and friends (the kernel's
 /// `struct rcu_head`). 16 bytes; it must stay valid until the callback runs.
 #[repr(C)]

@@ -6,6 +6,31 @@
 //! - [`kmalloc`]: size classes, "try the next bucket", large allocations, `kfree_nolock` by address.
 //!
 //! This file holds the public `KmemCache` handle.
+//!
+//! # Type-safe caches: lock-free lookups with revalidation
+//!
+//! A cache created with [`SlabFlags::TYPESAFE_BY_RCU`] or [`SlabFlags::TYPESAFE_BY_SRCU_FAST`] reuses a freed
+//! object at once, but its memory stays an object *of this cache* until every reader that could still see it
+//! is gone: an empty slab goes back to the page allocator only after a grace period, and its destructors run
+//! then. That is what lets readers look objects up without locks and without waiting, provided they
+//! revalidate (the kernel's `SLAB_TYPESAFE_BY_RCU` rules):
+//!
+//! ```text
+//! rcu_read_lock (or a Tasks Trace / SRCU-fast section)
+//! restart:
+//!   for e in bucket(key):                 // lists end in a "nulls" marker naming the bucket
+//!       if e.key == key && try_get(e):    // take a reference: fails on a free element (count 0)
+//!           if e.key == key: return e     // re-check: e may have been freed and reused meanwhile
+//!           put(e); goto restart
+//!   if end marker != this bucket: goto restart   // we followed a recycled element into another list
+//!   return None
+//! ```
+//!
+//! Fields readers probe (key, reference count, a type tag, a lock) are set up by the constructor once per
+//! slab life and must not be clobbered by the allocator: put the free-list link elsewhere with
+//! [`KmemCacheBuilder::freeptr_offset`]. The runnable reference is `examples/typesafe_hash.rs`
+//! (`cargo run --release -p nolock --example typesafe_hash`): a hash table with nulls-terminated buckets whose
+//! RCU and Tasks Trace readers run against writers that insert and delete the same keys.
 
 pub(crate) mod cache;
 pub mod kmalloc;
