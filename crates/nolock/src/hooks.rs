@@ -2,7 +2,7 @@
 //!
 //! With the `test-hooks` feature, the allocator calls [`point`] at named places of its fast and slow paths,
 //! including places where it holds a per-thread cache's busy flag or a slab's take right. A test installs a hook
-//! with [`set_hook`] that runs a nested allocation and free right there, exactly as a signal handler arriving at
+//! with `set_hook` that runs a nested allocation and free right there, exactly as a signal handler arriving at
 //! that instruction would. Without the feature, [`point`] is an empty inline function and costs nothing.
 //!
 //! The hook runs at most once per nesting level: while it runs, nested calls to [`point`] on the same thread do

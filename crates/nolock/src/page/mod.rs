@@ -23,7 +23,7 @@
 //!
 //! # Returning memory to the OS (off the nolock path)
 //!
-//! [`PageAllocator::purge`] runs in the background worker or in [`crate::trim`], never on a `*_nolock` path. It
+//! `PageAllocator::purge` runs in the background worker or in [`crate::trim`], never on a `*_nolock` path. It
 //! *claims* free dirty pages in the bitmap exactly as an allocation would (so no allocation can hand them out
 //! while their contents are being dropped), calls `madvise(MADV_DONTNEED)`, clears their dirty bits and frees
 //! them again. With aging on, a page is purged only if it was free and dirty at the previous pass as well, so

@@ -16,11 +16,11 @@
 //!
 //! # Shared machinery (this file)
 //!
-//! Every domain has a [`GpCore`]: its grace-period sequence ([`seq::GpSeq`]), a *driver* flag, and the
+//! Every domain has a `GpCore`: its grace-period sequence (`seq::GpSeq`), a *driver* flag, and the
 //! state of its grace-period state machine. A grace period is a sequence of non-blocking *steps* (start,
 //! wait for readers, flip, wait again, end). Whoever holds the driver flag may run a step: a thread blocked in
 //! `synchronize_*` drives its own grace period (no hand-off latency), and the grace-period worker drives them
-//! for callbacks. A step that finds readers still inside reports [`Step::Waiting`] and the driver backs off.
+//! for callbacks. A step that finds readers still inside reports `Step::Waiting` and the driver backs off.
 //!
 //! Callbacks ([`RcuHead`] embedded in the object, the kernel's `rcu_head`) are pushed onto a lock-free list of
 //! the calling thread (one per thread per domain), so `call_*_nolock` is one CAS on a thread-local cache line

@@ -1,8 +1,8 @@
 //! The slab layer: `KmemCache`, the kmalloc size classes, and per-thread caches (shards).
 //!
-//! - [`cache`]: one cache's slabs, partial list and the alloc/free paths (fast, refill, flush, deferred,
+//! - `cache`: one cache's slabs, partial list and the alloc/free paths (fast, refill, flush, deferred,
 //!   shared); cache creation and destruction.
-//! - [`shard`]: per-thread lists guarded by busy flags; claiming, thread exit, orphans, fork.
+//! - `shard`: per-thread lists guarded by busy flags; claiming, thread exit, orphans, fork.
 //! - [`kmalloc`]: size classes, "try the next bucket", large allocations, `kfree_nolock` by address.
 //!
 //! This file holds the public `KmemCache` handle.
