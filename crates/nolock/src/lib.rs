@@ -32,6 +32,13 @@
 //!
 //! Each public function documents its context rules in a `# Context` section.
 //!
+//! Limits worth knowing: per-thread state lives in `const`-initialised thread-locals, which need no allocation
+//! when nolock is linked into the executable (the usual case); built into a `cdylib` that is `dlopen`ed, the
+//! first touch of a thread-local on each thread may go through the dynamic loader, which can allocate. At most
+//! [`MAX_SHARDS`] threads have per-thread caches at once; further threads use the (slower, still lock-free)
+//! shared path. A signal handler that leaves the library by `longjmp` leaves its busy flag set: that thread's
+//! list for that cache is then bypassed (and leaked at destroy), never corrupted.
+//!
 //! ## Layers
 //!
 //! - [`page`]: the arena and `alloc_pages_nolock` — lock-free bitmap allocation, page descriptors, returning
