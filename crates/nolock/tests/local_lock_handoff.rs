@@ -126,8 +126,8 @@ mod threads {
             sh.lock.claim();
             // heavy_barrier() (a SeqCst fence stands in for membarrier, which neither Miri nor TSan model).
             fence(Ordering::SeqCst);
-            sh.go.store(true, Ordering::Relaxed);
             assert!(sh.lock.is_locked(), "the owner is inside its section");
+            sh.go.store(true, Ordering::Relaxed);
             assert!(sh.lock.wait_unlocked(u32::MAX));
             // SAFETY: claimed, and the owner's section has ended (what the protocol promises).
             let v = unsafe { *sh.state.get() };

@@ -106,10 +106,10 @@ struct Obj {
 const FREEPTR: usize = core::mem::offset_of!(Obj, link);
 
 fn obj<'a>(p: usize) -> &'a Obj {
-    // SAFETY: every address passed here is an object of a type-safe cache of `Obj` layout, looked at while the
-    // caller owns it or is inside a read-side section that began while it was published: the memory is an `Obj`
-    // (all atomics) for that long. (Should the library break that promise, the reads still hit mapped arena
-    // memory of nolock, which the checks then report.)
+    // Every address passed here is an object of a type-safe cache of `Obj` layout, looked at while the caller
+    // owns it or is inside a read-side section that began while it was published: the memory is an `Obj` (all
+    // atomics) for that long. (Should the library break that promise, the reads still hit mapped arena memory.)
+    // SAFETY: as just explained.
     unsafe { &*(p as *const Obj) }
 }
 

@@ -266,10 +266,10 @@ fn probe(sh: &Shared, flavor: Flavor, x: u64) -> (bool, bool) {
         return (false, false);
     }
     let e = p as *const Elem;
-    // SAFETY: `p` was published by a writer of the running route and loaded inside our read-side section, which
-    // that route covers (`may_read`): route 1's memory stays an `Elem` until every RCU and Tasks Trace reader
-    // that could see it is gone (type-safe cache), route 2's stays intact until every RCU reader is gone. We
-    // only form references to the atomic fields.
+    // `p` was published by a writer of the running route and loaded inside our read-side section, which that
+    // route covers (`may_read`): route 1's memory stays an `Elem` until every RCU and Tasks Trace reader that
+    // could see it is gone (type-safe cache), route 2's stays intact until every RCU reader is gone.
+    // SAFETY: as just explained; we only form references to the atomic fields.
     let (tag, key) =
         unsafe { ((*addr_of!((*e).tag)).load(Ordering::Relaxed), (*addr_of!((*e).key)).load(Ordering::Relaxed)) };
     black_box(key);
@@ -325,11 +325,11 @@ fn add_delete<const R: u8>(t: u64, i: u64, cache: Option<&KmemCache>, table: &[A
     let Some(p) = p else { return false };
     let e = p.as_ptr().cast::<Elem>();
     let key = (t << 40) | i;
-    // SAFETY: `e` is a live object of `Elem`'s size and alignment that this thread just allocated. Route 1: its
-    // `tag` and `key` were initialised by the constructor and may be loaded by readers that saw an earlier life
-    // of it, so `key` is written atomically through a reference to that field only; routes 2 and 3: nobody else
-    // can see it yet, so the fields are initialised with raw writes. The other fields are written through raw
-    // pointers and are never read by anyone else.
+    // `e` is a live object of `Elem`'s size and alignment that this thread just allocated. Route 1: its `tag` and
+    // `key` were initialised by the constructor and may be loaded by readers that saw an earlier life of it, so
+    // `key` is written atomically through a reference to that field only; routes 2 and 3: nobody else can see it
+    // yet, so the fields are initialised with raw writes. The other fields are never read by anyone else.
+    // SAFETY: as just explained.
     unsafe {
         if R == R_TYPESAFE {
             (*addr_of!((*e).key)).store(key, Ordering::Relaxed);
