@@ -366,19 +366,8 @@ unsafe fn check_and_free(p: *mut u8, me: usize) -> Option<(usize, bool)> {
 /// The signal handler: runs on a worker thread, possibly in the middle of a nolock call, possibly inside the
 /// other signal's handler. Atomics and nolock only.
 extern "C" fn on_signal(_sig: c_int, info: *mut libc::siginfo_t, _ctx: *mut c_void) {
-    // SAFETY: errno is thread-local; its location is valid for the thread's life.
-    let errno = unsafe { libc::__errno_location() };
-    // SAFETY: as above.
-    let saved = unsafe { errno.read() };
-    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler; timer signals carry sigev_value.
-    let (value, overrun) = unsafe { ((*info).si_value().sival_ptr, (*info).si_overrun()) };
-    if !value.is_null() {
-        // SAFETY: the timer's sigev_value is this thread's Worker, which outlives the thread's timers (`run`).
-        let w = unsafe { &*(value as *const Worker) };
-        handler_work(w, overrun);
-    }
-    // SAFETY: as above.
-    unsafe { errno.write(saved) };
+    // SAFETY: our timers carry this thread's Worker, which outlives them (`run`).
+    unsafe { crate::sig::dispatch_timer_signal::<Worker>(info, handler_work) };
 }
 
 fn handler_work(w: &Worker, overrun: c_int) {

@@ -558,19 +558,8 @@ fn worker_main(w: &Worker, interval_ns: Option<u64>, start: &Barrier) -> std::io
 /// The handler: one RCU and one SRCU-fast section over the table, and one signal in four replaces a raw slot.
 /// Atomics and nolock only.
 extern "C" fn on_signal(_sig: c_int, info: *mut libc::siginfo_t, _ctx: *mut c_void) {
-    // SAFETY: errno is thread-local; its location is valid for the thread's life.
-    let errno = unsafe { libc::__errno_location() };
-    // SAFETY: as above.
-    let saved = unsafe { errno.read() };
-    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler; timer signals carry sigev_value.
-    let (value, overrun) = unsafe { ((*info).si_value().sival_ptr, (*info).si_overrun()) };
-    if !value.is_null() {
-        // SAFETY: the timer's sigev_value is this thread's Worker, which outlives the thread's timers (`run`).
-        let w = unsafe { &*(value as *const Worker) };
-        handler_work(w, overrun);
-    }
-    // SAFETY: as above.
-    unsafe { errno.write(saved) };
+    // SAFETY: our timers carry this thread's Worker, which outlives them (`run`).
+    unsafe { crate::sig::dispatch_timer_signal::<Worker>(info, handler_work) };
 }
 
 fn handler_work(w: &Worker, overrun: c_int) {

@@ -196,3 +196,24 @@ impl Storm {
         sum / threads.len().max(1) as u64
     }
 }
+
+/// The body every storm handler shares: save errno, find the thread's state `T` in the timer's `sigev_value`,
+/// run `work(state, overrun)`, restore errno. Atomics and nolock only inside `work`.
+///
+/// # Safety
+/// `info` is the siginfo of an SA_SIGINFO handler for a timer armed by [`start_thread_timers`] with a `T`
+/// that outlives the timer.
+pub unsafe fn dispatch_timer_signal<T>(info: *mut libc::siginfo_t, work: impl FnOnce(&T, c_int)) {
+    // SAFETY: errno is thread-local; its location is valid for the thread's life.
+    let errno = unsafe { libc::__errno_location() };
+    // SAFETY: as above.
+    let saved = unsafe { errno.read() };
+    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler; timer signals carry sigev_value.
+    let (value, overrun) = unsafe { ((*info).si_value().sival_ptr, (*info).si_overrun()) };
+    if !value.is_null() {
+        // SAFETY: the timer's sigev_value is a `T` that outlives the thread's timers (caller).
+        work(unsafe { &*(value as *const T) }, overrun);
+    }
+    // SAFETY: as above.
+    unsafe { errno.write(saved) };
+}
