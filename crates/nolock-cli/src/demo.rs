@@ -371,6 +371,11 @@ extern "C" fn on_signal(_sig: c_int, info: *mut libc::siginfo_t, _ctx: *mut c_vo
 }
 
 fn handler_work(w: &Worker, overrun: c_int) {
+    // Once the run is over, return at once: a thread whose handlers take longer than the timer period (a slow
+    // debug or sanitizer build) must still get back to its loop to see `STOP` and delete its timers.
+    if STOP.load(Ordering::Relaxed) {
+        return;
+    }
     w.h_signals.fetch_add(1, Ordering::Relaxed);
     if overrun > 0 {
         w.h_overruns.fetch_add(overrun as u64, Ordering::Relaxed);
