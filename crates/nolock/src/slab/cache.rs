@@ -820,20 +820,7 @@ impl CacheInner {
                 continue;
             }
             hooks::point(Point::DeferredDrain);
-            let mut tail = chain;
-            let mut n = 1;
-            loop {
-                let next = self.link(tail).load(Ordering::Relaxed);
-                if next == 0 {
-                    break;
-                }
-                tail = next;
-                n += 1;
-            }
-            self.link(tail).store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
-            pc.freelist.store(chain, Ordering::Relaxed);
-            let count = pc.count.load(Ordering::Relaxed) + n;
-            pc.count.store(count, Ordering::Relaxed);
+            let count = self.splice(pc, chain);
             if count > self.cfg().high {
                 self.flush(g, shard, pc, count - self.cfg().high / 2);
             }
@@ -844,23 +831,30 @@ impl CacheInner {
         }
     }
 
+    /// Put a chain taken from the deferred list (non-empty, linked through link words) in front of the thread's
+    /// list; returns the list's new length. The caller has exclusive use of `pc`.
+    fn splice(&self, pc: &PerCpuCache, chain: usize) -> u32 {
+        let mut tail = chain;
+        let mut n = 1;
+        while let next = self.link(tail).load(Ordering::Relaxed)
+            && next != 0
+        {
+            tail = next;
+            n += 1;
+        }
+        self.link(tail).store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
+        pc.freelist.store(chain, Ordering::Relaxed);
+        let count = pc.count.load(Ordering::Relaxed) + n;
+        pc.count.store(count, Ordering::Relaxed);
+        count
+    }
+
     /// Return everything in a thread list (and its deferred list) to the slabs. The caller has exclusive use
     /// of `pc` (its owner is this thread at a safe point, or gone, or the list is claimed and quiescent); the
     /// lock flags are left as they were.
     pub fn drain_pc(&self, g: &Global, shard: &Shard, pc: &PerCpuCache) {
         let deferred = pc.deferred.take_all();
-        if deferred != 0 {
-            let mut tail = deferred;
-            let mut n = 1;
-            while self.link(tail).load(Ordering::Relaxed) != 0 {
-                tail = self.link(tail).load(Ordering::Relaxed);
-                n += 1;
-            }
-            self.link(tail).store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
-            pc.freelist.store(deferred, Ordering::Relaxed);
-            pc.count.store(pc.count.load(Ordering::Relaxed) + n, Ordering::Relaxed);
-        }
-        let count = pc.count.load(Ordering::Relaxed);
+        let count = if deferred != 0 { self.splice(pc, deferred) } else { pc.count.load(Ordering::Relaxed) };
         if count > 0 {
             self.flush(g, shard, pc, count);
         }
