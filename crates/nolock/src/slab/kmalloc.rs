@@ -18,6 +18,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::cache::{self, CacheConfig, FLAG_DEBUG, FLAG_KMALLOC, Got};
+use super::shard::{self, Fast};
 use crate::debug::{self, FreeError, FreeErrorKind};
 use crate::global::{self, Global};
 use crate::page::Gfp;
@@ -130,10 +131,9 @@ pub fn kmalloc_nolock(size: usize, flags: Gfp) -> Option<NonNull<u8>> {
     if size.wrapping_sub(1) >= KMALLOC_MAX_CACHE_SIZE {
         return kmalloc_odd(size, 8, flags);
     }
-    let g = global::get()?;
     // Power-of-two sizes are naturally aligned (and every size keeps the alignment of its lowest set bit), so
     // "try the next bucket" must skip classes that would break it (64 → 128, not 96).
-    kmalloc_class(g, size_class(size), || (size & size.wrapping_neg()).max(8), flags)
+    kmalloc_class(size_class(size), || (size & size.wrapping_neg()).max(8), flags)
 }
 
 /// Allocate memory for `layout` (any size and power-of-two alignment), aligned to `layout.align()` and, like
@@ -149,33 +149,63 @@ pub fn kmalloc_layout_nolock(layout: Layout, flags: Gfp) -> Option<NonNull<u8>> 
     if size.wrapping_sub(1) >= KMALLOC_MAX_CACHE_SIZE || align > KMALLOC_MAX_CACHE_SIZE {
         return kmalloc_odd(size, align, flags);
     }
-    let g = global::get()?;
     let mut class = size_class(size.max(align));
     while class_align(class) < align {
         class += 1;
     }
     // Like kmalloc_nolock, keep the natural alignment of the size too (the next bucket must not lose it).
-    kmalloc_class(g, class, || align.max(size & size.wrapping_neg()), flags)
+    kmalloc_class(class, || align.max(size & size.wrapping_neg()), flags)
 }
 
-/// `align` is only evaluated off the fast path (next bucket, debug, fault injection).
+/// The fast path: a pop from the thread's list of the class, nothing else. Every other case (first use, debug
+/// mode, fault injection, a thread's first call, a busy, claimed or empty list) ends in one tail call to
+/// [`kmalloc_class_full`], so the fast path saves no registers. `align` is only evaluated off the fast path.
 #[inline(always)]
-fn kmalloc_class(g: &'static Global, class: usize, align: impl FnOnce() -> usize, flags: Gfp) -> Option<NonNull<u8>> {
-    if g.slow_flags.load(Ordering::Relaxed) != 0 {
-        return kmalloc_class_slow(g, class, align(), flags);
+fn kmalloc_class(class: usize, align: impl FnOnce() -> usize, flags: Gfp) -> Option<NonNull<u8>> {
+    if let Some(g) = global::get_if_init()
+        && g.slow_flags.load(Ordering::Relaxed) == 0
+        && let Some(shard) = shard::current_if_any()
+    {
+        // Plain caches have ids 0..13, no debug layout (the slot is the object) and their link word at offset 0.
+        match shard.pc(class as u16).try_pop(0) {
+            Fast::Done(slot) => return Some(kmalloc_finish(slot, class, flags)),
+            Fast::DoneDrain(slot) => return kmalloc_drain_then_finish(g, class, slot, flags),
+            Fast::Miss => {}
+        }
     }
-    // Plain caches have ids 0..13, no debug layout (the slot is the object) and their link word at offset 0.
+    kmalloc_class_full(class, align(), flags)
+}
+
+/// Zero the object if asked.
+#[inline(always)]
+fn kmalloc_finish(slot: usize, class: usize, flags: Gfp) -> NonNull<u8> {
+    if flags.contains(Gfp::ZERO) {
+        // SAFETY: a fresh object of the class's size.
+        unsafe { core::ptr::write_bytes(slot as *mut u8, 0, KMALLOC_SIZES[class]) };
+    }
+    // SAFETY: arena addresses are never null.
+    unsafe { NonNull::new_unchecked(slot as *mut u8) }
+}
+
+/// The fast path popped an object and saw frees deferred by a nested context: drain them, then finish.
+#[cold]
+#[inline(never)]
+fn kmalloc_drain_then_finish(g: &'static Global, class: usize, slot: usize, flags: Gfp) -> Option<NonNull<u8>> {
+    g.cache(class as u16).drain_after_fast(g, class as u16);
+    Some(kmalloc_finish(slot, class, flags))
+}
+
+/// The full path of a plain kmalloc class (it sets nolock up on first use).
+#[inline(never)]
+fn kmalloc_class_full(class: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
+    let g = global::get()?;
+    if g.slow_flags.load(Ordering::Relaxed) != 0 {
+        return kmalloc_class_slow(g, class, align, flags);
+    }
     let id = class as u16;
     match g.cache(id).alloc_local(g, id, 0) {
-        Got::Obj(slot) => {
-            if flags.contains(Gfp::ZERO) {
-                // SAFETY: a fresh object of the class's size.
-                unsafe { core::ptr::write_bytes(slot as *mut u8, 0, KMALLOC_SIZES[class]) };
-            }
-            // SAFETY: arena addresses are never null.
-            Some(unsafe { NonNull::new_unchecked(slot as *mut u8) })
-        }
-        Got::Busy => next_bucket(g, 0, class, align(), flags),
+        Got::Obj(slot) => Some(kmalloc_finish(slot, class, flags)),
+        Got::Busy => next_bucket(g, 0, class, align, flags),
         Got::Oom => None,
     }
 }
@@ -282,18 +312,20 @@ fn kmalloc_large(g: &Global, size: usize, align: usize, flags: Gfp) -> Option<No
 #[inline]
 pub unsafe fn kfree_nolock(ptr: *mut u8) {
     let addr = ptr as usize;
+    // The fast path: a push onto the thread's list of the object's cache, nothing else; every other case ends
+    // in one tail call to `kfree_slow`.
     if let Some(g) = global::get_if_init()
         && g.pages.contains(addr)
+        && let info = g.pages.info_of(addr)
+        && info.is_plain_slab()
+        && let Some(shard) = shard::current_if_any()
     {
-        let info = g.pages.info_of(addr);
-        if info.is_plain_slab() {
-            let id = info.cache_id();
-            let c = g.cache(id);
-            if let Some(slot) = c.plain_slot(g, addr, info) {
-                if !c.free_slot(g, id, slot) {
-                    debug::report(&c.double_free(addr));
-                }
-                return;
+        let id = info.cache_id();
+        if let Some(slot) = g.cache(id).plain_slot(g, addr, info) {
+            match shard.pc(id).try_push(slot) {
+                Fast::Done(_) => return,
+                Fast::DoneDrain(_) => return g.cache(id).drain_after_fast(g, id),
+                Fast::Miss => {}
             }
         }
     }
@@ -301,7 +333,7 @@ pub unsafe fn kfree_nolock(ptr: *mut u8) {
     unsafe { kfree_slow(ptr) }
 }
 
-/// Everything but a valid object of a plain cache: null, `ZERO_SIZE_PTR`, large runs, debug caches, errors.
+/// Everything but the fast path: null, `ZERO_SIZE_PTR`, large runs, debug caches, full or busy lists, errors.
 ///
 /// # Safety
 /// As [`kfree_nolock`].

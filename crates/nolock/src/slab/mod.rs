@@ -49,6 +49,7 @@ use cache::{
     CacheConfig, CacheError, CacheName, CacheStats, DestroyReport, FLAG_DEBUG, MAX_ALIGN, MAX_OBJECT_SIZE, NO_FALLBACK,
     Typesafe,
 };
+use shard::Fast;
 
 /// A cache of fixed-size objects (the kernel's `struct kmem_cache`), allocated and freed from any context.
 ///
@@ -307,6 +308,32 @@ impl KmemCache {
     /// Any context: async-signal-safe, reentrant, never blocks; never fails for a valid object.
     #[inline]
     pub unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
+        let (g, id, addr) = (self.g, self.id, ptr.as_ptr() as usize);
+        // The fast path (see `cache`): an object of this very cache, not in debug mode, pushed on the thread's
+        // list. Everything else, the fallback cache's objects included, takes the full path.
+        if g.pages.contains(addr)
+            && let info = g.pages.info_of(addr)
+            && info.is_plain_slab()
+            && info.cache_id() == id
+            && let Some(shard) = shard::current_if_any()
+            && let Some(slot) = self.inner().plain_slot(g, addr, info)
+        {
+            match shard.pc(id).try_push(slot) {
+                Fast::Done(_) => return,
+                Fast::DoneDrain(_) => return self.inner().drain_after_fast(g, id),
+                Fast::Miss => {}
+            }
+        }
+        // SAFETY: forwarded.
+        unsafe { self.free_full(ptr) }
+    }
+
+    /// [`free_nolock`](Self::free_nolock) off its fast path.
+    ///
+    /// # Safety
+    /// As [`free_nolock`](Self::free_nolock).
+    #[inline(never)]
+    unsafe fn free_full(&self, ptr: NonNull<u8>) {
         // SAFETY: forwarded.
         if let Err(e) = unsafe { self.try_free_nolock(ptr) } {
             debug::report(&e);

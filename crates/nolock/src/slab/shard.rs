@@ -31,8 +31,9 @@
 use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::global::{self, Global, MAX_CACHES, MAX_SHARDS};
+use crate::hooks::{self, Point};
 use crate::sync::llist::Llist;
-use crate::sync::local_lock::LocalTryLock;
+use crate::sync::local_lock::{LocalTryLock, TryLock};
 
 /// Yields a claimer waits for an owner's critical section to end before declaring it stuck.
 const CLAIM_PATIENCE: u32 = 100_000;
@@ -57,6 +58,84 @@ pub struct PerCpuCache {
     pub free_fast: AtomicU64,
     /// Times `freelist` was flushed back to slabs (busy-guarded).
     pub flushes: AtomicU64,
+    /// The cache's `high` mark, copied here by the first full-path free so that the free fast path never
+    /// touches the cache itself; 0 until then (which sends every free down the full path). Owner-written,
+    /// busy-guarded; zeroed by `reset_all` when the cache id is reused.
+    pub high: AtomicU32,
+    /// The cache's link offset, copied with `high` (meaningful only once `high != 0`).
+    pub link_off: AtomicU32,
+}
+
+const _: () = assert!(core::mem::size_of::<PerCpuCache>() == 64, "one cache line per list");
+
+/// Outcome of a fast-path attempt on a thread list ([`PerCpuCache::try_pop`], [`PerCpuCache::try_push`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fast {
+    /// Done; for a pop, the object.
+    Done(usize),
+    /// Done, and frees deferred by a nested context are waiting: the caller drains them (off the fast path).
+    DoneDrain(usize),
+    /// Nothing was done and the list is as it was: the caller takes the full path, which handles every case
+    /// (busy, claimed, empty, full, not yet set up, a suspect double free).
+    Miss,
+}
+
+impl PerCpuCache {
+    /// Allocation fast path: pop the first object of the list, whose link words sit at `link_off`.
+    ///
+    /// Straight-line code with no calls, so that the callers' slow paths can be tail calls and the fast path
+    /// saves no registers.
+    ///
+    /// # Context
+    /// The owning thread and its signal handlers: async-signal-safe, never blocks.
+    #[inline(always)]
+    pub fn try_pop(&self, link_off: usize) -> Fast {
+        if self.lock.try_lock() != TryLock::Locked {
+            return Fast::Miss;
+        }
+        let head = self.freelist.load(Ordering::Relaxed);
+        if head == 0 {
+            self.lock.unlock();
+            return Fast::Miss;
+        }
+        hooks::point(Point::AllocFast);
+        // SAFETY: `head` is a free object on our list (busy held); its link word is at `link_off`.
+        let link = unsafe { &*((head + link_off) as *const AtomicUsize) };
+        self.freelist.store(link.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.count.store(self.count.load(Ordering::Relaxed).wrapping_sub(1), Ordering::Relaxed);
+        bump(&self.alloc_fast);
+        self.lock.unlock();
+        if self.deferred.is_empty() { Fast::Done(head) } else { Fast::DoneDrain(head) }
+    }
+
+    /// Free fast path: push `slot` (a validated object of this list's cache) unless the list would pass its
+    /// `high` mark, is not set up yet, or already starts with `slot` (a double free, reported by the full path).
+    ///
+    /// # Context
+    /// The owning thread and its signal handlers: async-signal-safe, never blocks.
+    #[inline(always)]
+    pub fn try_push(&self, slot: usize) -> Fast {
+        if self.lock.try_lock() != TryLock::Locked {
+            return Fast::Miss;
+        }
+        let head = self.freelist.load(Ordering::Relaxed);
+        let count = self.count.load(Ordering::Relaxed) + 1;
+        if head == slot || count > self.high.load(Ordering::Relaxed) {
+            self.lock.unlock();
+            return Fast::Miss;
+        }
+        hooks::point(Point::FreeFast);
+        let link_off = self.link_off.load(Ordering::Relaxed) as usize;
+        // SAFETY: `slot` is a validated object of this cache given up by the caller; `link_off` (copied from
+        // the cache, since `high != 0`) is in bounds and pointer-aligned.
+        let link = unsafe { &*((slot + link_off) as *const AtomicUsize) };
+        link.store(head, Ordering::Relaxed);
+        self.freelist.store(slot, Ordering::Relaxed);
+        self.count.store(count, Ordering::Relaxed);
+        bump(&self.free_fast);
+        self.lock.unlock();
+        if self.deferred.is_empty() { Fast::Done(slot) } else { Fast::DoneDrain(slot) }
+    }
 }
 
 /// Increment a counter that only the busy-flag holder writes (a plain load and store, no lock prefix).
@@ -339,6 +418,8 @@ pub fn reset_all(g: &Global, id: u16) {
         pc.alloc_refill.store(0, Ordering::Relaxed);
         pc.free_fast.store(0, Ordering::Relaxed);
         pc.flushes.store(0, Ordering::Relaxed);
+        pc.high.store(0, Ordering::Relaxed);
+        pc.link_off.store(0, Ordering::Relaxed);
         pc.lock.reset();
     }
 }
