@@ -10,19 +10,20 @@
 //! # Paths
 //!
 //! - **alloc fast** ([`PerCpuCache::try_pop`], from `alloc` and `kmalloc`): pop the thread's list under its busy
-//!   flag, ~25 instructions with no call, no saved register and no touch of the cache itself. Anything else
-//!   (no shard yet, busy, claimed, empty) is a *miss*: the list is left as it was and the caller makes one
-//!   tail call to the full path (`alloc_local`), which handles every case.
+//!   flag, ~25 instructions with no call, no saved register and no touch of the cache itself. Each other
+//!   outcome is one tail call: an empty list goes to refill with the lock still held; a busy or claimed list,
+//!   or a thread without a shard yet, goes to the full path (`alloc_local`), which claims a shard or takes
+//!   another route.
 //! - **alloc refill** (cold): the list is empty: pop a slab off the partial list and take *all* its free objects
 //!   with one CAS ([`SlabFreelist::take_all`]), or carve a new slab. The chain of objects becomes the thread's
 //!   list without being walked.
 //! - **alloc shared** (cold): no usable thread list (no shard, or the list is busy because a signal handler
 //!   interrupted its owner): pop a slab off the partial list, take *one* object, put the slab back.
-//! - **free fast** ([`PerCpuCache::try_push`], from `kfree_nolock` and `KmemCache::free_nolock`): push on the
-//!   thread's list under its busy flag. It reads the link offset and `high` mark from the list itself (copied
-//!   there by the first full-path free), so a power-of-two class is freed without touching the cache. A full
-//!   list, a list not set up yet, or an object already at the head (double free) is a miss: the full path
-//!   (`free_slot`) sets the list up, flushes, or reports.
+//! - **free fast** ([`PerCpuCache::try_push`] via `free_to_list`, from `kfree_nolock` and
+//!   `KmemCache::free_nolock`): push on the thread's list under its busy flag. It reads the link offset and
+//!   `high` mark from the list itself (copied there by the first full-path free), so a power-of-two class is
+//!   freed without touching the cache. A full list, a list not set up yet, or an object already at the head
+//!   (double free) goes, lock held, to `free_locked`, which sets the list up, flushes or refuses.
 //! - **flush** (cold): the list grew past `high`: give the excess back to the slabs, one CAS per run of objects
 //!   that share a slab. A push that makes a full slab non-full lists it; one that empties a slab counts an
 //!   *empty event* so the worker knows to shrink the cache.
@@ -46,7 +47,7 @@ use core::cell::UnsafeCell;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use super::shard::{self, Fast, PerCpuCache, Shard, bump};
+use super::shard::{self, PerCpuCache, Pop, Push, Shard, bump};
 use crate::debug::{self, FreeError, FreeErrorKind};
 use crate::global::{self, Global, MAX_CACHES};
 use crate::hooks::{self, Point};
@@ -419,19 +420,35 @@ impl CacheInner {
             && let Some(shard) = shard::current_if_any()
         {
             match shard.pc(id).try_pop(self.cfg().link_off as usize) {
-                Fast::Done(slot) => return Some(self.finish_alloc(slot, flags)),
-                Fast::DoneDrain(slot) => return self.drain_then_finish(g, id, slot, flags),
-                Fast::Miss => {}
+                Pop::Obj(slot) => return Some(self.finish_alloc(slot, flags)),
+                Pop::ObjDrain(slot) => return self.drain_then_finish(g, shard, id, slot, flags),
+                Pop::Empty => return self.refill_then_finish(g, shard, id, flags),
+                Pop::Busy => {}
             }
         }
         self.alloc_full(g, id, flags)
     }
 
-    /// [`alloc`](Self::alloc) after a fast-path pop that found deferred frees waiting: drain them, then finish.
+    /// A fast-path pop found frees deferred by a nested context waiting: drain them, then finish the object.
     #[cold]
     #[inline(never)]
-    fn drain_then_finish(&self, g: &'static Global, id: u16, slot: usize, flags: Gfp) -> Option<NonNull<u8>> {
-        self.drain_after_fast(g, id);
+    pub fn drain_then_finish(
+        &self,
+        g: &Global,
+        shard: &Shard,
+        id: u16,
+        slot: usize,
+        flags: Gfp,
+    ) -> Option<NonNull<u8>> {
+        self.drain_deferred(g, shard, shard.pc(id));
+        Some(self.finish_alloc(slot, flags))
+    }
+
+    /// A fast-path pop found the list empty and holds its lock: refill, unlock, finish the object.
+    #[cold]
+    #[inline(never)]
+    pub fn refill_then_finish(&self, g: &Global, shard: &Shard, id: u16, flags: Gfp) -> Option<NonNull<u8>> {
+        let slot = self.refill_and_unlock(g, shard, shard.pc(id))?;
         Some(self.finish_alloc(slot, flags))
     }
 
@@ -481,10 +498,12 @@ impl CacheInner {
         unsafe { NonNull::new_unchecked(obj as *mut u8) }
     }
 
-    /// Pop a slot from the calling thread's list (refilling it if empty). `id` is this cache's id and
-    /// `link_off` its link offset (passed in so that callers that know it as a constant save a load).
+    /// Pop a slot from the calling thread's list (claiming a shard on the thread's first call, refilling an
+    /// empty list). `id` is this cache's id and `link_off` its link offset (passed in so that callers that know
+    /// it as a constant save a load).
     #[inline(always)]
     pub fn alloc_local(&self, g: &'static Global, id: u16, link_off: usize) -> Got {
+        debug_assert_eq!(link_off, self.cfg().link_off as usize);
         let Some(shard) = shard::current(g) else {
             return match self.alloc_shared(g) {
                 Some(s) => Got::Obj(s),
@@ -492,27 +511,29 @@ impl CacheInner {
             };
         };
         let pc = shard.pc(id);
-        if pc.lock.try_lock() != TryLock::Locked {
-            return Got::Busy;
+        match pc.try_pop(link_off) {
+            Pop::Obj(slot) => Got::Obj(slot),
+            Pop::ObjDrain(slot) => {
+                self.drain_deferred(g, shard, pc);
+                Got::Obj(slot)
+            }
+            Pop::Busy => Got::Busy,
+            Pop::Empty => self.refill_and_unlock(g, shard, pc).map_or(Got::Oom, Got::Obj),
         }
+    }
+
+    /// The thread's list is empty and the caller holds its lock: refill it, unlock, drain what nested contexts
+    /// deferred meanwhile. Returns the first object, or `None` when out of memory.
+    #[cold]
+    #[inline(never)]
+    fn refill_and_unlock(&self, g: &Global, shard: &Shard, pc: &PerCpuCache) -> Option<usize> {
         hooks::point(Point::AllocFast);
-        let head = pc.freelist.load(Ordering::Relaxed);
-        let slot = if head != 0 {
-            debug_assert_eq!(link_off, self.cfg().link_off as usize);
-            // SAFETY: `head` is a free slot on our list; its link word is at `link_off`.
-            let link = unsafe { &*((head + link_off) as *const core::sync::atomic::AtomicUsize) };
-            pc.freelist.store(link.load(Ordering::Relaxed), Ordering::Relaxed);
-            pc.count.store(pc.count.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
-            bump(&pc.alloc_fast);
-            head
-        } else {
-            self.refill(g, shard, pc)
-        };
+        let slot = self.refill(g, shard, pc);
         pc.lock.unlock();
         if !pc.deferred.is_empty() {
             self.drain_deferred(g, shard, pc);
         }
-        if slot == 0 { Got::Oom } else { Got::Obj(slot) }
+        (slot != 0).then_some(slot)
     }
 
     /// The thread's list is empty: refill it from a partial slab or a new one. Busy flag held.
@@ -681,40 +702,66 @@ impl CacheInner {
     /// slot is already the head of this thread's list: the cheap double-free check SLUB also makes.
     #[inline(never)]
     pub fn free_slot(&self, g: &'static Global, id: u16, slot: usize) -> bool {
-        let Some(shard) = shard::current(g) else {
-            self.free_shared(g, slot);
-            return true;
-        };
-        let pc = shard.pc(id);
-        match pc.lock.try_lock() {
-            TryLock::Locked => {}
-            TryLock::Busy => {
-                self.free_deferred(pc, slot);
-                return true;
-            }
-            TryLock::Claimed => {
+        match shard::current(g) {
+            Some(shard) => self.free_to_list(g, shard, id, slot, false),
+            None => {
                 self.free_shared(g, slot);
-                return true;
+                true
             }
         }
+    }
+
+    /// Free a validated slot through the list `id` of `shard` (the calling thread's): the fast push, or one
+    /// call for each other case. With `report`, a double free is reported here rather than left to the caller
+    /// (so that the free fast paths end in tail calls). Returns false for a double free.
+    ///
+    /// # Context
+    /// Any context, on the thread that owns `shard`.
+    #[inline(always)]
+    pub fn free_to_list(&self, g: &Global, shard: &Shard, id: u16, slot: usize, report: bool) -> bool {
+        let pc = shard.pc(id);
+        match pc.try_push(slot) {
+            Push::Done => true,
+            Push::DoneDrain => {
+                self.drain_deferred(g, shard, pc);
+                true
+            }
+            Push::Busy => {
+                self.free_deferred(pc, slot);
+                true
+            }
+            Push::Claimed => {
+                self.free_shared(g, slot);
+                true
+            }
+            Push::Locked => self.free_locked(g, shard, pc, slot, report),
+        }
+    }
+
+    /// The fast push declined and the caller holds the list's lock: set the list up on its first full-path
+    /// free, refuse a double free, push, flush past `high`, unlock, drain what nested contexts deferred.
+    #[cold]
+    #[inline(never)]
+    fn free_locked(&self, g: &Global, shard: &Shard, pc: &PerCpuCache, slot: usize, report: bool) -> bool {
         hooks::point(Point::FreeFast);
+        let c = self.cfg();
         if pc.high.load(Ordering::Relaxed) == 0 {
             // First full-path free on this list since the cache id was set up: give the fast path its copy.
-            pc.link_off.store(self.cfg().link_off, Ordering::Relaxed);
-            pc.high.store(self.cfg().high, Ordering::Relaxed);
+            pc.link_off.store(c.link_off, Ordering::Relaxed);
+            pc.high.store(c.high, Ordering::Relaxed);
         }
         let head = pc.freelist.load(Ordering::Relaxed);
         if head == slot {
             pc.lock.unlock();
+            if report {
+                debug::report(&self.double_free(slot + c.obj_off as usize));
+            }
             return false;
         }
-        self.link(slot).store(head, Ordering::Relaxed);
-        pc.freelist.store(slot, Ordering::Relaxed);
         let count = pc.count.load(Ordering::Relaxed) + 1;
-        pc.count.store(count, Ordering::Relaxed);
-        bump(&pc.free_fast);
-        if count > self.cfg().high {
-            self.flush(g, shard, pc, count - self.cfg().high / 2);
+        pc.push_locked(slot, head, count, c.link_off as usize);
+        if count > c.high {
+            self.flush(g, shard, pc, count - c.high / 2);
         }
         pc.lock.unlock();
         if !pc.deferred.is_empty() {
@@ -823,19 +870,6 @@ impl CacheInner {
                 };
                 debug::report(&FreeError::new(kind, first + self.cfg().obj_off as usize).in_cache(self.cfg().name));
             }
-        }
-    }
-
-    /// A fast path ([`PerCpuCache::try_pop`]/[`PerCpuCache::try_push`] on list `id`) saw deferred frees
-    /// waiting: move them onto the calling thread's list.
-    ///
-    /// # Context
-    /// Any context, on the thread whose list it was.
-    #[cold]
-    #[inline(never)]
-    pub fn drain_after_fast(&self, g: &Global, id: u16) {
-        if let Some(shard) = shard::current_if_any() {
-            self.drain_deferred(g, shard, shard.pc(id));
         }
     }
 

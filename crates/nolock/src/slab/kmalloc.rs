@@ -18,7 +18,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::cache::{self, CacheConfig, FLAG_DEBUG, FLAG_KMALLOC, Got};
-use super::shard::{self, Fast};
+use super::shard::{self, Pop};
 use crate::debug::{self, FreeError, FreeErrorKind};
 use crate::global::{self, Global};
 use crate::page::Gfp;
@@ -167,10 +167,13 @@ fn kmalloc_class(class: usize, align: impl FnOnce() -> usize, flags: Gfp) -> Opt
         && let Some(shard) = shard::current_if_any()
     {
         // Plain caches have ids 0..13, no debug layout (the slot is the object) and their link word at offset 0.
-        match shard.pc(class as u16).try_pop(0) {
-            Fast::Done(slot) => return Some(kmalloc_finish(slot, class, flags)),
-            Fast::DoneDrain(slot) => return kmalloc_drain_then_finish(g, class, slot, flags),
-            Fast::Miss => {}
+        let id = class as u16;
+        match shard.pc(id).try_pop(0) {
+            Pop::Obj(slot) => return Some(kmalloc_finish(slot, class, flags)),
+            // A plain class's `finish_alloc` is `kmalloc_finish`.
+            Pop::ObjDrain(slot) => return g.cache(id).drain_then_finish(g, shard, id, slot, flags),
+            Pop::Empty => return g.cache(id).refill_then_finish(g, shard, id, flags),
+            Pop::Busy => {}
         }
     }
     kmalloc_class_full(class, align(), flags)
@@ -185,14 +188,6 @@ fn kmalloc_finish(slot: usize, class: usize, flags: Gfp) -> NonNull<u8> {
     }
     // SAFETY: arena addresses are never null.
     unsafe { NonNull::new_unchecked(slot as *mut u8) }
-}
-
-/// The fast path popped an object and saw frees deferred by a nested context: drain them, then finish.
-#[cold]
-#[inline(never)]
-fn kmalloc_drain_then_finish(g: &'static Global, class: usize, slot: usize, flags: Gfp) -> Option<NonNull<u8>> {
-    g.cache(class as u16).drain_after_fast(g, class as u16);
-    Some(kmalloc_finish(slot, class, flags))
 }
 
 /// The full path of a plain kmalloc class (it sets nolock up on first use).
@@ -321,12 +316,10 @@ pub unsafe fn kfree_nolock(ptr: *mut u8) {
         && let Some(shard) = shard::current_if_any()
     {
         let id = info.cache_id();
-        if let Some(slot) = g.cache(id).plain_slot(g, addr, info) {
-            match shard.pc(id).try_push(slot) {
-                Fast::Done(_) => return,
-                Fast::DoneDrain(_) => return g.cache(id).drain_after_fast(g, id),
-                Fast::Miss => {}
-            }
+        let c = g.cache(id);
+        if let Some(slot) = c.plain_slot(g, addr, info) {
+            c.free_to_list(g, shard, id, slot, true);
+            return;
         }
     }
     // SAFETY: forwarded from the caller.

@@ -49,7 +49,6 @@ use cache::{
     CacheConfig, CacheError, CacheName, CacheStats, DestroyReport, FLAG_DEBUG, MAX_ALIGN, MAX_OBJECT_SIZE, NO_FALLBACK,
     Typesafe,
 };
-use shard::Fast;
 
 /// A cache of fixed-size objects (the kernel's `struct kmem_cache`), allocated and freed from any context.
 ///
@@ -318,11 +317,8 @@ impl KmemCache {
             && let Some(shard) = shard::current_if_any()
             && let Some(slot) = self.inner().plain_slot(g, addr, info)
         {
-            match shard.pc(id).try_push(slot) {
-                Fast::Done(_) => return,
-                Fast::DoneDrain(_) => return self.inner().drain_after_fast(g, id),
-                Fast::Miss => {}
-            }
+            self.inner().free_to_list(g, shard, id, slot, true);
+            return;
         }
         // SAFETY: forwarded.
         unsafe { self.free_full(ptr) }

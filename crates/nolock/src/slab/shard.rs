@@ -68,35 +68,55 @@ pub struct PerCpuCache {
 
 const _: () = assert!(core::mem::size_of::<PerCpuCache>() == 64, "one cache line per list");
 
-/// Outcome of a fast-path attempt on a thread list ([`PerCpuCache::try_pop`], [`PerCpuCache::try_push`]).
+/// Outcome of [`PerCpuCache::try_pop`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fast {
-    /// Done; for a pop, the object.
-    Done(usize),
-    /// Done, and frees deferred by a nested context are waiting: the caller drains them (off the fast path).
-    DoneDrain(usize),
-    /// Nothing was done and the list is as it was: the caller takes the full path, which handles every case
-    /// (busy, claimed, empty, full, not yet set up, a suspect double free).
-    Miss,
+#[must_use]
+pub enum Pop {
+    /// An object; the lock is released.
+    Obj(usize),
+    /// An object, and frees deferred by a nested context are waiting: the caller drains them (off the fast
+    /// path). The lock is released.
+    ObjDrain(usize),
+    /// The lock could not be taken: a context this one interrupted holds it, or another thread claimed the list.
+    Busy,
+    /// The list is empty. **The caller holds the lock**: it refills the list (or fails) and unlocks.
+    Empty,
+}
+
+/// Outcome of [`PerCpuCache::try_push`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Push {
+    /// Pushed; the lock is released.
+    Done,
+    /// Pushed, and frees deferred by a nested context are waiting: the caller drains them. The lock is released.
+    DoneDrain,
+    /// A context this one interrupted holds the lock: the caller defers the free.
+    Busy,
+    /// Another thread claimed the list: the caller frees straight to the slab.
+    Claimed,
+    /// Not pushed: the list would pass its `high` mark, is not set up yet, or starts with this very object (a
+    /// double free). **The caller holds the lock**: it finishes the free on the full path and unlocks.
+    Locked,
 }
 
 impl PerCpuCache {
-    /// Allocation fast path: pop the first object of the list, whose link words sit at `link_off`.
+    /// Allocation fast path: take the lock and pop the first object of the list, whose link words sit at
+    /// `link_off`.
     ///
-    /// Straight-line code with no calls, so that the callers' slow paths can be tail calls and the fast path
+    /// Straight-line code with no calls, so that the callers' other cases can be tail calls and the fast path
     /// saves no registers.
     ///
     /// # Context
     /// The owning thread and its signal handlers: async-signal-safe, never blocks.
     #[inline(always)]
-    pub fn try_pop(&self, link_off: usize) -> Fast {
+    pub fn try_pop(&self, link_off: usize) -> Pop {
         if self.lock.try_lock() != TryLock::Locked {
-            return Fast::Miss;
+            return Pop::Busy;
         }
         let head = self.freelist.load(Ordering::Relaxed);
         if head == 0 {
-            self.lock.unlock();
-            return Fast::Miss;
+            return Pop::Empty;
         }
         hooks::point(Point::AllocFast);
         // SAFETY: `head` is a free object on our list (busy held); its link word is at `link_off`.
@@ -105,36 +125,46 @@ impl PerCpuCache {
         self.count.store(self.count.load(Ordering::Relaxed).wrapping_sub(1), Ordering::Relaxed);
         bump(&self.alloc_fast);
         self.lock.unlock();
-        if self.deferred.is_empty() { Fast::Done(head) } else { Fast::DoneDrain(head) }
+        if self.deferred.is_empty() { Pop::Obj(head) } else { Pop::ObjDrain(head) }
     }
 
-    /// Free fast path: push `slot` (a validated object of this list's cache) unless the list would pass its
-    /// `high` mark, is not set up yet, or already starts with `slot` (a double free, reported by the full path).
+    /// Free fast path: take the lock and push `slot` (a validated object of this list's cache) unless the list
+    /// would pass its `high` mark, is not set up yet, or already starts with `slot`.
     ///
     /// # Context
     /// The owning thread and its signal handlers: async-signal-safe, never blocks.
     #[inline(always)]
-    pub fn try_push(&self, slot: usize) -> Fast {
-        if self.lock.try_lock() != TryLock::Locked {
-            return Fast::Miss;
+    pub fn try_push(&self, slot: usize) -> Push {
+        match self.lock.try_lock() {
+            TryLock::Locked => {}
+            TryLock::Busy => return Push::Busy,
+            TryLock::Claimed => return Push::Claimed,
         }
         let head = self.freelist.load(Ordering::Relaxed);
         let count = self.count.load(Ordering::Relaxed) + 1;
         if head == slot || count > self.high.load(Ordering::Relaxed) {
-            self.lock.unlock();
-            return Fast::Miss;
+            return Push::Locked;
         }
         hooks::point(Point::FreeFast);
-        let link_off = self.link_off.load(Ordering::Relaxed) as usize;
-        // SAFETY: `slot` is a validated object of this cache given up by the caller; `link_off` (copied from
-        // the cache, since `high != 0`) is in bounds and pointer-aligned.
+        // `high != 0`, so `link_off` is the cache's.
+        self.push_locked(slot, head, count, self.link_off.load(Ordering::Relaxed) as usize);
+        self.lock.unlock();
+        if self.deferred.is_empty() { Push::Done } else { Push::DoneDrain }
+    }
+
+    /// Put `slot` in front of the list, whose first object is `head`; the list then holds `count` objects.
+    ///
+    /// # Context
+    /// The holder of the lock.
+    #[inline(always)]
+    pub fn push_locked(&self, slot: usize, head: usize, count: u32, link_off: usize) {
+        // SAFETY: `slot` is a validated object of this list's cache given up by the caller; `link_off` is in
+        // bounds and pointer-aligned.
         let link = unsafe { &*((slot + link_off) as *const AtomicUsize) };
         link.store(head, Ordering::Relaxed);
         self.freelist.store(slot, Ordering::Relaxed);
         self.count.store(count, Ordering::Relaxed);
         bump(&self.free_fast);
-        self.lock.unlock();
-        if self.deferred.is_empty() { Fast::Done(slot) } else { Fast::DoneDrain(slot) }
     }
 }
 
