@@ -23,6 +23,9 @@ const LAYOUT: Layout = match Layout::from_size_align(SIZE, 8) {
 
 static MIMALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// One allocator's alloc and free.
+type Pair = (fn() -> *mut u8, fn(*mut u8));
+
 #[inline(never)]
 fn nolock_alloc() -> *mut u8 {
     nolock::kmalloc_nolock(SIZE, nolock::Gfp::NONE).map_or(core::ptr::null_mut(), |p| p.as_ptr())
@@ -50,7 +53,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let which = args.next().unwrap_or_else(|| "nolock".into());
     let n: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
-    let (alloc, free): (fn() -> *mut u8, fn(*mut u8)) = match which.as_str() {
+    let (alloc, free): Pair = match which.as_str() {
         "nolock" => (nolock_alloc, nolock_free),
         "mimalloc" => (mimalloc_alloc, mimalloc_free),
         other => {
