@@ -174,16 +174,26 @@ pub fn bump(c: &AtomicU64) {
     c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
 }
 
+// `Shard::state`: the state in the low byte, a generation above it that every claim advances, so that an
+// orphan sweep that looked at one owner can never take the shard from the next one (ABA: the owner exits,
+// its thread dies, another thread claims the shard while the sweep is between its look and its CAS).
 const STATE_FREE: u32 = 0;
 const STATE_OWNED: u32 = 1;
 const STATE_LEAKED: u32 = 2;
+const STATE_MASK: u32 = 0xff;
+const GENERATION_ONE: u32 = 1 << 8;
+
+/// `w` with its state replaced by `state`, generation kept.
+fn with_state(w: u32, state: u32) -> u32 {
+    (w & !STATE_MASK) | state
+}
 
 /// One thread's set of per-cache lists. Zeroed memory is a free shard.
 #[repr(C, align(64))]
 pub struct Shard {
     /// Index in the shard table.
     pub id: AtomicU32,
-    /// `STATE_*`.
+    /// `STATE_*` in the low byte, the claim generation above.
     state: AtomicU32,
     /// Link in the free-shard stack.
     pub next: AtomicU32,
@@ -214,7 +224,7 @@ impl Shard {
 
     /// Whether a thread owns this shard.
     pub fn is_owned(&self) -> bool {
-        self.state.load(Ordering::Acquire) == STATE_OWNED
+        self.state.load(Ordering::Acquire) & STATE_MASK == STATE_OWNED
     }
 }
 
@@ -267,8 +277,10 @@ fn claim(g: &'static Global) -> Option<&'static Shard> {
     let s = g.shard(id);
     s.id.store(id, Ordering::Relaxed);
     s.owner_tid.store(crate::sys::gettid(), Ordering::Relaxed);
-    // Release: pairs with Acquire in `is_owned` (sweeps and stats see a consistent owner).
-    s.state.store(STATE_OWNED, Ordering::Release);
+    // A free shard is ours alone (popped or fresh): a plain update. Release: pairs with the Acquire loads in
+    // `is_owned` and `sweep_orphans` (they see this owner's tid with this generation).
+    let w = s.state.load(Ordering::Relaxed);
+    s.state.store(with_state(w.wrapping_add(GENERATION_ONE), STATE_OWNED), Ordering::Release);
     crate::hooks::point(crate::hooks::Point::ShardClaim);
     let me = s as *const Shard as *mut Shard;
     // An atomic RMW on our own thread-local word: a signal handler that claimed meanwhile wins, and we give ours
@@ -289,7 +301,8 @@ fn claim(g: &'static Global) -> Option<&'static Shard> {
 /// Give a shard with empty lists back to the pool.
 fn release(g: &Global, s: &Shard) {
     s.owner_tid.store(0, Ordering::Relaxed);
-    s.state.store(STATE_FREE, Ordering::Release);
+    let w = s.state.load(Ordering::Relaxed);
+    s.state.store(with_state(w, STATE_FREE), Ordering::Release);
     g.free_shards.push(s.id.load(Ordering::Relaxed), &s.next);
 }
 
@@ -366,7 +379,8 @@ pub fn drain_and_release(g: &Global, s: &Shard) {
     if consistent {
         release(g, s);
     } else {
-        s.state.store(STATE_LEAKED, Ordering::Release);
+        let w = s.state.load(Ordering::Relaxed);
+        s.state.store(with_state(w, STATE_LEAKED), Ordering::Release);
     }
 }
 
@@ -379,15 +393,19 @@ pub fn sweep_orphans(g: &Global) -> usize {
     let mut n = 0;
     for id in 0..g.shard_count() {
         let s = g.shard(id);
-        if !s.is_owned() {
+        // Acquire: pairs with the Release in `claim`, so `owner_tid` below is this generation's owner (or a later
+        // one's, which the CAS then refuses).
+        let w = s.state.load(Ordering::Acquire);
+        if w & STATE_MASK != STATE_OWNED {
             continue;
         }
         let tid = s.owner_tid.load(Ordering::Relaxed);
         if tid == 0 || crate::sys::thread_alive(tid) {
             continue;
         }
-        // The owner is gone for good (ESRCH), so nobody else can touch the shard: take it.
-        if s.state.compare_exchange(STATE_OWNED, STATE_LEAKED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        // The owner of generation `w` is gone for good (ESRCH), so nobody else can touch the shard: take it,
+        // unless it was released and claimed again meanwhile (the generation moved on).
+        if s.state.compare_exchange(w, with_state(w, STATE_LEAKED), Ordering::AcqRel, Ordering::Acquire).is_ok() {
             drain_and_release(g, s);
             n += 1;
         }
@@ -409,7 +427,8 @@ pub fn after_fork_child() {
         if me.is_some_and(|m| core::ptr::eq(m, s)) || !s.is_owned() {
             continue;
         }
-        s.state.store(STATE_LEAKED, Ordering::Relaxed);
+        let w = s.state.load(Ordering::Relaxed);
+        s.state.store(with_state(w, STATE_LEAKED), Ordering::Relaxed);
         drain_and_release(g, s);
     }
 }
