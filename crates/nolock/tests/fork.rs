@@ -197,6 +197,7 @@ fn fork_and_check(cache: &KmemCache, what: &str) {
 fn fork_while_threads_allocate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     nolock::init(); // with the background worker: fork must also cope with it
+    let reports = nolock::debug::reports();
     let cache = KmemCache::new("fork-obj", Layout::new::<[u64; 7]>()).unwrap();
     STOP.store(false, Ordering::Relaxed);
     let parked = Barrier::new(3);
@@ -264,11 +265,14 @@ fn fork_while_threads_allocate() {
     let st = cache.stats();
     assert_eq!(st.allocs, st.frees, "parent: cache objects all freed");
     assert_eq!(cache.destroy().live_objects, 0);
+    // The parent's own count of refused frees: none (the child's reports are the child's).
+    assert_eq!(nolock::debug::reports(), reports, "parent: nolock reported a bad free (see stderr)");
 }
 
 #[test]
 fn fork_inside_nolock_heavy_process_repeatedly() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let reports = nolock::debug::reports();
     let cache = KmemCache::new("fork-obj-2", Layout::new::<[u8; 200]>()).unwrap();
     STOP.store(false, Ordering::Relaxed);
     std::thread::scope(|s| {
@@ -288,4 +292,5 @@ fn fork_inside_nolock_heavy_process_repeatedly() {
     let st = cache.stats();
     assert_eq!(st.allocs, st.frees, "parent: cache objects all freed");
     assert_eq!(cache.destroy().live_objects, 0);
+    assert_eq!(nolock::debug::reports(), reports, "parent: nolock reported a bad free (see stderr)");
 }

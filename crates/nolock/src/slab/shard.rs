@@ -360,20 +360,28 @@ extern "C" fn shard_exit(p: *mut libc::c_void) {
 }
 
 /// Return every object cached in `s` to its slab and give `s` back. The caller guarantees that no other
-/// context uses `s` (its owner exited, or is this thread past its exit marker). If a list was left mid-edit
-/// (a busy flag still set: the owner died inside the allocator, e.g. killed in a fork child), that list is
-/// leaked, never corrupted.
+/// context uses `s` as its owner (its owner exited, or is this thread past its exit marker).
+///
+/// Each list is drained under its lock, like any owner operation, because a cache destroy may be taking the
+/// same lists over at the same moment (a thread's exit destructor still runs after `std::thread::scope` has
+/// returned): a list the destroy claimed is left to it, and the destroy waits for a list drained here. If a
+/// list was left mid-edit (a busy flag still set: the owner died inside the allocator, e.g. killed in a fork
+/// child), that list is leaked, never corrupted.
 pub fn drain_and_release(g: &Global, s: &Shard) {
     crate::rcu::kfree::drain_shard(s);
     let mut consistent = true;
     for id in 0..g.cache_count() {
         let pc = s.pc(id);
-        if pc.lock.is_locked() {
-            consistent = false;
-            continue;
-        }
-        if pc.count.load(Ordering::Relaxed) != 0 || !pc.deferred.is_empty() {
-            g.cache(id).drain_pc(g, s, pc);
+        match pc.lock.try_lock() {
+            TryLock::Locked => {
+                if pc.count.load(Ordering::Relaxed) != 0 || !pc.deferred.is_empty() {
+                    g.cache(id).drain_pc(g, s, pc);
+                }
+                pc.lock.unlock();
+            }
+            // A cache destroy claimed the list: it drains it.
+            TryLock::Claimed => {}
+            TryLock::Busy => consistent = false,
         }
     }
     if consistent {
