@@ -19,9 +19,12 @@
 //!   thread cannot leak one. It also registers a pthread key destructor for the thread (glibc's first 32 keys
 //!   need no allocation, so this is async-signal-safe there), so the first call may be in a signal handler.
 //! - **exit**: the key destructor marks the thread as exited (its later calls use the shared path), returns
-//!   every cached object to its slab and gives the shard back.
+//!   every cached object to its slab and gives the shard back. It takes each list's lock like any owner
+//!   operation: a cache destroy may be claiming the same lists at that moment (exit destructors still run
+//!   after `std::thread::scope` returns), and a claimed list is left to the destroy.
 //! - **orphans**: a shard whose thread died without the destructor (no key available) is found by the worker
-//!   (`tgkill(pid, tid, 0)` fails with ESRCH) and drained the same way.
+//!   (`tgkill(pid, tid, 0)` fails with ESRCH) and drained the same way. A claim generation in the state word
+//!   keeps the sweep from taking a shard that was released and claimed again while it looked.
 //! - **fork**: in the child, only the forking thread exists; an atfork handler drains every other shard whose
 //!   lists are consistent (no busy flag set) and fixes the owner thread id of the current one.
 //!
