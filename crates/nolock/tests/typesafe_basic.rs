@@ -3,6 +3,7 @@
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use nolock::stats::{PageOwner, page_owner};
@@ -18,6 +19,9 @@ struct Obj {
 const TAG: u64 = 0x7a6e_7e5a_f00d_0001;
 static CTORS: AtomicUsize = AtomicUsize::new(0);
 static DTORS: AtomicUsize = AtomicUsize::new(0);
+/// The tests take turns: the lifecycle test checks that a released slab's pages are free, which a new slab of
+/// the other test could otherwise have taken in between.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 fn ctor(p: NonNull<u8>) {
     // SAFETY: p is a fresh object of Obj's layout.
@@ -35,6 +39,7 @@ fn dtor(p: NonNull<u8>) {
 
 #[test]
 fn typesafe_by_rcu_lifecycle() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     nolock::init();
     let cache = KmemCache::builder("ts-rcu", Layout::new::<Obj>())
         .flags(SlabFlags::TYPESAFE_BY_RCU)
@@ -81,6 +86,7 @@ fn typesafe_by_rcu_lifecycle() {
 
 #[test]
 fn typesafe_by_srcu_fast_default_domain_and_fallback() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     nolock::init();
     let cache = KmemCache::builder("ts-srcu", Layout::new::<[u64; 4]>())
         .flags(SlabFlags::TYPESAFE_BY_SRCU_FAST)
