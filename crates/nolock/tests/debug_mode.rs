@@ -198,10 +198,18 @@ fn race_frees(c: &KmemCache, rounds: usize) -> Vec<(Result<(), FreeErrorKind>, R
             .map(|t| {
                 s.spawn(move || {
                     let mut out = Vec::with_capacity(rounds);
+                    // Spin briefly, then yield: on an oversubscribed machine the other thread may share this
+                    // core, and pure spinning would hand over only once per time slice (400k handovers).
                     let wait = |v| {
                         let t0 = std::time::Instant::now();
+                        let mut spins = 0u32;
                         while step.load(Ordering::Acquire) != v {
-                            std::hint::spin_loop();
+                            if spins < 2000 {
+                                spins += 1;
+                                std::hint::spin_loop();
+                            } else {
+                                std::thread::yield_now();
+                            }
                             assert!(t0.elapsed().as_secs() < 60, "handshake stuck");
                         }
                     };
