@@ -711,6 +711,31 @@ impl CacheInner {
         }
     }
 
+    /// The free fast path shared by `kfree_nolock` (`only: None`) and `KmemCache::free_nolock` (`only: Some(id)`):
+    /// if `addr` is exactly an object of a plain (non-debug) cache, of cache `only` if given, and the calling
+    /// thread has a shard, free it through the thread's list and return true. Otherwise do nothing and return
+    /// false: the caller takes its full path, which validates and reports.
+    ///
+    /// # Context
+    /// Any context: async-signal-safe, reentrant, never blocks.
+    #[inline(always)]
+    pub fn free_fast(g: &Global, addr: usize, only: Option<u16>) -> bool {
+        if g.pages.contains(addr)
+            && let info = g.pages.info_of(addr)
+            && info.is_plain_slab()
+            && only.is_none_or(|id| id == info.cache_id())
+            && let Some(shard) = shard::current_if_any()
+        {
+            let id = info.cache_id();
+            let c = g.cache(id);
+            if let Some(slot) = c.plain_slot(g, addr, info) {
+                c.free_to_list(g, shard, id, slot, true);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Free a validated slot through the list `id` of `shard` (the calling thread's): the fast push, or one
     /// call for each other case. With `report`, a double free is reported here rather than left to the caller
     /// (so that the free fast paths end in tail calls). Returns false for a double free.

@@ -17,7 +17,7 @@ use core::alloc::Layout;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use super::cache::{self, CacheConfig, FLAG_DEBUG, FLAG_KMALLOC, Got};
+use super::cache::{self, CacheConfig, CacheInner, FLAG_DEBUG, FLAG_KMALLOC, Got};
 use super::shard::{self, Pop};
 use crate::debug::{self, FreeError, FreeErrorKind};
 use crate::global::{self, Global};
@@ -310,17 +310,9 @@ pub unsafe fn kfree_nolock(ptr: *mut u8) {
     // The fast path: a push onto the thread's list of the object's cache, nothing else; every other case ends
     // in one tail call to `kfree_slow`.
     if let Some(g) = global::get_if_init()
-        && g.pages.contains(addr)
-        && let info = g.pages.info_of(addr)
-        && info.is_plain_slab()
-        && let Some(shard) = shard::current_if_any()
+        && CacheInner::free_fast(g, addr, None)
     {
-        let id = info.cache_id();
-        let c = g.cache(id);
-        if let Some(slot) = c.plain_slot(g, addr, info) {
-            c.free_to_list(g, shard, id, slot, true);
-            return;
-        }
+        return;
     }
     // SAFETY: forwarded from the caller.
     unsafe { kfree_slow(ptr) }

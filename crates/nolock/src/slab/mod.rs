@@ -307,17 +307,9 @@ impl KmemCache {
     /// Any context: async-signal-safe, reentrant, never blocks; never fails for a valid object.
     #[inline]
     pub unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
-        let (g, id, addr) = (self.g, self.id, ptr.as_ptr() as usize);
         // The fast path (see `cache`): an object of this very cache, not in debug mode, pushed on the thread's
         // list. Everything else, the fallback cache's objects included, takes the full path.
-        if g.pages.contains(addr)
-            && let info = g.pages.info_of(addr)
-            && info.is_plain_slab()
-            && info.cache_id() == id
-            && let Some(shard) = shard::current_if_any()
-            && let Some(slot) = self.inner().plain_slot(g, addr, info)
-        {
-            self.inner().free_to_list(g, shard, id, slot, true);
+        if cache::CacheInner::free_fast(self.g, ptr.as_ptr() as usize, Some(self.id)) {
             return;
         }
         // SAFETY: forwarded.
