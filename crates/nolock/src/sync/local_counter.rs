@@ -52,7 +52,7 @@ impl LocalCounter {
         // SAFETY: `self.0` is a valid, aligned 8-byte location; a non-locked `add` to it is one instruction,
         // which a same-thread signal handler cannot split. Other threads only read it.
         unsafe {
-            core::arch::asm!("add qword ptr [{0}], 1", in(reg) self.0.as_ptr(), options(nostack, preserves_flags));
+            core::arch::asm!("add qword ptr [{0}], 1", in(reg) self.0.as_ptr(), options(nostack));
         }
         #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
         self.0.fetch_add(1, Ordering::Relaxed);
