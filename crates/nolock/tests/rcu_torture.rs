@@ -722,7 +722,7 @@ fn thread_read<T: Torture>(r: u64) {
     if !p.is_null() {
         check_raw(st, p, &st.reads_thread, || {
             if sleep {
-                std::thread::sleep(Duration::from_millis(1));
+                common::sleep_wall(Duration::from_millis(1));
                 st.sleeps.fetch_add(1, Ordering::Relaxed);
             } else {
                 spin((r >> 16) & 1023);

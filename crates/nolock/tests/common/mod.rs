@@ -278,3 +278,25 @@ pub fn splitmix64(mut x: u64) -> u64 {
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
 }
+
+/// Sleep for `d` of wall-clock time even under a signal storm. `std::thread::sleep` restarts an interrupted
+/// sleep with the time that was left, so a thread interrupted by handlers faster than it can sleep never gets
+/// through a 1 ms sleep: a reader sleeping inside a read-side section would then hold grace periods forever.
+/// An absolute deadline ends the sleep on time, however often it is interrupted.
+///
+/// # Context
+/// Normal context: blocks for `d`.
+#[allow(dead_code)]
+pub fn sleep_wall(d: Duration) {
+    // SAFETY: an all-zero timespec is valid; clock_gettime fills it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: CLOCK_MONOTONIC is valid and `ts` a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let nanos = ts.tv_nsec as u64 + u64::from(d.subsec_nanos());
+    ts.tv_sec += (d.as_secs() + nanos / 1_000_000_000) as libc::time_t;
+    ts.tv_nsec = (nanos % 1_000_000_000) as libc::c_long;
+    // SAFETY: `ts` is a valid absolute deadline; a null remainder is allowed with TIMER_ABSTIME.
+    while unsafe { libc::clock_nanosleep(libc::CLOCK_MONOTONIC, libc::TIMER_ABSTIME, &ts, std::ptr::null_mut()) }
+        == libc::EINTR
+    {}
+}
