@@ -473,7 +473,7 @@ fn srcu_reader(w: &Worker) {
             check_raw(b, Ctx::Thread, Flav::Srcu, false);
             if (r >> 16) & 31 == 0 {
                 // Sleep inside the section: SRCU-fast grace periods must wait for us.
-                std::thread::sleep(Duration::from_micros(20 + (r >> 24) % 200));
+                crate::sig::sleep_wall(Duration::from_micros(20 + (r >> 24) % 200));
                 sleeps += 1;
             } else {
                 dwell((r >> 24) & 255);

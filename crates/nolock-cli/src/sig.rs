@@ -217,3 +217,24 @@ pub unsafe fn dispatch_timer_signal<T>(info: *mut libc::siginfo_t, work: impl Fn
     // SAFETY: as above.
     unsafe { errno.write(saved) };
 }
+
+/// Sleep for `d` of wall-clock time even under the signal storm. `std::thread::sleep` restarts an interrupted
+/// sleep with the time that was left, so a thread whose handlers run faster than it can sleep would never get
+/// through it (and a reader sleeping inside a read-side section would hold grace periods forever); an absolute
+/// deadline ends the sleep on time however often it is interrupted.
+///
+/// # Context
+/// Normal context or a thread's own code between handlers: blocks for `d`.
+pub fn sleep_wall(d: std::time::Duration) {
+    // SAFETY: an all-zero timespec is valid; clock_gettime fills it.
+    let mut ts: libc::timespec = unsafe { core::mem::zeroed() };
+    // SAFETY: CLOCK_MONOTONIC is valid and `ts` a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let nanos = ts.tv_nsec as u64 + u64::from(d.subsec_nanos());
+    ts.tv_sec += (d.as_secs() + nanos / 1_000_000_000) as libc::time_t;
+    ts.tv_nsec = (nanos % 1_000_000_000) as libc::c_long;
+    // SAFETY: `ts` is a valid absolute deadline; a null remainder is allowed with TIMER_ABSTIME.
+    while unsafe { libc::clock_nanosleep(libc::CLOCK_MONOTONIC, libc::TIMER_ABSTIME, &ts, ptr::null_mut()) }
+        == libc::EINTR
+    {}
+}
