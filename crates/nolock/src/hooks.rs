@@ -35,6 +35,15 @@ pub enum Point {
     PageFree,
     /// Grace-period machinery and RCU readers (used by the reclamation layer).
     Rcu,
+    /// Claiming a per-thread slot (`thread`), before it is published in the thread-local word.
+    ThreadClaim,
+    /// An RCU reader on a thread without a slot, between choosing its phase and counting itself in it.
+    RcuOverflowEnter,
+    /// Taking a `kfree_rcu` pointer block from another thread's slot (barrier, aging, cache destroy), after the
+    /// slot is claimed and quiescent, before the block is taken.
+    KfreeSteal,
+    /// A thread's exit destructor, before it takes its `kfree_rcu` pointer blocks.
+    KfreeExit,
 }
 
 #[cfg(feature = "test-hooks")]

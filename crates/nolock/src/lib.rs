@@ -68,6 +68,8 @@ pub mod hooks;
 #[cfg(not(loom))]
 pub mod page;
 #[cfg(not(loom))]
+mod process;
+#[cfg(not(loom))]
 pub mod rcu;
 #[cfg(not(loom))]
 pub mod slab;
@@ -75,6 +77,8 @@ pub mod slab;
 pub mod stats;
 #[cfg(not(loom))]
 mod sys;
+#[cfg(not(loom))]
+pub mod thread;
 #[cfg(not(loom))]
 mod worker;
 
@@ -132,7 +136,7 @@ pub fn init() {
 /// Work that needs a normal context, done at the first opportunity (idempotent).
 #[cfg(not(loom))]
 pub(crate) fn init_normal_context() {
-    slab::shard::ensure_process_hooks();
+    process::ensure_process_hooks();
     sys::membarrier::register();
     worker::ensure_started();
     rcu::worker::ensure_started();

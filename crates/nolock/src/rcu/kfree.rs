@@ -69,14 +69,13 @@ static EPOCH: AtomicU32 = AtomicU32::new(0);
 /// backpressure that keeps a retire flood bounded.
 const HELP_BLOCKS: usize = 2;
 
-/// Blocks taken off a ring and not entirely freed yet (a barrier waits for these).
-static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
-
 /// Cells per ring: blocks that may wait for their grace period per domain (× 508 objects).
 const RING_CELLS: usize = 4096;
 
 /// One ring cell. `seq` holds the cell's sequence number minus its index (so zeroed memory is a valid, empty
-/// ring): equal to `pos - idx` when free for the producer of position `pos`, `pos - idx + 1` once published.
+/// ring): `pos - idx` when free for the producer of position `pos`, `pos - idx + 1` once published, and
+/// `pos - idx + RING_CELLS` once the block of position `pos` has been **entirely freed** (which frees the cell
+/// for the producer of the next lap).
 #[derive(Debug, Default)]
 struct Cell {
     seq: AtomicUsize,
@@ -85,14 +84,22 @@ struct Cell {
 }
 
 /// A domain's ring of blocks waiting for their grace period, in submission order (Dmitry Vyukov's bounded
-/// MPMC queue). Lock-free for producers; a consumer that finds the oldest cell unpublished (its producer was
-/// interrupted between claiming and filling it) or its grace period not over simply gets nothing. Zeroed
-/// memory is an empty ring.
+/// MPMC queue, with one change: a consumer releases the cell only after it has freed the block, so the cells
+/// themselves say which blocks are still being freed, and a barrier can wait for exactly the blocks queued
+/// before it, never for later ones). Lock-free for producers; a consumer that finds the oldest cell
+/// unpublished (its producer was interrupted between claiming and filling it) or its grace period not over
+/// simply gets nothing. Zeroed memory is an empty ring.
 #[derive(Debug)]
 pub struct BlockRing {
     head: AtomicUsize,
     tail: AtomicUsize,
     cells: [Cell; RING_CELLS],
+}
+
+/// A block taken off a ring: free it, then [`BlockRing::release`] its cell.
+struct Taken {
+    pos: usize,
+    block: usize,
 }
 
 impl BlockRing {
@@ -112,7 +119,7 @@ impl BlockRing {
         loop {
             let idx = pos % RING_CELLS;
             let c = &self.cells[idx];
-            // Acquire: pairs with the consumer's Release that freed the cell.
+            // Acquire: pairs with the consumer's Release in `release`: the previous lap's block is freed.
             let seq = c.seq.load(Ordering::Acquire);
             let diff = seq.wrapping_sub(pos - idx) as isize;
             if diff == 0 {
@@ -120,27 +127,28 @@ impl BlockRing {
                     Ok(_) => {
                         c.block.store(block, Ordering::Relaxed);
                         c.cookie.store(cookie, Ordering::Relaxed);
-                        // Release: publishes block and cookie to the consumer's Acquire.
+                        // Release: publishes block and cookie to the consumer's Acquire in `pop_done`.
                         c.seq.store(pos - idx + 1, Ordering::Release);
                         return true;
                     }
                     Err(now) => pos = now,
                 }
             } else if diff < 0 {
-                return false; // full: the cell still holds the previous lap's block
+                return false; // full: the cell still holds (or is still freeing) the previous lap's block
             } else {
                 pos = self.tail.load(Ordering::Relaxed);
             }
         }
     }
 
-    /// Take the oldest block if `done(cookie)` says its grace period is over. Any context, lock-free.
-    fn pop_done(&self, done: impl Fn(u64) -> bool) -> Option<usize> {
+    /// Take the oldest block if `done(cookie)` says its grace period is over. Any context, lock-free. The
+    /// caller frees the block and then calls [`release`](Self::release).
+    fn pop_done(&self, done: impl Fn(u64) -> bool) -> Option<Taken> {
         let mut pos = self.head.load(Ordering::Relaxed);
         loop {
             let idx = pos % RING_CELLS;
             let c = &self.cells[idx];
-            // Acquire: pairs with the producer's Release.
+            // Acquire: pairs with the producer's Release in `push`.
             let seq = c.seq.load(Ordering::Acquire);
             let diff = seq.wrapping_sub(pos - idx + 1) as isize;
             if diff == 0 {
@@ -148,13 +156,7 @@ impl BlockRing {
                     return None;
                 }
                 match self.head.compare_exchange_weak(pos, pos + 1, Ordering::Relaxed, Ordering::Relaxed) {
-                    Ok(_) => {
-                        let b = c.block.load(Ordering::Relaxed);
-                        IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
-                        // Release: the cell may be reused by the producer of the next lap.
-                        c.seq.store(pos - idx + RING_CELLS, Ordering::Release);
-                        return Some(b);
-                    }
+                    Ok(_) => return Some(Taken { pos, block: c.block.load(Ordering::Relaxed) }),
                     Err(now) => pos = now,
                 }
             } else if diff < 0 {
@@ -165,9 +167,49 @@ impl BlockRing {
         }
     }
 
+    /// The block taken at `pos` is entirely freed: give its cell to the next lap's producer.
+    fn release(&self, pos: usize) {
+        let idx = pos % RING_CELLS;
+        // Release: pairs with the Acquire loads in `push` (next lap) and `wait_freed` (barriers): the frees
+        // happen before either sees the cell released.
+        self.cells[idx].seq.store(pos - idx + RING_CELLS, Ordering::Release);
+    }
+
+    /// Whether the block of position `pos` has been entirely freed (or the cell has moved on past it).
+    fn freed(&self, pos: usize) -> bool {
+        let idx = pos % RING_CELLS;
+        // Acquire: pairs with the Release in `release`.
+        let seq = self.cells[idx].seq.load(Ordering::Acquire);
+        seq.wrapping_sub(pos - idx) as isize >= RING_CELLS as isize
+    }
+
     /// Whether blocks are waiting.
     fn is_empty(&self) -> bool {
         self.head.load(Ordering::Relaxed) == self.tail.load(Ordering::Relaxed)
+    }
+
+    /// In a fork child: a producer that is gone may have claimed a position without publishing it, and a
+    /// consumer that is gone may have taken a block without releasing its cell. Publish the former as empty
+    /// (block 0, skipped) and release the latter (its block leaks in the child), so that no barrier or
+    /// producer waits for them.
+    fn after_fork_child(&self) {
+        let head = self.head.load(Ordering::Relaxed);
+        let tail = self.tail.load(Ordering::Relaxed);
+        for pos in head.saturating_sub(RING_CELLS)..head {
+            let idx = pos % RING_CELLS;
+            if self.cells[idx].seq.load(Ordering::Relaxed) == pos - idx + 1 {
+                self.release(pos);
+            }
+        }
+        for pos in head..tail {
+            let idx = pos % RING_CELLS;
+            let c = &self.cells[idx];
+            if c.seq.load(Ordering::Relaxed) == pos - idx {
+                c.block.store(0, Ordering::Relaxed);
+                c.cookie.store(0, Ordering::Relaxed);
+                c.seq.store(pos - idx + 1, Ordering::Release);
+            }
+        }
     }
 }
 
@@ -211,7 +253,8 @@ impl Flavor {
     }
 
     pub(crate) fn enqueue(self, head: NonNull<RcuHead>, func: usize) {
-        match self {
+        // Any context, no system call: the worker polls the lists.
+        let _ = match self {
             Flavor::Rcu => super::tree::enqueue(head, func),
             Flavor::Srcu(s) => s.enqueue(head, func),
         };
@@ -253,6 +296,9 @@ impl Flavor {
 /// # Safety
 /// `b` is a block whose grace period has ended, owned by the caller.
 unsafe fn free_block(b: usize) {
+    if b == 0 {
+        return; // a cell a fork child published empty
+    }
     let b = b as *mut PtrBlock;
     // SAFETY: `count` pointers were stored by `retire_in_block`; the caller owns the block.
     unsafe {
@@ -276,11 +322,10 @@ fn free_done_blocks(flavor: Flavor, max: usize) -> usize {
     let core = flavor.core();
     let mut n = 0;
     while n < max {
-        let Some(b) = flavor.ring().pop_done(|c| core.seq.done(c)) else { break };
+        let Some(t) = flavor.ring().pop_done(|c| core.seq.done(c)) else { break };
         // SAFETY: taken off the ring: ours, and its grace period has ended.
-        unsafe { free_block(b) };
-        // Release: pairs with the Acquire in `finish_blocks`: the frees happen before it sees the count.
-        IN_FLIGHT.fetch_sub(1, Ordering::Release);
+        unsafe { free_block(t.block) };
+        flavor.ring().release(t.pos);
         n += 1;
     }
     n
@@ -299,21 +344,35 @@ pub(crate) fn free_done_blocks_everywhere() -> bool {
     waiting
 }
 
-/// For a barrier: wait for the grace period of every block on `flavor`'s ring and free them all, including
-/// blocks other threads took and are still freeing. Normal context (blocks).
+/// For a barrier: wait until every block queued on `flavor`'s ring before this call is entirely freed —
+/// driving its grace period, and freeing blocks here when nobody else does — and no longer: blocks queued
+/// after the call began are not waited for, so a barrier ends under a steady retire flood too. Normal context
+/// (blocks).
 pub(crate) fn finish_blocks(flavor: Flavor, d: &dyn super::Domain) {
-    if !flavor.ring().is_empty() {
-        super::worker::ensure_started();
+    let ring = flavor.ring();
+    let end = ring.tail.load(Ordering::Acquire);
+    if ring.head.load(Ordering::Relaxed) != end {
+        // Every block before `end` took its cookie before now, so a grace period that starts after now covers
+        // them all.
         let cookie = flavor.core().seq.snap();
         super::wait_for_cookie(d, cookie);
-        while !flavor.ring().is_empty() {
-            if free_done_blocks(flavor, usize::MAX) == 0 {
-                std::thread::yield_now(); // an unpublished cell: its producer finishes in a moment
+        let done = |c| flavor.core().seq.done(c);
+        while (ring.head.load(Ordering::Relaxed).wrapping_sub(end) as isize) < 0 {
+            match ring.pop_done(done) {
+                Some(t) => {
+                    // SAFETY: taken off the ring: ours, and its grace period has ended.
+                    unsafe { free_block(t.block) };
+                    ring.release(t.pos);
+                }
+                None => std::thread::yield_now(), // an unpublished cell: its producer finishes in a moment
             }
         }
     }
-    while IN_FLIGHT.load(Ordering::Acquire) != 0 {
-        std::thread::yield_now();
+    // Blocks other threads took before `end` and are still freeing.
+    for pos in end.saturating_sub(RING_CELLS)..end {
+        while !ring.freed(pos) {
+            std::thread::yield_now();
+        }
     }
 }
 
@@ -322,8 +381,7 @@ fn queue_block(b: usize, flavor: Flavor) {
     let cookie = core.seq.snap();
     core.request(cookie);
     if flavor.ring().push(b, cookie) {
-        super::worker::kick_if_sleeping();
-        return;
+        return; // the worker polls the rings; no wake-up (no system call on this path)
     }
     // The ring is full: let the worker free the block after the grace period.
     // SAFETY: `b` is a block owned by the caller, handed over to the callback.
@@ -331,17 +389,12 @@ fn queue_block(b: usize, flavor: Flavor) {
     flavor.enqueue(head, block_gp_done as super::RcuCallback as usize);
 }
 
-/// Backpressure, after filling a block: free ready blocks, and if blocks still wait, try one non-blocking step
-/// of their grace period (only with the IPI-based membarrier, whose cost is bounded).
+/// Backpressure, after filling a block: free up to [`HELP_BLOCKS`] blocks whose grace period is over. (It does
+/// not drive the grace period: that needs `membarrier`, a system call that a `*_nolock` path must not make. The
+/// worker drives it.)
 fn help(flavor: Flavor) {
-    if flavor.ring().is_empty() {
-        return;
-    }
-    if free_done_blocks(flavor, HELP_BLOCKS) == 0 && crate::sys::membarrier::is_expedited() {
-        let d = flavor.domain();
-        if d.core().work_requested() {
-            d.core().try_drive(|| d.step());
-        }
+    if !flavor.ring().is_empty() {
+        free_done_blocks(flavor, HELP_BLOCKS);
     }
 }
 
@@ -459,10 +512,26 @@ pub(crate) fn age_blocks() {
 
 /// Claim and queue the blocks in slot `slot` of every shard, optionally only those of domain `tag` and those
 /// created at or before epoch `older`.
+///
+/// Who else may touch a slot meanwhile, and why each pairing is safe:
+/// - **its owner** (or a signal handler on the owner's thread) in `retire_in_block`: it holds the slot's
+///   [`LocalTryLock`]; the claim + `membarrier` + `wait_unlocked` protocol means that once we proceed, the
+///   owner either is out of its section or will see the claim and keep off (it retires through the object's
+///   own head instead).
+/// - **another stealer** (a second barrier, the worker's aging tick, a cache destroy): claims are exclusive
+///   (`try_claim` is a CAS), so only one stealer at a time is inside a slot. A stealer that finds the slot
+///   claimed by another waits for that claim to end and looks again, when it must see the block gone
+///   (barriers); the aging tick just skips it.
+/// - **the owner's thread exit** (`drain_shard`): it takes the slot's lock like any owner operation, so it
+///   finds a claimed slot `Claimed` and leaves the block to the stealer.
+/// - **a fork**: a stealer that is gone leaves its claim behind; `after_fork_child` clears it.
+///
+/// The block itself is taken with a `swap`, so even a path that broke these rules could not queue it twice.
 fn steal_blocks(slot: usize, tag: Option<usize>, older: Option<u32>) {
     let Some(g) = crate::global::get_if_init() else { return };
     let n = g.shard_count();
     let wanted = |s: &Shard| {
+        // Acquire: pairs with the Release store of the block in `retire_in_block`, so the header is readable.
         let b = s.kfree[slot].block.load(Ordering::Acquire);
         if b == 0 {
             return false;
@@ -472,47 +541,81 @@ fn steal_blocks(slot: usize, tag: Option<usize>, older: Option<u32>) {
         let hdr = unsafe { &*(b as *const BlockHeader) };
         tag.is_none_or(|t| t == hdr.domain) && older.is_none_or(|e| hdr.epoch.wrapping_sub(e) as i32 <= 0)
     };
-    let mut claimed = Vec::new();
-    for i in 0..n {
-        let s = g.shard(i);
-        if wanted(s) {
-            s.kfree[slot].lock.claim();
-            claimed.push(i);
-        }
-    }
-    if claimed.is_empty() {
-        return;
-    }
-    crate::sys::membarrier::heavy_barrier();
-    for i in claimed {
-        let s = g.shard(i);
-        let st = &s.kfree[slot];
-        if st.lock.wait_unlocked(100_000) {
-            let b = st.block.load(Ordering::Acquire);
-            if b != 0 {
-                // SAFETY: claimed and quiescent: the block is ours to queue.
-                let hdr = unsafe { &*(b as *const BlockHeader) };
-                if tag.is_none_or(|t| t == hdr.domain) {
-                    st.block.store(0, Ordering::Release);
-                    queue_block(b, Flavor::of_tag(slot, hdr.domain));
-                }
+    // A barrier (a `tag`) must not return while a block it wants sits in a slot another stealer holds.
+    let must_see_all = tag.is_some();
+    let mut todo: Vec<u32> = (0..n).filter(|&i| wanted(g.shard(i))).collect();
+    while !todo.is_empty() {
+        let mut claimed = Vec::new();
+        let mut busy = Vec::new();
+        for &i in &todo {
+            if g.shard(i).kfree[slot].lock.try_claim() {
+                claimed.push(i);
+            } else if must_see_all {
+                busy.push(i);
             }
         }
-        st.lock.unclaim();
+        if !claimed.is_empty() {
+            // Pairs with the owners' `try_lock` (the asymmetric Dekker of `sync::local_lock`).
+            crate::sys::membarrier::heavy_barrier();
+        }
+        for i in claimed {
+            let st = &g.shard(i).kfree[slot];
+            if st.lock.wait_unlocked(100_000) {
+                crate::hooks::point(crate::hooks::Point::KfreeSteal);
+                // AcqRel: Acquire pairs with the owner's Release store of the block (its header is visible);
+                // Release orders our later header reads before a reuse of the slot by the owner.
+                let b = st.block.swap(0, Ordering::AcqRel);
+                if b != 0 {
+                    // SAFETY: claimed and quiescent: the block is ours.
+                    let hdr = unsafe { &*(b as *const BlockHeader) };
+                    if tag.is_none_or(|t| t == hdr.domain) {
+                        queue_block(b, Flavor::of_tag(slot, hdr.domain));
+                    } else {
+                        st.block.store(b, Ordering::Release); // another domain's: put it back
+                    }
+                }
+            }
+            st.lock.unclaim();
+        }
+        if busy.is_empty() {
+            break;
+        }
+        // Another stealer holds these slots: wait for it to finish, then look again.
+        std::thread::yield_now();
+        todo = busy.into_iter().filter(|&i| wanted(g.shard(i))).collect();
     }
 }
 
-/// A thread is exiting (or its shard is drained): queue its blocks. The caller has exclusive use of `s`.
+/// A thread is exiting (or its shard is drained): queue its blocks. The caller is the shard's owner (its exit
+/// destructor) or has exclusive use of it (orphan sweep, fork child). Each slot is taken under its lock, like
+/// any owner operation: a slot a stealer has claimed is left to the stealer (see `steal_blocks`), and a slot
+/// whose lock a dead context left set is leaked, never touched.
 pub(crate) fn drain_shard(s: &Shard) {
     for (i, slot) in s.kfree.iter().enumerate() {
-        if slot.lock.is_locked() {
+        crate::hooks::point(crate::hooks::Point::KfreeExit);
+        if slot.lock.try_lock() != TryLock::Locked {
             continue;
         }
         let b = slot.block.swap(0, Ordering::AcqRel);
+        slot.lock.unlock();
         if b != 0 {
             // SAFETY: the block is ours now.
             let tag = unsafe { &*(b as *const BlockHeader) }.domain;
             queue_block(b, Flavor::of_tag(i, tag));
+        }
+    }
+}
+
+/// In a fork child: repair the rings (see [`BlockRing::after_fork_child`]) and clear the claims that stealers
+/// which are gone left on the `kfree_rcu` slots.
+pub(crate) fn after_fork_child() {
+    RCU_RING.after_fork_child();
+    super::srcu::for_each_state(|s| s.block_ring().after_fork_child());
+    if let Some(g) = crate::global::get_if_init() {
+        for i in 0..g.shard_count() {
+            for slot in &g.shard(i).kfree {
+                slot.lock.unclaim();
+            }
         }
     }
 }

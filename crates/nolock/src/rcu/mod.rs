@@ -58,6 +58,21 @@ pub fn barrier_mechanism() -> &'static str {
     }
 }
 
+/// Thread exit check (registered with `crate::thread`): a slot whose thread dies inside a read-side section
+/// (a leaked guard) must not be handed to a new thread; the orphan sweep or a fork clears it later.
+pub(crate) fn slot_may_be_reused(id: u32) -> bool {
+    let mut ok = tree::slot_may_be_reused(id);
+    srcu::for_each_state(|s| ok &= !s.slot_in_section(id));
+    ok
+}
+
+/// The thread of slot `id` no longer exists (orphan sweep, fork child): close every section it left open, in
+/// every domain, as if it had left them now.
+pub(crate) fn reset_slot(id: u32) {
+    tree::reset_slot(id);
+    srcu::for_each_state(|s| s.reset_slot(id));
+}
+
 /// The callback link embedded in an object retired through `call_rcu_nolock` and friends (the kernel's
 /// `struct rcu_head`). 16 bytes; it must stay valid until the callback runs.
 #[repr(C)]
@@ -186,16 +201,46 @@ impl GpCore {
         !self.seq.done(self.requested.load(Ordering::Acquire))
     }
 
-    /// Run `f` as the driver if nobody else is driving.
+    /// Run `f` as the driver if nobody else is driving. The flag is released even if `f` panics.
     pub fn try_drive(&self, f: impl FnOnce() -> Step) -> Option<Step> {
-        // Acquire/Release: one driver at a time; the next driver sees the phase the previous one left.
+        // Acquire: pairs with the Release store in `DriverGuard::drop`: the next driver sees the phase (and
+        // everything else) the previous one left.
         if self.driver.swap(true, Ordering::Acquire) {
             return None;
         }
-        let r = f();
-        self.driver.store(false, Ordering::Release);
-        Some(r)
+        struct DriverGuard<'a>(&'a AtomicBool);
+        impl Drop for DriverGuard<'_> {
+            fn drop(&mut self) {
+                DRIVING.with(|d| d.set(d.get() - 1));
+                // Release: pairs with the Acquire swap above.
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        DRIVING.with(|d| d.set(d.get() + 1));
+        let _g = DriverGuard(&self.driver);
+        Some(f())
     }
+
+    /// In a fork child: if a thread that no longer exists held the driver flag, it may have stopped anywhere
+    /// inside a step. Take the flag back and restart the grace period in progress (if any) from `restart`, the
+    /// phase that re-scans every reader; with one thread left that is always a correct grace period.
+    fn after_fork_child(&self, restart: impl FnOnce(&Self)) {
+        if DRIVING.with(|d| d.get()) != 0 {
+            return; // fork() from inside a step on this thread (a signal handler): the step continues here
+        }
+        self.driver.store(false, Ordering::Relaxed);
+        if self.seq.in_progress() {
+            restart(self);
+        } else {
+            self.phase.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+thread_local! {
+    /// Driver flags this thread holds (for the fork child, which must know whether the step in progress is its
+    /// own).
+    static DRIVING: core::cell::Cell<u32> = const { core::cell::Cell::new(0) };
 }
 
 impl Default for GpCore {
@@ -210,10 +255,22 @@ pub(crate) trait Domain: Sync {
     fn core(&self) -> &GpCore;
     /// One step of the grace-period state machine. The caller holds the driver flag. Normal context.
     fn step(&self) -> Step;
-    /// Callback list of shard `i` (or `None` when the domain keeps none there yet).
-    fn shard_cbs(&self, i: u32) -> Option<&Llist>;
-    /// Callbacks ever queued on shard `i`'s list.
-    fn shard_queued(&self, i: u32) -> u64;
+    /// Callback list of thread slot `i` (or `None` when the domain keeps none there yet).
+    fn slot_cbs(&self, i: u32) -> Option<&Llist>;
+    /// Callbacks ever queued on slot `i`'s list.
+    fn slot_queued(&self, i: u32) -> u64;
+    /// If the calling thread is inside a read-side section that this domain's grace periods wait for (then
+    /// waiting for one of them would wait forever): what kind of section, for the panic message.
+    fn held_by_current(&self) -> Option<&'static str>;
+}
+
+/// Panic with a clear message if the calling thread would wait for itself: `what` waits for a grace period of
+/// `d` while the thread is inside a read-side section that grace period waits for.
+#[track_caller]
+pub(crate) fn assert_not_held(d: &dyn Domain, what: &str) {
+    if let Some(section) = d.held_by_current() {
+        panic!("nolock: {what}() called inside {section} on this thread; it would wait for itself forever");
+    }
 }
 
 /// Callbacks waiting (queued, not yet invoked) above which the normal-context `call_rcu` / `call_srcu_fast`
@@ -227,7 +284,8 @@ const THROTTLE_EVERY: u64 = 256;
 /// Backpressure for normal-context callers: every `THROTTLE_EVERY` callbacks queued by this thread (`mine`),
 /// if `d`'s backlog is above [`BACKLOG_HIGH`], wait until the worker brings it below [`BACKLOG_LOW`].
 pub(crate) fn throttle(d: &dyn Domain, mine: u64) {
-    if !mine.is_multiple_of(THROTTLE_EVERY) {
+    // The worker itself (a callback that queues callbacks) never waits: it is the one that would have to run.
+    if !mine.is_multiple_of(THROTTLE_EVERY) || worker::on_worker_thread() {
         return;
     }
     let pending = || queued_total(d).saturating_sub(d.core().invoked.load(Ordering::Acquire));
@@ -242,10 +300,28 @@ pub(crate) fn throttle(d: &dyn Domain, mine: u64) {
     }
 }
 
+/// What an enqueue did: this thread's count of queued callbacks (for the throttle), and whether its list was
+/// empty before (then a normal-context caller wakes the worker).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Enqueued {
+    pub mine: u64,
+    pub was_empty: bool,
+}
+
+/// After a normal-context enqueue (`call_rcu`, `call_srcu_fast`): wake the worker if the list was empty (the
+/// `*_nolock` variants never do: the worker polls), and apply the backlog throttle.
+pub(crate) fn after_normal_enqueue(d: &dyn Domain, e: Enqueued) {
+    if e.was_empty && !worker::on_worker_thread() {
+        worker::ensure_started();
+        worker::kick();
+    }
+    throttle(d, e.mine);
+}
+
 /// Callbacks queued so far on every list of `d` (sum of per-thread counters).
 pub(crate) fn queued_total(d: &dyn Domain) -> u64 {
-    let shards = crate::global::get_if_init().map_or(0, |g| g.shard_count());
-    (0..shards).map(|i| d.shard_queued(i)).sum::<u64>() + d.core().overflow_queued.load(Ordering::Relaxed)
+    (0..crate::thread::count()).map(|i| d.slot_queued(i)).sum::<u64>()
+        + d.core().overflow_queued.load(Ordering::Relaxed)
 }
 
 /// Block until the grace period named by `cookie` has ended, driving grace periods as needed.
@@ -309,37 +385,101 @@ unsafe fn barrier_done(head: NonNull<RcuHead>) {
     }
 }
 
-/// Wait until every callback queued on `d` before this call has run. Normal context only.
-pub(crate) fn barrier(d: &dyn Domain) {
-    worker::ensure_started();
-    let shards = crate::global::get_if_init().map_or(0, |g| g.shard_count());
+/// Wait until every callback queued on `d` before this call has run. Normal context only; on the worker thread
+/// (inside a callback) it runs the worker's passes itself until its markers have run.
+pub(crate) fn barrier(d: &dyn Domain, what: &str) {
+    assert_not_held(d, what);
+    let shards = crate::thread::count();
     let remaining = AtomicU32::new(0);
     let mut heads: Vec<BarrierHead> = Vec::with_capacity(shards as usize + 1);
     for _ in 0..=shards {
         heads.push(BarrierHead { head: RcuHead::new(), remaining: &remaining });
     }
-    // Count them all before any can run; markers count as queued callbacks like any other.
+    // Count them all before any can run; markers count as queued callbacks like any other. Release: pairs with
+    // the AcqRel decrement in `barrier_done`.
     remaining.store(shards + 1, Ordering::Release);
     d.core().overflow_queued.fetch_add(u64::from(shards) + 1, Ordering::Relaxed);
     let func = barrier_done as RcuCallback as usize;
     for (i, h) in heads.iter().enumerate() {
-        let list = if (i as u32) < shards { d.shard_cbs(i as u32) } else { None };
+        let list = if (i as u32) < shards { d.slot_cbs(i as u32) } else { None };
         let head = NonNull::from(&h.head);
-        match list {
-            Some(l) => {
-                queue_on(l, head, func);
-            }
-            None => {
-                queue_on(&d.core().overflow_cbs, head, func);
-            }
-        }
+        queue_on(list.unwrap_or(&d.core().overflow_cbs), head, func);
     }
+    if worker::on_worker_thread() {
+        let mut backoff = Backoff::new();
+        // Acquire: pairs with the AcqRel decrement of the last marker: its callbacks' effects are visible.
+        while remaining.load(Ordering::Acquire) != 0 {
+            worker::run_nested_pass();
+            backoff.wait();
+        }
+        return;
+    }
+    worker::ensure_started();
     worker::kick();
     loop {
+        // Acquire: as above.
         let r = remaining.load(Ordering::Acquire);
         if r == 0 {
             break;
         }
         crate::sys::futex_wait(&remaining, r, Some(Duration::from_millis(10)));
     }
+}
+
+/// In a fork child (one thread left): bring every domain's grace-period machinery and callback lists back to
+/// a consistent state. See `process` for the order of the whole child handler.
+///
+/// - A driver flag held by a thread that is gone is taken back and a grace period in progress restarts from the
+///   phase that re-scans every reader.
+/// - Barrier markers on the lists belong to barriers of threads that are gone (their counters sit on stacks
+///   that glibc may hand to the child's next thread): they are unlinked, never run.
+/// - Callbacks the worker had taken are lost with it; `invoked` is set so that the backlog counts only what is
+///   still queued, and the backlog throttle does not wait for callbacks that will never run.
+/// - `kfree_rcu` rings: cells left half-published or half-consumed are repaired.
+pub(crate) fn after_fork_child() {
+    worker::after_fork_child();
+    tree::after_fork_child();
+    srcu::for_each_state(|s| s.after_fork_child());
+    kfree::after_fork_child();
+    let fix = |d: &dyn Domain| {
+        let mut left = 0u64;
+        for i in 0..crate::thread::count() {
+            if let Some(l) = d.slot_cbs(i) {
+                left += drop_markers(l);
+            }
+        }
+        left += drop_markers(&d.core().overflow_cbs);
+        // Release: pairs with the Acquire loads of `invoked` in the throttle.
+        d.core().invoked.store(queued_total(d).wrapping_sub(left), Ordering::Release);
+    };
+    fix(tree::domain());
+    srcu::for_each_live(|s| fix(s));
+}
+
+/// Unlink the barrier markers of `list` (fork child); returns how many callbacks remain on it.
+fn drop_markers(list: &Llist) -> u64 {
+    let mut h = list.take_all();
+    // Rebuild the chain without markers, in its order: `first ..= last`, linked through `next`.
+    let (mut first, mut last) = (0usize, 0usize);
+    let mut n = 0;
+    while h != 0 {
+        let next = next_of(h);
+        if !is_barrier_marker(h) {
+            if last == 0 {
+                first = h;
+            } else {
+                // SAFETY: `last` is a live head of this chain, owned by us (taken off the list).
+                unsafe { &*(last as *const RcuHead) }.next.store(h, Ordering::Relaxed);
+            }
+            last = h;
+            n += 1;
+        }
+        h = next;
+    }
+    if last != 0 {
+        // SAFETY: as above.
+        let link = unsafe { &(*(last as *const RcuHead)).next };
+        list.push_chain(first, link);
+    }
+    n
 }

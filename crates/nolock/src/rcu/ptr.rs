@@ -40,6 +40,9 @@ pub trait Flavor {
     /// # Safety
     /// As `call_rcu_nolock`.
     unsafe fn retire(&self, head: NonNull<RcuHead>, func: RcuCallback);
+    /// Whether `guard` is a read-side section of *this* flavour's domain (so it protects loads of a pointer of
+    /// this flavour).
+    fn guards(&self, guard: &Self::Guard<'_>) -> bool;
 }
 
 /// The RCU flavour (non-sleepable readers, [`RcuReadGuard`]).
@@ -52,6 +55,10 @@ impl Flavor for Rcu {
         // SAFETY: forwarded.
         unsafe { super::tree::call_rcu_nolock(head, func) }
     }
+    #[inline(always)]
+    fn guards(&self, _guard: &RcuReadGuard) -> bool {
+        true // one RCU domain per process
+    }
 }
 
 /// An SRCU-fast flavour (sleepable readers of one domain, [`SrcuFastGuard`]).
@@ -63,6 +70,10 @@ impl Flavor for Srcu {
     unsafe fn retire(&self, head: NonNull<RcuHead>, func: RcuCallback) {
         // SAFETY: forwarded.
         unsafe { self.0.call_srcu_fast_nolock(head, func) }
+    }
+    #[inline(always)]
+    fn guards(&self, guard: &SrcuFastGuard<'_>) -> bool {
+        guard.is_of(self.0)
     }
 }
 
@@ -117,10 +128,17 @@ impl<T: Send + Sync> RcuPtr<T, Srcu> {
 impl<T: Send + Sync, F: Flavor> RcuPtr<T, F> {
     /// The current value, valid while `guard` lives (`rcu_dereference`).
     ///
+    /// # Panics
+    /// If `guard` is a section of another SRCU-fast domain than this pointer's: its grace periods do not wait
+    /// for that guard, so the reference could outlive the value.
+    ///
     /// # Context
-    /// Any context (one `Acquire` load).
+    /// Any context (one `Acquire` load; for SRCU-fast pointers, one pointer comparison).
     #[inline]
-    pub fn load<'g>(&self, _guard: &'g F::Guard<'_>) -> Option<&'g T> {
+    pub fn load<'g>(&self, guard: &'g F::Guard<'_>) -> Option<&'g T> {
+        if !self.flavor.guards(guard) {
+            wrong_domain();
+        }
         // Acquire: pairs with the Release swap in `publish`, so the value's initialisation is visible.
         let p = self.ptr.load(Ordering::Acquire);
         // SAFETY: a published node stays allocated until a grace period after it was replaced; the guard
@@ -170,6 +188,13 @@ impl<T: Send + Sync, F: Flavor> RcuPtr<T, F> {
             unsafe { self.flavor.retire(old.cast::<RcuHead>(), drop_node::<T>) };
         }
     }
+}
+
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn wrong_domain() -> ! {
+    panic!("nolock: RcuPtr::load with a guard of another SRCU-fast domain than the pointer's (it does not protect it)")
 }
 
 impl<T: Send + Sync, F: Flavor> Drop for RcuPtr<T, F> {

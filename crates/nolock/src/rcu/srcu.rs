@@ -2,12 +2,12 @@
 //!
 //! # Readers
 //!
-//! A domain keeps, for every thread (shard), two pairs of counters `lock[0..2]` and `unlock[0..2]`. A reader
+//! A domain keeps, for every thread (slot), two pairs of counters `lock[0..2]` and `unlock[0..2]`. A reader
 //! reads the domain's current index `idx & 1`, increments `lock[idx]` of its own thread, and its guard
 //! increments `unlock[idx]` when dropped. The increments are single instructions ([`LocalCounter`]), so a
 //! signal handler running its own read-side sections in the middle cannot make one get lost (DESIGN.md §4):
 //! a lost `lock` increment would hide a reader from the grace period. No fence and no atomic RMW in the reader.
-//! Threads without a shard use shared atomic counters instead.
+//! Threads without a slot use shared atomic counters instead.
 //!
 //! A reader may sleep or block inside its section; only grace periods of *its* domain wait for it.
 //!
@@ -38,13 +38,12 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
 use super::{Domain, GpCore, RcuCallback, RcuHead, Step};
-use crate::global::MAX_SHARDS;
-use crate::slab::shard;
 use crate::sync::llist::Llist;
 use crate::sync::local_counter::LocalCounter;
 use crate::sync::signal_fence;
 use crate::sync::srcu_core::{self, SrcuIndex, SrcuReader};
 use crate::sys::membarrier::heavy_barrier;
+use crate::thread::MAX_THREADS;
 
 const IDLE: u32 = 0;
 const WAIT_RCU: u32 = 1;
@@ -71,15 +70,27 @@ pub(crate) struct SrcuState {
     implies_rcu: AtomicU32,
     live: AtomicU32,
     next: AtomicPtr<SrcuState>,
-    /// Counters shared by readers that have no shard.
+    /// Counters shared by readers that have no slot.
     overflow: SrcuReader,
     /// `kfree_srcu_fast_nolock` blocks waiting for their grace period.
     blocks: super::kfree::BlockRing,
-    per_thread: [SrcuPerThread; MAX_SHARDS],
+    per_thread: [SrcuPerThread; MAX_THREADS],
 }
 
 /// All states ever mapped (live or free for reuse), linked through `next`; never shrinks.
 static STATES: AtomicPtr<SrcuState> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Every SRCU state ever mapped, live or free (per-slot fix-ups must reach free states too: a dropped domain's
+/// table is reused by the next one).
+pub(crate) fn for_each_state(mut f: impl FnMut(&'static SrcuState)) {
+    let mut p = STATES.load(Ordering::Acquire);
+    while !p.is_null() {
+        // SAFETY: states are never unmapped.
+        let s = unsafe { &*p };
+        f(s);
+        p = s.next.load(Ordering::Acquire);
+    }
+}
 
 /// Every live SRCU state, for the worker.
 pub(crate) fn for_each_live(mut f: impl FnMut(&'static SrcuState)) {
@@ -125,8 +136,18 @@ fn get_state(implies_rcu: bool) -> Option<&'static SrcuState> {
 
 impl SrcuState {
     #[inline(always)]
-    fn per_thread(&self, shard_id: u32) -> &SrcuPerThread {
-        &self.per_thread[shard_id as usize]
+    fn per_thread(&self, slot: u32) -> &SrcuPerThread {
+        &self.per_thread[slot as usize]
+    }
+
+    /// The thread of slot `id` is gone: close the sections it left open in this domain.
+    pub(crate) fn reset_slot(&self, id: u32) {
+        self.per_thread(id).reader.close_open_sections();
+    }
+
+    /// Whether the thread of slot `id` is inside a section of this domain (exit check).
+    pub(crate) fn slot_in_section(&self, id: u32) -> bool {
+        self.per_thread(id).reader.nesting() != 0
     }
 
     /// The ring of `kfree_srcu_fast_nolock` blocks waiting for this domain's grace period.
@@ -139,43 +160,49 @@ impl SrcuState {
         &self.core
     }
 
-    /// Every reader's counters: one per shard handed out so far, plus the shared ones.
+    /// Every reader's counters: one per thread slot handed out so far, plus the shared ones.
     fn readers(&self) -> impl Iterator<Item = &SrcuReader> {
-        let n = crate::global::get_if_init().map_or(0, |g| g.shard_count());
-        (0..n).map(|i| &self.per_thread(i).reader).chain(core::iter::once(&self.overflow))
+        (0..crate::thread::count()).map(|i| &self.per_thread(i).reader).chain(core::iter::once(&self.overflow))
     }
 
-    /// Whether the calling thread is inside a section of this domain.
-    fn held_by_current(&self) -> bool {
-        shard::current_if_any().is_some_and(|s| self.per_thread(s.id.load(Ordering::Relaxed)).reader.nesting() != 0)
-    }
-
-    /// Queue a callback value on the calling thread's list in this domain.
-    pub(crate) fn enqueue(&self, head: NonNull<RcuHead>, func: usize) -> u64 {
-        if let Some(g) = crate::global::get()
-            && let Some(s) = shard::current(g)
-        {
-            let pt = self.per_thread(s.id.load(Ordering::Relaxed));
+    /// Queue a callback value on the calling thread's list in this domain. Any context, no system call.
+    pub(crate) fn enqueue(&self, head: NonNull<RcuHead>, func: usize) -> super::Enqueued {
+        if let Some(id) = crate::thread::current() {
+            let pt = self.per_thread(id);
             let was_empty = super::queue_on(&pt.cbs, head, func);
             pt.queued.inc();
-            if was_empty {
-                super::worker::kick_if_sleeping();
-            }
-            return pt.queued.get();
+            return super::Enqueued { mine: pt.queued.get(), was_empty };
         }
-        super::queue_on(&self.core.overflow_cbs, head, func);
-        let n = self.core.overflow_queued.fetch_add(1, Ordering::Relaxed) + 1;
-        super::worker::kick_if_sleeping();
-        n
+        let was_empty = super::queue_on(&self.core.overflow_cbs, head, func);
+        let mine = self.core.overflow_queued.fetch_add(1, Ordering::Relaxed) + 1;
+        super::Enqueued { mine, was_empty }
+    }
+
+    /// In a fork child: sections of threads that are gone never end. Per-slot counters were closed by
+    /// `reset_slot`; the shared counters of slot-less readers are balanced too, unless this thread itself has
+    /// slot-less sections open (then they stay as they are: over-waiting, never under-waiting). A driver that
+    /// is gone is replaced; a grace period in progress restarts from its first scan (or, for Tasks Trace, from
+    /// its RCU grace period), which with one thread left is always a correct grace period.
+    pub(crate) fn after_fork_child(&self) {
+        if SHARED_OPEN.with(|o| o.iter().all(|c| c.load(Ordering::Relaxed) == 0)) {
+            self.overflow.close_open_sections();
+        }
+        self.core.after_fork_child(|c| {
+            if self.implies_rcu.load(Ordering::Relaxed) != 0 {
+                let rcu = super::tree::domain().core();
+                let cookie = rcu.seq.snap();
+                rcu.request(cookie);
+                c.aux.store(cookie, Ordering::Relaxed);
+                c.phase.store(WAIT_RCU, Ordering::Relaxed);
+            } else {
+                c.phase.store(SCAN1, Ordering::Relaxed);
+            }
+        });
     }
 
     /// Wait for a full grace period of this domain (normal context).
     pub(crate) fn synchronize(&'static self) {
-        assert!(
-            !self.held_by_current(),
-            "nolock: synchronize_srcu() called inside a read-side section of the same SRCU domain on this \
-             thread; it would wait for itself forever"
-        );
+        super::assert_not_held(self, "synchronize_srcu");
         super::worker::ensure_started();
         let cookie = self.core.seq.snap();
         super::wait_for_cookie(self, cookie);
@@ -241,12 +268,20 @@ impl Domain for SrcuState {
         }
     }
 
-    fn shard_cbs(&self, i: u32) -> Option<&Llist> {
+    fn slot_cbs(&self, i: u32) -> Option<&Llist> {
         Some(&self.per_thread(i).cbs)
     }
 
-    fn shard_queued(&self, i: u32) -> u64 {
+    fn slot_queued(&self, i: u32) -> u64 {
         self.per_thread(i).queued.get()
+    }
+
+    fn held_by_current(&self) -> Option<&'static str> {
+        if crate::thread::current_if_any().is_some_and(|id| self.per_thread(id).reader.nesting() != 0) {
+            return Some("a read-side section of the same SRCU domain");
+        }
+        (self.implies_rcu.load(Ordering::Relaxed) != 0 && crate::rcu::tree::rcu_read_lock_held())
+            .then_some("an RCU read-side critical section (Tasks Trace grace periods imply RCU grace periods)")
     }
 }
 
@@ -326,18 +361,17 @@ impl SrcuFast {
     pub fn read_lock_fast(&self) -> SrcuFastGuard<'_> {
         let st = self.state();
         let idx = st.idx.current();
-        let unlock = if let Some(g) = crate::global::get()
-            && let Some(s) = shard::current(g)
-        {
-            let r = &st.per_thread(s.id.load(Ordering::Relaxed)).reader;
+        let unlock = if let Some(id) = crate::thread::current() {
+            let r = &st.per_thread(id).reader;
             r.lock(idx);
-            (r.unlock_counter(idx) as *const LocalCounter, false)
+            (r.unlock_counter(idx) as *const LocalCounter, NOT_SHARED)
         } else {
+            SHARED_OPEN.with(|o| o[idx].fetch_add(1, Ordering::Relaxed));
             st.overflow.shared_lock(idx);
-            (st.overflow.unlock_counter(idx) as *const LocalCounter, true)
+            (st.overflow.unlock_counter(idx) as *const LocalCounter, idx as u8)
         };
         signal_fence();
-        SrcuFastGuard { unlock: unlock.0, shared: unlock.1, _domain: PhantomData }
+        SrcuFastGuard { unlock: unlock.0, shared: unlock.1, domain: self, _not_send: PhantomData }
     }
 
     /// Wait until every read-side section of this domain that began before the call has ended
@@ -374,8 +408,8 @@ impl SrcuFast {
     /// Normal context only: may sleep while the backlog is high.
     pub unsafe fn call_srcu_fast(&self, head: NonNull<RcuHead>, func: RcuCallback) {
         let st = self.state();
-        let mine = st.enqueue(head, func as usize);
-        super::throttle(st, mine);
+        let e = st.enqueue(head, func as usize);
+        super::after_normal_enqueue(st, e);
     }
 
     /// Wait until every callback queued on this domain before the call has run (`srcu_barrier`).
@@ -384,8 +418,9 @@ impl SrcuFast {
     /// Normal context only: blocks.
     pub fn barrier(&self) {
         let st = self.state();
+        super::assert_not_held(st, "srcu_barrier");
         super::kfree::flush_blocks(super::kfree::Flavor::Srcu(st));
-        super::barrier(st);
+        super::barrier(st, "srcu_barrier");
     }
 
     /// Grace-period cookie (`get_state_synchronize_srcu`); see [`poll`](Self::poll). Any context.
@@ -396,15 +431,29 @@ impl SrcuFast {
         self.state().core.seq.snap()
     }
 
-    /// Like [`get_state`](Self::get_state), and ask the worker to run the grace period. Any context.
+    /// Like [`get_state`](Self::get_state), and make sure the grace period happens: starts the grace-period
+    /// worker if needed and wakes it.
     ///
     /// # Context
-    /// Any context: an atomic update and a `futex` wake of the worker.
+    /// Normal context only: may spawn the worker thread; one `futex` wake. From any other context use
+    /// [`start_poll_nolock`](Self::start_poll_nolock).
     pub fn start_poll(&self) -> u64 {
+        let c = self.start_poll_nolock();
+        super::worker::ensure_started();
+        super::worker::kick();
+        c
+    }
+
+    /// [`start_poll`](Self::start_poll) for any context: records the request, makes no system call; the
+    /// grace-period worker picks it up (see [`crate::rcu::tree::start_poll_synchronize_rcu_nolock`] for when
+    /// the worker runs).
+    ///
+    /// # Context
+    /// Any context: async-signal-safe, lock-free, no system call (the first use of a domain may map its table).
+    pub fn start_poll_nolock(&self) -> u64 {
         let st = self.state();
         let c = st.core.seq.snap();
         st.core.request(c);
-        super::worker::kick();
         c
     }
 
@@ -445,12 +494,38 @@ impl Drop for SrcuFast {
     }
 }
 
+/// `SrcuFastGuard::shared` for a section counted in the thread's own counters.
+const NOT_SHARED: u8 = u8::MAX;
+
+thread_local! {
+    /// Open sections of this thread in the shared counters of slot-less readers (any domain), per index: the
+    /// fork child balances those counters only when this thread has none open. Atomic RMWs on thread-local
+    /// words, so a handler cannot lose an update.
+    static SHARED_OPEN: [AtomicU32; 2] = const { [AtomicU32::new(0), AtomicU32::new(0)] };
+}
+
 /// Proof of being inside a read-side section of an SRCU-fast domain; dropping it leaves the section.
+///
+/// It remembers its domain: [`RcuPtr`](super::ptr::RcuPtr) checks it, so a guard of one domain can never
+/// protect a load from a pointer of another.
 #[must_use = "the read-side section ends when the guard is dropped"]
 pub struct SrcuFastGuard<'d> {
     unlock: *const LocalCounter,
-    shared: bool,
-    _domain: PhantomData<(&'d SrcuFast, *mut ())>,
+    /// `NOT_SHARED`, or the index of a section counted in the shared counters.
+    shared: u8,
+    domain: &'d SrcuFast,
+    _not_send: PhantomData<*mut ()>,
+}
+
+impl SrcuFastGuard<'_> {
+    /// Whether this guard is a section of `domain`.
+    ///
+    /// # Context
+    /// Any context (a pointer comparison).
+    #[inline]
+    pub fn is_of(&self, domain: &SrcuFast) -> bool {
+        core::ptr::eq(self.domain, domain)
+    }
 }
 
 impl Drop for SrcuFastGuard<'_> {
@@ -461,10 +536,11 @@ impl Drop for SrcuFastGuard<'_> {
         // SAFETY: the counter lives in a never-unmapped state; the guard is not Send, so this is the thread
         // whose counter it is (or a shared counter).
         let c = unsafe { &*self.unlock };
-        if self.shared {
-            c.shared_inc();
-        } else {
+        if self.shared == NOT_SHARED {
             c.inc();
+        } else {
+            c.shared_inc();
+            SHARED_OPEN.with(|o| o[usize::from(self.shared)].fetch_sub(1, Ordering::Relaxed));
         }
     }
 }

@@ -2,14 +2,21 @@
 //!
 //! # Readers
 //!
-//! Each thread has one counter word (in its shard): the low 32 bits count nesting, bit 32 is the *phase*. The
-//! outermost `rcu_read_lock` copies the global `gp_ctr` (phase + a count of one) into it; nested ones add one;
-//! `rcu_read_unlock` subtracts one. Only the owning thread writes the word, with plain loads and stores and a
-//! compiler fence — no memory fence, no atomic RMW. A signal handler that interrupts any of these steps runs
-//! whole read-side sections of its own, which bring the word back to the value they found: the interrupted
-//! load-then-store is still correct (DESIGN.md §4, the "restore before return" pattern). A thread that has no
-//! shard (more than `MAX_SHARDS` threads, or one that is exiting) counts its outermost sections in two global
-//! per-phase counters with atomic RMWs instead.
+//! Each thread with a slot (`crate::thread`) has one counter word in this module's own table, [`READERS`]:
+//! the low 32 bits count nesting, bit 32 is the *phase*. The outermost `rcu_read_lock` copies the global
+//! `gp_ctr` (phase + a count of one) into it; nested ones add one; `rcu_read_unlock` subtracts one. Only the
+//! owning thread writes the word, with plain loads and stores and a compiler fence — no memory fence, no
+//! atomic RMW. A signal handler that interrupts any of these steps runs whole read-side sections of its own,
+//! which bring the word back to the value they found: the interrupted load-then-store is still correct
+//! (DESIGN.md §4, the "restore before return" pattern). The table is a `static`: a reader needs neither the
+//! arena nor a slab shard, and works when nothing could be mapped.
+//!
+//! A thread without a slot (past its exit destructor, beyond `MAX_THREADS`) counts **every** section, nested
+//! or not, in one of two global per-phase counters with a `SeqCst` atomic RMW, and its guard remembers which
+//! one. No thread-local word decides anything on that path, so a handler that lands anywhere in it runs a
+//! section that is counted on its own: there is no window where a nested section could be counted nowhere.
+//! The RMW is a full fence, which pairs with the `SeqCst` loads of the scans (the classic SRCU argument: a
+//! section the scan missed began after it, and sees everything the updater did before the grace period).
 //!
 //! # Grace periods (liburcu's membarrier flavour, two phases)
 //!
@@ -25,14 +32,15 @@
 
 use core::marker::PhantomData;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU64, Ordering, fence};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use super::{Domain, GpCore, RcuCallback, RcuHead, Step};
-use crate::slab::shard;
 use crate::sync::llist::Llist;
+use crate::sync::local_counter::LocalCounter;
 use crate::sync::rcu_core::{self, RcuGpCtr, RcuReaderWord};
 use crate::sync::signal_fence;
 use crate::sys::membarrier::heavy_barrier;
+use crate::thread::MAX_THREADS;
 
 const IDLE: u32 = 0;
 const WAIT1: u32 = 1;
@@ -43,35 +51,43 @@ pub(crate) struct RcuDomain {
     core: GpCore,
     /// Phase bit + a nesting count of one: what an outermost reader stores.
     gp_ctr: RcuGpCtr,
-    /// Outermost sections of shard-less readers, per phase.
+    /// Sections of slot-less readers, per phase.
     overflow: [AtomicU64; 2],
 }
 
 pub(crate) static RCU: RcuDomain =
     RcuDomain { core: GpCore::new(), gp_ctr: RcuGpCtr::new(), overflow: [AtomicU64::new(0), AtomicU64::new(0)] };
 
-thread_local! {
-    /// Reader word of a thread without a shard.
-    static OVERFLOW_WORD: RcuReaderWord = const { RcuReaderWord::new() };
+/// One thread's RCU state: its reader word and its callback list.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub(crate) struct RcuPerThread {
+    /// The reader word (owner-written, see the module documentation).
+    pub(crate) ctr: RcuReaderWord,
+    /// Callbacks queued by this thread.
+    pub(crate) cbs: Llist,
+    /// Number of callbacks queued by this thread (single-instruction increments).
+    pub(crate) queued: LocalCounter,
 }
 
-/// A reader's word: its shard's, or the thread-local overflow word.
-#[inline(always)]
-fn reader_word() -> (*const RcuReaderWord, bool) {
-    if let Some(g) = crate::global::get()
-        && let Some(s) = shard::current(g)
-    {
-        return (&s.rcu.ctr, false);
-    }
-    (OVERFLOW_WORD.with(|c| c as *const RcuReaderWord), true)
+/// RCU's per-thread table, indexed by thread slot. Zeroed memory: no reader inside, no callbacks.
+pub(crate) static READERS: [RcuPerThread; MAX_THREADS] =
+    [const { RcuPerThread { ctr: RcuReaderWord::new(), cbs: Llist::new(), queued: LocalCounter::new() } }; MAX_THREADS];
+
+thread_local! {
+    /// Open sections of this thread on the slot-less path, per phase: for `rcu_read_lock_held`, and for the
+    /// fork child, which keeps only its own thread's sections in `RCU.overflow`. Atomic RMWs on thread-local
+    /// words, so a handler cannot lose an update.
+    static OVERFLOW_NEST: [AtomicU32; 2] = const { [AtomicU32::new(0), AtomicU32::new(0)] };
 }
 
 /// Proof of being inside an RCU read-side critical section; the section ends when it is dropped.
 /// Not `Send`: a section begins and ends on the same thread.
 #[must_use = "the read-side section ends when the guard is dropped"]
 pub struct RcuReadGuard {
+    /// The thread's reader word, or null for a section counted in `RCU.overflow[phase]`.
     ctr: *const RcuReaderWord,
-    overflow: bool,
+    phase: u8,
     _not_send: PhantomData<*mut ()>,
 }
 
@@ -82,29 +98,38 @@ pub struct RcuReadGuard {
 ///
 /// # Context
 /// Any context: async-signal-safe and reentrant (a handler may enter and leave sections while it interrupts one,
-/// or while it interrupts a grace-period computation). No fence, no atomic RMW, no system call (except the
-/// thread's very first nolock call, which may map the arena).
+/// or while it interrupts a grace-period computation). No fence, no atomic RMW, no `mmap`; needs no arena. A
+/// thread's first section may claim its slot (`pthread_setspecific`, no allocation in glibc); a thread without
+/// a slot pays one `SeqCst` atomic RMW per section instead.
 #[inline]
 pub fn rcu_read_lock() -> RcuReadGuard {
-    let (ctr, overflow) = reader_word();
-    // SAFETY: `ctr` points at this thread's shard word or thread-local word, both live while the thread runs.
-    let w = unsafe { &*ctr }.enter(&RCU.gp_ctr);
-    if overflow && RcuReaderWord::is_outermost(w) {
-        overflow_enter(w);
-    }
+    let Some(id) = crate::thread::current() else {
+        return overflow_lock();
+    };
+    let ctr = &READERS[id as usize].ctr;
+    ctr.enter(&RCU.gp_ctr);
     signal_fence();
-    RcuReadGuard { ctr, overflow, _not_send: PhantomData }
+    RcuReadGuard { ctr, phase: 0, _not_send: PhantomData }
 }
 
 #[cold]
-fn overflow_enter(w: u64) {
-    // SeqCst: a full fence; shard-less readers pay for ordering themselves.
-    RCU.overflow[RcuReaderWord::phase_of(w)].fetch_add(1, Ordering::SeqCst);
+#[inline(never)]
+fn overflow_lock() -> RcuReadGuard {
+    let phase = RCU.gp_ctr.phase();
+    OVERFLOW_NEST.with(|n| n[phase].fetch_add(1, Ordering::Relaxed));
+    crate::hooks::point(crate::hooks::Point::RcuOverflowEnter);
+    // SeqCst: a full fence between counting ourselves and the section's loads; pairs with the SeqCst loads in
+    // `old_readers` (either the scan sees this count, or this section sees the updater's pre-GP stores).
+    RCU.overflow[phase].fetch_add(1, Ordering::SeqCst);
+    RcuReadGuard { ctr: core::ptr::null(), phase: phase as u8, _not_send: PhantomData }
 }
 
 #[cold]
-fn overflow_exit(w: u64) {
-    RCU.overflow[RcuReaderWord::phase_of(w)].fetch_sub(1, Ordering::SeqCst);
+#[inline(never)]
+fn overflow_unlock(phase: u8) {
+    // SeqCst: the section's loads complete before the scans can see the count drop (pairs as above).
+    RCU.overflow[phase as usize].fetch_sub(1, Ordering::SeqCst);
+    OVERFLOW_NEST.with(|n| n[phase as usize].fetch_sub(1, Ordering::Relaxed));
 }
 
 impl Drop for RcuReadGuard {
@@ -112,11 +137,12 @@ impl Drop for RcuReadGuard {
     #[inline]
     fn drop(&mut self) {
         signal_fence();
-        // SAFETY: see `rcu_read_lock`; the guard is not Send, so this is the same thread.
-        let v = unsafe { &*self.ctr }.exit();
-        if self.overflow && RcuReaderWord::is_outermost(v) {
-            overflow_exit(v);
+        if self.ctr.is_null() {
+            overflow_unlock(self.phase);
+            return;
         }
+        // SAFETY: `ctr` points into the static table; the guard is not Send, so this is the owning thread.
+        unsafe { &*self.ctr }.exit();
     }
 }
 
@@ -129,11 +155,34 @@ impl core::fmt::Debug for RcuReadGuard {
 /// Whether this thread is inside an RCU read-side critical section.
 ///
 /// # Context
-/// Any context.
+/// Any context (thread-local loads; never claims a slot).
 pub fn rcu_read_lock_held() -> bool {
-    let (ctr, _) = reader_word();
-    // SAFETY: as in `rcu_read_lock`.
-    unsafe { &*ctr }.nested()
+    crate::thread::current_if_any().is_some_and(|id| READERS[id as usize].ctr.nested())
+        || OVERFLOW_NEST.with(|n| n.iter().any(|c| c.load(Ordering::Relaxed) != 0))
+}
+
+/// Thread exit check: a slot whose thread dies inside a section (a guard that was leaked) stays out of
+/// circulation until an orphan sweep or a fork clears it.
+pub(crate) fn slot_may_be_reused(id: u32) -> bool {
+    !READERS[id as usize].ctr.nested()
+}
+
+/// The thread of slot `id` is gone (orphan sweep, fork child): clear what it left in the reader word.
+pub(crate) fn reset_slot(id: u32) {
+    READERS[id as usize].ctr.reset();
+}
+
+/// In a fork child: the slot-less sections of threads that are gone never end; keep only this thread's. Take
+/// back a driver flag held by a thread that is gone, restarting a grace period in progress at `WAIT1` (it
+/// re-scans every reader, then flips and scans again: with one thread left, a correct grace period whatever
+/// step the lost driver had reached).
+pub(crate) fn after_fork_child() {
+    OVERFLOW_NEST.with(|n| {
+        for (p, c) in n.iter().enumerate() {
+            RCU.overflow[p].store(u64::from(c.load(Ordering::Relaxed)), Ordering::SeqCst);
+        }
+    });
+    RCU.core.after_fork_child(|c| c.phase.store(WAIT1, Ordering::Relaxed));
 }
 
 impl RcuDomain {
@@ -142,8 +191,7 @@ impl RcuDomain {
         if self.overflow[self.gp_ctr.phase() ^ 1].load(Ordering::SeqCst) != 0 {
             return true;
         }
-        let Some(g) = crate::global::get_if_init() else { return false };
-        rcu_core::old_readers(&self.gp_ctr, (0..g.shard_count()).map(|i| &g.shard(i).rcu.ctr))
+        rcu_core::old_readers(&self.gp_ctr, (0..crate::thread::count()).map(|i| &READERS[i as usize].ctr))
     }
 }
 
@@ -185,12 +233,16 @@ impl Domain for RcuDomain {
         }
     }
 
-    fn shard_cbs(&self, i: u32) -> Option<&Llist> {
-        crate::global::get_if_init().map(|g| &g.shard(i).rcu.cbs)
+    fn slot_cbs(&self, i: u32) -> Option<&Llist> {
+        Some(&READERS[i as usize].cbs)
     }
 
-    fn shard_queued(&self, i: u32) -> u64 {
-        crate::global::get_if_init().map_or(0, |g| g.shard(i).rcu.queued.get())
+    fn slot_queued(&self, i: u32) -> u64 {
+        READERS[i as usize].queued.get()
+    }
+
+    fn held_by_current(&self) -> Option<&'static str> {
+        rcu_read_lock_held().then_some("an RCU read-side critical section")
     }
 }
 
@@ -204,11 +256,7 @@ impl Domain for RcuDomain {
 /// Normal context only: blocks (about 2–20 µs with no long readers; as long as the longest pre-existing reader
 /// otherwise). Not async-signal-safe.
 pub fn synchronize_rcu() {
-    assert!(
-        !rcu_read_lock_held(),
-        "nolock: synchronize_rcu() called inside an RCU read-side critical section on this thread; \
-         it would wait for itself forever"
-    );
+    super::assert_not_held(&RCU, "synchronize_rcu");
     super::worker::ensure_started();
     let cookie = RCU.core.seq.snap();
     super::wait_for_cookie(&RCU, cookie);
@@ -227,14 +275,30 @@ pub fn get_state_synchronize_rcu() -> RcuCookie {
     RcuCookie(RCU.core.seq.snap())
 }
 
-/// Like [`get_state_synchronize_rcu`], and make sure the grace period will happen (the worker drives it).
+/// Like [`get_state_synchronize_rcu`], and make sure the grace period will happen: it starts the
+/// grace-period worker if needed and wakes it, so the cookie completes without any further call.
 ///
 /// # Context
-/// Any context: an atomic update and, if the worker sleeps, a `futex` wake.
+/// Normal context only: may spawn the worker thread; one `futex` wake. From a signal handler or a real-time
+/// path use [`start_poll_synchronize_rcu_nolock`].
 pub fn start_poll_synchronize_rcu() -> RcuCookie {
+    let c = start_poll_synchronize_rcu_nolock();
+    super::worker::ensure_started();
+    super::worker::kick();
+    c
+}
+
+/// [`start_poll_synchronize_rcu`] for any context: records the request, makes no system call. The grace
+/// period is driven by the grace-period worker, which notices the request within
+/// [`IDLE_POLL_MAX`](super::worker::IDLE_POLL_MAX) if it runs. The worker runs once [`crate::init`] or any
+/// normal-context RCU call (`synchronize_*`, a barrier, `call_rcu`, `start_poll_synchronize_rcu`) has started it
+/// in this process; until then the cookie stays pending.
+///
+/// # Context
+/// Any context: async-signal-safe, lock-free, no system call.
+pub fn start_poll_synchronize_rcu_nolock() -> RcuCookie {
     let c = RCU.core.seq.snap();
     RCU.core.request(c);
-    super::worker::kick();
     RcuCookie(c)
 }
 
@@ -252,6 +316,7 @@ pub fn poll_state_synchronize_rcu(cookie: RcuCookie) -> bool {
 /// Normal context only.
 pub fn cond_synchronize_rcu(cookie: RcuCookie) {
     if !poll_state_synchronize_rcu(cookie) {
+        super::assert_not_held(&RCU, "cond_synchronize_rcu");
         super::worker::ensure_started();
         super::wait_for_cookie(&RCU, cookie.0);
     }
@@ -259,38 +324,34 @@ pub fn cond_synchronize_rcu(cookie: RcuCookie) {
 
 /// Queue `func(head)` to run after a grace period (`call_rcu`), from any context.
 ///
-/// The callback runs on the grace-period worker thread, which [`crate::init`] (or any `synchronize_*` /
-/// barrier call) starts; callbacks queued before it exists wait for it.
+/// The callback runs on the grace-period worker thread, which [`crate::init`] (or any normal-context RCU call:
+/// `synchronize_*`, a barrier, [`call_rcu`]) starts; callbacks queued before it exists wait for it. The worker
+/// polls the callback lists (this call never wakes it), so a callback queued while it idles waits at most
+/// [`IDLE_POLL_MAX`](super::worker::IDLE_POLL_MAX) before its grace period starts.
 ///
 /// # Safety
 /// `head` must stay valid and untouched until `func` runs; `func` must be safe to call with it then.
 ///
 /// # Context
-/// Any context: async-signal-safe, reentrant, lock-free (one CAS on this thread's list; a `futex` wake when
-/// the worker sleeps). Never fails.
+/// Any context: async-signal-safe, reentrant, lock-free: one CAS on this thread's list, no system call. Never
+/// fails.
 #[inline]
 pub unsafe fn call_rcu_nolock(head: NonNull<RcuHead>, func: RcuCallback) {
     enqueue(head, func as usize);
 }
 
-/// Queue a head with a raw callback value (a function, or a kfree offset). Returns how many callbacks this
-/// thread has queued so far (for throttling).
+/// Queue a head with a raw callback value (a function, or a kfree offset). Any context, no system call.
 #[inline]
-pub(crate) fn enqueue(head: NonNull<RcuHead>, func: usize) -> u64 {
-    if let Some(g) = crate::global::get()
-        && let Some(s) = shard::current(g)
-    {
-        let was_empty = super::queue_on(&s.rcu.cbs, head, func);
-        s.rcu.queued.inc();
-        if was_empty {
-            super::worker::kick_if_sleeping();
-        }
-        return s.rcu.queued.get();
+pub(crate) fn enqueue(head: NonNull<RcuHead>, func: usize) -> super::Enqueued {
+    if let Some(id) = crate::thread::current() {
+        let me = &READERS[id as usize];
+        let was_empty = super::queue_on(&me.cbs, head, func);
+        me.queued.inc();
+        return super::Enqueued { mine: me.queued.get(), was_empty };
     }
-    super::queue_on(&RCU.core.overflow_cbs, head, func);
-    let n = RCU.core.overflow_queued.fetch_add(1, Ordering::Relaxed) + 1;
-    super::worker::kick_if_sleeping();
-    n
+    let was_empty = super::queue_on(&RCU.core.overflow_cbs, head, func);
+    let mine = RCU.core.overflow_queued.fetch_add(1, Ordering::Relaxed) + 1;
+    super::Enqueued { mine, was_empty }
 }
 
 /// `call_rcu` for normal contexts: [`call_rcu_nolock`] with backpressure. If more than
@@ -305,8 +366,8 @@ pub(crate) fn enqueue(head: NonNull<RcuHead>, func: usize) -> u64 {
 /// # Context
 /// Normal context only: may sleep while the backlog is high. Not async-signal-safe.
 pub unsafe fn call_rcu(head: NonNull<RcuHead>, func: RcuCallback) {
-    let mine = enqueue(head, func as usize);
-    super::throttle(&RCU, mine);
+    let e = enqueue(head, func as usize);
+    super::after_normal_enqueue(&RCU, e);
 }
 
 /// Wait until every callback queued with `call_rcu_nolock` (and every `kfree_rcu_nolock`) before this call has
@@ -315,8 +376,9 @@ pub unsafe fn call_rcu(head: NonNull<RcuHead>, func: RcuCallback) {
 /// # Context
 /// Normal context only: blocks.
 pub fn rcu_barrier() {
+    super::assert_not_held(&RCU, "rcu_barrier");
     super::kfree::flush_blocks(super::kfree::Flavor::Rcu);
-    super::barrier(&RCU);
+    super::barrier(&RCU, "rcu_barrier");
 }
 
 /// Statistics of a grace-period domain.
@@ -354,17 +416,6 @@ pub fn rcu_stats() -> GpStats {
 /// The domain as a trait object (for the worker).
 pub(crate) fn domain() -> &'static dyn Domain {
     &RCU
-}
-
-/// Per-thread RCU state, kept in the thread's shard.
-#[derive(Debug, Default)]
-pub struct ShardRcu {
-    /// The reader word.
-    pub ctr: RcuReaderWord,
-    /// Callbacks queued by this thread.
-    pub cbs: Llist,
-    /// Number of callbacks queued by this thread.
-    pub queued: crate::sync::local_counter::LocalCounter,
 }
 
 // `RcuHead` must be usable as a plain intrusive link.

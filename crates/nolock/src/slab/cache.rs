@@ -1377,7 +1377,7 @@ pub fn destroy(g: &Global, id: u16) -> DestroyReport {
     match c.cfg().typesafe {
         Typesafe::No => {}
         Typesafe::Rcu => crate::rcu::tree::rcu_barrier(),
-        Typesafe::Srcu(s) => crate::rcu::barrier(s),
+        Typesafe::Srcu(s) => crate::rcu::barrier(s, "KmemCache::destroy"),
     }
     let st = c.stats(g);
     let live = st.allocs.saturating_sub(st.frees);

@@ -31,7 +31,7 @@
 //! If no shard is available (more than `MAX_SHARDS` threads at once), the thread works on the shared path:
 //! slower, never failing.
 
-use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::global::{self, Global, MAX_CACHES, MAX_SHARDS};
 use crate::hooks::{self, Point};
@@ -202,8 +202,6 @@ pub struct Shard {
     pub next: AtomicU32,
     /// Kernel thread id of the owner.
     pub owner_tid: AtomicI32,
-    /// RCU reader word and callback list of this thread.
-    pub rcu: crate::rcu::tree::ShardRcu,
     /// `kfree_rcu` pointer blocks: `[RCU, SRCU-fast]`.
     pub kfree: [crate::rcu::kfree::KfreeSlot; 2],
     pcs: [PerCpuCache; MAX_CACHES],
@@ -483,41 +481,3 @@ pub fn reset_all(g: &Global, id: u16) {
         pc.lock.reset();
     }
 }
-
-// -------------------------------------------------------------------------------------------------------------
-// Process hooks, registered before main
-// -------------------------------------------------------------------------------------------------------------
-
-extern "C" fn atfork_child() {
-    crate::worker::after_fork_child();
-    crate::rcu::worker::after_fork_child();
-    after_fork_child();
-}
-
-static PROCESS_HOOKS: AtomicU8 = AtomicU8::new(0);
-
-/// Create the exit key and register the fork handler (once). Normal context: `pthread_atfork` may allocate.
-pub fn ensure_process_hooks() {
-    if PROCESS_HOOKS.swap(1, Ordering::AcqRel) != 0 {
-        return;
-    }
-    ensure_exit_key();
-    // SAFETY: registering a plain extern "C" function as the child handler.
-    unsafe {
-        libc::pthread_atfork(
-            Some(crate::worker::before_fork),
-            Some(crate::worker::after_fork_parent),
-            Some(atfork_child),
-        )
-    };
-}
-
-extern "C" fn nolock_ctor() {
-    ensure_process_hooks();
-}
-
-/// Runs before `main` (and when a shared object containing nolock is loaded): registers the process hooks in
-/// a normal context, so that no nolock path ever has to.
-#[used]
-#[unsafe(link_section = ".init_array")]
-static NOLOCK_CTOR: extern "C" fn() = nolock_ctor;

@@ -83,6 +83,16 @@ impl LocalCounter {
         self.0.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// Overwrite the value: only when the owning thread no longer exists (orphan sweep, fork child), so that
+    /// no increment can be lost.
+    ///
+    /// # Context
+    /// Any context, once the owner is gone.
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
     /// The current value.
     ///
     /// # Context

@@ -113,6 +113,18 @@ impl LocalTryLock {
         self.claimed.store(1, Ordering::Relaxed);
     }
 
+    /// Claimer, exclusive: mark the state as claimed unless another claimer holds it (a CAS). Follow with one
+    /// `heavy_barrier()` for all claims, then [`wait_unlocked`](Self::wait_unlocked), then
+    /// [`unclaim`](Self::unclaim). Claimers that use only this never hold the state at the same time.
+    ///
+    /// # Context
+    /// Any thread; never blocks.
+    pub fn try_claim(&self) -> bool {
+        // Acquire: pairs with the Release store in `unclaim`: the previous claimer's work on the state is
+        // visible to us.
+        self.claimed.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_ok()
+    }
+
     /// Claimer: wait (spinning, then yielding) until the owner's critical section is over. Returns false if it
     /// did not end within `patience` spins-and-yields (the owner left its section without unlocking, e.g. by
     /// `longjmp` out of a signal handler): the state must then be left alone.

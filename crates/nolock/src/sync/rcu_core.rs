@@ -143,6 +143,14 @@ impl RcuReaderWord {
         self.get() & NEST_MASK != 0
     }
 
+    /// Clear the word: its thread is gone (orphan sweep, fork child), so no section of it is open.
+    ///
+    /// # Context
+    /// Only when the owning thread no longer exists.
+    pub fn reset(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+
     /// Phase of a word.
     ///
     /// # Context

@@ -93,6 +93,18 @@ impl SrcuReader {
         }
     }
 
+    /// Close every section the (dead) owner left open, as if it had left them now: `unlock[i] = lock[i]`. A
+    /// scan that summed the unlocks before this sees the sections still open, one that sums them after sees
+    /// them closed; either is a legal view of a reader that leaves, so no scan can be fooled.
+    ///
+    /// # Context
+    /// Only when the owning thread no longer exists (orphan sweep, fork child).
+    pub fn close_open_sections(&self) {
+        for i in 0..2 {
+            self.unlock[i].set(self.lock[i].get());
+        }
+    }
+
     fn locks(&self, i: usize) -> u64 {
         self.lock[i].get()
     }

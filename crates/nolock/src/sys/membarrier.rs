@@ -85,12 +85,6 @@ pub fn register() -> Mechanism {
     m
 }
 
-/// Whether the registered mechanism is `MEMBARRIER_CMD_PRIVATE_EXPEDITED` (a bounded IPI round, so cheap
-/// enough to be attempted on a retiring thread's path). Never registers.
-pub fn is_expedited() -> bool {
-    decode(MECHANISM.load(Ordering::Acquire)) == Some(Mechanism::PrivateExpedited)
-}
-
 /// Make every thread of this process that is running right now execute a full memory barrier, and order this
 /// thread's earlier accesses before its later ones as a `SeqCst` fence would.
 ///
