@@ -33,8 +33,18 @@ impl GpSeq {
     }
 
     /// Cookie for "a full grace period starting after now has ended". Any context.
+    ///
+    /// The full fence (S) orders the caller's earlier accesses (typically: unlinking the object it is about to
+    /// retire) before the load of the counter. It pairs with the full ordering of [`start`](Self::start) (an
+    /// `AcqRel` RMW followed by the grace period's first heavy barrier): the store-buffering pattern
+    /// "updater: unlink; load seq" / "driver: seq++; scan readers". Without (S) the updater's load could be
+    /// satisfied before its unlink is visible, read a counter that a grace period already started from, and
+    /// take a cookie that this grace period satisfies although its scans may have run before the unlink — a
+    /// reader that found the object afterwards would not be waited for. (The kernel's `rcu_seq_snap()` has
+    /// the same `smp_mb()`.)
     #[inline]
     pub fn snap(&self) -> u64 {
+        core::sync::atomic::fence(Ordering::SeqCst); // S
         (self.get() + 2 * STATE_MASK + 1) & !STATE_MASK
     }
 

@@ -212,6 +212,7 @@ impl Domain for RcuDomain {
                 Step::Progress
             }
             WAIT1 => {
+                crate::hooks::point(crate::hooks::Point::Rcu);
                 if self.old_readers() {
                     return Step::Waiting;
                 }

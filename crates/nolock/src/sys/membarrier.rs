@@ -78,7 +78,10 @@ pub fn register() -> Mechanism {
         }
         _ if has(MEMBARRIER_CMD_GLOBAL) => Mechanism::Global,
         _ if cfg!(target_arch = "x86_64") => Mechanism::Mprotect,
-        _ => panic!("nolock: no asymmetric memory barrier available (membarrier(2) is missing)"),
+        _ => {
+            super::write_stderr(b"nolock: no asymmetric memory barrier available (membarrier(2) is missing)\n");
+            std::process::abort();
+        }
     };
     // Release pairs with the Acquire load above in other callers: registration happened before publication.
     MECHANISM.store(encode(m), Ordering::Release);
@@ -94,31 +97,60 @@ pub fn register() -> Mechanism {
 /// modes; never called on a `*_nolock` path.
 pub fn heavy_barrier() {
     core::sync::atomic::fence(Ordering::SeqCst);
-    match register() {
-        Mechanism::PrivateExpedited => {
-            let r = membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED);
-            assert!(r == 0, "nolock: membarrier(PRIVATE_EXPEDITED) failed after registration");
+    loop {
+        let ok = match register() {
+            Mechanism::PrivateExpedited => membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0,
+            Mechanism::Global => membarrier(MEMBARRIER_CMD_GLOBAL) == 0,
+            Mechanism::Mprotect => mprotect_barrier(),
+        };
+        if ok {
+            break;
         }
-        Mechanism::Global => {
-            let r = membarrier(MEMBARRIER_CMD_GLOBAL);
-            assert!(r == 0, "nolock: membarrier(GLOBAL) failed");
-        }
-        Mechanism::Mprotect => mprotect_barrier(),
+        // The mechanism stopped working (a seccomp filter, a sandbox): fall back to the next one instead of
+        // failing, and never panic here — a grace period may be driven from any thread.
+        fall_back();
     }
     core::sync::atomic::fence(Ordering::SeqCst);
 }
 
-fn mprotect_barrier() {
+fn global_supported() -> bool {
+    let q = membarrier(MEMBARRIER_CMD_QUERY);
+    q >= 0 && q & libc::c_long::from(MEMBARRIER_CMD_GLOBAL) != 0
+}
+
+/// Switch [`heavy_barrier`] to the next mechanism after a failure; abort (with a raw message, no allocation)
+/// when none is left, since a grace period without a barrier could free memory that readers still use.
+#[cold]
+fn fall_back() {
+    let next = match decode(MECHANISM.load(Ordering::Acquire)) {
+        Some(Mechanism::PrivateExpedited) if global_supported() => Mechanism::Global,
+        Some(Mechanism::PrivateExpedited | Mechanism::Global) if cfg!(target_arch = "x86_64") => Mechanism::Mprotect,
+        _ => {
+            super::write_stderr(
+                b"nolock: no asymmetric memory barrier works any more (membarrier and mprotect failed); aborting\n",
+            );
+            std::process::abort();
+        }
+    };
+    super::write_stderr(b"nolock: membarrier failed; falling back to a slower asymmetric barrier\n");
+    // Release: pairs with the Acquire load in `register`.
+    MECHANISM.store(encode(next), Ordering::Release);
+}
+
+/// The x86-64 TLB shoot-down barrier; false if the system calls failed.
+fn mprotect_barrier() -> bool {
     let len = super::PAGE_SIZE;
-    let page = super::mmap_reserve(len).expect("nolock: mmap for the mprotect barrier failed");
+    let Some(page) = super::mmap_reserve(len) else { return false };
     // SAFETY: `page` is a fresh private page of `len` bytes that only this function uses. Writing makes it present
     // in this CPU's TLB; downgrading it then forces a TLB shoot-down on every CPU running this address space, and
     // unmapping it returns it.
-    unsafe {
+    let r = unsafe {
         page.write_volatile(1);
-        libc::mprotect(page.cast(), len, libc::PROT_READ);
+        let r = libc::mprotect(page.cast(), len, libc::PROT_READ);
         super::munmap(page, len);
-    }
+        r
+    };
+    r == 0
 }
 
 #[cfg(test)]
@@ -130,6 +162,6 @@ mod tests {
         let m = register();
         heavy_barrier();
         assert_eq!(register(), m);
-        mprotect_barrier();
+        assert!(mprotect_barrier());
     }
 }
