@@ -44,6 +44,8 @@ pub enum Point {
     KfreeSteal,
     /// A thread's exit destructor, before it takes its `kfree_rcu` pointer blocks.
     KfreeExit,
+    /// A barrier, after the grace period of the `kfree_rcu` blocks queued before it, before it frees them.
+    KfreeBarrier,
 }
 
 #[cfg(feature = "test-hooks")]

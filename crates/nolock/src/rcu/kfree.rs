@@ -356,6 +356,7 @@ pub(crate) fn finish_blocks(flavor: Flavor, d: &dyn super::Domain) {
         // them all.
         let cookie = flavor.core().seq.snap();
         super::wait_for_cookie(d, cookie);
+        crate::hooks::point(crate::hooks::Point::KfreeBarrier);
         let done = |c| flavor.core().seq.done(c);
         while (ring.head.load(Ordering::Relaxed).wrapping_sub(end) as isize) < 0 {
             match ring.pop_done(done) {
