@@ -29,9 +29,10 @@
 //!
 //! # Domains
 //!
-//! `SrcuFast::new()` is `const`, so domains can be statics; the per-thread counter table is mapped on first
-//! use (from any context: one `mmap`). Tables of dropped domains are recycled, never unmapped, so a stale
-//! pointer in the grace-period worker can never dangle.
+//! `SrcuFast::new()` is `const`, so domains can be statics; the per-thread counter table is attached on first
+//! use, from any context: one of four tables in the executable's zero-initialised data for the first domains
+//! of the process (no system call), then `mmap`ed ones. Tables of dropped domains are recycled, never
+//! unmapped, so a stale pointer in the grace-period worker can never dangle.
 
 use core::marker::PhantomData;
 use core::ptr::NonNull;
@@ -77,8 +78,33 @@ pub(crate) struct SrcuState {
     per_thread: [SrcuPerThread; MAX_THREADS],
 }
 
-/// All states ever mapped (live or free for reuse), linked through `next`; never shrinks.
+/// All states ever handed out (live or free for reuse), linked through `next`; never shrinks.
 static STATES: AtomicPtr<SrcuState> = AtomicPtr::new(core::ptr::null_mut());
+
+impl SrcuState {
+    const fn new() -> Self {
+        Self {
+            core: GpCore::new(),
+            idx: SrcuIndex::new(),
+            implies_rcu: AtomicU32::new(0),
+            live: AtomicU32::new(STATE_FREE),
+            next: AtomicPtr::new(core::ptr::null_mut()),
+            overflow: SrcuReader::new(),
+            blocks: super::kfree::BlockRing::new(),
+            per_thread: [const {
+                SrcuPerThread { reader: SrcuReader::new(), cbs: Llist::new(), queued: LocalCounter::new() }
+            }; MAX_THREADS],
+        }
+    }
+}
+
+/// States for the first domains of a process, in the executable's zero-initialised data: a program with at
+/// most this many SRCU-fast domains alive at once (Tasks Trace included) never maps one, so a first read-side
+/// section never makes a system call. Further domains are mapped with `mmap`.
+const STATIC_STATES: usize = 4;
+static STATIC_POOL: [SrcuState; STATIC_STATES] = [const { SrcuState::new() }; STATIC_STATES];
+/// Static states handed out so far.
+static STATIC_USED: AtomicU32 = AtomicU32::new(0);
 
 /// Every SRCU state ever mapped, live or free (per-slot fix-ups must reach free states too: a dropped domain's
 /// table is reused by the next one).
@@ -117,10 +143,16 @@ fn get_state(implies_rcu: bool) -> Option<&'static SrcuState> {
         }
         p = s.next.load(Ordering::Acquire);
     }
-    let len = core::mem::size_of::<SrcuState>();
-    let raw = crate::sys::mmap_reserve(len)?.cast::<SrcuState>();
-    // SAFETY: fresh zeroed mapping of the right size: a valid free state. Nobody else sees it yet.
-    let s = unsafe { &*raw };
+    let fresh = STATIC_USED.fetch_add(1, Ordering::Relaxed) as usize;
+    let s: &'static SrcuState = if fresh < STATIC_STATES {
+        &STATIC_POOL[fresh]
+    } else {
+        let len = core::mem::size_of::<SrcuState>();
+        let raw = crate::sys::mmap_reserve(len)?.cast::<SrcuState>();
+        // SAFETY: fresh zeroed mapping of the right size: a valid free state. Nobody else sees it yet.
+        unsafe { &*raw }
+    };
+    let raw = s as *const SrcuState as *mut SrcuState;
     s.live.store(STATE_LIVE, Ordering::Relaxed);
     s.implies_rcu.store(u32::from(implies_rcu), Ordering::Relaxed);
     let mut head = STATES.load(Ordering::Relaxed);
@@ -311,7 +343,8 @@ impl Default for SrcuFast {
 }
 
 impl SrcuFast {
-    /// A new domain (`DEFINE_SRCU_FAST` / `init_srcu_struct_fast`). Its per-thread table is mapped on first use.
+    /// A new domain (`DEFINE_SRCU_FAST` / `init_srcu_struct_fast`). Its per-thread table is attached on first use
+    /// (see the module documentation).
     pub const fn new() -> Self {
         Self { state: AtomicPtr::new(core::ptr::null_mut()), implies_rcu: false }
     }
@@ -356,7 +389,8 @@ impl SrcuFast {
     ///
     /// # Context
     /// Any context: async-signal-safe and reentrant; no fence, no atomic RMW (two loads and a single-instruction
-    /// increment on x86-64). The first use of a domain maps its table (`mmap`).
+    /// increment on x86-64). The first use of a domain attaches its table: no system call for the first four
+    /// domains of a process, one `mmap` after that.
     #[inline]
     pub fn read_lock_fast(&self) -> SrcuFastGuard<'_> {
         let st = self.state();
@@ -426,7 +460,8 @@ impl SrcuFast {
     /// Grace-period cookie (`get_state_synchronize_srcu`); see [`poll`](Self::poll). Any context.
     ///
     /// # Context
-    /// Any context (one atomic load; the first use of a domain maps its table).
+    /// Any context (one atomic load; the first use of a domain attaches its table, see
+    /// [`read_lock_fast`](Self::read_lock_fast)).
     pub fn get_state(&self) -> u64 {
         self.state().core.seq.snap()
     }
@@ -449,7 +484,8 @@ impl SrcuFast {
     /// the worker runs).
     ///
     /// # Context
-    /// Any context: async-signal-safe, lock-free, no system call (the first use of a domain may map its table).
+    /// Any context: async-signal-safe, lock-free, no system call (but see
+    /// [`read_lock_fast`](Self::read_lock_fast) for a domain's first use).
     pub fn start_poll_nolock(&self) -> u64 {
         let st = self.state();
         let c = st.core.seq.snap();

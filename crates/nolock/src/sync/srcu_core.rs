@@ -31,6 +31,15 @@ impl SrcuReader {
         Self { lock: [LocalCounter::new(), LocalCounter::new()], unlock: [LocalCounter::new(), LocalCounter::new()] }
     }
 
+    /// Counters at zero.
+    ///
+    /// # Context
+    /// Any context (a plain computation).
+    #[cfg(not(loom))]
+    pub const fn new() -> Self {
+        Self { lock: [LocalCounter::new(), LocalCounter::new()], unlock: [LocalCounter::new(), LocalCounter::new()] }
+    }
+
     /// Enter on index `idx` (owning thread only).
     ///
     /// # Context
@@ -126,6 +135,15 @@ impl SrcuIndex {
     /// Any context (a plain computation or one load).
     #[cfg(loom)]
     pub fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+
+    /// Index 0.
+    ///
+    /// # Context
+    /// Any context (a plain computation).
+    #[cfg(not(loom))]
+    pub const fn new() -> Self {
         Self(AtomicU64::new(0))
     }
 
