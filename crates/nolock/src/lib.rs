@@ -41,9 +41,12 @@
 //!
 //! ## Layers
 //!
+//! - [`thread`]: per-thread slots (the userspace "CPU number"), claimed from a static table on a thread's first
+//!   call; each layer keeps its per-thread state in its own table indexed by slot.
 //! - [`page`]: the arena and `alloc_pages_nolock` — lock-free bitmap allocation, page descriptors, returning
 //!   memory to the OS off the nolock path.
 //! - [`slab`]: `KmemCache`, kmalloc size classes, per-thread shards, `kmalloc_nolock` / `kfree_nolock`.
+//! - [`rcu`]: RCU, SRCU-fast, Tasks Trace, `call_rcu_nolock`, `kfree_rcu_nolock`, the grace-period worker.
 //! - [`debug`]: red zones, poison, double-free and bad-pointer reports, fault injection.
 //! - [`NBox`]: safe owners; [`NolockAlloc`]: a `GlobalAlloc`.
 //! - [`sync`]: the lock-free building blocks (llist, tagged stack, slab free-list word), loom-checked.

@@ -38,6 +38,8 @@ pub mod tasks_trace;
 pub mod tree;
 pub(crate) mod worker;
 
+pub use worker::IDLE_POLL_MAX;
+
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use core::time::Duration;

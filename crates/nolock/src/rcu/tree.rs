@@ -2,7 +2,7 @@
 //!
 //! # Readers
 //!
-//! Each thread with a slot (`crate::thread`) has one counter word in this module's own table, [`READERS`]:
+//! Each thread with a slot (`crate::thread`) has one counter word in this module's own table, `READERS`:
 //! the low 32 bits count nesting, bit 32 is the *phase*. The outermost `rcu_read_lock` copies the global
 //! `gp_ctr` (phase + a count of one) into it; nested ones add one; `rcu_read_unlock` subtracts one. Only the
 //! owning thread writes the word, with plain loads and stores and a compiler fence — no memory fence, no
@@ -291,7 +291,7 @@ pub fn start_poll_synchronize_rcu() -> RcuCookie {
 
 /// [`start_poll_synchronize_rcu`] for any context: records the request, makes no system call. The grace
 /// period is driven by the grace-period worker, which notices the request within
-/// [`IDLE_POLL_MAX`](super::worker::IDLE_POLL_MAX) if it runs. The worker runs once [`crate::init`] or any
+/// [`IDLE_POLL_MAX`](super::IDLE_POLL_MAX) if it runs. The worker runs once [`crate::init`] or any
 /// normal-context RCU call (`synchronize_*`, a barrier, `call_rcu`, `start_poll_synchronize_rcu`) has started it
 /// in this process; until then the cookie stays pending.
 ///
@@ -328,7 +328,7 @@ pub fn cond_synchronize_rcu(cookie: RcuCookie) {
 /// The callback runs on the grace-period worker thread, which [`crate::init`] (or any normal-context RCU call:
 /// `synchronize_*`, a barrier, [`call_rcu`]) starts; callbacks queued before it exists wait for it. The worker
 /// polls the callback lists (this call never wakes it), so a callback queued while it idles waits at most
-/// [`IDLE_POLL_MAX`](super::worker::IDLE_POLL_MAX) before its grace period starts.
+/// [`IDLE_POLL_MAX`](super::IDLE_POLL_MAX) before its grace period starts.
 ///
 /// # Safety
 /// `head` must stay valid and untouched until `func` runs; `func` must be safe to call with it then.
