@@ -35,6 +35,9 @@ pub enum Point {
     PageFree,
     /// Grace-period machinery and RCU readers (used by the reclamation layer).
     Rcu,
+    /// Shrinking a cache (trim, the worker, an out-of-pages reclaim, destroy), holding a slab taken off the
+    /// cache's partial list, before deciding whether to release it.
+    Shrink,
 }
 
 #[cfg(feature = "test-hooks")]

@@ -200,6 +200,16 @@ pub(crate) fn report_destroy_live(cache: CacheName, live: u64, slabs: u64) {
     ));
 }
 
+/// Report a free list found damaged: the free object `obj` links to `link`, which is not a free object of the
+/// cache (a write after free into its link word). The list was cut there: its remaining objects are leaked.
+#[cold]
+pub(crate) fn report_corrupt_link(cache: CacheName, obj: usize, link: usize) {
+    emit(format_args!(
+        "free list of cache '{cache}' damaged: free object {obj:#x} links to {link:#x}, which is not a free \
+         object of the cache (written after free?); the list was cut there and its remaining objects are leaked"
+    ));
+}
+
 // -------------------------------------------------------------------------------------------------------------
 // Debug slots
 // -------------------------------------------------------------------------------------------------------------

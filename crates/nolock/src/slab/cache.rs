@@ -4,8 +4,9 @@
 //!
 //! A cache owns *slabs*: runs of pages from the page allocator, cut into `capacity` objects of `stride` bytes.
 //! Each slab's state word (free-list head index, in-use count, flags) lives in the descriptor of its first page
-//! ([`SlabFreelist`]). Slabs with free objects are on the cache's *partial list*, a [`TaggedStack`] of head page
-//! numbers. Each thread has, per cache, a private list of free objects ([`PerCpuCache`], see `shard`).
+//! ([`SlabFreelist`]). Slabs with free objects are on the cache's *partial list*: two [`TaggedStack`]s of head
+//! page numbers, one that pushes go to and one a shrink drains (see "Shrinking"). Each thread has, per cache, a
+//! private list of free objects ([`PerCpuCache`], see `shard`).
 //!
 //! # Paths
 //!
@@ -30,12 +31,58 @@
 //! - **free deferred** (cold): the list is busy (a handler interrupted its owner): push on the list's deferred
 //!   `Llist`; the owner drains it into its list the moment it clears busy.
 //! - **free shared** (cold): no thread list: push straight onto the object's slab.
-//! - **shrink** (normal context, worker or `trim`): take the partial list, release entirely free slabs beyond a
-//!   small reserve, put the others back.
+//! - **shrink** (the worker, `trim`, cache destroy, and any allocation that finds no page): move the partial
+//!   slabs one at a time from one list to the other, releasing entirely free slabs beyond a small reserve.
+//! - **rescue** (cold): an allocation found no partial slab and no page even after releasing every cache's empty
+//!   slabs: before it fails, it looks at the lists again and takes the objects of the slab a shrink holds.
 //!
 //! Nothing here waits: every shared structure is changed by CAS, and a context that cannot use a structure
 //! (busy) takes another route. Allocation fails only when neither a slab nor the page allocator has memory,
-//! after one pass that releases other caches' empty slabs.
+//! after one pass that releases every cache's empty slabs and a rescue.
+//!
+//! # Shrinking, and `None` only when memory is exhausted
+//!
+//! A slab's free objects can be taken only by whoever can find the slab; a slab off the partial lists is found
+//! by nobody. A shrink used to take the whole partial list for its pass, and an allocation meanwhile — on
+//! another thread, or in a signal handler on the shrinking thread — found no partial slab, no page, and failed
+//! while thousands of freed objects sat in the slabs it held. Now:
+//!
+//! - the shrink flips `active` (pushes and pops start with the other list) and drains the old list one slab at
+//!   a time: it *names* the top slab in the cache's `hand`, then pops it only if it is still the top
+//!   ([`TaggedStack::pop_if`]), releases it if it is entirely free and beyond the reserve, and otherwise pushes
+//!   it on the other list. At every instant each listed slab is on one of the two lists or in the hand;
+//! - the rescue looks at the lists, the hand, the lists again — the direction slabs move — and repeats a look
+//!   during which `moves` changed. A slab in the hand is taken from in place, without its take right:
+//!   [`SlabFreelist::steal_all`] for a refill, [`SlabFreelist::pop_any`] for the shared path. The ABA tag in the
+//!   slab's state word makes that safe against whoever holds the take right, and a stale name harmless.
+//!
+//! Who can meet whom (each shrink is alone on its cache: the `shrinking` flag):
+//!
+//! - *alloc (refill or shared) on another thread × shrink*: at most one slab is off the lists, named; the
+//!   allocation pops the lists or, finding nothing, rescues from the hand. A shrink that keeps moving while the
+//!   rescue looks makes it look again (at most `RESCUE_LOOKS` times: only a shrink that moves slabs faster than
+//!   a rescue can look, sixty-four times in a row, could still make it fail).
+//! - *alloc in a signal handler × a shrink it interrupted on the same thread* (trim, or an out-of-pages reclaim
+//!   in the interrupted allocation): the shrink is frozen, so the rescue's first look is complete. If it froze
+//!   between its kill of an empty slab and the page allocator's taking back the pages, those pages are in
+//!   nobody's hands for that moment (the page allocator has the same window inside `free_run`): a handler that
+//!   needs exactly them fails. That is the one window left.
+//! - *free × shrink*: a free onto a slab in the hand sees it `LISTED` and does not list it; the shrink puts it
+//!   back. A free that read `active` before the flip lists its slab on the list being drained; the shrink
+//!   takes it with the rest (its pass is bounded by the number of slabs, plus slack for these).
+//! - *rescue × shrink's decision*: a steal makes `used` non-zero, so the shrink's `try_kill` fails and the slab
+//!   is kept; a killed slab is `DEAD` and gives nothing to a rescue.
+//! - *rescue × a holder of the take right* (a refill or shared allocation that popped the named slab first):
+//!   both change the state word by tagged CAS; the holder finds the list emptied and unlists the slab.
+//! - *shrink × shrink* (trim, the worker, reclaims on several threads): one runs, the others skip (`shrink`) or
+//!   wait (`shrink_wait`: trim and destroy, normal context only).
+//! - *destroy*: claims every thread's list, then waits for any shrink and shrinks with no reserve; allocating
+//!   from a cache being destroyed is the caller's bug (destroy takes the handle).
+//!
+//! Other short windows where a slab with free objects is off the lists remain and are not covered by the
+//! rescue: a refill between popping a slab and taking its objects, the shared path while it holds a slab to
+//! take one object, and a free between listing a slab (its CAS) and pushing it on a list. Each is a few
+//! instructions on one slab.
 //!
 //! # Ordering
 //!
@@ -54,8 +101,8 @@ use crate::hooks::{self, Point};
 use crate::page::Gfp;
 use crate::page::desc::{Info, Kind};
 use crate::sync::local_lock::TryLock;
-use crate::sync::slab_freelist::{Geometry, LISTED, PushError, State};
-use crate::sync::tagged::{self, TaggedStack};
+use crate::sync::slab_freelist::{Geometry, LISTED, LinkCodec, PushError, State};
+use crate::sync::tagged::TaggedStack;
 use crate::sys::{PAGE_SHIFT, PAGE_SIZE};
 
 /// Objects of this cache carry red zones, poison and an allocation state (slub_debug).
@@ -65,6 +112,9 @@ pub const FLAG_KMALLOC: u32 = 2;
 
 /// Slabs that become empty between two shrinks before the worker is woken early.
 const KICK_AFTER_EMPTY: u64 = 64;
+
+/// Looks a rescue repeats while a shrink keeps moving slabs under it.
+const RESCUE_LOOKS: usize = 64;
 
 /// Largest object a `KmemCache` can hold.
 pub const MAX_OBJECT_SIZE: usize = 1 << 20;
@@ -318,8 +368,16 @@ pub(crate) struct CacheInner {
     cfg: UnsafeCell<CacheConfig>,
     state: AtomicU32,
     id: AtomicU32,
-    /// Slabs with free objects.
-    pub partial: TaggedStack,
+    /// Slabs with free objects: two lists, so that a shrink can move the slabs it keeps from one to the other
+    /// one at a time (see "Shrinking"). Pushes go to `partial[active]`; pops try it first, then the other.
+    partial: [TaggedStack; 2],
+    /// Index of the list pushes go to (0 or 1); a shrink flips it and drains the other one.
+    active: AtomicU32,
+    /// Head page + 1 of the slab a shrink holds off the lists (0: none), named *before* it is taken off, so
+    /// that an allocation that finds no memory can take its objects (`rescue`).
+    hand: AtomicU32,
+    /// Changes of `hand` and `active`: a rescue that saw it unchanged across its look saw every slab.
+    moves: AtomicU64,
     /// Slabs currently owned by the cache.
     pub nr_slabs: AtomicU64,
     /// Event counters.
@@ -544,10 +602,13 @@ impl CacheInner {
             Some(t) => t,
             None => match self.new_slab(g) {
                 Some((head, first)) => (head, first, self.cfg().capacity),
-                None => {
-                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                    return 0;
-                }
+                None => match self.rescue(g, true) {
+                    Some(t) => t,
+                    None => {
+                        self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                        return 0;
+                    }
+                },
             },
         };
         g.pages.desc(head as usize).owner.store(shard.tag(), Ordering::Relaxed);
@@ -558,9 +619,24 @@ impl CacheInner {
         first
     }
 
+    /// Put a slab whose `LISTED` flag the caller set (or holds) on the partial list pushes go to.
+    #[inline]
+    fn list_push(&self, g: &Global, head: u32) {
+        let i = self.active.load(Ordering::Relaxed) as usize & 1;
+        self.partial[i].push(head, &g.pages.desc(head as usize).next);
+    }
+
+    /// Pop a slab off the partial lists (the one pushes go to first), taking its take right.
+    #[inline]
+    fn list_pop(&self, g: &Global) -> Option<u32> {
+        let i = self.active.load(Ordering::Relaxed) as usize & 1;
+        let next_of = |i: u32| &g.pages.desc(i as usize).next;
+        self.partial[i].pop(next_of).or_else(|| self.partial[i ^ 1].pop(next_of))
+    }
+
     /// Pop a partial slab and take all its free objects: (head page, first object, count).
     fn take_partial(&self, g: &Global) -> Option<(u32, usize, u16)> {
-        while let Some(head) = self.partial.pop(|i| &g.pages.desc(i as usize).next) {
+        while let Some(head) = self.list_pop(g) {
             let geo = self.geometry(g, head);
             let (first, n) = g.pages.desc(head as usize).slab.take_all(&geo);
             if n > 0 {
@@ -568,6 +644,75 @@ impl CacheInner {
             }
         }
         None
+    }
+
+    /// The partial lists and the page allocator had nothing: before declaring the cache out of memory, look
+    /// again, and take the objects of the slab a shrink holds (see "Shrinking"). Returns a slab's head page and
+    /// a chain of free objects it gave (`steal`: all of them, as `take_all`; otherwise one).
+    ///
+    /// A shrink moves each slab from one list, to its hand, to the other list (or releases it). Looking at the
+    /// lists, the hand, then the lists again follows that direction, so a slab the shrink moves meanwhile is
+    /// seen at one of the three looks; a look during which `moves` changed (the shrink started a pass or
+    /// took the next slab) is repeated, a bounded number of times. A signal handler that interrupted the
+    /// shrink on its own thread sees it frozen, so its first look is complete.
+    #[cold]
+    #[inline(never)]
+    fn rescue(&self, g: &Global, steal: bool) -> Option<(u32, usize, u16)> {
+        for _ in 0..RESCUE_LOOKS {
+            // Acquire: pairs with the Release increments in `shrink_locked`, which follow each hand change.
+            let seen = self.moves.load(Ordering::Acquire);
+            if let Some(t) = self.take_from_lists(g, steal) {
+                return Some(t);
+            }
+            // Acquire: pairs with the Release store that named the slab (made before it left its list).
+            let hand = self.hand.load(Ordering::Acquire);
+            if let Some(head) = hand.checked_sub(1)
+                && let Some(t) = self.take_from_named(g, head, steal)
+            {
+                return Some(t);
+            }
+            if let Some(t) = self.take_from_lists(g, steal) {
+                return Some(t);
+            }
+            if self.moves.load(Ordering::Acquire) == seen {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// One slab's objects from the partial lists: all of them (`steal`) or one, with the slab put back.
+    fn take_from_lists(&self, g: &Global, steal: bool) -> Option<(u32, usize, u16)> {
+        if steal {
+            return self.take_partial(g);
+        }
+        self.pop_partial_one(g).map(|(head, slot)| (head, slot, 1))
+    }
+
+    /// Objects of slab `head`, named by a shrink that may hold its take right: only if it is still a live slab
+    /// of this cache (the tag in its state word makes a stale name harmless).
+    fn take_from_named(&self, g: &Global, head: u32, steal: bool) -> Option<(u32, usize, u16)> {
+        let d = g.pages.desc(head as usize);
+        // The state first (Acquire: pairs with `init`'s Release, which follows the slab's `set_info`), then the
+        // owner: a slab reused since by another cache shows that cache's info, an older state fails the CAS.
+        let _ = d.slab.load();
+        let info = d.info();
+        if info.kind() != Kind::Slab || info.cache_id() != self.id() || info.head() != head {
+            return None;
+        }
+        let geo = self.geometry(g, head);
+        if steal {
+            let (first, n) = d.slab.steal_all(&geo);
+            return (n > 0).then_some((head, first, n));
+        }
+        match d.slab.pop_any(&geo, LinkCodec::PLAIN) {
+            Ok(Some(slot)) => Some((head, slot, 1)),
+            Ok(None) => None,
+            Err(e) => {
+                self.report_corrupt(e.obj, e.link);
+                None
+            }
+        }
     }
 
     /// Allocate without a thread list: one object from a partial slab, or a new slab. Any context.
@@ -580,35 +725,48 @@ impl CacheInner {
     }
 
     fn alloc_shared_inner(&self, g: &Global) -> Option<usize> {
-        loop {
-            if let Some(head) = self.partial.pop(|i| &g.pages.desc(i as usize).next) {
-                hooks::point(Point::AllocShared);
-                let d = g.pages.desc(head as usize);
-                match d.slab.pop_one(&self.geometry(g, head)) {
-                    Some((slot, emptied)) => {
-                        if !emptied {
-                            self.partial.push(head, &d.next);
-                        }
-                        return Some(slot);
-                    }
-                    None => continue,
-                }
-            }
-            let Some((head, first)) = self.new_slab(g) else {
-                self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                return None;
-            };
-            let d = g.pages.desc(head as usize);
-            if self.cfg().capacity > 1 {
-                let second = self.link(first).load(Ordering::Relaxed);
-                let idx = ((second - g.pages.page_addr(head as usize)) / self.cfg().stride as usize) as u32;
-                d.slab.init(State::new(idx + 1, 1, LISTED));
-                self.partial.push(head, &d.next);
-            } else {
-                d.slab.init(State::new(0, 1, 0));
-            }
-            return Some(first);
+        if let Some((_, slot)) = self.pop_partial_one(g) {
+            return Some(slot);
         }
+        let Some((head, first)) = self.new_slab(g) else {
+            return match self.rescue(g, false) {
+                Some((_, slot, _)) => Some(slot),
+                None => {
+                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+            };
+        };
+        let d = g.pages.desc(head as usize);
+        if self.cfg().capacity > 1 {
+            let second = self.link(first).load(Ordering::Relaxed);
+            let idx = ((second - g.pages.page_addr(head as usize)) / self.cfg().stride as usize) as u32;
+            d.slab.init(State::new(idx + 1, 1, LISTED));
+            self.list_push(g, head);
+        } else {
+            d.slab.init(State::new(0, 1, 0));
+        }
+        Some(first)
+    }
+
+    /// Pop a partial slab, take one object, put the slab back unless it is now empty: (head page, object).
+    fn pop_partial_one(&self, g: &Global) -> Option<(u32, usize)> {
+        while let Some(head) = self.list_pop(g) {
+            hooks::point(Point::AllocShared);
+            let d = g.pages.desc(head as usize);
+            match d.slab.pop_one_coded(&self.geometry(g, head), LinkCodec::PLAIN) {
+                Ok(Some((slot, emptied))) => {
+                    if !emptied {
+                        self.list_push(g, head);
+                    }
+                    return Some((head, slot));
+                }
+                // Found empty (someone without the take right emptied it) and unlisted: drop it.
+                Ok(None) => continue,
+                Err(e) => self.report_corrupt(e.obj, e.link),
+            }
+        }
+        None
     }
 
     /// Carve a new slab; all its objects are in use by the caller as one chain from the returned first slot.
@@ -808,6 +966,15 @@ impl CacheInner {
         }
     }
 
+    /// A free list of this cache was found damaged at `obj`, whose link word held `link` (decoded), not an
+    /// object of the slab: count and report it. The caller cut the list there.
+    #[cold]
+    #[inline(never)]
+    fn report_corrupt(&self, obj: usize, link: usize) {
+        self.counters.debug_errors.fetch_add(1, Ordering::Relaxed);
+        debug::report_corrupt_link(self.name(), obj + self.cfg().obj_off as usize, link);
+    }
+
     /// A double free caught by `free_slot`: count it and build the error.
     #[cold]
     pub fn double_free(&self, addr: usize) -> FreeError {
@@ -872,7 +1039,7 @@ impl CacheInner {
         match unsafe { d.slab.push_chain(&geo, idx, last, k) } {
             Ok(p) => {
                 if p.listed_now {
-                    self.partial.push(head, &d.next);
+                    self.list_push(g, head);
                 }
                 if p.empty_now {
                     let events = self.counters.empty_events.fetch_add(1, Ordering::Relaxed) + 1;
@@ -973,9 +1140,9 @@ impl CacheInner {
 
     /// Release entirely free slabs beyond `keep` to the page allocator. Returns the number released.
     ///
-    /// Lock-free (it only pops and pushes the partial list and CASes slab states), so it may also run on an
-    /// allocation path that is out of pages. While it holds the partial list, concurrent allocations see it
-    /// empty and carve new slabs (or, out of pages, fail): it holds it for one pass over the list.
+    /// Lock-free (it only pops and pushes the partial lists and CASes slab states), so it may also run on an
+    /// allocation path that is out of pages. It holds at most one slab at a time, named in the cache's hand,
+    /// whose objects an allocation that finds no memory can still take (see "Shrinking" and `rescue`).
     pub fn shrink(&self, g: &Global, keep: usize) -> usize {
         if self.shrinking.swap(true, Ordering::Acquire) {
             return 0;
@@ -995,16 +1162,35 @@ impl CacheInner {
         self.shrink_locked(g, keep)
     }
 
+    /// The pass itself; the caller set `shrinking`. See "Shrinking" in the module documentation.
     fn shrink_locked(&self, g: &Global, keep: usize) -> usize {
         let events = self.counters.empty_events.load(Ordering::Relaxed);
         let mut released = 0;
         let mut kept_empty = 0;
-        let mut cur = self.partial.take_all();
-        while let Some(head) = cur {
+        // Pushes and pops now start with the other list; this one only drains (into the other).
+        let src = self.active.load(Ordering::Relaxed) as usize & 1;
+        let dst = src ^ 1;
+        self.active.store(dst as u32, Ordering::Relaxed);
+        // Release: a rescue that sees this count sees the flip.
+        self.moves.fetch_add(1, Ordering::Release);
+        let next_of = |i: u32| &g.pages.desc(i as usize).next;
+        // Frees that read `active` before the flip may still list a slab on `src`: bound the pass.
+        let mut budget = self.nr_slabs.load(Ordering::Relaxed) + 64;
+        while budget > 0
+            && let Some(head) = self.partial[src].peek()
+        {
+            budget -= 1;
+            // Name the slab before taking it off the list (Release: pairs with the Acquire load in `rescue`),
+            // so that at every instant it is on a list or in the hand.
+            self.hand.store(head + 1, Ordering::Release);
+            self.moves.fetch_add(1, Ordering::Release);
+            if !self.partial[src].pop_if(head, next_of) {
+                continue;
+            }
+            hooks::point(Point::Shrink);
             let d = g.pages.desc(head as usize);
-            cur = tagged::decode_link(d.next.load(Ordering::Relaxed));
             let state = d.slab.load();
-            if state.used() == 0 && state.flags() & LISTED != 0 {
+            if state.used() == 0 {
                 if kept_empty >= keep && d.slab.try_kill() {
                     self.release_slab(g, head);
                     released += 1;
@@ -1012,8 +1198,11 @@ impl CacheInner {
                 }
                 kept_empty += 1;
             }
-            self.partial.push(head, &d.next);
+            // Still `LISTED` (a rescue that took its objects leaves the flag): back on a list, then unnamed.
+            self.partial[dst].push(head, &d.next);
         }
+        self.hand.store(0, Ordering::Release);
+        self.moves.fetch_add(1, Ordering::Release);
         self.shrunk_at.store(events, Ordering::Relaxed);
         self.shrinking.store(false, Ordering::Release);
         released
@@ -1323,6 +1512,7 @@ pub fn create(g: &Global, cfg: CacheConfig) -> Result<u16, CacheError> {
     c.id.store(u32::from(id), Ordering::Relaxed);
     c.nr_slabs.store(0, Ordering::Relaxed);
     c.shrunk_at.store(0, Ordering::Relaxed);
+    c.hand.store(0, Ordering::Relaxed);
     reset_counters(&c.counters);
     c.fault.every_nth.store(0, Ordering::Relaxed);
     c.fault.prob.store(0, Ordering::Relaxed);
