@@ -352,9 +352,11 @@ pub struct CacheCounters {
     pub failures: AtomicU64,
     /// Allocations failed on purpose by fault injection.
     pub injected: AtomicU64,
-    /// Frees refused as invalid (foreign, interior, double, wrong cache, corrupted red zone).
+    /// Frees refused as invalid (foreign, interior, double, wrong cache, corrupted red zone), and double frees
+    /// found later as a loop in a free list.
     pub bad_frees: AtomicU64,
-    /// Debug-mode findings at allocation time (poison or red zone overwritten while free).
+    /// Damage found in free objects: debug-mode findings at allocation time (poison or red zone overwritten
+    /// while free), and free lists with a damaged link or the wrong length.
     pub debug_errors: AtomicU64,
     /// Slabs created.
     pub slabs_allocated: AtomicU64,
@@ -1728,9 +1730,9 @@ pub struct CacheStats {
     pub failures: u64,
     /// Allocations failed on purpose by fault injection.
     pub injected_failures: u64,
-    /// Frees refused as invalid.
+    /// Frees refused as invalid, and double frees found later as a loop in a free list.
     pub bad_frees: u64,
-    /// Debug-mode findings at allocation time.
+    /// Damage found in free objects: debug-mode findings at allocation time, damaged free lists.
     pub debug_errors: u64,
     /// Slabs owned now.
     pub slabs: u64,
