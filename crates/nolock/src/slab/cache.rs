@@ -944,6 +944,9 @@ impl CacheInner {
             if let Some(t) = self.take_from_lists(g, steal) {
                 return Some(t);
             }
+            // Acquire: as above. Unchanged: the shrink named no other slab while we looked, so a slab it moved
+            // was seen at one of the three looks (a list pop that saw it gone synchronises with the `pop_if`
+            // that took it, which follows its naming).
             if self.moves.load(Ordering::Acquire) == seen {
                 return None;
             }
@@ -1542,6 +1545,7 @@ impl CacheInner {
             // Name the slab before taking it off the list (Release: pairs with the Acquire load in `rescue`),
             // so that at every instant it is on a list or in the hand.
             self.hand.store(head + 1, Ordering::Release);
+            // Release: pairs with the rescue's Acquire loads of `moves` (a look that overlaps this is repeated).
             self.moves.fetch_add(1, Ordering::Release);
             if !self.partial[src].pop_if(head, next_of) {
                 continue;
@@ -1567,6 +1571,7 @@ impl CacheInner {
             // Still `LISTED` (a rescue that took its objects leaves the flag): back on a list, then unnamed.
             self.partial[dst].push(head, &d.next);
         }
+        // Release: as in the loop (the last slab is on a list before the hand is cleared).
         self.hand.store(0, Ordering::Release);
         self.moves.fetch_add(1, Ordering::Release);
         self.shrunk_at.store(events, Ordering::Relaxed);
