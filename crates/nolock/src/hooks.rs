@@ -46,6 +46,9 @@ pub enum Point {
     KfreeExit,
     /// A barrier, after the grace period of the `kfree_rcu` blocks queued before it, before it frees them.
     KfreeBarrier,
+    /// Shrinking a cache (trim, the worker, an out-of-pages reclaim, destroy), holding a slab taken off the
+    /// cache's partial list, before deciding whether to release it.
+    Shrink,
 }
 
 #[cfg(feature = "test-hooks")]

@@ -24,7 +24,53 @@
 //!
 //! Every free checks, in O(1), that the pointer is inside the arena, on a page that is allocated, exactly at the
 //! start of an object (not an interior pointer), and for `kmem_cache_free` that the object belongs to the cache
-//! given. A slab whose in-use count would go below zero rejects the push (a double free that reached it).
+//! given. A free of the object at the head of the thread's list is refused (a double free). A slab whose in-use
+//! count would go below zero rejects the push (a double free that reached it), and so does a released slab.
+//!
+//! The free lists themselves are checked on the slow paths, which walk them anyway or cost one walk of a list
+//! already in the cache: every link must be 0 or an object of the cache (of the same slab, on a slab's list),
+//! a list must not loop, and it must be as long as counted. A loop is what a double free of an object *not* at
+//! the head of a list makes (the object is linked in front of a list that already holds it); a link that is no
+//! object is a write after free into a free object's first word (or its free-pointer word).
+//!
+//! | where | what is checked |
+//! |---|---|
+//! | flush of a thread's list (it grew past its mark), `trim`, thread exit, cache destroy | the whole list |
+//! | refill of a thread's list from a slab | the chain of the slab's free objects it takes |
+//! | drain of deferred frees (frees made while a signal handler interrupted the list's owner) | that chain |
+//! | release of a slab that counts no object in use (a shrink) | its list holds all its objects |
+//! | the shared path's pop of one object from a slab | the link it follows |
+//!
+//! Damage found is reported and cut out, never followed: a loop is cut so that each object stays free once; a
+//! list is cut before an object whose link is damaged, and that object and what followed it are leaked (their
+//! slab counts them in use for good); a slab that looked empty because of a double free is repaired and kept,
+//! not released under a live object. What the default mode does **not** catch: the allocation fast path pops
+//! without looking, so an object freed twice (not at the head) that is allocated again before the next of
+//! those slow paths is handed out twice; a double free made by two racing frees; and a write after free that
+//! does not touch the link word, or writes a value that is an object of the cache.
+//!
+//! # Hardened mode
+//!
+//! A cache created with [`SlabFlags::HARDENED`](crate::SlabFlags::HARDENED) (or every cache, the kmalloc
+//! classes included, with `NOLOCK_HARDENED=1` or [`set_hardened_default`] before the first allocation) works
+//! like the kernel's `SLAB_FREELIST_HARDENED` and mimalloc's secure mode:
+//!
+//! - every free-list link is stored as `next ^ key ^ bswap(address of the link word)`, `key` a random secret of
+//!   the cache (`getrandom`): a leaked free object reveals no heap address, and a forged link needs the key;
+//! - every pop — the thread's list, a slab's list, and the chains the slow paths walk — decodes the link it is
+//!   about to follow and checks that it is 0 or an object of the cache; anything else is reported and not
+//!   followed (the list is cut and leaked, the allocation refills);
+//! - an allocated object's link word is cleared, so a free can tell a free object from a live one: a free of
+//!   an object whose link word decodes to 0 or to an object of the cache is refused as a double free — on any
+//!   list, this thread's, another thread's or a slab's, and not only at the head;
+//! - plus everything the default mode checks.
+//!
+//! Its cost: hardened caches never take the inline fast paths (each allocation and free goes through the full
+//! path, with a few more loads and a descriptor lookup). What it does not catch: a double free of an object
+//! that sits on a deferred-free list (those links are plain); two frees of one object racing on two threads;
+//! a write after free that leaves the link word alone, or (with probability about 2^-40 per damaged word)
+//! writes one that decodes to an object of the cache. Debug caches (above) catch those with its per-object
+//! state word and poison, at a higher cost.
 //!
 //! # Reports
 //!
@@ -33,7 +79,7 @@
 //! refused free. The `try_*` variants of the free functions return the error instead of printing it.
 
 use core::fmt::Write as _;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use crate::page::PagesError;
 use crate::slab::cache::{CacheInner, CacheName};
@@ -200,6 +246,42 @@ pub(crate) fn report_destroy_live(cache: CacheName, live: u64, slabs: u64) {
     ));
 }
 
+/// Report a free list found damaged: the free object `obj` links to `link`, which is not a free object of the
+/// cache (a write after free into its link word); `obj` 0: the list starts at `link`. The list was cut there:
+/// its remaining objects are leaked.
+#[cold]
+pub(crate) fn report_corrupt_link(cache: CacheName, obj: usize, link: usize) {
+    if obj == 0 {
+        return emit(format_args!(
+            "free list of cache '{cache}' damaged: it starts at {link:#x}, which is not a free object of the \
+             cache (a damaged link was followed earlier); the list was dropped and its objects are leaked"
+        ));
+    }
+    emit(format_args!(
+        "free list of cache '{cache}' damaged: free object {obj:#x} links to {link:#x}, which is not a free \
+         object of the cache (written after free?); the list was cut before it and the rest is leaked"
+    ));
+}
+
+/// Report a free list that loops back to `obj`: an object freed twice while it was already on a free list.
+#[cold]
+pub(crate) fn report_freelist_loop(cache: CacheName, obj: usize) {
+    emit(format_args!(
+        "double free of {obj:#x} (cache '{cache}'): found when a free list looped back to it; the loop was \
+         cut, the object stays free once, and the objects that followed its first place are leaked"
+    ));
+}
+
+/// Report a free list whose length is not what its owner counted (a link overwritten with a valid-looking
+/// value, or an object freed twice in a way the other checks missed).
+#[cold]
+pub(crate) fn report_freelist_length(cache: CacheName, counted: u64, found: u64) {
+    emit(format_args!(
+        "free list of cache '{cache}' holds {found} objects where {counted} were counted (damaged by a write \
+         after free or a double free); it is used as found and the difference is leaked"
+    ));
+}
+
 // -------------------------------------------------------------------------------------------------------------
 // Debug slots
 // -------------------------------------------------------------------------------------------------------------
@@ -333,6 +415,72 @@ pub(crate) fn on_free(c: &CacheInner, addr: usize, slot: usize) -> Result<(), Fr
 /// the same exception for `SLAB_TYPESAFE_BY_RCU`).
 fn poisons(c: &CacheInner) -> bool {
     !c.cfg().typesafe.is_typesafe()
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// Hardened mode
+// -------------------------------------------------------------------------------------------------------------
+
+/// `Global::slow_flags`: the plain kmalloc classes are hardened (their fast paths are off). The bits 1 and 2 are
+/// `global`'s; this one is kept at the top of the byte.
+pub(crate) const SLOW_HARDENED: u8 = 0x80;
+
+const TRI_UNSET: u8 = 0;
+const TRI_OFF: u8 = 1;
+const TRI_ON: u8 = 2;
+static HARDENED_DEFAULT: AtomicU8 = AtomicU8::new(TRI_UNSET);
+
+/// Make hardened mode the default (or not) for caches created from now on: `KmemCache`s built without an
+/// explicit choice and — if called before nolock's first use, when they are created — the kmalloc classes.
+/// Without a call, `NOLOCK_HARDENED=1` in the environment turns it on.
+///
+/// # Context
+/// Any context (one atomic store).
+pub fn set_hardened_default(on: bool) {
+    HARDENED_DEFAULT.store(if on { TRI_ON } else { TRI_OFF }, Ordering::Relaxed);
+}
+
+/// Whether new caches are hardened by default ([`set_hardened_default`], else `NOLOCK_HARDENED`).
+///
+/// # Context
+/// Any context (one load, or a read of the environment).
+pub fn hardened_default() -> bool {
+    match HARDENED_DEFAULT.load(Ordering::Relaxed) {
+        TRI_ON => true,
+        TRI_OFF => false,
+        _ => crate::sys::getenv(c"NOLOCK_HARDENED").is_some_and(|v| !matches!(v, b"" | b"0" | b"off")),
+    }
+}
+
+/// Whether the kmalloc classes are hardened (decided when nolock started).
+///
+/// # Context
+/// Any context (one atomic load).
+pub fn kmalloc_hardened() -> bool {
+    crate::global::get_if_init().is_some_and(|g| g.slow_flags.load(Ordering::Relaxed) & SLOW_HARDENED != 0)
+}
+
+/// A fresh random key for a hardened cache's link encoding: `getrandom(2)` (non-blocking), or, where that is not
+/// available, a mix of the clock, the stack address and the arena's (randomised) address. Never 0.
+pub(crate) fn random_key() -> usize {
+    let mut k: u64 = 0;
+    // SAFETY: `k` is a valid 8-byte buffer; GRND_NONBLOCK never sleeps.
+    let n = unsafe { libc::getrandom((&raw mut k).cast(), 8, libc::GRND_NONBLOCK) };
+    if n != 8 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid out-pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let stack = &ts as *const _ as u64;
+        let arena = crate::global::get_if_init().map_or(0, |g| g as *const _ as u64);
+        k = mix64((ts.tv_nsec as u64) ^ ((ts.tv_sec as u64) << 32) ^ stack.rotate_left(17) ^ arena);
+    }
+    if k == 0 { 0x9e37_79b9_7f4a_7c15 } else { k as usize }
+}
+
+fn mix64(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 // -------------------------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
 //!
 //! A cache owns *slabs*: runs of pages from the page allocator, cut into `capacity` objects of `stride` bytes.
 //! Each slab's state word (free-list head index, in-use count, flags) lives in the descriptor of its first page
-//! ([`SlabFreelist`]). Slabs with free objects are on the cache's *partial list*, a [`TaggedStack`] of head page
-//! numbers. Each thread has, per cache, a private list of free objects ([`PerCpuCache`], see `shard`).
+//! ([`SlabFreelist`]). Slabs with free objects are on the cache's *partial list*: two [`TaggedStack`]s of head
+//! page numbers, one that pushes go to and one a shrink drains (see "Shrinking"). Each thread has, per cache, a
+//! private list of free objects ([`PerCpuCache`], see `shard`).
 //!
 //! # Paths
 //!
@@ -15,8 +16,8 @@
 //!   or a thread without a shard yet, goes to the full path (`alloc_local`), which claims a shard or takes
 //!   another route.
 //! - **alloc refill** (cold): the list is empty: pop a slab off the partial list and take *all* its free objects
-//!   with one CAS ([`SlabFreelist::take_all`]), or carve a new slab. The chain of objects becomes the thread's
-//!   list without being walked.
+//!   with one CAS ([`SlabFreelist::take_all`]), or carve a new slab. The chain of objects is checked (one walk,
+//!   see "Free-list checks") and becomes the thread's list.
 //! - **alloc shared** (cold): no usable thread list (no shard, or the list is busy because a signal handler
 //!   interrupted its owner): pop a slab off the partial list, take *one* object, put the slab back.
 //! - **free fast** ([`PerCpuCache::try_push`] via `free_to_list`, from `kfree_nolock` and
@@ -24,18 +25,76 @@
 //!   `high` mark from the list itself (copied there by the first full-path free), so a power-of-two class is
 //!   freed without touching the cache. A full list, a list not set up yet, or an object already at the head
 //!   (double free) goes, lock held, to `free_locked`, which sets the list up, flushes or refuses.
-//! - **flush** (cold): the list grew past `high`: give the excess back to the slabs, one CAS per run of objects
-//!   that share a slab. A push that makes a full slab non-full lists it; one that empties a slab counts an
-//!   *empty event* so the worker knows to shrink the cache.
+//! - **flush** (cold): the list grew past `high`: check the whole list, then give the excess back to the slabs,
+//!   one CAS per run of objects that share a slab. A push that makes a full slab non-full lists it; one that
+//!   empties a slab counts an *empty event* so the worker knows to shrink the cache.
 //! - **free deferred** (cold): the list is busy (a handler interrupted its owner): push on the list's deferred
 //!   `Llist`; the owner drains it into its list the moment it clears busy.
 //! - **free shared** (cold): no thread list: push straight onto the object's slab.
-//! - **shrink** (normal context, worker or `trim`): take the partial list, release entirely free slabs beyond a
-//!   small reserve, put the others back.
+//! - **shrink** (the worker, `trim`, cache destroy, and any allocation that finds no page): move the partial
+//!   slabs one at a time from one list to the other, releasing entirely free slabs beyond a small reserve.
+//! - **rescue** (cold): an allocation found no partial slab and no page even after releasing every cache's empty
+//!   slabs: before it fails, it looks at the lists again and takes the objects of the slab a shrink holds.
 //!
 //! Nothing here waits: every shared structure is changed by CAS, and a context that cannot use a structure
 //! (busy) takes another route. Allocation fails only when neither a slab nor the page allocator has memory,
-//! after one pass that releases other caches' empty slabs.
+//! after one pass that releases every cache's empty slabs and a rescue.
+//!
+//! # Shrinking, and `None` only when memory is exhausted
+//!
+//! A slab's free objects can be taken only by whoever can find the slab; a slab off the partial lists is found
+//! by nobody. A shrink used to take the whole partial list for its pass, and an allocation meanwhile — on
+//! another thread, or in a signal handler on the shrinking thread — found no partial slab, no page, and failed
+//! while thousands of freed objects sat in the slabs it held. Now:
+//!
+//! - the shrink flips `active` (pushes and pops start with the other list) and drains the old list one slab at
+//!   a time: it *names* the top slab in the cache's `hand`, then pops it only if it is still the top
+//!   ([`TaggedStack::pop_if`]), releases it if it is entirely free and beyond the reserve, and otherwise pushes
+//!   it on the other list. At every instant each listed slab is on one of the two lists or in the hand;
+//! - the rescue looks at the lists, the hand, the lists again — the direction slabs move — and repeats a look
+//!   during which `moves` changed. A slab in the hand is taken from in place, without its take right:
+//!   [`SlabFreelist::steal_all`] for a refill, [`SlabFreelist::pop_any`] for the shared path. The ABA tag in the
+//!   slab's state word makes that safe against whoever holds the take right, and a stale name harmless.
+//!
+//! Who can meet whom (each shrink is alone on its cache: the `shrinking` flag):
+//!
+//! - *alloc (refill or shared) on another thread × shrink*: at most one slab is off the lists, named; the
+//!   allocation pops the lists or, finding nothing, rescues from the hand. A shrink that keeps moving while the
+//!   rescue looks makes it look again (at most `RESCUE_LOOKS` times: only a shrink that moves slabs faster than
+//!   a rescue can look, sixty-four times in a row, could still make it fail).
+//! - *alloc in a signal handler × a shrink it interrupted on the same thread* (trim, or an out-of-pages reclaim
+//!   in the interrupted allocation): the shrink is frozen, so the rescue's first look is complete. If it froze
+//!   between its kill of an empty slab and the page allocator's taking back the pages, those pages are in
+//!   nobody's hands for that moment (the page allocator has the same window inside `free_run`): a handler that
+//!   needs exactly them fails. That is the one window left.
+//! - *free × shrink*: a free onto a slab in the hand sees it `LISTED` and does not list it; the shrink puts it
+//!   back. A free that read `active` before the flip lists its slab on the list being drained; the shrink
+//!   takes it with the rest (its pass is bounded by the number of slabs, plus slack for these).
+//! - *rescue × shrink's decision*: a steal makes `used` non-zero, so the shrink's `try_kill` fails and the slab
+//!   is kept; a killed slab is `DEAD` and gives nothing to a rescue.
+//! - *rescue × a holder of the take right* (a refill or shared allocation that popped the named slab first):
+//!   both change the state word by tagged CAS; the holder finds the list emptied and unlists the slab.
+//! - *shrink × shrink* (trim, the worker, reclaims on several threads): one runs, the others skip (`shrink`) or
+//!   wait (`shrink_wait`: trim and destroy, normal context only).
+//! - *destroy*: claims every thread's list, then waits for any shrink and shrinks with no reserve; allocating
+//!   from a cache being destroyed is the caller's bug (destroy takes the handle).
+//!
+//! Other short windows where a slab with free objects is off the lists remain and are not covered by the
+//! rescue: a refill between popping a slab and taking its objects, the shared path while it holds a slab to
+//! take one object, and a free between listing a slab (its CAS) and pushing it on a list. Each is a few
+//! instructions on one slab.
+//!
+//! # Free-list checks and hardened caches
+//!
+//! Free lists are walked, and so checked, on the slow paths only (`check_chain`: each link an object of the
+//! cache, no loop, the counted length; damage is cut out and reported, never followed): a flush checks the
+//! whole thread list, a refill the chain it takes, a deferred drain its chain, and a shrink verifies that a
+//! slab counting no object in use really has all of them on its list before it releases it (`verify_empty`).
+//! That is what catches a double free not at the head of a list (it makes the list loop). Hardened caches
+//! (`FLAG_HARDENED`) store links encoded ([`LinkCodec`]) with a per-cache key, never take the inline fast
+//! paths (the Info word marks their slabs non-plain, `alloc` tests the flag), check every link they pop, and
+//! refuse a free of an object whose link word decodes to a link (`free_hardened`). The full account of what
+//! each mode catches is in the `debug` module.
 //!
 //! # Ordering
 //!
@@ -54,17 +113,22 @@ use crate::hooks::{self, Point};
 use crate::page::Gfp;
 use crate::page::desc::{Info, Kind};
 use crate::sync::local_lock::TryLock;
-use crate::sync::slab_freelist::{Geometry, LISTED, PushError, State};
-use crate::sync::tagged::{self, TaggedStack};
+use crate::sync::slab_freelist::{Geometry, LISTED, LinkCodec, PushError, State};
+use crate::sync::tagged::TaggedStack;
 use crate::sys::{PAGE_SHIFT, PAGE_SIZE};
 
 /// Objects of this cache carry red zones, poison and an allocation state (slub_debug).
 pub const FLAG_DEBUG: u32 = 1;
 /// One of the kmalloc size-class caches.
 pub const FLAG_KMALLOC: u32 = 2;
+/// Hardened mode: encoded free-list links, checked on every pop and free (see `debug`).
+pub const FLAG_HARDENED: u32 = 4;
 
 /// Slabs that become empty between two shrinks before the worker is woken early.
 const KICK_AFTER_EMPTY: u64 = 64;
+
+/// Looks a rescue repeats while a shrink keeps moving slabs under it.
+const RESCUE_LOOKS: usize = 64;
 
 /// Largest object a `KmemCache` can hold.
 pub const MAX_OBJECT_SIZE: usize = 1 << 20;
@@ -150,6 +214,8 @@ pub(crate) struct CacheConfig {
     /// log2 of `stride` when the stride is a power of two that divides the slab's alignment and the slab has no
     /// tail: then an address is an object exactly when it is a multiple of the stride (0: otherwise).
     pub stride_shift: u32,
+    /// Hardened caches: the secret that link words are encoded with (0: plain links). Set by `create`.
+    pub key: usize,
 }
 
 impl core::fmt::Debug for Typesafe {
@@ -224,6 +290,7 @@ impl CacheConfig {
             ctor: 0,
             dtor: 0,
             fallback: NO_FALLBACK,
+            key: 0,
             stride_shift: if stride.is_power_of_two()
                 && stride <= slab_pages.min(64) * PAGE_SIZE
                 && capacity * stride == slab_pages * PAGE_SIZE
@@ -285,9 +352,11 @@ pub struct CacheCounters {
     pub failures: AtomicU64,
     /// Allocations failed on purpose by fault injection.
     pub injected: AtomicU64,
-    /// Frees refused as invalid (foreign, interior, double, wrong cache, corrupted red zone).
+    /// Frees refused as invalid (foreign, interior, double, wrong cache, corrupted red zone), and double frees
+    /// found later as a loop in a free list.
     pub bad_frees: AtomicU64,
-    /// Debug-mode findings at allocation time (poison or red zone overwritten while free).
+    /// Damage found in free objects: debug-mode findings at allocation time (poison or red zone overwritten
+    /// while free), and free lists with a damaged link or the wrong length.
     pub debug_errors: AtomicU64,
     /// Slabs created.
     pub slabs_allocated: AtomicU64,
@@ -318,8 +387,16 @@ pub(crate) struct CacheInner {
     cfg: UnsafeCell<CacheConfig>,
     state: AtomicU32,
     id: AtomicU32,
-    /// Slabs with free objects.
-    pub partial: TaggedStack,
+    /// Slabs with free objects: two lists, so that a shrink can move the slabs it keeps from one to the other
+    /// one at a time (see "Shrinking"). Pushes go to `partial[active]`; pops try it first, then the other.
+    partial: [TaggedStack; 2],
+    /// Index of the list pushes go to (0 or 1); a shrink flips it and drains the other one.
+    active: AtomicU32,
+    /// Head page + 1 of the slab a shrink holds off the lists (0: none), named *before* it is taken off, so
+    /// that an allocation that finds no memory can take its objects (`rescue`).
+    hand: AtomicU32,
+    /// Changes of `hand` and `active`: a rescue that saw it unchanged across its look saw every slab.
+    moves: AtomicU64,
     /// Slabs currently owned by the cache.
     pub nr_slabs: AtomicU64,
     /// Event counters.
@@ -335,6 +412,40 @@ pub(crate) struct CacheInner {
 // SAFETY: `cfg` is written only while the slot is reserved (STATE_CREATING, not yet published) and read-only
 // afterwards; everything else is atomic.
 unsafe impl Sync for CacheInner {}
+
+/// What `walk_chain` found.
+#[derive(Clone, Copy, Debug)]
+struct Walk {
+    /// Slots walked (in a sound chain: its length).
+    len: u32,
+    /// The last slot walked.
+    last: usize,
+    /// What is wrong, if anything.
+    damage: Damage,
+}
+
+/// What the shrink may do with a slab that counted no object in use (`verify_empty`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verified {
+    /// Its free list holds every object: it may be released.
+    Empty,
+    /// Keep it: put it back on a list.
+    Keep,
+    /// It is no longer listed (nothing sound left, or listed by someone else): leave it alone.
+    Unlisted,
+}
+
+/// Damage `walk_chain` found in a chain of free slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Damage {
+    /// None: the chain ends in 0.
+    None,
+    /// The slot `at` links to `link`, not a slot (`at` 0: the chain's head `link` is no slot); `before` is the
+    /// slot linking to `at` (0: `at` is the head).
+    Link { before: usize, at: usize, link: usize },
+    /// The chain loops; the loop is `lam` slots long.
+    Loop { lam: u32 },
+}
 
 /// Outcome of the thread-list allocation attempt.
 pub enum Got {
@@ -389,6 +500,41 @@ impl CacheInner {
         unsafe { &*((slot + self.cfg().link_off as usize) as *const core::sync::atomic::AtomicUsize) }
     }
 
+    /// How this cache's link words are stored.
+    #[inline(always)]
+    fn codec(&self) -> LinkCodec {
+        LinkCodec::new(self.cfg().key)
+    }
+
+    /// The decoded successor of the free slot `slot` on whatever list holds it (0: the end).
+    #[inline(always)]
+    fn next_of(&self, slot: usize) -> usize {
+        let at = slot + self.cfg().link_off as usize;
+        self.codec().decode(at, self.link(slot).load(Ordering::Relaxed))
+    }
+
+    /// Make `next` the successor of the free slot `slot`.
+    #[inline(always)]
+    fn set_next(&self, slot: usize, next: usize) {
+        let at = slot + self.cfg().link_off as usize;
+        self.link(slot).store(self.codec().encode(at, next), Ordering::Relaxed);
+    }
+
+    /// Whether `addr` is exactly a slot of a live slab of this cache (of the slab at `slab` if given): what every
+    /// link of a free list must be.
+    fn is_slot(&self, g: &Global, addr: usize, slab: Option<u32>) -> bool {
+        if let Some(head) = slab {
+            return self.index_of(addr.wrapping_sub(g.pages.page_addr(head as usize))).is_some();
+        }
+        if !g.pages.contains(addr) {
+            return false;
+        }
+        let info = g.pages.info_of(addr);
+        info.kind() == Kind::Slab
+            && info.cache_id() == self.id()
+            && self.index_of(addr - g.pages.page_addr(info.head() as usize)).is_some()
+    }
+
     /// Index of the slot at byte offset `rel` from the slab start, if `rel` is exactly a slot start.
     #[inline(always)]
     fn index_of(&self, rel: usize) -> Option<u32> {
@@ -417,6 +563,7 @@ impl CacheInner {
     #[inline(always)]
     pub fn alloc(&self, g: &'static Global, id: u16, flags: Gfp) -> Option<NonNull<u8>> {
         if !g.fault_active()
+            && self.cfg().flags & FLAG_HARDENED == 0
             && let Some(shard) = shard::current_if_any()
         {
             match shard.pc(id).try_pop(self.cfg().link_off as usize) {
@@ -486,8 +633,8 @@ impl CacheInner {
     #[inline(always)]
     pub fn finish_alloc(&self, slot: usize, flags: Gfp) -> NonNull<u8> {
         let c = self.cfg();
-        if c.flags & FLAG_DEBUG != 0 {
-            debug::on_alloc(self, slot);
+        if c.flags & (FLAG_DEBUG | FLAG_HARDENED) != 0 {
+            self.finish_checked(slot);
         }
         let obj = slot + c.obj_off as usize;
         if flags.contains(Gfp::ZERO) {
@@ -496,6 +643,20 @@ impl CacheInner {
         }
         // SAFETY: arena addresses are never null.
         unsafe { NonNull::new_unchecked(obj as *mut u8) }
+    }
+
+    /// `finish_alloc` of a debug or hardened cache: debug checks; a hardened object's link word is cleared, so
+    /// that only a free object's link word decodes to a free-list link (which is how a free spots a double free).
+    #[cold]
+    #[inline(never)]
+    fn finish_checked(&self, slot: usize) {
+        let c = self.cfg();
+        if c.flags & FLAG_DEBUG != 0 {
+            debug::on_alloc(self, slot);
+        }
+        if c.flags & FLAG_HARDENED != 0 {
+            self.link(slot).store(0, Ordering::Relaxed);
+        }
     }
 
     /// Pop a slot from the calling thread's list (claiming a shard on the thread's first call, refilling an
@@ -511,6 +672,9 @@ impl CacheInner {
             };
         };
         let pc = shard.pc(id);
+        if self.cfg().flags & FLAG_HARDENED != 0 {
+            return self.alloc_local_hardened(g, shard, pc);
+        }
         match pc.try_pop(link_off) {
             Pop::Obj(slot) => Got::Obj(slot),
             Pop::ObjDrain(slot) => {
@@ -520,6 +684,36 @@ impl CacheInner {
             Pop::Busy => Got::Busy,
             Pop::Empty => self.refill_and_unlock(g, shard, pc).map_or(Got::Oom, Got::Obj),
         }
+    }
+
+    /// `alloc_local` for a hardened cache: the pop checks that the link it follows decodes to a slot of this
+    /// cache; a damaged link is reported and not followed (the list, its head included, is dropped and leaked,
+    /// and the list is refilled).
+    #[cold]
+    #[inline(never)]
+    fn alloc_local_hardened(&self, g: &Global, shard: &Shard, pc: &PerCpuCache) -> Got {
+        if pc.lock.try_lock() != TryLock::Locked {
+            return Got::Busy;
+        }
+        let head = pc.freelist.load(Ordering::Relaxed);
+        if head != 0 {
+            hooks::point(Point::AllocFast);
+            let next = self.next_of(head);
+            if next == 0 || self.is_slot(g, next, None) {
+                pc.freelist.store(next, Ordering::Relaxed);
+                pc.count.store(pc.count.load(Ordering::Relaxed).wrapping_sub(1), Ordering::Relaxed);
+                bump(&pc.alloc_fast);
+                pc.lock.unlock();
+                if !pc.deferred.is_empty() {
+                    self.drain_deferred(g, shard, pc);
+                }
+                return Got::Obj(head);
+            }
+            pc.freelist.store(0, Ordering::Relaxed);
+            pc.count.store(0, Ordering::Relaxed);
+            self.report_corrupt(head, next);
+        }
+        self.refill_and_unlock(g, shard, pc).map_or(Got::Oom, Got::Obj)
     }
 
     /// The thread's list is empty and the caller holds its lock: refill it, unlock, drain what nested contexts
@@ -544,30 +738,254 @@ impl CacheInner {
             Some(t) => t,
             None => match self.new_slab(g) {
                 Some((head, first)) => (head, first, self.cfg().capacity),
-                None => {
-                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                    return 0;
-                }
+                None => match self.rescue(g, true) {
+                    Some(t) => t,
+                    None => {
+                        self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                        return 0;
+                    }
+                },
             },
         };
         g.pages.desc(head as usize).owner.store(shard.tag(), Ordering::Relaxed);
         hooks::point(Point::AllocRefill);
-        pc.freelist.store(self.link(first).load(Ordering::Relaxed), Ordering::Relaxed);
+        pc.freelist.store(self.next_of(first), Ordering::Relaxed);
         pc.count.store(u32::from(n) - 1, Ordering::Relaxed);
         bump(&pc.alloc_refill);
         first
     }
 
-    /// Pop a partial slab and take all its free objects: (head page, first object, count).
+    /// Put a slab whose `LISTED` flag the caller set (or holds) on the partial list pushes go to.
+    #[inline]
+    fn list_push(&self, g: &Global, head: u32) {
+        let i = self.active.load(Ordering::Relaxed) as usize & 1;
+        self.partial[i].push(head, &g.pages.desc(head as usize).next);
+    }
+
+    /// Pop a slab off the partial lists (the one pushes go to first), taking its take right.
+    #[inline]
+    fn list_pop(&self, g: &Global) -> Option<u32> {
+        let i = self.active.load(Ordering::Relaxed) as usize & 1;
+        let next_of = |i: u32| &g.pages.desc(i as usize).next;
+        self.partial[i].pop(next_of).or_else(|| self.partial[i ^ 1].pop(next_of))
+    }
+
+    /// Pop a partial slab and take all its free objects: (head page, first object, count), checked.
     fn take_partial(&self, g: &Global) -> Option<(u32, usize, u16)> {
-        while let Some(head) = self.partial.pop(|i| &g.pages.desc(i as usize).next) {
+        while let Some(head) = self.list_pop(g) {
             let geo = self.geometry(g, head);
             let (first, n) = g.pages.desc(head as usize).slab.take_all(&geo);
-            if n > 0 {
-                return Some((head, first, n));
+            if let Some(t) = self.checked_chain(g, head, first, n) {
+                return Some(t);
             }
         }
         None
+    }
+
+    /// A chain of `n` objects just taken from the slab at `head`, about to become a thread's list: check it
+    /// (see `check_chain`: every link an object of that slab, no loop, `n` long) and return what is sound.
+    #[inline]
+    fn checked_chain(&self, g: &Global, head: u32, first: usize, n: u16) -> Option<(u32, usize, u16)> {
+        if n == 0 {
+            return None;
+        }
+        let (kept, _) = self.check_chain(g, first, Some(u32::from(n)), Some(head), self.codec());
+        (kept > 0).then_some((head, first, kept as u16))
+    }
+
+    /// Walk the chain of free slots from `first`, whose links are stored through `codec`, checking that `first`
+    /// and every link are slots of this cache (of the slab at `slab` if given) and that the chain does not
+    /// loop (Brent's algorithm: no extra reads on a sound chain). Reads only.
+    ///
+    /// # Context
+    /// Any context; the chain should be the caller's (a probe of a chain others may change gives no
+    /// guarantee, and its caller re-checks that nothing changed before it believes damage).
+    fn walk_chain(&self, g: &Global, first: usize, slab: Option<u32>, codec: LinkCodec) -> Walk {
+        let link_off = self.cfg().link_off as usize;
+        let slab_bytes = (self.cfg().slab_pages as usize) << PAGE_SHIFT;
+        let next_of = |slot: usize| codec.decode(slot + link_off, self.link(slot).load(Ordering::Relaxed));
+        // The slab of the last slot checked: a successor in the same slab needs no descriptor lookup.
+        let mut base = slab.map_or(usize::MAX, |h| g.pages.page_addr(h as usize));
+        let mut is_slot = |addr: usize| {
+            let rel = addr.wrapping_sub(base);
+            if rel < slab_bytes {
+                return self.index_of(rel).is_some();
+            }
+            if slab.is_some() || !self.is_slot(g, addr, None) {
+                return false;
+            }
+            base = g.pages.page_addr(g.pages.info_of(addr).head() as usize);
+            true
+        };
+        if !is_slot(first) {
+            return Walk { len: 0, last: 0, damage: Damage::Link { before: 0, at: 0, link: first } };
+        }
+        let (mut before, mut hare, mut len) = (0usize, first, 1u32);
+        let (mut tortoise, mut power, mut lam) = (first, 1u32, 0u32);
+        loop {
+            let next = next_of(hare);
+            if next == 0 {
+                return Walk { len, last: hare, damage: Damage::None };
+            }
+            if !is_slot(next) {
+                return Walk { len, last: hare, damage: Damage::Link { before, at: hare, link: next } };
+            }
+            before = hare;
+            hare = next;
+            len += 1;
+            lam += 1;
+            if hare == tortoise {
+                return Walk { len, last: hare, damage: Damage::Loop { lam } };
+            }
+            if lam == power {
+                tortoise = hare;
+                power = power.saturating_mul(2);
+                lam = 0;
+            }
+        }
+    }
+
+    /// Walk the chain of free slots from `first` (see `walk_chain`) and make it sound. With `expect`, a sound
+    /// chain must also be that long. Returns how many slots are kept from `first` and the last of them.
+    ///
+    /// On damage the chain is cut where it is still sound, reported, and the rest leaked (counted in use by
+    /// its slab for good), never followed: a link that is not a slot (a write after free) cuts the chain before
+    /// the slot holding it; a loop (a double free, which links the object in front of a list it is already
+    /// on) keeps every slot once and cuts the link that closes the loop.
+    ///
+    /// # Context
+    /// The owner of the chain (it is off every shared list, or its slab's take right is held); any context.
+    #[inline(never)]
+    fn check_chain(
+        &self,
+        g: &Global,
+        first: usize,
+        expect: Option<u32>,
+        slab: Option<u32>,
+        codec: LinkCodec,
+    ) -> (u32, usize) {
+        let link_off = self.cfg().link_off as usize;
+        let next_of = |slot: usize| codec.decode(slot + link_off, self.link(slot).load(Ordering::Relaxed));
+        let cut = |slot: usize| self.link(slot).store(codec.encode(slot + link_off, 0), Ordering::Relaxed);
+        let w = self.walk_chain(g, first, slab, codec);
+        match w.damage {
+            Damage::None => {
+                if let Some(n) = expect
+                    && n != w.len
+                {
+                    self.report_length(n, w.len);
+                }
+                (w.len, w.last)
+            }
+            Damage::Link { before, at, link } => {
+                // `at` was written after it was freed (0: the chain's head is no slot): drop it and what follows.
+                self.report_corrupt(at, link);
+                if before == 0 {
+                    return (0, 0);
+                }
+                cut(before);
+                (w.len - 1, before)
+            }
+            Damage::Loop { lam } => self.cut_loop(first, lam, &next_of, &cut),
+        }
+    }
+
+    /// `check_chain` found a loop of length `lam`: find where it starts (the object linked twice), keep every
+    /// slot once, report. Returns (slots kept, last kept).
+    #[cold]
+    #[inline(never)]
+    fn cut_loop(&self, first: usize, lam: u32, next_of: &dyn Fn(usize) -> usize, cut: &dyn Fn(usize)) -> (u32, usize) {
+        let mut ahead = first;
+        for _ in 0..lam {
+            ahead = next_of(ahead);
+        }
+        let (mut start, mut mu) = (first, 0u32);
+        while start != ahead {
+            start = next_of(start);
+            ahead = next_of(ahead);
+            mu += 1;
+        }
+        // `start` is the first slot of the loop; the slot `lam - 1` links after it closes the loop.
+        let mut last = start;
+        for _ in 1..lam {
+            last = next_of(last);
+        }
+        cut(last);
+        self.counters.bad_frees.fetch_add(1, Ordering::Relaxed);
+        debug::report_freelist_loop(self.name(), start + self.cfg().obj_off as usize);
+        (mu + lam, last)
+    }
+
+    /// The partial lists and the page allocator had nothing: before declaring the cache out of memory, look
+    /// again, and take the objects of the slab a shrink holds (see "Shrinking"). Returns a slab's head page and
+    /// a chain of free objects it gave (`steal`: all of them, as `take_all`; otherwise one).
+    ///
+    /// A shrink moves each slab from one list, to its hand, to the other list (or releases it). Looking at the
+    /// lists, the hand, then the lists again follows that direction, so a slab the shrink moves meanwhile is
+    /// seen at one of the three looks; a look during which `moves` changed (the shrink started a pass or
+    /// took the next slab) is repeated, a bounded number of times. A signal handler that interrupted the
+    /// shrink on its own thread sees it frozen, so its first look is complete.
+    #[cold]
+    #[inline(never)]
+    fn rescue(&self, g: &Global, steal: bool) -> Option<(u32, usize, u16)> {
+        for _ in 0..RESCUE_LOOKS {
+            // Acquire: pairs with the Release increments in `shrink_locked`, which follow each hand change.
+            let seen = self.moves.load(Ordering::Acquire);
+            if let Some(t) = self.take_from_lists(g, steal) {
+                return Some(t);
+            }
+            // Acquire: pairs with the Release store that named the slab (made before it left its list).
+            let hand = self.hand.load(Ordering::Acquire);
+            if let Some(head) = hand.checked_sub(1)
+                && let Some(t) = self.take_from_named(g, head, steal)
+            {
+                return Some(t);
+            }
+            if let Some(t) = self.take_from_lists(g, steal) {
+                return Some(t);
+            }
+            // Acquire: as above. Unchanged: the shrink named no other slab while we looked, so a slab it moved
+            // was seen at one of the three looks (a list pop that saw it gone synchronises with the `pop_if`
+            // that took it, which follows its naming).
+            if self.moves.load(Ordering::Acquire) == seen {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// One slab's objects from the partial lists: all of them (`steal`) or one, with the slab put back.
+    fn take_from_lists(&self, g: &Global, steal: bool) -> Option<(u32, usize, u16)> {
+        if steal {
+            return self.take_partial(g);
+        }
+        self.pop_partial_one(g).map(|(head, slot)| (head, slot, 1))
+    }
+
+    /// Objects of slab `head`, named by a shrink that may hold its take right: only if it is still a live slab
+    /// of this cache (the tag in its state word makes a stale name harmless).
+    fn take_from_named(&self, g: &Global, head: u32, steal: bool) -> Option<(u32, usize, u16)> {
+        let d = g.pages.desc(head as usize);
+        // The state first (Acquire: pairs with `init`'s Release, which follows the slab's `set_info`), then the
+        // owner: a slab reused since by another cache shows that cache's info, an older state fails the CAS.
+        let _ = d.slab.load();
+        let info = d.info();
+        if info.kind() != Kind::Slab || info.cache_id() != self.id() || info.head() != head {
+            return None;
+        }
+        let geo = self.geometry(g, head);
+        if steal {
+            let (first, n) = d.slab.steal_all(&geo);
+            return self.checked_chain(g, head, first, n);
+        }
+        match d.slab.pop_any(&geo, self.codec()) {
+            Ok(Some(slot)) => Some((head, slot, 1)),
+            Ok(None) => None,
+            Err(e) => {
+                self.report_corrupt(e.obj, e.link);
+                None
+            }
+        }
     }
 
     /// Allocate without a thread list: one object from a partial slab, or a new slab. Any context.
@@ -580,35 +998,48 @@ impl CacheInner {
     }
 
     fn alloc_shared_inner(&self, g: &Global) -> Option<usize> {
-        loop {
-            if let Some(head) = self.partial.pop(|i| &g.pages.desc(i as usize).next) {
-                hooks::point(Point::AllocShared);
-                let d = g.pages.desc(head as usize);
-                match d.slab.pop_one(&self.geometry(g, head)) {
-                    Some((slot, emptied)) => {
-                        if !emptied {
-                            self.partial.push(head, &d.next);
-                        }
-                        return Some(slot);
-                    }
-                    None => continue,
-                }
-            }
-            let Some((head, first)) = self.new_slab(g) else {
-                self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                return None;
-            };
-            let d = g.pages.desc(head as usize);
-            if self.cfg().capacity > 1 {
-                let second = self.link(first).load(Ordering::Relaxed);
-                let idx = ((second - g.pages.page_addr(head as usize)) / self.cfg().stride as usize) as u32;
-                d.slab.init(State::new(idx + 1, 1, LISTED));
-                self.partial.push(head, &d.next);
-            } else {
-                d.slab.init(State::new(0, 1, 0));
-            }
-            return Some(first);
+        if let Some((_, slot)) = self.pop_partial_one(g) {
+            return Some(slot);
         }
+        let Some((head, first)) = self.new_slab(g) else {
+            return match self.rescue(g, false) {
+                Some((_, slot, _)) => Some(slot),
+                None => {
+                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+            };
+        };
+        let d = g.pages.desc(head as usize);
+        if self.cfg().capacity > 1 {
+            let second = self.next_of(first);
+            let idx = ((second - g.pages.page_addr(head as usize)) / self.cfg().stride as usize) as u32;
+            d.slab.init(State::new(idx + 1, 1, LISTED));
+            self.list_push(g, head);
+        } else {
+            d.slab.init(State::new(0, 1, 0));
+        }
+        Some(first)
+    }
+
+    /// Pop a partial slab, take one object, put the slab back unless it is now empty: (head page, object).
+    fn pop_partial_one(&self, g: &Global) -> Option<(u32, usize)> {
+        while let Some(head) = self.list_pop(g) {
+            hooks::point(Point::AllocShared);
+            let d = g.pages.desc(head as usize);
+            match d.slab.pop_one_coded(&self.geometry(g, head), self.codec()) {
+                Ok(Some((slot, emptied))) => {
+                    if !emptied {
+                        self.list_push(g, head);
+                    }
+                    return Some((head, slot));
+                }
+                // Found empty (someone without the take right emptied it) and unlisted: drop it.
+                Ok(None) => continue,
+                Err(e) => self.report_corrupt(e.obj, e.link),
+            }
+        }
+        None
     }
 
     /// Carve a new slab; all its objects are in use by the caller as one chain from the returned first slot.
@@ -624,7 +1055,9 @@ impl CacheInner {
             }
         };
         hooks::point(Point::SlabNew);
-        let info = Info::slab(self.id(), head as u32, c.flags & FLAG_DEBUG != 0, c.stride_shift);
+        // Debug and hardened slabs are not "plain": the free fast path sends their objects to the full path.
+        let checked = c.flags & (FLAG_DEBUG | FLAG_HARDENED) != 0;
+        let info = Info::slab(self.id(), head as u32, checked, c.stride_shift);
         for p in head..head + pages {
             g.pages.desc(p).set_info(info);
         }
@@ -640,7 +1073,7 @@ impl CacheInner {
             }
             // The constructor runs once per object per slab life; the link it may overwrite is written after.
             c.construct(slot + c.obj_off as usize);
-            self.link(slot).store(next, Ordering::Relaxed);
+            self.set_next(slot, next);
         }
         d.slab.init(State::new(0, c.capacity, 0));
         self.nr_slabs.fetch_add(1, Ordering::Relaxed);
@@ -702,6 +1135,9 @@ impl CacheInner {
     /// slot is already the head of this thread's list: the cheap double-free check SLUB also makes.
     #[inline(never)]
     pub fn free_slot(&self, g: &'static Global, id: u16, slot: usize) -> bool {
+        if self.cfg().flags & FLAG_HARDENED != 0 {
+            return self.free_hardened(g, id, slot);
+        }
         match shard::current(g) {
             Some(shard) => self.free_to_list(g, shard, id, slot, false),
             None => {
@@ -786,7 +1222,52 @@ impl CacheInner {
         let count = pc.count.load(Ordering::Relaxed) + 1;
         pc.push_locked(slot, head, count, c.link_off as usize);
         if count > c.high {
-            self.flush(g, shard, pc, count - c.high / 2);
+            self.flush(g, shard, pc, c.high / 2);
+        }
+        pc.lock.unlock();
+        if !pc.deferred.is_empty() {
+            self.drain_deferred(g, shard, pc);
+        }
+        true
+    }
+
+    /// `free_slot` for a hardened cache. The slot's link word tells whether it is free already: an allocated
+    /// object's was cleared at allocation (or holds the user's data), a free one's decodes to 0 or to a slot of
+    /// this cache — whichever list holds it, this thread's, another's, or a slab's. Such a free is refused (a
+    /// double free; false). Otherwise the slot goes on this thread's list with an encoded link, or takes the
+    /// same detours as the plain path (deferred, shared).
+    #[cold]
+    #[inline(never)]
+    fn free_hardened(&self, g: &'static Global, id: u16, slot: usize) -> bool {
+        let now = self.next_of(slot);
+        if now == 0 || self.is_slot(g, now, None) {
+            return false;
+        }
+        let Some(shard) = shard::current(g) else {
+            self.free_shared(g, slot);
+            return true;
+        };
+        let pc = shard.pc(id);
+        match pc.lock.try_lock() {
+            TryLock::Locked => {}
+            TryLock::Busy => {
+                self.free_deferred(pc, slot);
+                return true;
+            }
+            TryLock::Claimed => {
+                self.free_shared(g, slot);
+                return true;
+            }
+        }
+        hooks::point(Point::FreeFast);
+        let c = self.cfg();
+        let count = pc.count.load(Ordering::Relaxed) + 1;
+        self.set_next(slot, pc.freelist.load(Ordering::Relaxed));
+        pc.freelist.store(slot, Ordering::Relaxed);
+        pc.count.store(count, Ordering::Relaxed);
+        bump(&pc.free_fast);
+        if count > c.high {
+            self.flush(g, shard, pc, c.high / 2);
         }
         pc.lock.unlock();
         if !pc.deferred.is_empty() {
@@ -806,6 +1287,25 @@ impl CacheInner {
                 Err(e)
             }
         }
+    }
+
+    /// A free list of this cache was found damaged at the slot `obj`, whose link word held `link` (decoded),
+    /// not a slot of the cache (`obj` 0: the list's head itself is `link`): count and report it. The caller cut
+    /// the list there.
+    #[cold]
+    #[inline(never)]
+    fn report_corrupt(&self, obj: usize, link: usize) {
+        self.counters.debug_errors.fetch_add(1, Ordering::Relaxed);
+        let obj = if obj == 0 { 0 } else { obj + self.cfg().obj_off as usize };
+        debug::report_corrupt_link(self.name(), obj, link);
+    }
+
+    /// A free list of this cache holds `found` objects where its owner counted `counted`: count and report it.
+    #[cold]
+    #[inline(never)]
+    fn report_length(&self, counted: u32, found: u32) {
+        self.counters.debug_errors.fetch_add(1, Ordering::Relaxed);
+        debug::report_freelist_length(self.name(), u64::from(counted), u64::from(found));
     }
 
     /// A double free caught by `free_slot`: count it and build the error.
@@ -832,25 +1332,44 @@ impl CacheInner {
         self.push_run(g, head, slot, slot, 1, 0);
     }
 
-    /// Give `n` objects from the head of the thread's list back to their slabs. Busy flag held.
+    /// Give the objects of the thread's list back to their slabs, all but `keep` (from the head). Busy flag held.
+    ///
+    /// The whole list is checked first (`check_chain`: every link a slot of this cache, no loop, as long as
+    /// counted), so that a double free or a damaged link found here is cut out before it reaches a slab.
     #[cold]
     #[inline(never)]
-    fn flush(&self, g: &Global, shard: &Shard, pc: &PerCpuCache, n: u32) {
+    fn flush(&self, g: &Global, shard: &Shard, pc: &PerCpuCache, keep: u32) {
         hooks::point(Point::FreeFlush);
         let slab_bytes = (self.cfg().slab_pages as usize) << PAGE_SHIFT;
-        let mut left = n;
         let mut obj = pc.freelist.load(Ordering::Relaxed);
+        let counted = pc.count.load(Ordering::Relaxed);
+        let len = if obj != 0 {
+            self.check_chain(g, obj, Some(counted), None, self.codec()).0
+        } else {
+            if counted != 0 {
+                self.report_length(counted, 0);
+            }
+            0
+        };
+        if len != counted {
+            if len == 0 {
+                pc.freelist.store(0, Ordering::Relaxed);
+                obj = 0;
+            }
+            pc.count.store(len, Ordering::Relaxed);
+        }
+        let mut left = len.saturating_sub(keep);
         while left > 0 && obj != 0 {
             let head = g.pages.info_of(obj).head();
             let base = g.pages.page_addr(head as usize);
             let first = obj;
             let mut last = obj;
             let mut k: u16 = 1;
-            let mut next = self.link(obj).load(Ordering::Relaxed);
+            let mut next = self.next_of(obj);
             left -= 1;
             while left > 0 && next != 0 && next.wrapping_sub(base) < slab_bytes && k < u16::MAX {
                 last = next;
-                next = self.link(next).load(Ordering::Relaxed);
+                next = self.next_of(next);
                 k += 1;
                 left -= 1;
             }
@@ -869,10 +1388,10 @@ impl CacheInner {
         let geo = self.geometry(g, head);
         let idx = ((first - geo.base) / geo.stride) as u32;
         // SAFETY: the chain's objects belong to this slab (checked at free time) and are given up by the caller.
-        match unsafe { d.slab.push_chain(&geo, idx, last, k) } {
+        match unsafe { d.slab.push_chain_coded(&geo, self.codec(), idx, last, k) } {
             Ok(p) => {
                 if p.listed_now {
-                    self.partial.push(head, &d.next);
+                    self.list_push(g, head);
                 }
                 if p.empty_now {
                     let events = self.counters.empty_events.fetch_add(1, Ordering::Relaxed) + 1;
@@ -914,9 +1433,11 @@ impl CacheInner {
                 if locked {
                     pc.lock.unlock();
                 }
-                // A claimed list: return the deferred objects straight to their slabs.
+                // A claimed list: return the deferred objects straight to their slabs (checked like any chain;
+                // the deferred list's links are plain, written by `Llist`).
+                let n = if chain == 0 { 0 } else { self.check_chain(g, chain, None, None, LinkCodec::PLAIN).0 };
                 let mut obj = chain;
-                while obj != 0 {
+                for _ in 0..n {
                     let next = self.link(obj).load(Ordering::Relaxed);
                     self.free_shared(g, obj);
                     obj = next;
@@ -927,9 +1448,9 @@ impl CacheInner {
                 continue;
             }
             hooks::point(Point::DeferredDrain);
-            let count = self.splice(pc, chain);
+            let count = self.splice(g, pc, chain);
             if count > self.cfg().high {
-                self.flush(g, shard, pc, count - self.cfg().high / 2);
+                self.flush(g, shard, pc, self.cfg().high / 2);
             }
             pc.lock.unlock();
             if pc.deferred.is_empty() {
@@ -938,18 +1459,24 @@ impl CacheInner {
         }
     }
 
-    /// Put a chain taken from the deferred list (non-empty, linked through link words) in front of the thread's
-    /// list; returns the list's new length. The caller has exclusive use of `pc`.
-    fn splice(&self, pc: &PerCpuCache, chain: usize) -> u32 {
-        let mut tail = chain;
-        let mut n = 1;
-        while let next = self.link(tail).load(Ordering::Relaxed)
-            && next != 0
-        {
-            tail = next;
-            n += 1;
+    /// Put a chain taken from the deferred list (non-empty, linked through plain link words by `Llist`) in
+    /// front of the thread's list; returns the list's new length. The chain is checked on the way (a loop —
+    /// an object freed twice while the list was busy — or a damaged link is cut out), and a hardened cache's
+    /// links are encoded. The caller has exclusive use of `pc`.
+    fn splice(&self, g: &Global, pc: &PerCpuCache, chain: usize) -> u32 {
+        let (n, tail) = self.check_chain(g, chain, None, None, LinkCodec::PLAIN);
+        if n == 0 {
+            return pc.count.load(Ordering::Relaxed);
         }
-        self.link(tail).store(pc.freelist.load(Ordering::Relaxed), Ordering::Relaxed);
+        if self.codec().is_hardened() {
+            let mut obj = chain;
+            for _ in 1..n {
+                let next = self.link(obj).load(Ordering::Relaxed);
+                self.set_next(obj, next);
+                obj = next;
+            }
+        }
+        self.set_next(tail, pc.freelist.load(Ordering::Relaxed));
         pc.freelist.store(chain, Ordering::Relaxed);
         let count = pc.count.load(Ordering::Relaxed) + n;
         pc.count.store(count, Ordering::Relaxed);
@@ -961,9 +1488,11 @@ impl CacheInner {
     /// lock flags are left as they were.
     pub fn drain_pc(&self, g: &Global, shard: &Shard, pc: &PerCpuCache) {
         let deferred = pc.deferred.take_all();
-        let count = if deferred != 0 { self.splice(pc, deferred) } else { pc.count.load(Ordering::Relaxed) };
-        if count > 0 {
-            self.flush(g, shard, pc, count);
+        if deferred != 0 {
+            self.splice(g, pc, deferred);
+        }
+        if pc.count.load(Ordering::Relaxed) != 0 || pc.freelist.load(Ordering::Relaxed) != 0 {
+            self.flush(g, shard, pc, 0);
         }
     }
 
@@ -973,9 +1502,9 @@ impl CacheInner {
 
     /// Release entirely free slabs beyond `keep` to the page allocator. Returns the number released.
     ///
-    /// Lock-free (it only pops and pushes the partial list and CASes slab states), so it may also run on an
-    /// allocation path that is out of pages. While it holds the partial list, concurrent allocations see it
-    /// empty and carve new slabs (or, out of pages, fail): it holds it for one pass over the list.
+    /// Lock-free (it only pops and pushes the partial lists and CASes slab states), so it may also run on an
+    /// allocation path that is out of pages. It holds at most one slab at a time, named in the cache's hand,
+    /// whose objects an allocation that finds no memory can still take (see "Shrinking" and `rescue`).
     pub fn shrink(&self, g: &Global, keep: usize) -> usize {
         if self.shrinking.swap(true, Ordering::Acquire) {
             return 0;
@@ -995,28 +1524,93 @@ impl CacheInner {
         self.shrink_locked(g, keep)
     }
 
+    /// The pass itself; the caller set `shrinking`. See "Shrinking" in the module documentation.
     fn shrink_locked(&self, g: &Global, keep: usize) -> usize {
         let events = self.counters.empty_events.load(Ordering::Relaxed);
         let mut released = 0;
         let mut kept_empty = 0;
-        let mut cur = self.partial.take_all();
-        while let Some(head) = cur {
+        // Pushes and pops now start with the other list; this one only drains (into the other).
+        let src = self.active.load(Ordering::Relaxed) as usize & 1;
+        let dst = src ^ 1;
+        self.active.store(dst as u32, Ordering::Relaxed);
+        // Release: a rescue that sees this count sees the flip.
+        self.moves.fetch_add(1, Ordering::Release);
+        let next_of = |i: u32| &g.pages.desc(i as usize).next;
+        // Frees that read `active` before the flip may still list a slab on `src`: bound the pass.
+        let mut budget = self.nr_slabs.load(Ordering::Relaxed) + 64;
+        while budget > 0
+            && let Some(head) = self.partial[src].peek()
+        {
+            budget -= 1;
+            // Name the slab before taking it off the list (Release: pairs with the Acquire load in `rescue`),
+            // so that at every instant it is on a list or in the hand.
+            self.hand.store(head + 1, Ordering::Release);
+            // Release: pairs with the rescue's Acquire loads of `moves` (a look that overlaps this is repeated).
+            self.moves.fetch_add(1, Ordering::Release);
+            if !self.partial[src].pop_if(head, next_of) {
+                continue;
+            }
+            hooks::point(Point::Shrink);
             let d = g.pages.desc(head as usize);
-            cur = tagged::decode_link(d.next.load(Ordering::Relaxed));
             let state = d.slab.load();
-            if state.used() == 0 && state.flags() & LISTED != 0 {
-                if kept_empty >= keep && d.slab.try_kill() {
-                    self.release_slab(g, head);
-                    released += 1;
-                    continue;
+            if state.used() == 0 && kept_empty >= keep {
+                match self.verify_empty(g, head, state) {
+                    Verified::Empty => {
+                        if d.slab.try_kill() {
+                            self.release_slab(g, head);
+                            released += 1;
+                            continue;
+                        }
+                    }
+                    Verified::Keep => {}
+                    Verified::Unlisted => continue,
                 }
+            } else if state.used() == 0 {
                 kept_empty += 1;
             }
-            self.partial.push(head, &d.next);
+            // Still `LISTED` (a rescue that took its objects leaves the flag): back on a list, then unnamed.
+            self.partial[dst].push(head, &d.next);
         }
+        // Release: as in the loop (the last slab is on a list before the hand is cleared).
+        self.hand.store(0, Ordering::Release);
+        self.moves.fetch_add(1, Ordering::Release);
         self.shrunk_at.store(events, Ordering::Relaxed);
         self.shrinking.store(false, Ordering::Release);
         released
+    }
+
+    /// The slab at `head`, held by the shrink, counted no object in use (`state`): before it is released, check
+    /// that its free list really holds all its objects — a double free that reached the slab makes the count
+    /// lie while an object is still live. Reads only, unless it finds damage; then, if the slab did not change
+    /// meanwhile (a rescue may steal from it, which makes it non-empty anyway), its objects are taken, the list
+    /// is cut to its sound part (reported) and pushed back, which makes the count true again.
+    #[inline(never)]
+    fn verify_empty(&self, g: &Global, head: u32, state: State) -> Verified {
+        let geo = self.geometry(g, head);
+        let d = g.pages.desc(head as usize);
+        let first = state.head_enc().checked_sub(1).map_or(0, |i| geo.obj(i));
+        let w = self.walk_chain(g, first, Some(head), self.codec());
+        if w.damage == Damage::None && w.len == u32::from(geo.capacity) {
+            return Verified::Empty;
+        }
+        if d.slab.load() != state {
+            return Verified::Keep;
+        }
+        let (first, n) = d.slab.take_all(&geo);
+        let (kept, last) =
+            if n == 0 { (0, 0) } else { self.check_chain(g, first, Some(u32::from(n)), Some(head), self.codec()) };
+        if kept == 0 {
+            // Nothing sound is left to list: the slab stays off the lists, its objects leaked.
+            return Verified::Unlisted;
+        }
+        let idx = geo.index_of(first).expect("a checked chain starts at a slot of the slab");
+        // SAFETY: the chain's `kept` slots belong to the slab and were just taken from it (counted in use).
+        match unsafe { d.slab.push_chain_coded(&geo, self.codec(), idx, last, kept as u16) } {
+            // Unlisted by the take, listed again by this push: the shrink puts it on a list.
+            Ok(p) if p.listed_now => Verified::Keep,
+            // A push that raced ours (another double free) listed it, or the push was refused.
+            _ => Verified::Unlisted,
+        }
     }
 
     /// Give a dead slab's pages back: at once, or for a type-safe cache after a grace period (the slab's page
@@ -1141,9 +1735,9 @@ pub struct CacheStats {
     pub failures: u64,
     /// Allocations failed on purpose by fault injection.
     pub injected_failures: u64,
-    /// Frees refused as invalid.
+    /// Frees refused as invalid, and double frees found later as a loop in a free list.
     pub bad_frees: u64,
-    /// Debug-mode findings at allocation time.
+    /// Damage found in free objects: debug-mode findings at allocation time, damaged free lists.
     pub debug_errors: u64,
     /// Slabs owned now.
     pub slabs: u64,
@@ -1318,11 +1912,21 @@ pub fn create(g: &Global, cfg: CacheConfig) -> Result<u16, CacheError> {
     };
     let c = g.cache(id);
     shard::reset_all(g, id);
+    let mut cfg = cfg;
+    if cfg.flags & (FLAG_KMALLOC | FLAG_DEBUG) == FLAG_KMALLOC && debug::hardened_default() {
+        // Hardened kmalloc classes: their fast paths, which follow plain links, are turned off.
+        cfg.flags |= FLAG_HARDENED;
+        g.slow_flags.fetch_or(debug::SLOW_HARDENED, Ordering::Relaxed);
+    }
+    if cfg.flags & FLAG_HARDENED != 0 {
+        cfg.key = debug::random_key();
+    }
     // SAFETY: the slot is reserved (STATE_CREATING): nobody reads its configuration until it is published.
     unsafe { c.cfg.get().write(cfg) };
     c.id.store(u32::from(id), Ordering::Relaxed);
     c.nr_slabs.store(0, Ordering::Relaxed);
     c.shrunk_at.store(0, Ordering::Relaxed);
+    c.hand.store(0, Ordering::Relaxed);
     reset_counters(&c.counters);
     c.fault.every_nth.store(0, Ordering::Relaxed);
     c.fault.prob.store(0, Ordering::Relaxed);

@@ -46,8 +46,8 @@ use crate::page::Gfp;
 use crate::page::desc::Kind;
 use crate::rcu::srcu::SrcuFast;
 use cache::{
-    CacheConfig, CacheError, CacheName, CacheStats, DestroyReport, FLAG_DEBUG, MAX_ALIGN, MAX_OBJECT_SIZE, NO_FALLBACK,
-    Typesafe,
+    CacheConfig, CacheError, CacheName, CacheStats, DestroyReport, FLAG_DEBUG, FLAG_HARDENED, MAX_ALIGN,
+    MAX_OBJECT_SIZE, NO_FALLBACK, Typesafe,
 };
 
 /// A cache of fixed-size objects (the kernel's `struct kmem_cache`), allocated and freed from any context.
@@ -79,6 +79,7 @@ pub struct KmemCacheBuilder<'a> {
     layout: Layout,
     freeptr_offset: usize,
     debug: Option<bool>,
+    hardened: Option<bool>,
     flags: SlabFlags,
     srcu: Option<&'static SrcuFast>,
     ctor: Option<fn(NonNull<u8>)>,
@@ -102,6 +103,10 @@ impl SlabFlags {
     pub const TYPESAFE_BY_SRCU_FAST: SlabFlags = SlabFlags(2);
     /// slub_debug checks for this cache (see [`crate::debug`]).
     pub const DEBUG: SlabFlags = SlabFlags(4);
+    /// Hardened free lists (the kernel's `SLAB_FREELIST_HARDENED`, mimalloc's secure mode): links stored
+    /// encoded with a per-cache secret, checked on every pop, and a free of an object that is already free
+    /// refused. See "Hardened mode" in [`crate::debug`]. Default: [`crate::debug::hardened_default`].
+    pub const HARDENED: SlabFlags = SlabFlags(8);
 
     /// Whether every flag in `other` is set.
     pub const fn contains(self, other: SlabFlags) -> bool {
@@ -146,6 +151,19 @@ impl<'a> KmemCacheBuilder<'a> {
         if flags.contains(SlabFlags::DEBUG) {
             self.debug = Some(true);
         }
+        if flags.contains(SlabFlags::HARDENED) {
+            self.hardened = Some(true);
+        }
+        self
+    }
+
+    /// Force hardened mode on or off for this cache (default: [`crate::debug::hardened_default`], i.e.
+    /// `NOLOCK_HARDENED`).
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
+    pub fn hardened(mut self, on: bool) -> Self {
+        self.hardened = Some(on);
         self
     }
 
@@ -211,7 +229,8 @@ impl<'a> KmemCacheBuilder<'a> {
         let g = cache::global_or_err()?;
         crate::init_normal_context();
         let debug = self.debug.unwrap_or_else(|| g.kmalloc_debug());
-        let flags = if debug { FLAG_DEBUG } else { 0 };
+        let hardened = self.hardened.unwrap_or_else(debug::hardened_default);
+        let flags = if debug { FLAG_DEBUG } else { 0 } | if hardened { FLAG_HARDENED } else { 0 };
         let mut cfg = CacheConfig::new(self.name, size, align, self.freeptr_offset, flags);
         cfg.typesafe = if self.flags.contains(SlabFlags::TYPESAFE_BY_SRCU_FAST) {
             Typesafe::Srcu(self.srcu.unwrap_or(&crate::rcu::tasks_trace::RCU_TASKS_TRACE).state())
@@ -272,6 +291,7 @@ impl KmemCache {
             layout,
             freeptr_offset: 0,
             debug: None,
+            hardened: None,
             flags: SlabFlags::NONE,
             srcu: None,
             ctor: None,

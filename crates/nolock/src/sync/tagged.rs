@@ -117,6 +117,40 @@ impl TaggedStack {
         }
     }
 
+    /// The index on top of the stack right now, if any (a snapshot: another context may pop it at once).
+    ///
+    /// # Context
+    /// Any context: one atomic load.
+    #[inline]
+    pub fn peek(&self) -> Option<u32> {
+        // Acquire: pairs with the Release CAS of the push that published the top.
+        (self.head.load(Ordering::Acquire) as u32).checked_sub(1)
+    }
+
+    /// Pop the top of the stack only if it is `expect`: true if this call took `expect` off the stack. Lets a
+    /// caller announce which node it is about to take before it takes it (see the cache shrink).
+    ///
+    /// # Context
+    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
+    #[inline]
+    pub fn pop_if<'a>(&self, expect: u32, next_of: impl Fn(u32) -> &'a AtomicU32) -> bool {
+        // Acquire: as in `pop`.
+        let mut cur = self.head.load(Ordering::Acquire);
+        loop {
+            if cur as u32 != expect + 1 {
+                return false;
+            }
+            // As in `pop`: a stale link means the tag changed, and the CAS fails.
+            let next = next_of(expect).load(Ordering::Relaxed);
+            let new = pack(next_tag(cur), next);
+            // AcqRel/Acquire: as in `pop`.
+            match self.head.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
     /// Take the whole stack; returns its top index, or `None` when empty. The rest follows through the links.
     ///
     /// # Context
