@@ -316,6 +316,7 @@ fn report_reserve_failure(settings: &Settings, e: MapError) {
     crate::sys::write_stderr(m.as_bytes());
 }
 
+/// Set once a configuration warning was printed (one per process, so that retried initialisations stay quiet).
 static ENV_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Say (once) that an environment variable was not understood, and what is used instead.
@@ -335,6 +336,9 @@ fn checked_arena(n: usize, from: &str) -> usize {
         return n;
     }
     let c = n.clamp(MIN_ARENA_SIZE, MAX_ARENA_SIZE);
+    if ENV_WARNED.swap(true, Ordering::Relaxed) {
+        return c;
+    }
     let mut m = crate::sys::StackBuf::<160>::new();
     let _ = core::fmt::Write::write_fmt(
         &mut m,
@@ -376,7 +380,7 @@ fn resolve(over: Option<&Config>) -> Settings {
         _ => !matches!(crate::sys::getenv(c"NOLOCK_BACKGROUND"), Some(b"0" | b"off")),
     });
     let purge_interval = match over.purge_interval {
-        Some(p) => p.filter(|d| !d.is_zero()),
+        Some(p) => p.filter(|d| !d.is_zero()).map(|d| d.max(Duration::from_millis(1))),
         None => match CFG_PURGE_MS.load(Ordering::Relaxed) {
             PURGE_NEVER => None,
             PURGE_UNSET => env_purge_interval(),
@@ -488,6 +492,12 @@ impl Global {
         if to <= from || unsafe { crate::sys::mlock((base + from) as *mut u8, to - from) }.is_ok() {
             self.shards_locked.store(want, Ordering::Relaxed);
         }
+    }
+
+    /// In a child of `fork` (the atfork child handler): memory locks are not inherited; stop locking.
+    pub fn after_fork_child(&self) {
+        self.pages.after_fork_child();
+        self.shards_locked.store(0, Ordering::Relaxed);
     }
 
     /// Cache ids used so far (an upper bound for scans).

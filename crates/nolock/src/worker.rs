@@ -150,9 +150,13 @@ pub extern "C" fn after_fork_parent() {
     FORK_PENDING.store(false, Ordering::SeqCst);
 }
 
-/// atfork child handler: the worker thread does not exist here.
+/// atfork child handler: the worker thread does not exist here, and neither do the parent's memory locks
+/// (nor its `mlockall(MCL_FUTURE)`), so commits stop being locked.
 pub fn after_fork_child() {
     FORK_PENDING.store(false, Ordering::SeqCst);
     IN_CRITICAL.store(0, Ordering::SeqCst);
     RUNNING_PID.store(0, Ordering::Release);
+    if let Some(g) = global::get_if_init() {
+        g.after_fork_child();
+    }
 }

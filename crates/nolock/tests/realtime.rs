@@ -83,6 +83,21 @@ fn prefault_makes_allocations_fault_free() {
     eprintln!("{out}");
 }
 
+#[test]
+fn pointer_into_the_uncommitted_arena_is_refused() {
+    // The arena is 16 GiB, committed only as it is used: 8 GiB past a fresh object is reserved, never committed.
+    let p = kmalloc_nolock(64, Gfp::NONE).unwrap();
+    let committed = nolock::stats::snapshot().pages.committed_pages * PAGE;
+    assert!(committed < 1 << 30, "committed {} MiB", committed / MIB);
+    let far = (p.as_ptr() as usize + (8usize << 30)) as *mut u8;
+    assert_eq!(nolock::ksize(far), 0);
+    // SAFETY: a bad pointer on purpose: the free must refuse it.
+    let e = unsafe { try_kfree_nolock(far) }.unwrap_err();
+    assert_eq!(e.kind, nolock::FreeErrorKind::NotAllocated, "{e:?}");
+    // SAFETY: our object, freed once.
+    assert_eq!(unsafe { try_kfree_nolock(p.as_ptr()) }, Ok(()));
+}
+
 /// Room for the objects of `allocate_and_touch`, faulted in (so that pushing makes no page fault).
 fn object_list() -> Vec<(usize, usize)> {
     let mut v = vec![(1, 1); 30_000];

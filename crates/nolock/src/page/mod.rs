@@ -40,8 +40,10 @@
 //! make after initialisation. It never waits for user space, but it takes the kernel's `mmap` lock and may
 //! sleep briefly on it. If the kernel refuses the commit, the growth fails like an exhausted arena.
 //!
-//! Addresses past the committed prefix are not part of the arena as far as [`PageAllocator::contains`] is
-//! concerned: nothing was ever allocated there, and their descriptors may not be readable.
+//! The descriptor table is an exception: all of it is readable from the start (`PROT_READ`, which commits
+//! nothing: reads map the kernel's shared zero page), so that checking an arbitrary pointer into the arena
+//! (`kfree_nolock` of a bad pointer, `ksize`) reads a zero, "free", descriptor instead of faulting; and the
+//! free fast path's "is it in the arena?" stays one comparison with a plain field.
 //!
 //! # Returning memory to the OS (off the nolock path)
 //!
@@ -205,8 +207,6 @@ pub(crate) struct PageAllocator {
     layout: MetaLayout,
     /// Words of the arena (with their metadata) committed: `[0, committed)` is readable and writable.
     committed: AtomicUsize,
-    /// `committed` in bytes of arena, for [`contains`](Self::contains).
-    committed_bytes: AtomicUsize,
     /// `MCL_FUTURE` was in effect at reservation: every commit is `mlock`ed, and purging is pointless.
     lock_commits: AtomicBool,
     /// `errno` of the last failed commit (0: none failed).
@@ -330,6 +330,19 @@ impl PageAllocator {
                 crate::sys::munlock(meta as *mut u8, layout.total);
             }
         }
+        // The descriptor table is readable everywhere (module documentation). Unlocked first (above), so this
+        // faults nothing in.
+        let descs = (meta + layout.descs) as *mut u8;
+        // SAFETY: the descriptor part of our fresh metadata reservation, page aligned, used by nothing yet.
+        let readable = unsafe { crate::sys::mprotect_read(descs, layout.total - layout.descs) };
+        if let Err(errno) = readable {
+            // SAFETY: both reservations are ours and unused.
+            unsafe {
+                crate::sys::munmap(meta as *mut u8, layout.total);
+                crate::sys::munmap(base as *mut u8, arena_bytes);
+            }
+            return Err(MapError { what: "page descriptors", bytes: layout.total, errno });
+        }
         let at = |off: usize| (meta + off) as *const AtomicU64;
         Ok(Self {
             base,
@@ -340,7 +353,6 @@ impl PageAllocator {
             meta,
             layout,
             committed: AtomicUsize::new(0),
-            committed_bytes: AtomicUsize::new(0),
             lock_commits: AtomicBool::new(lock_commits),
             commit_errno: AtomicI32::new(0),
             alloc: at(layout.alloc),
@@ -376,6 +388,12 @@ impl PageAllocator {
         self.lock_commits.load(Ordering::Relaxed)
     }
 
+    /// In a child of `fork`: memory locks and `MCL_FUTURE` are not inherited, so stop locking commits (and
+    /// let the purger work again).
+    pub fn after_fork_child(&self) {
+        self.lock_commits.store(false, Ordering::Relaxed);
+    }
+
     /// Largest alignment (bytes) an allocation from this arena can have.
     #[inline]
     pub fn max_align(&self) -> usize {
@@ -388,13 +406,10 @@ impl PageAllocator {
         self.size
     }
 
-    /// Whether `addr` is inside the committed part of the arena (the only part anything was allocated from,
-    /// and the only part whose descriptors can be read).
+    /// Whether `addr` is inside the arena (committed or not: every descriptor can be read).
     #[inline]
     pub fn contains(&self, addr: usize) -> bool {
-        // Relaxed: a pointer into newly committed memory reaches this thread only through the allocation that
-        // committed it, which happens after the store (`commit_range`); coherence then gives us that value.
-        addr.wrapping_sub(self.base) < self.committed_bytes.load(Ordering::Relaxed)
+        addr.wrapping_sub(self.base) < self.size()
     }
 
     /// Page number of an address inside the arena.
@@ -664,7 +679,6 @@ impl PageAllocator {
         }
         // Release: pairs with the Acquire in `committed_words`; whoever sees the new value may use the memory.
         self.committed.fetch_max(to, Ordering::Release);
-        self.committed_bytes.fetch_max(to * WORD_BYTES, Ordering::Release);
         true
     }
 
@@ -1178,12 +1192,14 @@ mod tests {
     fn commit_follows_the_frontier() {
         let p = small();
         assert_eq!(p.stats().committed_pages, 0);
-        assert!(!p.contains(p.base), "nothing committed, nothing inside");
+        // Descriptors of never-committed pages read as free.
+        assert_eq!(p.info_of(p.base + p.size - 1).kind(), Kind::Free);
         let a = p.alloc_run(1, 1).unwrap();
         let st = p.stats();
         assert!(st.committed_pages >= st.active_pages && st.active_pages > 0);
+        assert!(st.committed_pages < 64 * WORD_PAGES, "commits follow the frontier, not the arena");
         assert!(p.contains(p.page_addr(a)));
-        assert!(!p.contains(p.base + st.committed_pages * PAGE_SIZE));
+        assert_eq!(p.info_of(p.base + st.committed_pages * PAGE_SIZE).kind(), Kind::Free);
         // SAFETY: we own the run.
         unsafe { p.free_run(a, 1) };
     }

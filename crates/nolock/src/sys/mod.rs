@@ -78,6 +78,18 @@ pub unsafe fn mprotect_rw(ptr: *mut u8, len: usize) -> Result<(), i32> {
     }
 }
 
+/// Make `[ptr, ptr + len)`, part of a [`mmap_none`] reservation, readable only: reads fault in the shared zero
+/// page (no memory is committed), writes fault. Returns the `errno` on failure. Async-signal-safe (one
+/// `mprotect` system call).
+///
+/// # Safety
+/// The range must be page aligned and inside a reservation this process made and owns, and nothing may be
+/// writing to it.
+pub unsafe fn mprotect_read(ptr: *mut u8, len: usize) -> Result<(), i32> {
+    // SAFETY: forwarded from the caller.
+    if unsafe { libc::mprotect(ptr.cast(), len, libc::PROT_READ) } == 0 { Ok(()) } else { Err(errno()) }
+}
+
 /// Lock `[ptr, ptr + len)` in memory (`mlock`: faults it in and keeps it resident). Returns the `errno` on
 /// failure (`ENOMEM`/`EAGAIN`: over `RLIMIT_MEMLOCK`; `EPERM`: not allowed).
 ///
