@@ -35,6 +35,8 @@ pub enum Point {
     PageFree,
     /// Grace-period machinery and RCU readers (used by the reclamation layer).
     Rcu,
+    /// Page allocator committing more of the arena: after its system calls, before the committed mark moves.
+    PageCommit,
 }
 
 #[cfg(feature = "test-hooks")]

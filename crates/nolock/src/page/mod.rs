@@ -677,6 +677,7 @@ impl PageAllocator {
                 return false;
             }
         }
+        crate::hooks::point(crate::hooks::Point::PageCommit);
         // Release: pairs with the Acquire in `committed_words`; whoever sees the new value may use the memory.
         self.committed.fetch_max(to, Ordering::Release);
         true
