@@ -81,6 +81,9 @@ fn purge_never_keeps_free_pages() {
 fn prefault_makes_allocations_fault_free() {
     let out = run_child("prefault", &[]);
     eprintln!("{out}");
+    // The same through the configuration: NOLOCK_PREFAULT prefaults at initialisation.
+    let out = run_child("prefault-env", &[("NOLOCK_PREFAULT", "64M"), ("NOLOCK_PURGE", "never")]);
+    eprintln!("{out}");
 }
 
 #[test]
@@ -147,6 +150,7 @@ fn child() {
         }
         "purge-on" => child_purge(true),
         "prefault" => child_prefault(),
+        "prefault-env" => child_prefault_env(),
         m => panic!("unknown child mode {m}"),
     }
 }
@@ -262,4 +266,25 @@ fn child_prefault() {
     }
     free_all(objs);
     free_all(hold);
+}
+
+fn child_prefault_env() {
+    // The first nolock call initialises nolock, which prefaults 64 MiB.
+    let p = kmalloc_nolock(64, Gfp::NONE).unwrap();
+    let st = nolock::stats::snapshot().pages;
+    assert!(st.committed_pages * PAGE >= 64 * MIB, "{st:?}");
+    for size in [1000, 4096, 100_000] {
+        let q = kmalloc_nolock(size, Gfp::NONE).unwrap();
+        // SAFETY: our object, freed once.
+        assert_eq!(unsafe { try_kfree_nolock(q.as_ptr()) }, Ok(()));
+    }
+    let list = object_list();
+    let f = thread_minor_faults();
+    let objs = allocate_and_touch_into(list);
+    let faults = thread_minor_faults() - f;
+    println!("minor faults for about 12 MiB of allocations after NOLOCK_PREFAULT=64M: {faults}");
+    assert!(faults <= 16, "{faults} minor faults");
+    free_all(objs);
+    // SAFETY: our object, freed once.
+    assert_eq!(unsafe { try_kfree_nolock(p.as_ptr()) }, Ok(()));
 }
