@@ -176,6 +176,8 @@ impl MetaLayout {
 
 #[cold]
 fn init(over: Option<&Config>) -> Option<&'static Global> {
+    // The first call may be in a signal handler: leave the interrupted code's errno as it was.
+    let _errno = crate::sys::ErrnoGuard::save();
     let settings = resolve(over);
     let pages = match PageAllocator::map(settings.arena_size) {
         Ok(p) => p,

@@ -17,7 +17,25 @@ const PAGE: usize = 4096;
 
 /// Run the `child` test in a new process with `NOLOCK_RT_CHILD=mode` and `envs`; returns its stdout + stderr.
 fn run_child(mode: &str, envs: &[(&str, &str)]) -> String {
+    run_child_limited(mode, envs, None)
+}
+
+/// `run_child` with the child's address space limited to `as_limit` bytes (`RLIMIT_AS`).
+fn run_child_limited(mode: &str, envs: &[(&str, &str)], as_limit: Option<u64>) -> String {
     let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
+    if let Some(limit) = as_limit {
+        // SAFETY: the closure runs in the forked child before exec and only calls setrlimit, which is
+        // async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                let lim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     cmd.args(["--exact", "child", "--include-ignored", "--test-threads", "1", "--nocapture"]);
     cmd.env("NOLOCK_RT_CHILD", mode);
     for v in ["NOLOCK_PURGE", "NOLOCK_PURGE_INTERVAL_MS", "NOLOCK_ARENA_SIZE", "NOLOCK_PREFAULT", "NOLOCK_BACKGROUND"] {
@@ -87,6 +105,14 @@ fn prefault_makes_allocations_fault_free() {
 }
 
 #[test]
+fn failed_first_call_keeps_errno() {
+    // A first call that cannot reserve the arena may run in a signal handler: the errno of the code it
+    // interrupted must survive (and the reason is printed once).
+    let out = run_child_limited("errno", &[], Some(1 << 30));
+    assert_eq!(out.matches("nolock: cannot reserve its arena").count(), 1, "{out}");
+}
+
+#[test]
 fn pointer_into_the_uncommitted_arena_is_refused() {
     // The arena is 16 GiB, committed only as it is used: 8 GiB past a fresh object is reserved, never committed.
     let p = kmalloc_nolock(64, Gfp::NONE).unwrap();
@@ -151,6 +177,7 @@ fn child() {
         "purge-on" => child_purge(true),
         "prefault" => child_prefault(),
         "prefault-env" => child_prefault_env(),
+        "errno" => child_errno(),
         m => panic!("unknown child mode {m}"),
     }
 }
@@ -287,4 +314,14 @@ fn child_prefault_env() {
     free_all(objs);
     // SAFETY: our object, freed once.
     assert_eq!(unsafe { try_kfree_nolock(p.as_ptr()) }, Ok(()));
+}
+
+fn child_errno() {
+    for _ in 0..3 {
+        // SAFETY: __errno_location returns the calling thread's errno slot.
+        unsafe { *libc::__errno_location() = 4242 };
+        assert!(kmalloc_nolock(64, Gfp::NONE).is_none(), "a 16 GiB arena does not fit in 1 GiB of address space");
+        // SAFETY: as above.
+        assert_eq!(unsafe { *libc::__errno_location() }, 4242, "errno kept");
+    }
 }

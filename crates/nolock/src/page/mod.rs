@@ -659,6 +659,7 @@ impl PageAllocator {
     /// is committed). Concurrent commits of overlapping ranges are harmless: making memory readable and
     /// writable (or locking it) twice changes nothing.
     fn commit_range(&self, from: usize, to: usize) -> bool {
+        let _errno = crate::sys::ErrnoGuard::save();
         let lock = self.lock_commits.load(Ordering::Relaxed);
         for (start, a, b) in self.parts(from, to) {
             // Pages below round_up(a) are committed already (they hold the bytes below `a`).

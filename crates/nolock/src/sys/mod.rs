@@ -197,6 +197,24 @@ pub fn thread_alive(tid: i32) -> bool {
     r == 0 || errno() != libc::ESRCH
 }
 
+/// Restores the calling thread's `errno` when dropped: system calls made on a path that may run in a signal
+/// handler must not change the `errno` of the code they interrupted.
+pub struct ErrnoGuard(i32);
+
+impl ErrnoGuard {
+    /// Remember the current `errno`. Async-signal-safe.
+    pub fn save() -> Self {
+        Self(errno())
+    }
+}
+
+impl Drop for ErrnoGuard {
+    fn drop(&mut self) {
+        // SAFETY: __errno_location returns the calling thread's errno slot, always valid.
+        unsafe { *libc::__errno_location() = self.0 };
+    }
+}
+
 /// The calling thread's `errno`. Async-signal-safe.
 pub fn errno() -> i32 {
     // SAFETY: __errno_location returns the calling thread's errno slot, always valid.
