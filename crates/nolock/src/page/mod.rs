@@ -59,7 +59,7 @@
 //!
 //! Never blocks on user space, never allocates: bounded work over atomics, plus the commit described above
 //! when the committed reserve runs out. It fails only when no free run of the requested shape exists in the
-//! arena (or the kernel refuses to commit more). The purger, and the fallback of [`PageAllocator::prefault`]
+//! arena (or the kernel refuses to commit more). The purger, and the fallback of [`prefault`]
 //! on kernels without `MADV_POPULATE_WRITE`, hold at most one word's worth of pages (up to 64) for the length
 //! of one system call or one word's page touches, which is the only way a racing allocation can miss pages
 //! that are free.
