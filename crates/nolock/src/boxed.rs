@@ -13,7 +13,9 @@ use crate::slab::kmalloc::{kfree_nolock, kmalloc_layout_nolock};
 /// A pointer type that owns a value in nolock memory, like `Box<T>`, but whose allocation (`try_new`) and
 /// drop are async-signal-safe: usable in signal handlers, real-time threads and under arbitrary locks.
 ///
-/// Allocation is fallible (`try_*` constructors): on out-of-memory the value is handed back. Dropping runs
+/// Allocation is fallible (`try_*` constructors): on out-of-memory the value is handed back, and so it is when
+/// `T`'s alignment is above what the arena can give (its size rounded up to a power of two; see
+/// [`PageStats::max_align`](crate::page::PageStats::max_align)): the memory is never misaligned. Dropping runs
 /// `T`'s destructor (which must itself be safe in the context where the drop happens) and frees the memory
 /// with `kfree_nolock`.
 ///

@@ -5,12 +5,18 @@
 //! call on the same thread: every initialiser maps and fills a complete instance, then tries to publish it with
 //! one CAS; a loser unmaps its own copy and uses the winner's. Nothing waits.
 //!
-//! Configuration ([`Config`] or environment variables) is read once, by the initialiser.
+//! Configuration ([`Config`], given to [`crate::NolockAlloc::with_config`] or [`Config::apply`], or environment
+//! variables) is resolved once, by the initialiser, into [`Settings`] kept in the global state.
+//!
+//! If the arena cannot be reserved, the initialiser says why on standard error (raw `write`, no allocation)
+//! and names `NOLOCK_ARENA_SIZE`, once per process; allocations then fail (a global allocator's caller aborts
+//! with Rust's "memory allocation of N bytes failed").
 
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::time::Duration;
 
-use crate::page::PageAllocator;
+use crate::page::{MAX_ARENA_SIZE, MIN_ARENA_SIZE, MapError, PageAllocator};
 use crate::slab::cache::CacheInner;
 use crate::slab::shard::Shard;
 use crate::sync::tagged::TaggedStack;
@@ -21,6 +27,8 @@ pub const MAX_CACHES: usize = 256;
 pub const MAX_SHARDS: usize = 1024;
 /// Default arena size: 16 GiB of address space (reserved, not committed).
 pub const DEFAULT_ARENA_SIZE: usize = 16 << 30;
+/// Default interval of the background worker's purge.
+pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// `Global::slow_flags`: kmalloc debug mode is on.
 pub const SLOW_DEBUG: u8 = 1;
@@ -42,7 +50,49 @@ pub(crate) struct Global {
     /// `SLOW_DEBUG`: new kmalloc allocations come from the debug caches; `SLOW_FAULT`: some fault injection is
     /// configured. Zero keeps the allocation fast paths on their shortest route (one load and branch).
     pub slow_flags: AtomicU8,
+    /// The settings this state was built with.
+    pub settings: Settings,
+    /// Under `MCL_FUTURE` (see [`map_tables_unlocked`]): shard entries below this are locked in memory.
+    shards_locked: AtomicU32,
     meta_len: usize,
+}
+
+/// Shard entries locked at initialisation under `MCL_FUTURE`, and kept locked ahead of the shards in use.
+const LOCKED_SHARDS_AHEAD: u32 = 16;
+
+/// Map the cache and thread tables when `mlockall(MCL_FUTURE)` is in effect. Mapped plainly, all of the
+/// thread table (`MAX_SHARDS` entries) would be faulted in and locked at once; instead map it without access,
+/// unlock that, make it readable and writable (which faults nothing in), and lock only the global state, the
+/// cache table and the first [`LOCKED_SHARDS_AHEAD`] shard entries. The worker locks more as threads arrive
+/// ([`Global::lock_shards_ahead`]); until then a new thread's entry is faulted in by its first use, unlocked.
+///
+/// Async-signal-safe (`mmap`, `munlock`, `mprotect`, `mlock`).
+fn map_tables_unlocked(layout: &MetaLayout) -> Result<*mut u8, i32> {
+    let meta = crate::sys::mmap_none(layout.total)?;
+    // SAFETY: our fresh reservation of `layout.total` bytes, which nothing uses yet.
+    unsafe {
+        crate::sys::munlock(meta, layout.total);
+        if let Err(e) = crate::sys::mprotect_rw(meta, layout.total) {
+            crate::sys::munmap(meta, layout.total);
+            return Err(e);
+        }
+        // Best effort: over RLIMIT_MEMLOCK the tables still work, faulted in on first use.
+        let _ = crate::sys::mlock(meta, layout.shard_end(LOCKED_SHARDS_AHEAD as usize));
+    }
+    Ok(meta)
+}
+
+/// Settings resolved at initialisation: each from the [`Config`] given to the initialiser, else from
+/// [`Config::apply`], else from the environment, else the default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Settings {
+    pub arena_size: usize,
+    pub debug: bool,
+    pub background: bool,
+    /// `None`: the background worker never purges.
+    pub purge_interval: Option<Duration>,
+    /// Bytes to prefault at initialisation.
+    pub prefault: usize,
 }
 
 // SAFETY: all shared fields are atomics or point at memory accessed only through atomics or under the per-cache
@@ -53,12 +103,17 @@ unsafe impl Sync for Global {}
 
 static GLOBAL: AtomicPtr<Global> = AtomicPtr::new(core::ptr::null_mut());
 
+// What `Config::apply` stored (each "unset" until then).
 static CFG_ARENA: AtomicUsize = AtomicUsize::new(0);
 const TRI_UNSET: u8 = 0;
 const TRI_OFF: u8 = 1;
 const TRI_ON: u8 = 2;
 static CFG_DEBUG: AtomicU8 = AtomicU8::new(TRI_UNSET);
 static CFG_BACKGROUND: AtomicU8 = AtomicU8::new(TRI_UNSET);
+const PURGE_UNSET: u64 = u64::MAX;
+const PURGE_NEVER: u64 = u64::MAX - 1;
+static CFG_PURGE_MS: AtomicU64 = AtomicU64::new(PURGE_UNSET);
+static CFG_PREFAULT: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 /// The global state, initialising it on first use. `None` only if the arena could not be mapped at all.
 ///
@@ -68,10 +123,22 @@ static CFG_BACKGROUND: AtomicU8 = AtomicU8::new(TRI_UNSET);
 pub fn get() -> Option<&'static Global> {
     let p = GLOBAL.load(Ordering::Acquire);
     if p.is_null() {
-        return init();
+        return init(None);
     }
     // SAFETY: a published Global is never freed.
     Some(unsafe { &*p })
+}
+
+/// [`get`], initialising with `cfg` (over `Config::apply` and the environment) if nolock is not initialised.
+///
+/// # Context
+/// As [`get`].
+#[cold]
+pub fn get_with(cfg: &Config) -> Option<&'static Global> {
+    match get_if_init() {
+        Some(g) => Some(g),
+        None => init(Some(cfg)),
+    }
 }
 
 /// The global state if it exists already (no initialisation).
@@ -100,27 +167,35 @@ impl MetaLayout {
         let total = round_up(shards + MAX_SHARDS * core::mem::size_of::<Shard>(), 4096);
         Self { caches, shards, total }
     }
+
+    /// Bytes from the start of the tables to the end of shard entry `n - 1`, rounded up to a page.
+    fn shard_end(&self, n: usize) -> usize {
+        round_up(self.shards + n.min(MAX_SHARDS) * core::mem::size_of::<Shard>(), 4096).min(self.total)
+    }
 }
 
 #[cold]
-fn init() -> Option<&'static Global> {
-    let arena = match CFG_ARENA.load(Ordering::Relaxed) {
-        0 => crate::sys::getenv(c"NOLOCK_ARENA_SIZE")
-            .and_then(crate::sys::parse_size)
-            .map_or(DEFAULT_ARENA_SIZE, |v| v as usize),
-        n => n,
+fn init(over: Option<&Config>) -> Option<&'static Global> {
+    // The first call may be in a signal handler: leave the interrupted code's errno as it was.
+    let _errno = crate::sys::ErrnoGuard::save();
+    let settings = resolve(over);
+    let pages = match PageAllocator::map(settings.arena_size) {
+        Ok(p) => p,
+        Err(e) => {
+            report_reserve_failure(&settings, e);
+            return None;
+        }
     };
-    let pages = PageAllocator::map(arena)?;
     let layout = MetaLayout::new();
-    let Some(meta) = crate::sys::mmap_reserve(layout.total) else {
-        // SAFETY: `pages` was never shared.
-        unsafe { pages.unmap() };
-        return None;
-    };
-    let debug = match CFG_DEBUG.load(Ordering::Relaxed) {
-        TRI_ON => true,
-        TRI_OFF => false,
-        _ => crate::sys::getenv(c"NOLOCK_DEBUG").is_some_and(|v| !matches!(v, b"" | b"0" | b"off")),
+    let lock = pages.locks_commits();
+    let meta = match if lock { map_tables_unlocked(&layout) } else { crate::sys::mmap_reserve_err(layout.total) } {
+        Ok(m) => m,
+        Err(errno) => {
+            report_reserve_failure(&settings, MapError { what: "cache and thread tables", bytes: layout.total, errno });
+            // SAFETY: `pages` was never shared.
+            unsafe { pages.unmap() };
+            return None;
+        }
     };
     let g = meta.cast::<Global>();
     // SAFETY: `meta` is a fresh, page-aligned, zeroed mapping big enough for the layout; the cache and shard
@@ -133,7 +208,9 @@ fn init() -> Option<&'static Global> {
             next_shard: AtomicU32::new(0),
             free_shards: TaggedStack::new(),
             next_cache: AtomicU32::new(0),
-            slow_flags: AtomicU8::new(if debug { SLOW_DEBUG } else { 0 }),
+            slow_flags: AtomicU8::new(if settings.debug { SLOW_DEBUG } else { 0 }),
+            settings,
+            shards_locked: AtomicU32::new(if lock { LOCKED_SHARDS_AHEAD } else { 0 }),
             meta_len: layout.total,
         });
     }
@@ -142,7 +219,19 @@ fn init() -> Option<&'static Global> {
     crate::slab::kmalloc::create_kmalloc_caches(gr);
     // AcqRel: Release publishes the fully built state; Acquire on failure reads the winner's.
     match GLOBAL.compare_exchange(core::ptr::null_mut(), g, Ordering::AcqRel, Ordering::Acquire) {
-        Ok(_) => Some(gr),
+        Ok(_) => {
+            if settings.prefault > 0
+                && let Err(e) = gr.pages.prefault(settings.prefault)
+            {
+                let mut m = crate::sys::StackBuf::<256>::new();
+                let _ = core::fmt::Write::write_fmt(
+                    &mut m,
+                    format_args!("nolock: prefault of {} at initialisation: {e}\n", Size(settings.prefault)),
+                );
+                crate::sys::write_stderr(m.as_bytes());
+            }
+            Some(gr)
+        }
         Err(winner) => {
             // SAFETY: our instance was never published; reading its fields out and unmapping is fine.
             unsafe {
@@ -153,6 +242,198 @@ fn init() -> Option<&'static Global> {
                 Some(&*winner)
             }
         }
+    }
+}
+
+/// A byte count for messages: `16 GiB`, `512 MiB`, `256 KiB`, or bytes.
+pub(crate) struct Size(pub usize);
+
+impl core::fmt::Display for Size {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let n = self.0;
+        if n >= 1 << 30 && n.is_multiple_of(1 << 30) {
+            write!(f, "{} GiB", n >> 30)
+        } else if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+            write!(f, "{} MiB", n >> 20)
+        } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
+            write!(f, "{} KiB", n >> 10)
+        } else {
+            write!(f, "{n} bytes")
+        }
+    }
+}
+
+fn errno_name(e: i32) -> &'static str {
+    match e {
+        libc::ENOMEM => "ENOMEM",
+        libc::EAGAIN => "EAGAIN",
+        libc::EPERM => "EPERM",
+        libc::EINVAL => "EINVAL",
+        _ => "error",
+    }
+}
+
+static RESERVE_REPORTED: AtomicBool = AtomicBool::new(false);
+
+/// Say, once per process, why nolock cannot start and what to change. Raw `write(2)` from a stack buffer: this
+/// runs inside the allocation that failed, possibly a global allocator's, possibly in a signal handler.
+#[cold]
+fn report_reserve_failure(settings: &Settings, e: MapError) {
+    if RESERVE_REPORTED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let mut m = crate::sys::StackBuf::<1024>::new();
+    let w = &mut m;
+    let _ = core::fmt::Write::write_fmt(
+        w,
+        format_args!(
+            "nolock: cannot reserve its {}: mmap of {} of address space failed with {} (errno {}).\n",
+            e.what,
+            Size(e.bytes),
+            errno_name(e.errno),
+            e.errno
+        ),
+    );
+    if let Some(limit) = crate::sys::address_space_limit() {
+        let _ = core::fmt::Write::write_fmt(
+            w,
+            format_args!("nolock: the address space is limited to {} (ulimit -v, RLIMIT_AS).\n", Size(limit as usize)),
+        );
+    }
+    if e.errno == libc::EAGAIN && crate::sys::mcl_future_in_effect() {
+        let _ = core::fmt::Write::write_str(
+            w,
+            "nolock: mlockall(MCL_FUTURE) is in effect, so the reservation counts against RLIMIT_MEMLOCK: \
+             raise it, or call nolock::init() before mlockall.\n",
+        );
+    }
+    let _ = core::fmt::Write::write_fmt(
+        w,
+        format_args!(
+            "nolock: the arena is {}; set NOLOCK_ARENA_SIZE to a smaller size (for example NOLOCK_ARENA_SIZE=1G), \
+             or use Config::arena_size / NolockAlloc::with_config. nolock allocations fail until then.\n",
+            Size(settings.arena_size)
+        ),
+    );
+    crate::sys::write_stderr(m.as_bytes());
+}
+
+/// Set once a configuration warning was printed (one per process, so that retried initialisations stay quiet).
+static ENV_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Say (once) that an environment variable was not understood, and what is used instead.
+fn warn_env(name: &str, value: &[u8], instead: &str) {
+    if ENV_WARNED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let mut m = crate::sys::StackBuf::<256>::new();
+    let v = core::str::from_utf8(value).unwrap_or("(not UTF-8)");
+    let _ = core::fmt::Write::write_fmt(&mut m, format_args!("nolock: ignoring {name}={v:?}: {instead}\n"));
+    crate::sys::write_stderr(m.as_bytes());
+}
+
+/// An arena size within the limits; out-of-range values are clamped with a message.
+fn checked_arena(n: usize, from: &str) -> usize {
+    if (MIN_ARENA_SIZE..=MAX_ARENA_SIZE).contains(&n) {
+        return n;
+    }
+    let c = n.clamp(MIN_ARENA_SIZE, MAX_ARENA_SIZE);
+    if ENV_WARNED.swap(true, Ordering::Relaxed) {
+        return c;
+    }
+    let mut m = crate::sys::StackBuf::<160>::new();
+    let _ = core::fmt::Write::write_fmt(
+        &mut m,
+        format_args!(
+            "nolock: arena size {} from {from} is out of range (256 KiB to 8 TiB); using {}\n",
+            Size(n),
+            Size(c)
+        ),
+    );
+    crate::sys::write_stderr(m.as_bytes());
+    c
+}
+
+/// Resolve every setting (see [`Settings`]). Reads the environment without allocating.
+fn resolve(over: Option<&Config>) -> Settings {
+    let over = over.copied().unwrap_or(Config::new());
+    let arena_size = match (over.arena_size, CFG_ARENA.load(Ordering::Relaxed)) {
+        (Some(n), _) => checked_arena(n, "the configuration"),
+        (None, n) if n != 0 => n,
+        _ => match crate::sys::getenv(c"NOLOCK_ARENA_SIZE") {
+            None => DEFAULT_ARENA_SIZE,
+            Some(v) => match crate::sys::parse_size(v) {
+                Some(n) => checked_arena(usize::try_from(n).unwrap_or(usize::MAX), "NOLOCK_ARENA_SIZE"),
+                None => {
+                    warn_env("NOLOCK_ARENA_SIZE", v, "not a size (use 16G, 512M or a byte count); using 16G");
+                    DEFAULT_ARENA_SIZE
+                }
+            },
+        },
+    };
+    let debug = over.debug.unwrap_or_else(|| match CFG_DEBUG.load(Ordering::Relaxed) {
+        TRI_ON => true,
+        TRI_OFF => false,
+        _ => crate::sys::getenv(c"NOLOCK_DEBUG").is_some_and(|v| !matches!(v, b"" | b"0" | b"off")),
+    });
+    let background = over.background.unwrap_or_else(|| match CFG_BACKGROUND.load(Ordering::Relaxed) {
+        TRI_ON => true,
+        TRI_OFF => false,
+        _ => !matches!(crate::sys::getenv(c"NOLOCK_BACKGROUND"), Some(b"0" | b"off")),
+    });
+    let purge_interval = match over.purge_interval {
+        Some(p) => p.filter(|d| !d.is_zero()).map(|d| d.max(Duration::from_millis(1))),
+        None => match CFG_PURGE_MS.load(Ordering::Relaxed) {
+            PURGE_NEVER => None,
+            PURGE_UNSET => env_purge_interval(),
+            ms => Some(Duration::from_millis(ms)),
+        },
+    };
+    let prefault = match (over.prefault, CFG_PREFAULT.load(Ordering::Relaxed)) {
+        (Some(n), _) => n,
+        (None, n) if n != usize::MAX => n,
+        _ => match crate::sys::getenv(c"NOLOCK_PREFAULT") {
+            None => 0,
+            Some(v) => crate::sys::parse_size(v).map_or_else(
+                || {
+                    warn_env("NOLOCK_PREFAULT", v, "not a size (use 64M or a byte count); not prefaulting");
+                    0
+                },
+                |n| usize::try_from(n).unwrap_or(usize::MAX),
+            ),
+        },
+    };
+    Settings { arena_size, debug, background, purge_interval, prefault }
+}
+
+/// `NOLOCK_PURGE=never` (or `off`, `0`) or `NOLOCK_PURGE_INTERVAL_MS=0`: `None`; otherwise the interval in
+/// milliseconds (1 to 60000), 100 by default.
+fn env_purge_interval() -> Option<Duration> {
+    if let Some(v) = crate::sys::getenv(c"NOLOCK_PURGE") {
+        match v {
+            b"never" | b"off" | b"0" => return None,
+            b"" | b"on" | b"1" => {}
+            _ => warn_env("NOLOCK_PURGE", v, "use never (or off) to turn the periodic purge off"),
+        }
+    }
+    match crate::sys::getenv(c"NOLOCK_PURGE_INTERVAL_MS") {
+        None => Some(DEFAULT_PURGE_INTERVAL),
+        Some(v) => match crate::sys::parse_size(v) {
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms.clamp(1, 60_000))),
+            None => {
+                warn_env("NOLOCK_PURGE_INTERVAL_MS", v, "not a number of milliseconds; using 100");
+                Some(DEFAULT_PURGE_INTERVAL)
+            }
+        },
+    }
+}
+
+/// The settings in effect: those of the global state, or what initialisation would resolve now.
+pub(crate) fn settings() -> Settings {
+    match get_if_init() {
+        Some(g) => g.settings,
+        None => resolve(None),
     }
 }
 
@@ -191,6 +472,36 @@ impl Global {
         self.slow_flags.load(Ordering::Relaxed) & SLOW_FAULT != 0
     }
 
+    /// Under `MCL_FUTURE` (see [`map_tables_unlocked`]): lock the shard entries of the threads that arrived
+    /// since the last call, and [`LOCKED_SHARDS_AHEAD`] more.
+    ///
+    /// # Context
+    /// Normal context (the background worker): `mlock`.
+    pub fn lock_shards_ahead(&self) {
+        let locked = self.shards_locked.load(Ordering::Relaxed);
+        if locked == 0 {
+            return;
+        }
+        let want = (self.next_shard.load(Ordering::Relaxed) + LOCKED_SHARDS_AHEAD).min(MAX_SHARDS as u32);
+        if want <= locked {
+            return;
+        }
+        let layout = MetaLayout::new();
+        let base = self as *const Global as usize;
+        let (from, to) = (layout.shard_end(locked as usize), layout.shard_end(want as usize));
+        // SAFETY: `[base + from, base + to)` is page aligned and inside the tables mapping this Global heads
+        // (it lives at the start of that mapping); locking changes no contents.
+        if to <= from || unsafe { crate::sys::mlock((base + from) as *mut u8, to - from) }.is_ok() {
+            self.shards_locked.store(want, Ordering::Relaxed);
+        }
+    }
+
+    /// In a child of `fork` (the atfork child handler): memory locks are not inherited; stop locking.
+    pub fn after_fork_child(&self) {
+        self.pages.after_fork_child();
+        self.shards_locked.store(0, Ordering::Relaxed);
+    }
+
     /// Cache ids used so far (an upper bound for scans).
     #[inline]
     pub fn cache_count(&self) -> u16 {
@@ -203,17 +514,18 @@ impl Global {
 pub enum ConfigError {
     /// nolock is already initialised (some allocation already happened); the settings are fixed now.
     AlreadyInitialized,
-    /// The arena size is below 256 KiB or not representable.
+    /// The arena size is below 256 KiB or above 8 TiB.
     BadArenaSize,
 }
 
 impl core::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            ConfigError::AlreadyInitialized => {
-                f.write_str("nolock is already initialised; configure it before the first allocation")
-            }
-            ConfigError::BadArenaSize => f.write_str("arena size must be at least 256 KiB"),
+            ConfigError::AlreadyInitialized => f.write_str(
+                "nolock is already initialised; configure it before the first allocation (a global allocator: \
+                 NolockAlloc::with_config or the NOLOCK_* environment variables)",
+            ),
+            ConfigError::BadArenaSize => f.write_str("arena size must be between 256 KiB and 8 TiB"),
         }
     }
 }
@@ -228,31 +540,44 @@ impl std::error::Error for ConfigError {}
 /// | [`arena_size`](Config::arena_size) | `NOLOCK_ARENA_SIZE` (`16G`, `512M`, bytes) | 16 GiB |
 /// | [`debug`](Config::debug) | `NOLOCK_DEBUG=1` | off |
 /// | [`background`](Config::background) | `NOLOCK_BACKGROUND=0` | on |
+/// | [`purge_interval`](Config::purge_interval) | `NOLOCK_PURGE_INTERVAL_MS` (`0`: never), `NOLOCK_PURGE=never` | 100 ms |
+/// | [`prefault`](Config::prefault) | `NOLOCK_PREFAULT` (`64M`, bytes) | 0 |
+///
+/// Two ways to give it:
+/// - a global allocator passes it to [`NolockAlloc::with_config`](crate::NolockAlloc::with_config) (a `const
+///   fn`), read by the first allocation;
+/// - any other program calls [`Config::apply`] before its first nolock call.
 ///
 /// ```
-/// nolock::Config::new().arena_size(1 << 30).apply().ok(); // fails harmlessly if already initialised
+/// use std::time::Duration;
+/// // Fails harmlessly if nolock is already initialised.
+/// nolock::Config::new().arena_size(1 << 30).purge_interval(Some(Duration::from_millis(500))).apply().ok();
 /// ```
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     arena_size: Option<usize>,
     debug: Option<bool>,
     background: Option<bool>,
+    purge_interval: Option<Option<Duration>>,
+    prefault: Option<usize>,
 }
 
 impl Config {
     /// Nothing set: every setting comes from the environment or its default.
     ///
     /// # Context
-    /// Any context (a plain computation or one load).
-    pub fn new() -> Self {
-        Self::default()
+    /// Any context (a plain computation).
+    pub const fn new() -> Self {
+        Self { arena_size: None, debug: None, background: None, purge_interval: None, prefault: None }
     }
 
-    /// Size of the virtual-memory arena that every allocation comes from. It is reserved, not committed.
+    /// Size of the virtual-memory arena that every allocation comes from: reserved address space, committed as
+    /// it is used. 256 KiB to 8 TiB; it caps the heap. [`Config::apply`] refuses other sizes;
+    /// [`NolockAlloc::with_config`](crate::NolockAlloc::with_config) clamps them into range with a message.
     ///
     /// # Context
-    /// Any context (a plain computation or one load).
-    pub fn arena_size(mut self, bytes: usize) -> Self {
+    /// Any context (a plain computation).
+    pub const fn arena_size(mut self, bytes: usize) -> Self {
         self.arena_size = Some(bytes);
         self
     }
@@ -260,8 +585,8 @@ impl Config {
     /// Start with the kmalloc debug caches on (see [`crate::debug`]); can still be switched at run time.
     ///
     /// # Context
-    /// Any context (a plain computation or one load).
-    pub fn debug(mut self, on: bool) -> Self {
+    /// Any context (a plain computation).
+    pub const fn debug(mut self, on: bool) -> Self {
         self.debug = Some(on);
         self
     }
@@ -269,13 +594,45 @@ impl Config {
     /// Whether [`crate::init`] starts the background worker that returns free memory to the OS.
     ///
     /// # Context
-    /// Any context (a plain computation or one load).
-    pub fn background(mut self, on: bool) -> Self {
+    /// Any context (a plain computation).
+    pub const fn background(mut self, on: bool) -> Self {
         self.background = Some(on);
         self
     }
 
-    /// Apply the settings. Fails if nolock is already initialised.
+    /// How often the background worker gives pages that stayed free for a whole interval back to the OS
+    /// (`madvise(MADV_DONTNEED)`). `None` (or a zero interval): never — memory then returns to the OS only
+    /// through [`crate::trim`], and freed pages are never faulted in again, which is what a real-time program
+    /// wants. The worker still releases empty slabs to the page allocator.
+    ///
+    /// # Context
+    /// Any context (a plain computation).
+    pub const fn purge_interval(mut self, every: Option<Duration>) -> Self {
+        self.purge_interval = Some(every);
+        self
+    }
+
+    /// Prefault this many bytes at initialisation, as [`crate::prefault`] does (the first nolock call, whatever
+    /// its context, then takes as long as faulting them in).
+    ///
+    /// # Context
+    /// Any context (a plain computation).
+    pub const fn prefault(mut self, bytes: usize) -> Self {
+        self.prefault = Some(bytes);
+        self
+    }
+
+    /// Apply the settings, for the initialisation to come.
+    ///
+    /// This works only before nolock is initialised, that is before the first nolock call of the process (any
+    /// allocation, `KmemCache`, RCU call or [`crate::init`]). With [`NolockAlloc`](crate::NolockAlloc) as the
+    /// global allocator that moment has always passed (the Rust runtime allocates before `main`), so this
+    /// fails: give the settings to [`NolockAlloc::with_config`](crate::NolockAlloc::with_config) or in the
+    /// environment instead.
+    ///
+    /// # Errors
+    /// [`ConfigError::AlreadyInitialized`] if nolock is initialised (nothing is changed);
+    /// [`ConfigError::BadArenaSize`] for an arena size out of range (nothing is changed).
     ///
     /// # Context
     /// Normal context (not async-signal-safe only in that it is meant to run once, early).
@@ -284,7 +641,7 @@ impl Config {
             return Err(ConfigError::AlreadyInitialized);
         }
         if let Some(n) = self.arena_size {
-            if n < 256 << 10 {
+            if !(MIN_ARENA_SIZE..=MAX_ARENA_SIZE).contains(&n) {
                 return Err(ConfigError::BadArenaSize);
             }
             CFG_ARENA.store(n, Ordering::Relaxed);
@@ -295,15 +652,21 @@ impl Config {
         if let Some(b) = self.background {
             CFG_BACKGROUND.store(if b { TRI_ON } else { TRI_OFF }, Ordering::Relaxed);
         }
+        if let Some(p) = self.purge_interval {
+            let ms = match p {
+                Some(d) if !d.is_zero() => (d.as_millis().max(1) as u64).min(PURGE_NEVER - 1),
+                _ => PURGE_NEVER,
+            };
+            CFG_PURGE_MS.store(ms, Ordering::Relaxed);
+        }
+        if let Some(n) = self.prefault {
+            CFG_PREFAULT.store(n.min(usize::MAX - 1), Ordering::Relaxed);
+        }
         Ok(())
     }
 }
 
 /// Whether the background worker should run (configuration or `NOLOCK_BACKGROUND`).
 pub fn background_enabled() -> bool {
-    match CFG_BACKGROUND.load(Ordering::Relaxed) {
-        TRI_ON => true,
-        TRI_OFF => false,
-        _ => !matches!(crate::sys::getenv(c"NOLOCK_BACKGROUND"), Some(b"0" | b"off")),
-    }
+    settings().background
 }

@@ -49,6 +49,8 @@ pub enum Point {
     /// Shrinking a cache (trim, the worker, an out-of-pages reclaim, destroy), holding a slab taken off the
     /// cache's partial list, before deciding whether to release it.
     Shrink,
+    /// Page allocator committing more of the arena: after its system calls, before the committed mark moves.
+    PageCommit,
 }
 
 #[cfg(feature = "test-hooks")]

@@ -94,7 +94,9 @@ pub use debug::{FaultInjection, FreeError, FreeErrorKind};
 #[cfg(not(loom))]
 pub use global::{Config, ConfigError, DEFAULT_ARENA_SIZE, MAX_CACHES, MAX_SHARDS};
 #[cfg(not(loom))]
-pub use page::{Gfp, MAX_ORDER, PagesError, alloc_pages_nolock, free_pages_nolock, try_free_pages_nolock};
+pub use page::{
+    Gfp, MAX_ORDER, PagesError, PrefaultError, alloc_pages_nolock, free_pages_nolock, prefault, try_free_pages_nolock,
+};
 #[cfg(not(loom))]
 pub use slab::cache::{CacheError, CacheName, CacheStats, DestroyReport};
 #[cfg(not(loom))]
@@ -186,6 +188,16 @@ pub fn trim() -> TrimReport {
         worker::leave_critical();
     }
     r
+}
+
+/// Passes the background worker has completed in this process (each shrinks caches, purges pages that stayed
+/// free for an interval unless the purge is off, and commits memory ahead of need).
+///
+/// # Context
+/// Any context (one atomic load).
+#[cfg(not(loom))]
+pub fn worker_passes() -> u64 {
+    worker::passes()
 }
 
 /// Whether the background worker is running in this process.

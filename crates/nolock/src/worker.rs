@@ -2,8 +2,12 @@
 //!
 //! One thread, started from a normal context ([`crate::init`], `KmemCache` creation), that periodically
 //! - shrinks caches in which slabs became entirely free since the last pass (keeping a small reserve),
-//! - purges pages that stayed free and dirty for a whole interval (`madvise(MADV_DONTNEED)`),
+//! - purges pages that stayed free and dirty for a whole interval (`madvise(MADV_DONTNEED)`), unless the purge
+//!   is turned off (`Config::purge_interval(None)`, `NOLOCK_PURGE=never`, `NOLOCK_PURGE_INTERVAL_MS=0`),
+//! - commits arena memory ahead of need, so that allocations do not have to (see [`crate::page`]),
 //! - drains the shards of threads that died without running their exit destructor.
+//!
+//! A pass runs every purge interval (100 ms by default; every 100 ms when the purge is off).
 //!
 //! `*_nolock` paths never depend on it for correctness: it only gives memory back to the OS. Waking it early
 //! ([`kick`]) is one atomic increment and one `futex` wake, both async-signal-safe.
@@ -12,7 +16,7 @@
 //! context call starts a new one. The prepare handler waits (bounded) for the worker to leave the part of a
 //! pass that holds slabs or pages in hand, so a fork does not leak them into the child.
 
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use core::time::Duration;
 
 use crate::global;
@@ -21,16 +25,14 @@ static RUNNING_PID: AtomicI32 = AtomicI32::new(0);
 static WAKE: AtomicU32 = AtomicU32::new(0);
 static IN_CRITICAL: AtomicU32 = AtomicU32::new(0);
 static FORK_PENDING: AtomicBool = AtomicBool::new(false);
+static PASSES: AtomicU64 = AtomicU64::new(0);
 
 /// Empty slabs each cache keeps when the worker shrinks it.
 const KEEP_EMPTY_SLABS: usize = 2;
 
-fn interval() -> Duration {
-    let ms = crate::sys::getenv(c"NOLOCK_PURGE_INTERVAL_MS")
-        .and_then(crate::sys::parse_size)
-        .unwrap_or(100)
-        .clamp(1, 60_000);
-    Duration::from_millis(ms)
+/// Passes completed in this process (see [`crate::worker_passes`]).
+pub fn passes() -> u64 {
+    PASSES.load(Ordering::Relaxed)
 }
 
 /// Start the worker if it is enabled and not running in this process.
@@ -78,23 +80,28 @@ pub fn kick() {
 }
 
 fn run() {
-    let every = interval();
+    let purge = global::settings().purge_interval;
+    let every = purge.unwrap_or(global::DEFAULT_PURGE_INTERVAL);
     let mut pass: u64 = 0;
     loop {
         let seen = WAKE.load(Ordering::Acquire);
         if RUNNING_PID.load(Ordering::Acquire) != crate::sys::getpid() {
             return;
         }
-        one_pass(pass);
+        one_pass(pass, purge.is_some());
         pass += 1;
+        PASSES.fetch_add(1, Ordering::Relaxed);
         crate::sys::futex_wait(&WAKE, seen, Some(every));
     }
 }
 
-fn one_pass(pass: u64) {
+fn one_pass(pass: u64, purge: bool) {
     let Some(g) = global::get_if_init() else {
         return;
     };
+    // Outside the critical section: commits hold no pages in hand.
+    g.pages.commit_ahead();
+    g.lock_shards_ahead();
     if !enter_critical() {
         return;
     }
@@ -104,7 +111,9 @@ fn one_pass(pass: u64) {
             c.shrink(g, KEEP_EMPTY_SLABS);
         }
     });
-    g.pages.purge(true);
+    if purge {
+        g.pages.purge(true);
+    }
     if pass.is_multiple_of(10) {
         crate::slab::shard::sweep_orphans(g);
     }
@@ -141,9 +150,13 @@ pub extern "C" fn after_fork_parent() {
     FORK_PENDING.store(false, Ordering::SeqCst);
 }
 
-/// atfork child handler: the worker thread does not exist here.
+/// atfork child handler: the worker thread does not exist here, and neither do the parent's memory locks
+/// (nor its `mlockall(MCL_FUTURE)`), so commits stop being locked.
 pub fn after_fork_child() {
     FORK_PENDING.store(false, Ordering::SeqCst);
     IN_CRITICAL.store(0, Ordering::SeqCst);
     RUNNING_PID.store(0, Ordering::Release);
+    if let Some(g) = global::get_if_init() {
+        g.after_fork_child();
+    }
 }

@@ -3,8 +3,9 @@
 //! # Design
 //!
 //! nolock reserves one contiguous range of virtual memory (the *arena*) at first use and never maps more; every
-//! object nolock hands out lies inside it. Physical memory is committed lazily by the kernel on first touch and
-//! given back with `madvise(MADV_DONTNEED)` by the purger.
+//! object nolock hands out lies inside it. The base of the arena is aligned to the arena's size rounded up to a
+//! power of two (2 MiB if the address space cannot hold the slack that takes), so aligning a page *number* to
+//! `2^k` pages aligns the address too: every alignment up to that is honoured, larger ones are refused.
 //!
 //! Allocation state is a bitmap, one bit per page (1 = allocated), in 64-bit words. A run of up to 64 pages is
 //! claimed inside one word with a single CAS, so allocation and free are lock-free, reentrant from signal
@@ -21,20 +22,47 @@
 //! A second bitmap, *dirty*, has a bit set for a page whose contents may be non-zero (it was allocated and freed
 //! since it was last purged). `ZERO` allocations clear only dirty pages; fresh and purged pages are known zero.
 //!
+//! # Reserved, committed, resident
+//!
+//! The arena and its metadata (bitmaps, descriptors) are reserved `PROT_NONE`: address space only, which
+//! `mlockall(MCL_CURRENT | MCL_FUTURE)` — the usual first line of a real-time program — cannot fault in. A
+//! prefix of it, always covering the frontier, is *committed* (made readable and writable with `mprotect`,
+//! together with the metadata of those pages); the kernel still backs committed memory only on first touch.
+//! If `MCL_FUTURE` is in effect when the arena is reserved (detected with a fresh one-page mapping that is
+//! resident at once), the reservation is unlocked and every commit is `mlock`ed instead, so the memory
+//! locked is what is committed, not the 16 GiB reserved.
+//!
+//! Commits grow the committed prefix by a chunk ahead of need (an eighth of what is committed, 4 to 64 MiB).
+//! They are made ahead of need from normal contexts: the background worker keeps a chunk committed beyond
+//! the frontier, [`crate::prefault`] and [`crate::Config::prefault`] commit (and fault in) what they are asked
+//! for. Only when that reserve is used up does an allocation commit itself, in the frontier growth of its slow
+//! path: that `mprotect` (plus `mlock` under `MCL_FUTURE`) is the one system call a `*_nolock` allocation may
+//! make after initialisation. It never waits for user space, but it takes the kernel's `mmap` lock and may
+//! sleep briefly on it. If the kernel refuses the commit, the growth fails like an exhausted arena.
+//!
+//! The descriptor table is an exception: all of it is readable from the start (`PROT_READ`, which commits
+//! nothing: reads map the kernel's shared zero page), so that checking an arbitrary pointer into the arena
+//! (`kfree_nolock` of a bad pointer, `ksize`) reads a zero, "free", descriptor instead of faulting; and the
+//! free fast path's "is it in the arena?" stays one comparison with a plain field.
+//!
 //! # Returning memory to the OS (off the nolock path)
 //!
 //! `PageAllocator::purge` runs in the background worker or in [`crate::trim`], never on a `*_nolock` path. It
 //! *claims* free dirty pages in the bitmap exactly as an allocation would (so no allocation can hand them out
 //! while their contents are being dropped), calls `madvise(MADV_DONTNEED)`, clears their dirty bits and frees
 //! them again. With aging on, a page is purged only if it was free and dirty at the previous pass as well, so
-//! memory that is reused quickly is not thrown away and faulted back in.
+//! memory that is reused quickly is not thrown away and faulted back in. Locked memory (commits under
+//! `MCL_FUTURE`, or after `mlockall(MCL_CURRENT)`) cannot be purged; the purger stops at the first refusal.
+//! The periodic purge can be turned off ([`crate::Config::purge_interval`], `NOLOCK_PURGE=never`).
 //!
 //! # Contract of `alloc_pages_nolock`
 //!
-//! Never blocks, never calls into the kernel, never allocates: bounded work over atomics. It fails only when no
-//! free run of the requested shape exists in the arena. The purger holds at most one word's worth of pages (up
-//! to 64) for the length of one `madvise` call, which is the only way a racing allocation can miss pages that
-//! are free.
+//! Never blocks on user space, never allocates: bounded work over atomics, plus the commit described above
+//! when the committed reserve runs out. It fails only when no free run of the requested shape exists in the
+//! arena (or the kernel refuses to commit more). The purger, and the fallback of [`prefault`]
+//! on kernels without `MADV_POPULATE_WRITE`, hold at most one word's worth of pages (up to 64) for the length
+//! of one system call or one word's page touches, which is the only way a racing allocation can miss pages
+//! that are free.
 
 pub(crate) mod desc;
 
@@ -42,12 +70,23 @@ use core::ptr::NonNull;
 
 use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use crate::sys::{PAGE_SHIFT, PAGE_SIZE};
+use core::sync::atomic::{AtomicBool, AtomicI32};
 use desc::{Info, Kind, PageDesc};
 
 /// Pages per bitmap word.
 const WORD_PAGES: usize = 64;
-/// Words added to the active region when the frontier grows (4 MiB of address space).
+/// Bytes of arena per bitmap word (256 KiB).
+const WORD_BYTES: usize = WORD_PAGES * PAGE_SIZE;
+/// Words added to the active region when the frontier grows (4 MiB of address space); also the smallest commit.
 const GROW_WORDS: usize = 16;
+/// Largest commit chunk beyond need, in words (64 MiB).
+const MAX_COMMIT_AHEAD_WORDS: usize = 256;
+/// Smallest alignment of the arena's base (a transparent huge page; slabs are at most 128 KiB).
+const MIN_ARENA_ALIGN: usize = 2 << 20;
+/// Largest arena: page numbers must stay below 2^31 (descriptors and slab lists keep them in 32 bits).
+pub const MAX_ARENA_SIZE: usize = 8 << 40;
+/// Smallest arena: one bitmap word.
+pub const MIN_ARENA_SIZE: usize = WORD_BYTES;
 
 /// Allocation flags (the userspace `gfp_t`). Combine with `|`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -103,7 +142,56 @@ pub struct PageStats {
     pub frees: u64,
     /// Allocations that failed because no free run of the requested shape existed.
     pub failures: u64,
+    /// Pages of the arena committed (readable and writable, not necessarily resident). Under
+    /// `mlockall(MCL_FUTURE)` they are also locked, hence resident.
+    pub committed_pages: usize,
+    /// Largest alignment (bytes) the arena can honour: its base's alignment, capped at its size.
+    pub max_align: usize,
 }
+
+/// Why the arena could not be reserved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MapError {
+    /// What was being reserved.
+    pub what: &'static str,
+    /// How many bytes of address space.
+    pub bytes: usize,
+    /// The `errno` of the failed `mmap`.
+    pub errno: i32,
+}
+
+/// Why [`crate::prefault`] did not fault in everything asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefaultError {
+    /// nolock could not be initialised (its arena could not be reserved; a message was printed).
+    Unavailable,
+    /// The arena has less room than asked for; all of it was prefaulted. `bytes` is how much that is beyond
+    /// the pages in use.
+    ArenaTooSmall {
+        /// Bytes prefaulted beyond the frontier of pages in use.
+        bytes: usize,
+    },
+    /// The kernel refused to commit or fault in the memory (`errno`; for example `ENOMEM`/`EAGAIN` over
+    /// `RLIMIT_MEMLOCK` under `mlockall`).
+    Kernel {
+        /// The `errno` of the failed system call.
+        errno: i32,
+    },
+}
+
+impl core::fmt::Display for PrefaultError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            PrefaultError::Unavailable => f.write_str("nolock could not reserve its arena"),
+            PrefaultError::ArenaTooSmall { bytes } => {
+                write!(f, "the arena has room for only {bytes} more bytes (all prefaulted); see NOLOCK_ARENA_SIZE")
+            }
+            PrefaultError::Kernel { errno } => write!(f, "the kernel refused to commit memory (errno {errno})"),
+        }
+    }
+}
+
+impl std::error::Error for PrefaultError {}
 
 /// The arena and its bitmaps. One instance lives in the global state; see the module documentation.
 pub(crate) struct PageAllocator {
@@ -112,6 +200,17 @@ pub(crate) struct PageAllocator {
     size: usize,
     npages: usize,
     nwords: usize,
+    /// Alignment of `base` (a power of two, at least 2 MiB).
+    base_align: usize,
+    /// The metadata reservation and where its parts are.
+    meta: usize,
+    layout: MetaLayout,
+    /// Words of the arena (with their metadata) committed: `[0, committed)` is readable and writable.
+    committed: AtomicUsize,
+    /// `MCL_FUTURE` was in effect at reservation: every commit is `mlock`ed, and purging is pointless.
+    lock_commits: AtomicBool,
+    /// `errno` of the last failed commit (0: none failed).
+    commit_errno: AtomicI32,
     alloc: *const AtomicU64,
     dirty: *const AtomicU64,
     aged: *const AtomicU64,
@@ -134,7 +233,8 @@ unsafe impl Send for PageAllocator {}
 // SAFETY: see above.
 unsafe impl Sync for PageAllocator {}
 
-/// Bytes of metadata needed for an arena of `npages` pages, and the offsets of its parts.
+/// Bytes of metadata needed for an arena of `npages` pages, and the offsets of its parts (each page aligned).
+#[derive(Clone, Copy, Debug)]
 struct MetaLayout {
     alloc: usize,
     dirty: usize,
@@ -169,38 +269,97 @@ struct Claim {
     first_page: usize,
 }
 
+/// Reserve `len` bytes of `PROT_NONE` address space aligned to `align` (a power of two above the page size):
+/// over-reserve by the alignment and unmap the slack at both ends. Returns the base or the `errno`.
+fn reserve_aligned(len: usize, align: usize) -> Result<usize, i32> {
+    let total = len.checked_add(align - PAGE_SIZE).ok_or(libc::ENOMEM)?;
+    let raw = crate::sys::mmap_none(total)? as usize;
+    let base = round_up(raw, align);
+    let (head, tail) = (base - raw, raw + total - (base + len));
+    // SAFETY: both slack ranges are page aligned parts of the reservation just made, which nothing uses.
+    unsafe {
+        if head > 0 {
+            crate::sys::munmap(raw as *mut u8, head);
+        }
+        if tail > 0 {
+            crate::sys::munmap((base + len) as *mut u8, tail);
+        }
+    }
+    Ok(base)
+}
+
 impl PageAllocator {
-    /// Map an arena of `arena_bytes` (rounded down to a multiple of 256 KiB, at least 256 KiB) and its metadata.
-    /// Returns `None` if the kernel refuses either mapping.
+    /// Reserve an arena of `arena_bytes` (rounded down to a multiple of 256 KiB, at least 256 KiB, at most
+    /// [`MAX_ARENA_SIZE`]) and its metadata, both `PROT_NONE`; nothing is committed yet (see the module
+    /// documentation). Returns what failed when the kernel refuses a reservation.
     ///
-    /// Async-signal-safe (two or three `mmap` calls), so the very first allocation may come from a handler.
-    pub fn map(arena_bytes: usize) -> Option<Self> {
-        let chunk = WORD_PAGES * PAGE_SIZE;
-        let arena_bytes = (arena_bytes / chunk).max(1) * chunk;
+    /// Async-signal-safe (a few `mmap`/`munmap`/`mincore` calls), so the very first allocation may come from
+    /// a handler.
+    pub fn map(arena_bytes: usize) -> Result<Self, MapError> {
+        let arena_bytes = (arena_bytes.min(MAX_ARENA_SIZE) / WORD_BYTES).max(1) * WORD_BYTES;
         let npages = arena_bytes / PAGE_SIZE;
         let nwords = npages / WORD_PAGES;
         let layout = MetaLayout::new(npages);
-        let meta = crate::sys::mmap_reserve(layout.total)?;
-        // Align the arena to 2 MiB so that slabs (at most 128 KiB, naturally aligned) and transparent huge pages
-        // line up; the slack at either end stays reserved but unused.
-        const ALIGN: usize = 2 << 20;
-        let Some(raw) = crate::sys::mmap_reserve(arena_bytes + ALIGN) else {
-            // SAFETY: `meta` was just mapped by us and nothing refers to it.
-            unsafe { crate::sys::munmap(meta, layout.total) };
-            return None;
+        // Aligning the base to the arena's size makes every alignment up to the arena's size a page-number
+        // alignment. That costs as much address space again, for a moment; where there is not that much (a
+        // `ulimit -v`), fall back to 2 MiB.
+        let want = arena_bytes.next_power_of_two().max(MIN_ARENA_ALIGN);
+        let (base, base_align) = match reserve_aligned(arena_bytes, want) {
+            Ok(b) => (b, want),
+            Err(_) if want > MIN_ARENA_ALIGN => match reserve_aligned(arena_bytes, MIN_ARENA_ALIGN) {
+                Ok(b) => (b, MIN_ARENA_ALIGN),
+                Err(errno) => return Err(MapError { what: "arena", bytes: arena_bytes, errno }),
+            },
+            Err(errno) => return Err(MapError { what: "arena", bytes: arena_bytes, errno }),
         };
-        let base = round_up(raw as usize, ALIGN);
-        let at = |off: usize| (meta as usize + off) as *const AtomicU64;
-        Some(Self {
+        let meta = match crate::sys::mmap_none(layout.total) {
+            Ok(m) => m as usize,
+            Err(errno) => {
+                // SAFETY: the arena was just reserved by us and nothing refers to it.
+                unsafe { crate::sys::munmap(base as *mut u8, arena_bytes) };
+                return Err(MapError { what: "page descriptors", bytes: layout.total, errno });
+            }
+        };
+        let lock_commits = crate::sys::mcl_future_in_effect();
+        if lock_commits {
+            // MCL_FUTURE marked both reservations locked: nothing is resident (PROT_NONE), but the kernel would
+            // count all of it as locked memory. Unlock them; commits are locked one by one instead.
+            // SAFETY: our own fresh reservations.
+            unsafe {
+                crate::sys::munlock(base as *mut u8, arena_bytes);
+                crate::sys::munlock(meta as *mut u8, layout.total);
+            }
+        }
+        // The descriptor table is readable everywhere (module documentation). Unlocked first (above), so this
+        // faults nothing in.
+        let descs = (meta + layout.descs) as *mut u8;
+        // SAFETY: the descriptor part of our fresh metadata reservation, page aligned, used by nothing yet.
+        let readable = unsafe { crate::sys::mprotect_read(descs, layout.total - layout.descs) };
+        if let Err(errno) = readable {
+            // SAFETY: both reservations are ours and unused.
+            unsafe {
+                crate::sys::munmap(meta as *mut u8, layout.total);
+                crate::sys::munmap(base as *mut u8, arena_bytes);
+            }
+            return Err(MapError { what: "page descriptors", bytes: layout.total, errno });
+        }
+        let at = |off: usize| (meta + off) as *const AtomicU64;
+        Ok(Self {
             base,
             size: npages << PAGE_SHIFT,
             npages,
             nwords,
+            base_align,
+            meta,
+            layout,
+            committed: AtomicUsize::new(0),
+            lock_commits: AtomicBool::new(lock_commits),
+            commit_errno: AtomicI32::new(0),
             alloc: at(layout.alloc),
             dirty: at(layout.dirty),
             aged: at(layout.aged),
             summary: at(layout.summary),
-            descs: (meta as usize + layout.descs) as *const PageDesc,
+            descs: (meta + layout.descs) as *const PageDesc,
             frontier: AtomicUsize::new(0),
             cursor: AtomicUsize::new(0),
             used_pages: AtomicUsize::new(0),
@@ -216,13 +375,29 @@ impl PageAllocator {
     /// # Safety
     /// `self` must never have been shared.
     pub unsafe fn unmap(self) {
-        let layout = MetaLayout::new(self.npages);
-        // SAFETY: both mappings were made by `map` for this instance and nothing else refers to them (caller).
+        // SAFETY: both reservations were made by `map` for this instance (the arena exactly `[base, base +
+        // size)` after trimming) and nothing else refers to them (caller).
         unsafe {
-            crate::sys::munmap(self.alloc as *mut u8, layout.total);
+            crate::sys::munmap(self.meta as *mut u8, self.layout.total);
+            crate::sys::munmap(self.base as *mut u8, self.size);
         }
-        // The arena mapping's original start is not kept; leaving a never-touched NORESERVE reservation mapped
-        // costs no memory, so it is simply left in place.
+    }
+
+    /// Whether commits are `mlock`ed (`MCL_FUTURE` was in effect when the arena was reserved).
+    pub fn locks_commits(&self) -> bool {
+        self.lock_commits.load(Ordering::Relaxed)
+    }
+
+    /// In a child of `fork`: memory locks and `MCL_FUTURE` are not inherited, so stop locking commits (and
+    /// let the purger work again).
+    pub fn after_fork_child(&self) {
+        self.lock_commits.store(false, Ordering::Relaxed);
+    }
+
+    /// Largest alignment (bytes) an allocation from this arena can have.
+    #[inline]
+    pub fn max_align(&self) -> usize {
+        self.base_align.min(self.size.next_power_of_two())
     }
 
     /// Size of the arena in bytes.
@@ -231,7 +406,7 @@ impl PageAllocator {
         self.size
     }
 
-    /// Whether `addr` is inside the arena.
+    /// Whether `addr` is inside the arena (committed or not: every descriptor can be read).
     #[inline]
     pub fn contains(&self, addr: usize) -> bool {
         addr.wrapping_sub(self.base) < self.size()
@@ -403,12 +578,18 @@ impl PageAllocator {
         self.summary_word(w / 64).fetch_or(1u64 << (w % 64), Ordering::AcqRel);
     }
 
-    /// Extend the active region from `seen` words by at least `words`; false when the arena is fully active.
+    /// Extend the active region from `seen` words by at least `words`; false when the arena is fully active
+    /// (or the kernel refused to commit more of it).
     fn grow(&self, seen: usize, words: usize) -> bool {
         if seen >= self.nwords {
             return false;
         }
         let new = (seen + words).min(self.nwords);
+        // The frontier never passes the committed prefix. Usually the commit was made ahead of need and this
+        // is one load; otherwise this is the one system call an allocation may make (module documentation).
+        if !self.commit_to(new) {
+            return false;
+        }
         // AcqRel: the winner publishes the new region; losers just retry their search with the new frontier.
         if self.frontier.compare_exchange(seen, new, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             for w in seen..new {
@@ -416,6 +597,179 @@ impl PageAllocator {
             }
         }
         true
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // Commit (see "Reserved, committed, resident" in the module documentation)
+    // ---------------------------------------------------------------------------------------------------------
+
+    /// Words committed so far.
+    #[inline]
+    fn committed_words(&self) -> usize {
+        // Acquire: pairs with the Release `fetch_max` in `commit_range`.
+        self.committed.load(Ordering::Acquire)
+    }
+
+    /// Make words `[0, words)` of the arena and their metadata usable, committing a chunk beyond need (an
+    /// eighth of what is committed, 4 to 64 MiB) so that commits stay rare. False if the kernel refused.
+    ///
+    /// # Context
+    /// Any context. One load when `words` is committed already; otherwise `mprotect` calls (and `mlock` calls
+    /// under `MCL_FUTURE`), which take the kernel's `mmap` lock.
+    pub fn commit_to(&self, words: usize) -> bool {
+        let cur = self.committed_words();
+        if words <= cur {
+            return true;
+        }
+        let ahead = (cur / 8).clamp(GROW_WORDS, MAX_COMMIT_AHEAD_WORDS);
+        let target = round_up(words.max(cur + ahead), GROW_WORDS).min(self.nwords);
+        self.commit_range(cur, target)
+    }
+
+    /// Keep a chunk committed beyond the frontier, so that the next growths of the frontier make no system
+    /// call. Returns false if the kernel refused.
+    ///
+    /// # Context
+    /// Normal context (the background worker): may call `mprotect`/`mlock`.
+    pub fn commit_ahead(&self) -> bool {
+        let frontier = self.frontier.load(Ordering::Acquire);
+        let want = frontier + 2 * GROW_WORDS;
+        if want <= self.committed_words() {
+            return true;
+        }
+        self.commit_to(want.min(self.nwords))
+    }
+
+    /// The parts of the reservation that hold words `[from, to)`: `(start, from_byte, to_byte)` for the arena
+    /// and each metadata array.
+    fn parts(&self, from: usize, to: usize) -> [(usize, usize, usize); 6] {
+        let l = &self.layout;
+        let desc = WORD_PAGES * core::mem::size_of::<PageDesc>();
+        [
+            (self.base, from * WORD_BYTES, to * WORD_BYTES),
+            (self.meta + l.alloc, from * 8, to * 8),
+            (self.meta + l.dirty, from * 8, to * 8),
+            (self.meta + l.aged, from * 8, to * 8),
+            (self.meta + l.summary, from.div_ceil(64) * 8, to.div_ceil(64) * 8),
+            (self.meta + l.descs, from * desc, to * desc),
+        ]
+    }
+
+    /// Commit words `[from, to)` (`from` is a committed-words value some thread read, so everything below it
+    /// is committed). Concurrent commits of overlapping ranges are harmless: making memory readable and
+    /// writable (or locking it) twice changes nothing.
+    fn commit_range(&self, from: usize, to: usize) -> bool {
+        let _errno = crate::sys::ErrnoGuard::save();
+        let lock = self.lock_commits.load(Ordering::Relaxed);
+        for (start, a, b) in self.parts(from, to) {
+            // Pages below round_up(a) are committed already (they hold the bytes below `a`).
+            let (lo, hi) = (round_up(a, PAGE_SIZE), round_up(b, PAGE_SIZE));
+            if hi <= lo {
+                continue;
+            }
+            let p = (start + lo) as *mut u8;
+            // SAFETY: `[start + lo, start + hi)` is page aligned and inside one of our reservations (the arena
+            // or its metadata, both sized for `nwords` words).
+            let r = unsafe { crate::sys::mprotect_rw(p, hi - lo) }
+                // SAFETY: as above; the range is now readable and writable.
+                .and_then(|()| if lock { unsafe { crate::sys::mlock(p, hi - lo) } } else { Ok(()) });
+            if let Err(e) = r {
+                self.commit_errno.store(e, Ordering::Relaxed);
+                return false;
+            }
+        }
+        crate::hooks::point(crate::hooks::Point::PageCommit);
+        // Release: pairs with the Acquire in `committed_words`; whoever sees the new value may use the memory.
+        self.committed.fetch_max(to, Ordering::Release);
+        true
+    }
+
+    /// Commit and fault in the pages in use and `bytes` beyond them (up to the end of the arena), with their
+    /// metadata, so that allocations of up to about `bytes` make no page fault and no system call (until the
+    /// purger gives pages back). See [`crate::prefault`].
+    ///
+    /// # Context
+    /// Normal context: system calls that can take long (zero-filling every page they fault in).
+    pub fn prefault(&self, bytes: usize) -> Result<(), PrefaultError> {
+        let frontier = self.frontier.load(Ordering::Acquire);
+        let want = frontier.saturating_add(bytes.div_ceil(WORD_BYTES));
+        let target = want.min(self.nwords);
+        if !self.commit_to(target) {
+            return Err(PrefaultError::Kernel { errno: self.commit_errno.load(Ordering::Relaxed) });
+        }
+        let mut populated = true;
+        for (start, _, b) in self.parts(0, target) {
+            let len = round_up(b, PAGE_SIZE);
+            // SAFETY: `[start, start + len)` is committed (readable and writable), page aligned, and part of
+            // our private anonymous reservations; populating changes no contents.
+            match unsafe { crate::sys::madvise_populate_write(start as *mut u8, len) } {
+                Ok(()) => {}
+                Err(libc::EINVAL) => {
+                    populated = false;
+                    break;
+                }
+                Err(errno) => return Err(PrefaultError::Kernel { errno }),
+            }
+        }
+        if !populated {
+            self.prefault_by_touch(target);
+        }
+        if want > target {
+            return Err(PrefaultError::ArenaTooSmall { bytes: (target - frontier) * WORD_BYTES });
+        }
+        Ok(())
+    }
+
+    /// `prefault` on kernels without `MADV_POPULATE_WRITE` (before 5.14): fault the metadata in with atomic
+    /// no-op writes, and the free arena pages by claiming them word by word (as the purger does), writing a
+    /// zero byte into each (a free page's contents are either known zero or dirty, so a zero changes nothing
+    /// that matters), and freeing them again. Pages in use are their owners' and are left alone.
+    fn prefault_by_touch(&self, target: usize) {
+        for (start, _, b) in self.parts(0, target).into_iter().skip(1) {
+            let mut off = 0;
+            while off < b {
+                // SAFETY: every metadata array starts page aligned and is made of 8-byte atomics (bitmap words,
+                // or descriptors that start with one), so the first 8 bytes of each committed page are an
+                // atomic word; adding zero writes the page without changing it.
+                unsafe { &*((start + off) as *const AtomicU64) }.fetch_or(0, Ordering::Relaxed);
+                off += PAGE_SIZE;
+            }
+        }
+        loop {
+            let frontier = self.frontier.load(Ordering::Acquire);
+            if frontier >= target || !self.grow(frontier, target - frontier) {
+                break;
+            }
+        }
+        let end = target.min(self.frontier.load(Ordering::Acquire));
+        for w in 0..end {
+            let alloc = self.word(self.alloc, w);
+            let mut cur = alloc.load(Ordering::Relaxed);
+            let claimed = loop {
+                if cur == !0 {
+                    break 0;
+                }
+                // Acquire: pairs with the Release in `free_run` (the pages' last writer is done).
+                match alloc.compare_exchange_weak(cur, !0, Ordering::Acquire, Ordering::Relaxed) {
+                    Ok(_) => break !cur,
+                    Err(now) => cur = now,
+                }
+            };
+            if claimed == 0 {
+                continue;
+            }
+            let mut bits = claimed;
+            while bits != 0 {
+                let page = bits.trailing_zeros() as usize;
+                // SAFETY: the page is claimed by us (allocated in the bitmap, owned by no one else) and
+                // committed; see above for why writing a zero byte is harmless.
+                unsafe { core::ptr::write_volatile(self.page_addr(w * WORD_PAGES + page) as *mut u8, 0) };
+                bits &= bits - 1;
+            }
+            // Release: we wrote the pages; the next owner's Acquire claim orders its use after our writes.
+            alloc.fetch_and(!claimed, Ordering::Release);
+            self.note_free(w);
+        }
     }
 
     /// Runs longer than one word (or aligned to more than one word): whole words, first fit.
@@ -492,8 +846,8 @@ impl PageAllocator {
     /// Free the run of `npages` pages starting at page `first`. Lock-free; any context.
     ///
     /// # Safety
-    /// The run must have been returned by [`alloc_run`](Self::alloc_run) (or be a whole-word part of one) and not
-    /// be used afterwards.
+    /// The run must have been returned by [`alloc_run`](Self::alloc_run) (or be a part of one: a realloc frees
+    /// the tail of a large run) and not be used afterwards.
     pub unsafe fn free_run(&self, first: usize, npages: usize) {
         crate::hooks::point(crate::hooks::Point::PageFree);
         self.for_each_word(first, npages, |w, mask| {
@@ -562,9 +916,18 @@ impl PageAllocator {
     /// # Context
     /// Normal context only: calls `madvise`. Runs concurrently with any allocator operation.
     pub fn purge(&self, aged: bool) -> usize {
+        if self.lock_commits.load(Ordering::Relaxed) {
+            // Every commit is locked: MADV_DONTNEED would be refused, and dropping the pages is not wanted.
+            return 0;
+        }
         let frontier = self.frontier.load(Ordering::Acquire);
         let mut purged = 0;
+        // Set when the kernel refuses (locked memory, after `mlockall(MCL_CURRENT)`): stop asking this pass.
+        let mut refused = false;
         for w in 0..frontier {
+            if refused {
+                break;
+            }
             let alloc = self.word(self.alloc, w);
             let cur = alloc.load(Ordering::Relaxed);
             let cand = !cur & self.word(self.dirty, w).load(Ordering::Relaxed);
@@ -600,9 +963,11 @@ impl PageAllocator {
                 let addr = self.page_addr(w * WORD_PAGES + start);
                 // SAFETY: the pages are claimed by us (allocated in the bitmap, owned by no one else), page
                 // aligned and inside the arena's private anonymous mapping.
-                if unsafe { crate::sys::madvise_dontneed(addr as *mut u8, len << PAGE_SHIFT) } {
+                if !refused && unsafe { crate::sys::madvise_dontneed(addr as *mut u8, len << PAGE_SHIFT) }.is_ok() {
                     self.word(self.dirty, w).fetch_and(!(run_mask(len) << start), Ordering::Relaxed);
                     purged += len;
+                } else {
+                    refused = true;
                 }
                 bits &= !(run_mask(len) << start);
             }
@@ -631,6 +996,8 @@ impl PageAllocator {
             allocs: self.allocs.load(Ordering::Relaxed),
             frees: self.frees.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
+            committed_pages: self.committed_words() * WORD_PAGES,
+            max_align: self.max_align(),
         }
     }
 
@@ -686,8 +1053,9 @@ pub const MAX_ORDER: u32 = 20;
 ///
 /// # Context
 /// Any context: async-signal-safe, reentrant (a signal handler may call it while it runs on the same thread),
-/// never blocks, never takes a lock, never allocates. The very first call maps the arena with `mmap`; later
-/// calls make no system call.
+/// never blocks, never takes a lock, never allocates. The very first nolock call reserves the arena with
+/// `mmap`; later calls make no system call, except `mprotect` (and `mlock` under `mlockall(MCL_FUTURE)`) when
+/// the memory committed ahead of need is used up (see the [module documentation](self)).
 pub fn alloc_pages_nolock(order: u32, flags: Gfp) -> Option<NonNull<u8>> {
     if order > MAX_ORDER {
         return None;
@@ -703,6 +1071,26 @@ pub fn alloc_pages_nolock(order: u32, flags: Gfp) -> Option<NonNull<u8>> {
         unsafe { g.pages.zero_dirty(first, n) };
     }
     NonNull::new(g.pages.page_addr(first) as *mut u8)
+}
+
+/// Commit and fault in the pages nolock uses now and `bytes` more, so that allocations of up to about `bytes`
+/// (beyond what is in use) make no page fault and no system call: the real-time set-up step after
+/// `mlockall`, or instead of it. Pages stay resident until they are allocated, freed and then purged (turn
+/// the purge off with [`crate::Config::purge_interval`] or `NOLOCK_PURGE=never` to keep them).
+///
+/// Uses `MADV_POPULATE_WRITE` (Linux 5.14); on older kernels it claims the free pages a word at a time and
+/// writes to them. Pages already in use are faulted in too, without touching their contents.
+///
+/// # Errors
+/// [`PrefaultError::ArenaTooSmall`] if the arena ends first (all of it is prefaulted then);
+/// [`PrefaultError::Kernel`] if the kernel refuses (for example over `RLIMIT_MEMLOCK` under `mlockall`);
+/// [`PrefaultError::Unavailable`] if nolock could not be initialised.
+///
+/// # Context
+/// Normal context only: system calls that take long (every page faulted in is zero-filled). Initialises
+/// nolock if needed. Safe to run while other threads allocate.
+pub fn prefault(bytes: usize) -> Result<(), PrefaultError> {
+    crate::global::get().ok_or(PrefaultError::Unavailable)?.pages.prefault(bytes)
 }
 
 /// Why [`try_free_pages_nolock`] refused a pointer. Nothing was freed.
@@ -789,6 +1177,53 @@ mod tests {
 
     fn small() -> PageAllocator {
         PageAllocator::map(64 * WORD_PAGES * PAGE_SIZE).unwrap()
+    }
+
+    #[test]
+    fn base_is_aligned_to_the_arena_size() {
+        let p = small();
+        assert_eq!(p.base % (64 * WORD_BYTES), 0);
+        assert_eq!(p.max_align(), 64 * WORD_BYTES);
+        // A run aligned to the whole arena can only start at page 0.
+        let r = p.alloc_run(1, 64 * WORD_PAGES).unwrap();
+        assert_eq!(r, 0);
+        assert_eq!(p.page_addr(r) % (64 * WORD_BYTES), 0);
+    }
+
+    #[test]
+    fn commit_follows_the_frontier() {
+        let p = small();
+        assert_eq!(p.stats().committed_pages, 0);
+        // Descriptors of never-committed pages read as free.
+        assert_eq!(p.info_of(p.base + p.size - 1).kind(), Kind::Free);
+        let a = p.alloc_run(1, 1).unwrap();
+        let st = p.stats();
+        assert!(st.committed_pages >= st.active_pages && st.active_pages > 0);
+        assert!(st.committed_pages < 64 * WORD_PAGES, "commits follow the frontier, not the arena");
+        assert!(p.contains(p.page_addr(a)));
+        assert_eq!(p.info_of(p.base + st.committed_pages * PAGE_SIZE).kind(), Kind::Free);
+        // SAFETY: we own the run.
+        unsafe { p.free_run(a, 1) };
+    }
+
+    #[test]
+    fn prefault_by_touch_keeps_runs_and_frees_everything() {
+        let p = small();
+        let a = p.alloc_run(3, 1).unwrap();
+        // SAFETY: we own the run.
+        unsafe { core::ptr::write_bytes(p.page_addr(a) as *mut u8, 0x5a, 3 * PAGE_SIZE) };
+        assert!(p.commit_to(32));
+        p.prefault_by_touch(32);
+        // SAFETY: as above.
+        let s = unsafe { core::slice::from_raw_parts(p.page_addr(a) as *const u8, 3 * PAGE_SIZE) };
+        assert!(s.iter().all(|&x| x == 0x5a), "pages in use are not touched");
+        assert_eq!(p.count_allocated(), 3, "every claimed page was freed again");
+        assert!(p.stats().active_pages >= 32 * WORD_PAGES);
+        // SAFETY: as above.
+        unsafe { p.free_run(a, 3) };
+        let b = p.alloc_run(32 * WORD_PAGES, 1).unwrap();
+        // SAFETY: we own the run.
+        unsafe { p.free_run(b, 32 * WORD_PAGES) };
     }
 
     #[test]

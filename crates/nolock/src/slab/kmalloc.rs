@@ -125,7 +125,8 @@ pub fn large_stats() -> LargeStats {
 /// # Context
 /// Any context: async-signal-safe, reentrant (a signal handler may call it while this thread is inside any
 /// nolock function), never blocks, never takes a lock, never calls `malloc`. Makes no system call except the
-/// very first time nolock is used (`mmap` of the arena).
+/// very first time nolock is used (`mmap` of the arena) and, when the memory committed ahead of need is used
+/// up, one `mprotect` (plus `mlock` under `mlockall(MCL_FUTURE)`) to commit more (see [`crate::page`]).
 #[inline]
 pub fn kmalloc_nolock(size: usize, flags: Gfp) -> Option<NonNull<u8>> {
     if size.wrapping_sub(1) >= KMALLOC_MAX_CACHE_SIZE {
@@ -141,6 +142,11 @@ pub fn kmalloc_nolock(size: usize, flags: Gfp) -> Option<NonNull<u8>> {
 /// a dangling, suitably aligned pointer below [`ZERO_SIZE_LIMIT`] that must not be dereferenced; freeing it is
 /// harmless.
 ///
+/// Every alignment up to the arena's size is honoured (the arena's base is aligned to its size rounded up to a
+/// power of two, or to 2 MiB where the address space has no room for that: see
+/// [`PageStats::max_align`](crate::page::PageStats::max_align)). A larger alignment returns `None`: the memory
+/// is never misaligned.
+///
 /// # Context
 /// As [`kmalloc_nolock`].
 #[inline]
@@ -149,12 +155,87 @@ pub fn kmalloc_layout_nolock(layout: Layout, flags: Gfp) -> Option<NonNull<u8>> 
     if size.wrapping_sub(1) >= KMALLOC_MAX_CACHE_SIZE || align > KMALLOC_MAX_CACHE_SIZE {
         return kmalloc_odd(size, align, flags);
     }
+    // Like kmalloc_nolock, keep the natural alignment of the size too (the next bucket must not lose it).
+    kmalloc_class(layout_class(size, align), || align.max(size & size.wrapping_neg()), flags)
+}
+
+/// The class [`kmalloc_layout_nolock`] serves `size` (1 ..= 8192) at alignment `align` (at most 8192) from.
+#[inline(always)]
+fn layout_class(size: usize, align: usize) -> usize {
     let mut class = size_class(size.max(align));
     while class_align(class) < align {
         class += 1;
     }
-    // Like kmalloc_nolock, keep the natural alignment of the size too (the next bucket must not lose it).
-    kmalloc_class(class, || align.max(size & size.wrapping_neg()), flags)
+    class
+}
+
+/// Shrink an allocation of [`kmalloc_layout_nolock`] whose usable size is `usable` to `new_size` bytes
+/// (`1 ..= usable`) at alignment `align`, giving memory back (the `realloc` of [`crate::NolockAlloc`]):
+/// - a page run frees its tail pages in place, or, for at most half a page, moves to a size class;
+/// - a slab object moves to the class that serves `(new_size, align)` if that class is smaller.
+///
+/// Returns the pointer to use from now on: `ptr` when nothing smaller serves the size, or when a move finds no
+/// memory (a shrink never fails); otherwise the new object, holding the first `new_size` bytes, and `ptr` is
+/// freed.
+///
+/// # Safety
+/// `ptr` is a live allocation from [`kmalloc_layout_nolock`] (or [`kmalloc_nolock`]) with usable size `usable`
+/// and alignment at least `align`; `new_size` with `align` is a valid layout. After a move, `ptr` is freed.
+///
+/// # Context
+/// As [`kmalloc_nolock`] and [`kfree_nolock`].
+pub(crate) unsafe fn krealloc_shrink(ptr: *mut u8, usable: usize, new_size: usize, align: usize) -> *mut u8 {
+    let addr = ptr as usize;
+    let Some(g) = global::get_if_init() else {
+        return ptr;
+    };
+    if addr < ZERO_SIZE_LIMIT || !g.pages.contains(addr) || new_size == 0 || new_size > usable {
+        return ptr;
+    }
+    let info = g.pages.info_of(addr);
+    let movable = new_size <= KMALLOC_MAX_CACHE_SIZE && align <= KMALLOC_MAX_CACHE_SIZE;
+    match info.kind() {
+        Kind::Large if !(movable && new_size <= PAGE_SIZE / 2) => {
+            shrink_large_in_place(g, info.head() as usize, usable >> PAGE_SHIFT, new_size.div_ceil(PAGE_SIZE));
+            return ptr;
+        }
+        Kind::Large => {}
+        Kind::Slab if movable && KMALLOC_SIZES[layout_class(new_size, align)] < usable => {}
+        _ => return ptr,
+    }
+    // SAFETY: `new_size` and `align` make a valid layout (caller).
+    let layout = unsafe { Layout::from_size_align_unchecked(new_size, align) };
+    match kmalloc_layout_nolock(layout, Gfp::NONE) {
+        Some(new) => {
+            // SAFETY: the old block holds at least `new_size` live bytes (`new_size <= usable`, and the caller
+            // only reads the first `new_size`); the new one has room for them; distinct allocations.
+            unsafe {
+                core::ptr::copy_nonoverlapping(ptr, new.as_ptr(), new_size);
+                kfree_nolock(ptr);
+            }
+            new.as_ptr()
+        }
+        None => {
+            if info.kind() == Kind::Large {
+                shrink_large_in_place(g, info.head() as usize, usable >> PAGE_SHIFT, new_size.div_ceil(PAGE_SIZE));
+            }
+            ptr
+        }
+    }
+}
+
+/// Keep the first `keep` of the `npages` pages of the live large run at `head` and free the rest.
+fn shrink_large_in_place(g: &Global, head: usize, npages: usize, keep: usize) {
+    let keep = keep.max(1);
+    if keep >= npages {
+        return;
+    }
+    // Only the owner reads a live run's length (ksize, its free); store it before the tail can be reused.
+    g.pages.desc(head).npages.store(keep as u64, Ordering::Relaxed);
+    // SAFETY: pages `head + keep .. head + npages` are the tail of a live run its owner gives up; their
+    // descriptors are `Free` already (only the head's is written).
+    unsafe { g.pages.free_run(head + keep, npages - keep) };
+    LARGE_PAGES.fetch_sub((npages - keep) as u64, Ordering::Relaxed);
 }
 
 /// The fast path: a pop from the thread's list of the class, nothing else. Every other case (first use, debug
@@ -262,7 +343,8 @@ fn kmalloc_odd(size: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
 }
 
 fn kmalloc_large(g: &Global, size: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
-    if size > g.pages.size() || align > g.pages.size() {
+    // An alignment the arena's base cannot give is refused, never silently weakened.
+    if size > g.pages.size() || align > g.pages.max_align() {
         LARGE_FAILURES.fetch_add(1, Ordering::Relaxed);
         return None;
     }

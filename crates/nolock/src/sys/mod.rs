@@ -36,6 +36,121 @@ pub fn mmap_reserve(len: usize) -> Option<*mut u8> {
     if p == libc::MAP_FAILED { None } else { Some(p.cast()) }
 }
 
+/// Reserve `len` bytes of address space with no access at all (`PROT_NONE`, `MAP_NORESERVE`): nothing is
+/// committed, nothing can be touched, and `mlockall(MCL_FUTURE)` has nothing to fault in. Parts are made usable
+/// with [`mprotect_rw`]. Returns the `errno` when the kernel refuses.
+///
+/// Async-signal-safe (one `mmap` system call).
+pub fn mmap_none(len: usize) -> Result<*mut u8, i32> {
+    // SAFETY: an anonymous private mapping at a kernel-chosen address touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED { Err(errno()) } else { Ok(p.cast()) }
+}
+
+/// [`mmap_reserve`] that says why it failed (the `errno`). Async-signal-safe (one `mmap` system call).
+pub fn mmap_reserve_err(len: usize) -> Result<*mut u8, i32> {
+    mmap_reserve(len).ok_or_else(errno)
+}
+
+/// Make `[ptr, ptr + len)`, part of a [`mmap_none`] reservation, readable and writable. Under
+/// `mlockall(MCL_CURRENT)` on that range the kernel also faults it in. Returns the `errno` on failure.
+///
+/// Async-signal-safe (one `mprotect` system call, which takes the process's `mmap` lock in the kernel: it can
+/// sleep briefly while another thread maps or unmaps memory, but never waits for user space).
+///
+/// # Safety
+/// The range must be page aligned and inside a reservation this process made and owns.
+pub unsafe fn mprotect_rw(ptr: *mut u8, len: usize) -> Result<(), i32> {
+    // SAFETY: forwarded from the caller; widening the protection of our own anonymous memory changes no content.
+    if unsafe { libc::mprotect(ptr.cast(), len, libc::PROT_READ | libc::PROT_WRITE) } == 0 {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
+/// Make `[ptr, ptr + len)`, part of a [`mmap_none`] reservation, readable only: reads fault in the shared zero
+/// page (no memory is committed), writes fault. Returns the `errno` on failure. Async-signal-safe (one
+/// `mprotect` system call).
+///
+/// # Safety
+/// The range must be page aligned and inside a reservation this process made and owns, and nothing may be
+/// writing to it.
+pub unsafe fn mprotect_read(ptr: *mut u8, len: usize) -> Result<(), i32> {
+    // SAFETY: forwarded from the caller.
+    if unsafe { libc::mprotect(ptr.cast(), len, libc::PROT_READ) } == 0 { Ok(()) } else { Err(errno()) }
+}
+
+/// Lock `[ptr, ptr + len)` in memory (`mlock`: faults it in and keeps it resident). Returns the `errno` on
+/// failure (`ENOMEM`/`EAGAIN`: over `RLIMIT_MEMLOCK`; `EPERM`: not allowed).
+///
+/// Async-signal-safe (one system call; like [`mprotect_rw`] it takes the `mmap` lock, and it zero-fills the
+/// pages it faults in).
+///
+/// # Safety
+/// The range must be page aligned and mapped by this process.
+pub unsafe fn mlock(ptr: *mut u8, len: usize) -> Result<(), i32> {
+    // SAFETY: forwarded from the caller; locking changes no content.
+    if unsafe { libc::mlock(ptr.cast(), len) } == 0 { Ok(()) } else { Err(errno()) }
+}
+
+/// Unlock `[ptr, ptr + len)` (`munlock`). Used on fresh `PROT_NONE` reservations that `mlockall(MCL_FUTURE)`
+/// marked locked, so that the kernel does not count the whole reservation as locked memory.
+/// Async-signal-safe (one system call).
+///
+/// # Safety
+/// The range must be page aligned and mapped by this process.
+pub unsafe fn munlock(ptr: *mut u8, len: usize) {
+    // SAFETY: forwarded from the caller; unlocking changes no content.
+    unsafe { libc::munlock(ptr.cast(), len) };
+}
+
+/// Whether new mappings of this process are locked at once (`mlockall(MCL_FUTURE)` is in effect): a fresh
+/// one-page readable and writable mapping is resident before it is ever touched. `MCL_FUTURE | MCL_ONFAULT`
+/// is not detected (such mappings are resident only once touched).
+///
+/// Async-signal-safe (`mmap`, `mincore`, `munmap`).
+pub fn mcl_future_in_effect() -> bool {
+    let Some(p) = mmap_reserve(PAGE_SIZE) else {
+        return false;
+    };
+    let mut vec = 0u8;
+    // SAFETY: `p` is our fresh one-page mapping; `vec` has room for its one page.
+    let rc = unsafe { libc::mincore(p.cast(), PAGE_SIZE, &mut vec) };
+    // SAFETY: our own mapping, used by nothing else.
+    unsafe { munmap(p, PAGE_SIZE) };
+    rc == 0 && vec & 1 != 0
+}
+
+/// Fault in `[ptr, ptr + len)` writable without changing its contents (`MADV_POPULATE_WRITE`, Linux 5.14).
+/// Returns the `errno` on failure (`EINVAL`: kernel too old).
+///
+/// Normal context: it can take long (it zero-fills every page it faults in).
+///
+/// # Safety
+/// The range must be page aligned, readable and writable, inside a private anonymous mapping.
+pub unsafe fn madvise_populate_write(ptr: *mut u8, len: usize) -> Result<(), i32> {
+    // SAFETY: forwarded from the caller; populating private anonymous memory changes no content.
+    if unsafe { libc::madvise(ptr.cast(), len, libc::MADV_POPULATE_WRITE) } == 0 { Ok(()) } else { Err(errno()) }
+}
+
+/// The address-space limit (`RLIMIT_AS`, `ulimit -v`) in bytes, `None` when unlimited. Async-signal-safe.
+pub fn address_space_limit() -> Option<u64> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `r` is a valid rlimit to fill in.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut r) };
+    (rc == 0 && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur)
+}
+
 /// Give a mapping made by [`mmap_reserve`] back. Async-signal-safe.
 ///
 /// # Safety
@@ -46,13 +161,14 @@ pub unsafe fn munmap(ptr: *mut u8, len: usize) {
 }
 
 /// Drop the physical pages behind `[ptr, ptr + len)`; the next touch sees zero-filled pages.
-/// Returns false when the kernel refused (the memory then stays resident but intact).
+/// Returns the `errno` when the kernel refused (the memory then stays resident but intact; `EINVAL` for
+/// locked memory).
 ///
 /// # Safety
 /// The range must be page aligned, inside a private anonymous mapping, and nobody may be using its contents.
-pub unsafe fn madvise_dontneed(ptr: *mut u8, len: usize) -> bool {
+pub unsafe fn madvise_dontneed(ptr: *mut u8, len: usize) -> Result<(), i32> {
     // SAFETY: forwarded from the caller; MADV_DONTNEED on private anonymous memory only discards contents.
-    unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTNEED) == 0 }
+    if unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTNEED) } == 0 { Ok(()) } else { Err(errno()) }
 }
 
 /// The kernel's page size. Async-signal-safe.
@@ -81,7 +197,26 @@ pub fn thread_alive(tid: i32) -> bool {
     r == 0 || errno() != libc::ESRCH
 }
 
-fn errno() -> i32 {
+/// Restores the calling thread's `errno` when dropped: system calls made on a path that may run in a signal
+/// handler must not change the `errno` of the code they interrupted.
+pub struct ErrnoGuard(i32);
+
+impl ErrnoGuard {
+    /// Remember the current `errno`. Async-signal-safe.
+    pub fn save() -> Self {
+        Self(errno())
+    }
+}
+
+impl Drop for ErrnoGuard {
+    fn drop(&mut self) {
+        // SAFETY: __errno_location returns the calling thread's errno slot, always valid.
+        unsafe { *libc::__errno_location() = self.0 };
+    }
+}
+
+/// The calling thread's `errno`. Async-signal-safe.
+pub fn errno() -> i32 {
     // SAFETY: __errno_location returns the calling thread's errno slot, always valid.
     unsafe { *libc::__errno_location() }
 }
