@@ -394,6 +394,7 @@ fn main_step() {
 
 #[test]
 fn signal_storm() {
+    let _reports = common::NoReports::new();
     // No background worker: it shrinks caches and purges pages on its own schedule, and its passes would
     // race with the exact page accounting at the end. The storm itself needs no worker.
     nolock::Config::new().background(false).apply().expect("this test is the first nolock user in its binary");
