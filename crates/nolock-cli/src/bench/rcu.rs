@@ -1,20 +1,45 @@
 //! `nolock bench rcu`: the reclamation layer against crossbeam-epoch, seize, `membarrier` and (feature
 //! `liburcu`, when the library is installed) liburcu's membarrier flavour, all measured in the same run.
 //!
-//! Workloads (one thread unless said otherwise):
-//! - **read**: lock + unlock in a tight loop, the guard passed through `black_box` — nolock RCU, SRCU-fast (a
-//!   static domain) and Tasks Trace against crossbeam `pin()` + drop and seize `Collector::enter()` + drop;
-//!   ns per lock+unlock.
-//! - **grace period**: `synchronize_rcu`, `SrcuFast::synchronize` and `synchronize_rcu_tasks_trace` latency
-//!   with no reader, and with one busy reader thread spinning on short read sections of the same flavour;
-//!   p50 and p99 per repetition, in µs, next to one `membarrier(PRIVATE_EXPEDITED)` with the same busy thread.
+//! Every cell is the median [min–max] of `--reps` timed repetitions (at least 5; 9 by default), after one
+//! untimed warm-up repetition; the contenders take turns inside each repetition in a rotating order. Every
+//! workload runs on the bench's main thread unless said otherwise.
+//!
+//! What each line measures:
+//! - **read side** (ns per lock+unlock; a loop of `n` iterations, each taking an *outermost* guard, passing it
+//!   through `black_box` and dropping it; the first iteration of a thread is long past, thanks to the warm-up):
+//!   - `nolock rcu_read_lock`, `SrcuFast::read_lock_fast` (a static domain), `rcu_read_lock_tasks_trace`: the
+//!     thread-local lookup of the reader word and a plain increment / decrement; no fence, no atomic RMW;
+//!   - `crossbeam-epoch pin()`: the default collector through its thread-local handle — what `epoch::pin()`
+//!     callers pay: the lookup, one `lock cmpxchg` (crossbeam's SeqCst fence on x86), and a collection attempt
+//!     every 128 pins (the global queue is empty here: the other workloads drain what they defer);
+//!   - `crossbeam-epoch LocalHandle::pin()`: the same through a handle registered once (no thread-local
+//!     lookup);
+//!   - `seize Collector::enter()`;
+//!   - reference, not a reader: one uncontended `lock cmpxchg` on a private word. crossbeam's pin costs about
+//!     one of these; nolock's readers none, so the ratio to crossbeam follows the CPU's cost of a locked
+//!     instruction (cheap on some CPUs, 15–40 cycles on others) and the load of the machine.
+//!
+//!   A guard kept across the loop would measure nested pins (a counter only, about 1.5 ns for crossbeam here),
+//!   not what a reader pays.
+//! - **grace period** (µs): `synchronize_rcu`, `SrcuFast::synchronize` and `synchronize_rcu_tasks_trace`
+//!   latency with no reader, and with one busy reader thread spinning on short read sections of the same
+//!   flavour; p50 and p99 per repetition, next to one `membarrier(PRIVATE_EXPEDITED)` with the same busy thread.
 //! - **callbacks**: `call_rcu_nolock` / `call_srcu_fast_nolock` of N pre-allocated 64-byte `kmalloc_nolock`
-//!   objects whose callback frees them — ns per enqueue, and drain throughput (N / time from the first
-//!   enqueue until the barrier returns) — against crossbeam `pin()` + `defer` of a no-op closure.
-//! - **retire**: allocate a 64-byte object, write it, retire it, N times, then wait until every object is
-//!   freed (barrier / flush) — ns per object: `kmalloc_nolock` + `kfree_rcu_nolock` (and the SRCU-fast
-//!   flavour) against crossbeam `Owned::new` + `defer_destroy` and seize `Box::new` + `retire` (both on glibc
-//!   malloc: the CLI installs no global allocator).
+//!   objects whose callback frees them — ns per enqueue (the worker runs the callbacks meanwhile, on another
+//!   thread), and drain throughput (N / time from the first enqueue until the barrier returns) — against
+//!   crossbeam `pin()` + `defer` of a no-op closure (one pin per call: each enqueue is its own operation).
+//! - **retire** (ns per object): allocate a 64-byte object, write it, retire it, N times, then wait until every
+//!   object is freed (nolock: `rcu_barrier` / the SRCU barrier, the frees run on the grace-period worker;
+//!   crossbeam: `pin().flush()` until every object was dropped, the frees run inline on the bench thread;
+//!   seize: `reclaim_all`). One `pin()` / `enter()` per object for the baselines (each retire its own
+//!   operation; holding one guard over many retires is slower for crossbeam, which collects only when it
+//!   pins). Each baseline runs twice, with two allocators:
+//!   - on nolock's allocator (`kmalloc_nolock` objects, freed with `kfree_nolock` by the deferred function):
+//!     the same allocation and free as `kfree_rcu_nolock`, so only the reclamation differs — the fair ratio;
+//!   - as their users write it, `Owned::new` / `Box::new` on the global allocator (glibc: the CLI installs
+//!     none): allocator and reclamation together. glibc's malloc+free of 64 bytes is slower than nolock's, so
+//!     this ratio flatters nolock; with mimalloc or jemalloc as the global allocator it would not.
 
 use core::ptr::NonNull;
 use std::fmt::Write as _;
@@ -172,12 +197,23 @@ enum Reader {
     Srcu,
     TasksTrace,
     CrossbeamPin,
+    CrossbeamHandle,
     SeizeEnter,
     Urcu,
+    /// Not a reader: one `lock cmpxchg`, for reference.
+    LockedRmw,
 }
 
-const READERS: [Reader; 6] =
-    [Reader::Rcu, Reader::Srcu, Reader::TasksTrace, Reader::CrossbeamPin, Reader::SeizeEnter, Reader::Urcu];
+const READERS: [Reader; 8] = [
+    Reader::Rcu,
+    Reader::Srcu,
+    Reader::TasksTrace,
+    Reader::CrossbeamPin,
+    Reader::CrossbeamHandle,
+    Reader::SeizeEnter,
+    Reader::Urcu,
+    Reader::LockedRmw,
+];
 
 impl Reader {
     fn name(self) -> &'static str {
@@ -186,8 +222,10 @@ impl Reader {
             Reader::Srcu => "nolock SrcuFast::read_lock_fast",
             Reader::TasksTrace => "nolock rcu_read_lock_tasks_trace",
             Reader::CrossbeamPin => "crossbeam-epoch pin()",
+            Reader::CrossbeamHandle => "crossbeam-epoch LocalHandle::pin()",
             Reader::SeizeEnter => "seize Collector::enter()",
             Reader::Urcu => "liburcu-memb rcu_read_lock (FFI)",
+            Reader::LockedRmw => "reference: one lock cmpxchg (no reader)",
         }
     }
 }
@@ -204,14 +242,42 @@ fn read_loop<G>(n: u64, lock: impl Fn() -> G) -> f64 {
     t.elapsed().as_nanos() as f64 / n as f64
 }
 
-fn measure_read(r: Reader, n: u64, seize: &seize::Collector) -> Option<f64> {
+/// `n` uncontended `lock cmpxchg` on a private word (each succeeds); ns per instruction.
+#[inline(never)]
+fn locked_rmw_loop(n: u64) -> f64 {
+    let w = AtomicU64::new(0);
+    let t = Instant::now();
+    for i in 0..n {
+        // SeqCst: the strongest form, what crossbeam's pin uses as its fence; nothing else pairs with it here.
+        let _ = black_box(w.compare_exchange(i, i + 1, Ordering::SeqCst, Ordering::SeqCst));
+    }
+    t.elapsed().as_nanos() as f64 / n as f64
+}
+
+/// The baselines' state, kept for the whole run (registered once, on the bench thread).
+struct Baselines {
+    seize: seize::Collector,
+    /// A handle of crossbeam's default collector, registered once: `LocalHandle::pin()` without the
+    /// thread-local lookup of `epoch::pin()`.
+    handle: epoch::LocalHandle,
+}
+
+impl Baselines {
+    fn new() -> Self {
+        Self { seize: seize::Collector::new(), handle: epoch::default_collector().register() }
+    }
+}
+
+fn measure_read(r: Reader, n: u64, base: &Baselines) -> Option<f64> {
     Some(match r {
         Reader::Rcu => read_loop(n, rcu_read_lock),
         Reader::Srcu => read_loop(n, || BENCH_SRCU.read_lock_fast()),
         Reader::TasksTrace => read_loop(n, rcu_read_lock_tasks_trace),
         Reader::CrossbeamPin => read_loop(n, epoch::pin),
-        Reader::SeizeEnter => read_loop(n, || seize.enter()),
+        Reader::CrossbeamHandle => read_loop(n, || base.handle.pin()),
+        Reader::SeizeEnter => read_loop(n, || base.seize.enter()),
         Reader::Urcu => return urcu_read(n),
+        Reader::LockedRmw => locked_rmw_loop(n),
     })
 }
 
@@ -452,23 +518,83 @@ fn measure_cb(c: Cb, n: usize) -> Option<(Enqueue, Option<f64>)> {
 enum Retire {
     KfreeRcu,
     KfreeSrcu,
+    /// crossbeam on nolock's allocator.
+    CrossbeamNolock,
+    /// crossbeam on the global allocator (glibc).
     CrossbeamDestroy,
+    /// seize on nolock's allocator.
+    SeizeNolock,
+    /// seize on the global allocator (glibc).
     Seize,
     Urcu,
 }
 
-const RETIRES: [Retire; 5] =
-    [Retire::KfreeRcu, Retire::KfreeSrcu, Retire::CrossbeamDestroy, Retire::Seize, Retire::Urcu];
+const RETIRES: [Retire; 7] = [
+    Retire::KfreeRcu,
+    Retire::KfreeSrcu,
+    Retire::CrossbeamNolock,
+    Retire::CrossbeamDestroy,
+    Retire::SeizeNolock,
+    Retire::Seize,
+    Retire::Urcu,
+];
 
 impl Retire {
     fn name(self) -> &'static str {
         match self {
             Retire::KfreeRcu => "nolock kmalloc_nolock + kfree_rcu_nolock",
             Retire::KfreeSrcu => "nolock kmalloc_nolock + kfree_srcu_fast_nolock",
-            Retire::CrossbeamDestroy => "crossbeam-epoch Owned::new + defer_destroy",
-            Retire::Seize => "seize Box::new + retire",
+            Retire::CrossbeamNolock => "crossbeam-epoch kmalloc_nolock + defer(kfree_nolock)",
+            Retire::CrossbeamDestroy => "crossbeam-epoch Owned::new + defer_destroy (glibc)",
+            Retire::SeizeNolock => "seize kmalloc_nolock + retire(kfree_nolock)",
+            Retire::Seize => "seize Box::new + retire (glibc)",
             Retire::Urcu => "liburcu-memb malloc + call_rcu(free) (FFI)",
         }
+    }
+}
+
+/// A baseline's object on nolock's allocator: 64 bytes from `kmalloc_nolock`, written like `Counted`.
+#[inline]
+fn new_raw64(i: u64) -> *mut [u64; 8] {
+    let Some(p) = kmalloc_nolock(64, Gfp::NONE) else {
+        panic!("kmalloc_nolock(64) failed during the benchmark");
+    };
+    let p = p.cast::<[u64; 8]>().as_ptr();
+    // SAFETY: a fresh 64-byte kmalloc object, 8-aligned.
+    unsafe { p.write([i; 8]) };
+    p
+}
+
+/// Free a baseline's nolock object and count it, as `Counted`'s drop does.
+///
+/// # Safety
+/// `p` came from `new_raw64` and is freed once.
+#[inline]
+unsafe fn free_raw64(p: *mut [u64; 8]) {
+    // SAFETY: forwarded from the caller.
+    unsafe { kfree_nolock(p.cast()) };
+    BASELINE_DROPS.store(BASELINE_DROPS.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
+/// seize's reclaim function for `new_raw64` objects.
+///
+/// # Safety
+/// As [`free_raw64`].
+unsafe fn seize_free_raw64(p: *mut [u64; 8], _c: &seize::Collector) {
+    // SAFETY: forwarded.
+    unsafe { free_raw64(p) };
+}
+
+/// Wait for crossbeam to drop `n` objects, or say it did not.
+fn crossbeam_drained(n: usize) -> Result<(), String> {
+    if drain_baseline(n as u64, || epoch::pin().flush()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "crossbeam-epoch freed only {} of {n} objects within {} s",
+            BASELINE_DROPS.load(Ordering::Relaxed),
+            DRAIN_DEADLINE.as_secs()
+        ))
     }
 }
 
@@ -511,6 +637,19 @@ fn measure_retire(r: Retire, n: usize) -> Result<Option<f64>, String> {
             |p, h| unsafe { kfree_srcu_fast_nolock(&BENCH_SRCU, p, h) },
             || BENCH_SRCU.barrier(),
         ),
+        Retire::CrossbeamNolock => {
+            BASELINE_DROPS.store(0, Ordering::Relaxed);
+            let t = Instant::now();
+            for i in 0..n as u64 {
+                let g = epoch::pin();
+                let p = new_raw64(i) as usize;
+                // SAFETY: the object was never shared; the deferred function frees it once, after every guard
+                // that could see it is gone; it captures only the address (Send).
+                unsafe { g.defer_unchecked(move || free_raw64(p as *mut [u64; 8])) };
+            }
+            crossbeam_drained(n)?;
+            t.elapsed().as_nanos() as f64 / n as f64
+        }
         Retire::CrossbeamDestroy => {
             BASELINE_DROPS.store(0, Ordering::Relaxed);
             let t = Instant::now();
@@ -520,14 +659,28 @@ fn measure_retire(r: Retire, n: usize) -> Result<Option<f64>, String> {
                 // SAFETY: the object was never shared: nobody else can reach it.
                 unsafe { g.defer_destroy(s) };
             }
-            if !drain_baseline(n as u64, || epoch::pin().flush()) {
-                return Err(format!(
-                    "crossbeam-epoch freed only {} of {n} objects within {} s",
-                    BASELINE_DROPS.load(Ordering::Relaxed),
-                    DRAIN_DEADLINE.as_secs()
-                ));
-            }
+            crossbeam_drained(n)?;
             t.elapsed().as_nanos() as f64 / n as f64
+        }
+        Retire::SeizeNolock => {
+            let c = seize::Collector::new();
+            BASELINE_DROPS.store(0, Ordering::Relaxed);
+            let t = Instant::now();
+            for i in 0..n as u64 {
+                let g = c.enter();
+                let p = new_raw64(i);
+                // SAFETY: the object was never shared, and `seize_free_raw64` frees a `new_raw64` object once.
+                unsafe { c.retire(p, seize_free_raw64) };
+                drop(g);
+            }
+            // SAFETY: no thread is inside a guard of `c` (only this one uses it, and its guards are dropped).
+            unsafe { c.reclaim_all() };
+            let e = t.elapsed().as_nanos() as f64 / n as f64;
+            let got = BASELINE_DROPS.load(Ordering::Relaxed);
+            if got < n as u64 {
+                return Err(format!("seize freed only {got} of {n} objects after reclaim_all"));
+            }
+            e
         }
         Retire::Seize => {
             let c = seize::Collector::new();
@@ -665,17 +818,10 @@ fn rotated<T: Copy>(all: &[T], rep: usize) -> Vec<T> {
 }
 
 /// One repetition of every workload; `record: false` for the warm-up.
-fn one_rep(
-    rep: usize,
-    sz: Sizes,
-    seize: &seize::Collector,
-    res: &mut Results,
-    record: bool,
-    bar: &indicatif::ProgressBar,
-) {
+fn one_rep(rep: usize, sz: Sizes, base: &Baselines, res: &mut Results, record: bool, bar: &indicatif::ProgressBar) {
     bar.set_message("read side");
     for r in rotated(&READERS, rep) {
-        if let Some(ns) = measure_read(r, sz.read, seize)
+        if let Some(ns) = measure_read(r, sz.read, base)
             && record
         {
             res.add(G_READ, r.name(), "lock_unlock", "ns", ns);
@@ -731,11 +877,11 @@ pub fn run(args: &BenchArgs) -> ExitCode {
     let reps = args.reps();
     let sz = Sizes::new(args.quick);
     let urcu = urcu_available();
-    let seize = seize::Collector::new();
+    let base = Baselines::new();
 
     println!(
         "nolock bench rcu ({}): {reps} timed repetitions per cell, contenders take turns inside each repetition; \
-         baselines: crossbeam-epoch 0.9.21, seize 0.5.1, membarrier{}",
+         baselines: crossbeam-epoch 0.9.21, seize 0.5.1, membarrier{}; {}",
         if args.quick { "quick" } else { "full" },
         if urcu {
             ", liburcu-memb"
@@ -743,15 +889,16 @@ pub fn run(args: &BenchArgs) -> ExitCode {
             " (liburcu-memb.so.8 not found: skipped)"
         } else {
             ""
-        }
+        },
+        super::conditions()
     );
     let bar = progress_bar((reps * 4 + 4) as u64);
     let mut res = Results::default();
     // Warm-up: threads' caches, page faults, the grace-period worker, code paths.
-    one_rep(0, sz.warmup(), &seize, &mut res, false, &bar);
+    one_rep(0, sz.warmup(), &base, &mut res, false, &bar);
     let t_start = Instant::now();
     for rep in 0..reps {
-        one_rep(rep, sz, &seize, &mut res, true, &bar);
+        one_rep(rep, sz, &base, &mut res, true, &bar);
     }
     bar.finish_and_clear();
     let took = t_start.elapsed();
@@ -761,9 +908,10 @@ pub fn run(args: &BenchArgs) -> ExitCode {
         println!("note: {n}");
     }
     println!(
-        "timed part took {:.1} s; cells are median [min–max] over the repetitions; compare numbers only within \
-         one run",
-        took.as_secs_f64()
+        "timed part took {:.1} s (load average at the end {}); cells are median [min–max] over the repetitions; \
+         compare numbers only within one run",
+        took.as_secs_f64(),
+        super::load_average()
     );
 
     if let Some(path) = &args.json {
@@ -807,6 +955,9 @@ struct Ratios {
     srcu_sync_busy_vs_membarrier: Option<f64>,
     kfree_rcu_vs_crossbeam: Option<f64>,
     kfree_rcu_vs_seize: Option<f64>,
+    kfree_rcu_vs_crossbeam_same_alloc: Option<f64>,
+    kfree_rcu_vs_seize_same_alloc: Option<f64>,
+    pin_vs_locked_rmw: Option<f64>,
 }
 
 fn ratios(res: &Results) -> Ratios {
@@ -829,6 +980,9 @@ fn ratios(res: &Results) -> Ratios {
         srcu_sync_busy_vs_membarrier: ratio(res.get(G_GP, GpOp::Srcu.name(), "busy_p50"), mb),
         kfree_rcu_vs_crossbeam: ratio(kr, res.get(G_RETIRE, Retire::CrossbeamDestroy.name(), "per_object")),
         kfree_rcu_vs_seize: ratio(kr, res.get(G_RETIRE, Retire::Seize.name(), "per_object")),
+        kfree_rcu_vs_crossbeam_same_alloc: ratio(kr, res.get(G_RETIRE, Retire::CrossbeamNolock.name(), "per_object")),
+        kfree_rcu_vs_seize_same_alloc: ratio(kr, res.get(G_RETIRE, Retire::SeizeNolock.name(), "per_object")),
+        pin_vs_locked_rmw: ratio(pin, res.get(G_READ, Reader::LockedRmw.name(), "lock_unlock")),
     }
 }
 
@@ -857,6 +1011,12 @@ fn print_tables(res: &Results, sz: Sizes) {
         ratio_cell(r.srcu_vs_pin),
         verdict(r.srcu_vs_pin, 0.5),
         ratio_cell(r.tt_vs_pin),
+    );
+    println!(
+        "{} outermost lock+unlock per repetition; crossbeam's pin() = {} lock cmpxchg here (its SeqCst fence on \
+         x86), nolock's readers use no fence and no RMW: the ratio follows the CPU's cost of a locked instruction",
+        sz.read,
+        ratio_cell(r.pin_vs_locked_rmw),
     );
 
     // Grace periods.
@@ -946,7 +1106,9 @@ fn print_tables(res: &Results, sz: Sizes) {
     // Retire and free.
     let kr = res.get(G_RETIRE, Retire::KfreeRcu.name(), "per_object");
     let mut rows = vec![
-        ["retire and free 64 B objects", "ns/object incl. free", "kfree_rcu_nolock / this"].map(String::from).to_vec(),
+        ["retire and free 64 B objects", "ns/object incl. alloc and free", "kfree_rcu_nolock / this"]
+            .map(String::from)
+            .to_vec(),
     ];
     for rt in RETIRES {
         let s = res.get(G_RETIRE, rt.name(), "per_object");
@@ -958,9 +1120,19 @@ fn print_tables(res: &Results, sz: Sizes) {
     println!();
     print_rows(&rows);
     println!(
-        "{} objects per repetition: allocate, write, retire each, then wait until all are freed (rcu_barrier / \
-         srcu barrier / crossbeam flush loop / seize reclaim_all / urcu barrier)",
+        "{} objects per repetition: allocate, write, retire each (baselines: one pin / enter per object), then \
+         wait until all are freed (rcu_barrier / srcu barrier / crossbeam flush loop / seize reclaim_all / urcu \
+         barrier)",
         sz.retire
+    );
+    println!(
+        "same allocator (kmalloc_nolock / kfree_nolock on both sides: the reclamation alone): kfree_rcu_nolock / \
+         crossbeam {}, / seize {}; baselines on glibc as their users write it (allocator and reclamation): / \
+         crossbeam {}, / seize {}",
+        ratio_cell(r.kfree_rcu_vs_crossbeam_same_alloc),
+        ratio_cell(r.kfree_rcu_vs_seize_same_alloc),
+        ratio_cell(r.kfree_rcu_vs_crossbeam),
+        ratio_cell(r.kfree_rcu_vs_seize),
     );
     println!(
         "grace periods in this run: RCU {}, SRCU-fast (bench domain) {}",
@@ -1005,7 +1177,9 @@ fn to_json(quick: bool, reps: usize, urcu: bool, res: &Results) -> String {
          \"tasks_trace_read/crossbeam_pin\": {},\n    \"call_rcu_nolock/crossbeam_defer\": {},\n    \"call_rcu_nolock/crossbeam_defer_chunk_p50\": {},\n    \
          \"synchronize_rcu_busy_p50/membarrier_busy_p50\": {},\n    \
          \"srcu_synchronize_busy_p50/membarrier_busy_p50\": {},\n    \"kfree_rcu_nolock/crossbeam_defer_destroy\": {},\n    \
-         \"kfree_rcu_nolock/seize_retire\": {}\n  }},\n  \"notes\": [{}]\n}}\n",
+         \"kfree_rcu_nolock/seize_retire\": {},\n    \
+         \"kfree_rcu_nolock/crossbeam_defer_same_allocator\": {},\n    \
+         \"kfree_rcu_nolock/seize_retire_same_allocator\": {},\n    \"crossbeam_pin/lock_cmpxchg\": {}\n  }},\n  \"notes\": [{}]\n}}\n",
         o(r.rcu_vs_pin),
         o(r.srcu_vs_pin),
         o(r.tt_vs_pin),
@@ -1015,6 +1189,9 @@ fn to_json(quick: bool, reps: usize, urcu: bool, res: &Results) -> String {
         o(r.srcu_sync_busy_vs_membarrier),
         o(r.kfree_rcu_vs_crossbeam),
         o(r.kfree_rcu_vs_seize),
+        o(r.kfree_rcu_vs_crossbeam_same_alloc),
+        o(r.kfree_rcu_vs_seize_same_alloc),
+        o(r.pin_vs_locked_rmw),
         res.notes.iter().map(|n| json_str(n)).collect::<Vec<_>>().join(", ")
     );
     out
@@ -1034,9 +1211,9 @@ mod tests {
     fn every_workload_runs() {
         nolock::init();
         let sz = Sizes { read: 10_000, lat: 5, cbs: 2_000, retire: 2_000 };
-        let seize = seize::Collector::new();
+        let base = Baselines::new();
         let mut res = Results::default();
-        one_rep(0, sz, &seize, &mut res, true, &indicatif::ProgressBar::hidden());
+        one_rep(0, sz, &base, &mut res, true, &indicatif::ProgressBar::hidden());
         assert!(res.notes.is_empty(), "{:?}", res.notes);
         for r in READERS.into_iter().filter(|&r| r != Reader::Urcu) {
             assert!(res.get(G_READ, r.name(), "lock_unlock").is_some(), "{}", r.name());
