@@ -25,6 +25,8 @@
 //! - **grace period** (µs): `synchronize_rcu`, `SrcuFast::synchronize` and `synchronize_rcu_tasks_trace`
 //!   latency with no reader, and with one busy reader thread spinning on short read sections of the same
 //!   flavour; p50 and p99 per repetition, next to one `membarrier(PRIVATE_EXPEDITED)` with the same busy thread.
+//!   A busy-reader sample set during which the reader hardly ran (no CPU for it on a loaded machine: it then
+//!   measures an idle system) is dropped, and a note says how many were.
 //! - **callbacks**: `call_rcu_nolock` / `call_srcu_fast_nolock` of N pre-allocated 64-byte `kmalloc_nolock`
 //!   objects whose callback frees them — ns per enqueue (the worker runs the callbacks meanwhile, on another
 //!   thread), and drain throughput (N / time from the first enqueue until the barrier returns) — against
@@ -112,6 +114,8 @@ struct Results {
     series: Vec<Series>,
     /// Problems met while measuring (a baseline that did not drain in time, a failed system call).
     notes: Vec<String>,
+    /// Busy-reader sample sets dropped because the busy reader did not run during them.
+    dropped_busy: usize,
 }
 
 impl Results {
@@ -326,10 +330,14 @@ impl GpOp {
     }
 }
 
+/// Batches of 1024 read sections the busy reader has completed (one busy reader runs at a time).
+static BUSY_BATCHES: AtomicU64 = AtomicU64::new(0);
+
 /// Spin on short read sections until `stop`.
 fn spin_sections<G>(stop: &AtomicBool, running: &AtomicBool, lock: impl Fn() -> G) {
     running.store(true, Ordering::Release);
     while !stop.load(Ordering::Relaxed) {
+        BUSY_BATCHES.fetch_add(1, Ordering::Relaxed);
         for _ in 0..1024 {
             let g = lock();
             black_box(&g);
@@ -350,10 +358,12 @@ fn busy_reader(b: Busy, stop: &AtomicBool, running: &AtomicBool) {
     }
 }
 
-/// Run `body` with a busy reader thread of flavour `busy` (or alone).
-fn with_busy<R>(busy: Option<Busy>, body: impl FnOnce() -> R) -> R {
+/// Run `body` with a busy reader thread of flavour `busy` (or alone). Also returns how many batches of 1024
+/// sections the busy reader completed while `body` ran (`None` without one): on a loaded machine it may not
+/// get a CPU at all, and the latencies are then those of an idle system.
+fn with_busy<R>(busy: Option<Busy>, body: impl FnOnce() -> R) -> (R, Option<u64>) {
     let Some(b) = busy else {
-        return body();
+        return (body(), None);
     };
     let stop = AtomicBool::new(false);
     let running = AtomicBool::new(false);
@@ -367,10 +377,12 @@ fn with_busy<R>(busy: Option<Busy>, body: impl FnOnce() -> R) -> R {
         }
         // Let it settle into its loop (and onto a CPU).
         std::thread::sleep(Duration::from_millis(2));
+        let before = BUSY_BATCHES.load(Ordering::Relaxed);
         let r = body();
+        let batches = BUSY_BATCHES.load(Ordering::Relaxed) - before;
         stop.store(true, Ordering::Relaxed);
         h.join().expect("busy reader panicked");
-        r
+        (r, Some(batches))
     })
 }
 
@@ -391,7 +403,8 @@ fn membarrier() -> libc::c_long {
     unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0) }
 }
 
-fn measure_gp(op: GpOp, n: usize, busy: bool) -> Option<(f64, f64)> {
+/// (p50, p99) latency, and the busy reader's batches during the measurement (see [`with_busy`]).
+fn measure_gp(op: GpOp, n: usize, busy: bool) -> Option<((f64, f64), Option<u64>)> {
     let b = busy.then(|| op.busy());
     match op {
         GpOp::Membarrier => {
@@ -747,14 +760,14 @@ fn urcu_busy(_stop: &AtomicBool, running: &AtomicBool) {
 }
 
 #[cfg(feature = "liburcu")]
-fn urcu_sync(n: usize, busy: Option<Busy>) -> Option<(f64, f64)> {
+fn urcu_sync(n: usize, busy: Option<Busy>) -> Option<((f64, f64), Option<u64>)> {
     let lib = urcu::get()?;
     let reg = lib.register();
     Some(with_busy(busy, || latency_us(n, || lib.synchronize(&reg))))
 }
 
 #[cfg(not(feature = "liburcu"))]
-fn urcu_sync(_n: usize, _busy: Option<Busy>) -> Option<(f64, f64)> {
+fn urcu_sync(_n: usize, _busy: Option<Busy>) -> Option<((f64, f64), Option<u64>)> {
     None
 }
 
@@ -833,7 +846,13 @@ fn one_rep(rep: usize, sz: Sizes, base: &Baselines, res: &mut Results, record: b
     for op in rotated(&GP_OPS, rep) {
         for busy in [false, true] {
             match measure_gp(op, sz.lat, busy) {
-                Some((p50, p99)) if record => {
+                // The busy reader hardly ran (less than one batch of 1024 sections per 10 grace periods; running
+                // on its own CPU it does one or more per grace period): this set measured an idle system.
+                // Dropped, and said.
+                Some((_, Some(batches))) if record && batches * 10 < sz.lat as u64 => {
+                    res.dropped_busy += 1;
+                }
+                Some(((p50, p99), _)) if record => {
                     let (m50, m99) = if busy { ("busy_p50", "busy_p99") } else { ("idle_p50", "idle_p99") };
                     res.add(G_GP, op.name(), m50, "us", p50);
                     res.add(G_GP, op.name(), m99, "us", p99);
@@ -904,6 +923,14 @@ pub fn run(args: &BenchArgs) -> ExitCode {
     let took = t_start.elapsed();
 
     print_tables(&res, sz);
+    if res.dropped_busy > 0 {
+        res.notes.push(format!(
+            "{} of {} busy-reader sample sets were dropped: the busy reader completed less than 1024 sections per 10 \
+             grace periods while they ran (no CPU for it: the machine is loaded), so they measured an idle system",
+            res.dropped_busy,
+            reps * (GP_OPS.len() - usize::from(!urcu))
+        ));
+    }
     for n in &res.notes {
         println!("note: {n}");
     }
@@ -1219,7 +1246,9 @@ mod tests {
             assert!(res.get(G_READ, r.name(), "lock_unlock").is_some(), "{}", r.name());
         }
         for op in GP_OPS.into_iter().filter(|&o| o != GpOp::Urcu) {
-            assert!(res.get(G_GP, op.name(), "busy_p99").is_some(), "{}", op.name());
+            assert!(res.get(G_GP, op.name(), "idle_p99").is_some(), "{}", op.name());
+            // A loaded machine may give the busy reader no CPU: that sample set is dropped and counted.
+            assert!(res.get(G_GP, op.name(), "busy_p99").is_some() || res.dropped_busy > 0, "{}", op.name());
         }
         assert!(res.get(G_CB, Cb::CallRcu.name(), "drain").is_some());
         assert!(res.get(G_CB, Cb::CrossbeamDefer.name(), "enqueue").is_some());
