@@ -47,7 +47,7 @@ use core::ptr::NonNull;
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_epoch as epoch;
@@ -66,6 +66,9 @@ static BENCH_SRCU: SrcuFast = SrcuFast::new();
 
 /// `MEMBARRIER_CMD_PRIVATE_EXPEDITED` (the process registered for it in `nolock::init`).
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 8;
+
+/// A busy-reader sample set counts only if the busy reader was on a CPU for at least this share of it.
+const BUSY_MIN_SHARE: f64 = 0.5;
 
 /// How long a baseline may take to free everything it retired before the sample is dropped.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -330,14 +333,33 @@ impl GpOp {
     }
 }
 
-/// Batches of 1024 read sections the busy reader has completed (one busy reader runs at a time).
-static BUSY_BATCHES: AtomicU64 = AtomicU64::new(0);
+/// The CPU-time clock of the running busy reader thread (`pthread_getcpuclockid`), published before it sets
+/// `running`.
+static BUSY_CLOCK: AtomicI32 = AtomicI32::new(0);
+
+/// Nanoseconds of clock `clock` (`CLOCK_MONOTONIC` or a thread's CPU-time clock).
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid out-pointer; an invalid clock id makes the call fail and leaves `ts` at 0.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Publish the calling thread's CPU-time clock in `BUSY_CLOCK`.
+fn publish_busy_clock() {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: pthread_self is the calling thread; `clock` is a valid out-pointer.
+    if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } == 0 {
+        BUSY_CLOCK.store(clock, Ordering::Relaxed);
+    }
+}
 
 /// Spin on short read sections until `stop`.
 fn spin_sections<G>(stop: &AtomicBool, running: &AtomicBool, lock: impl Fn() -> G) {
+    publish_busy_clock();
+    // Release: the clock id published above is read after the Acquire load of `running` in `with_busy`.
     running.store(true, Ordering::Release);
     while !stop.load(Ordering::Relaxed) {
-        BUSY_BATCHES.fetch_add(1, Ordering::Relaxed);
         for _ in 0..1024 {
             let g = lock();
             black_box(&g);
@@ -358,10 +380,10 @@ fn busy_reader(b: Busy, stop: &AtomicBool, running: &AtomicBool) {
     }
 }
 
-/// Run `body` with a busy reader thread of flavour `busy` (or alone). Also returns how many batches of 1024
-/// sections the busy reader completed while `body` ran (`None` without one): on a loaded machine it may not
-/// get a CPU at all, and the latencies are then those of an idle system.
-fn with_busy<R>(busy: Option<Busy>, body: impl FnOnce() -> R) -> (R, Option<u64>) {
+/// Run `body` with a busy reader thread of flavour `busy` (or alone). Also returns the share of `body`'s wall
+/// time the busy reader spent on a CPU (`None` without one): on a loaded machine it often waits for a CPU,
+/// and the latencies are then mostly those of an idle system.
+fn with_busy<R>(busy: Option<Busy>, body: impl FnOnce() -> R) -> (R, Option<f64>) {
     let Some(b) = busy else {
         return (body(), None);
     };
@@ -377,12 +399,13 @@ fn with_busy<R>(busy: Option<Busy>, body: impl FnOnce() -> R) -> (R, Option<u64>
         }
         // Let it settle into its loop (and onto a CPU).
         std::thread::sleep(Duration::from_millis(2));
-        let before = BUSY_BATCHES.load(Ordering::Relaxed);
+        let clock = BUSY_CLOCK.load(Ordering::Relaxed);
+        let (cpu0, wall0) = (clock_ns(clock), clock_ns(libc::CLOCK_MONOTONIC));
         let r = body();
-        let batches = BUSY_BATCHES.load(Ordering::Relaxed) - before;
+        let (cpu1, wall1) = (clock_ns(clock), clock_ns(libc::CLOCK_MONOTONIC));
         stop.store(true, Ordering::Relaxed);
         h.join().expect("busy reader panicked");
-        (r, Some(batches))
+        (r, Some(cpu1.saturating_sub(cpu0) as f64 / wall1.saturating_sub(wall0).max(1) as f64))
     })
 }
 
@@ -404,7 +427,7 @@ fn membarrier() -> libc::c_long {
 }
 
 /// (p50, p99) latency, and the busy reader's batches during the measurement (see [`with_busy`]).
-fn measure_gp(op: GpOp, n: usize, busy: bool) -> Option<((f64, f64), Option<u64>)> {
+fn measure_gp(op: GpOp, n: usize, busy: bool) -> Option<((f64, f64), Option<f64>)> {
     let b = busy.then(|| op.busy());
     match op {
         GpOp::Membarrier => {
@@ -760,14 +783,14 @@ fn urcu_busy(_stop: &AtomicBool, running: &AtomicBool) {
 }
 
 #[cfg(feature = "liburcu")]
-fn urcu_sync(n: usize, busy: Option<Busy>) -> Option<((f64, f64), Option<u64>)> {
+fn urcu_sync(n: usize, busy: Option<Busy>) -> Option<((f64, f64), Option<f64>)> {
     let lib = urcu::get()?;
     let reg = lib.register();
     Some(with_busy(busy, || latency_us(n, || lib.synchronize(&reg))))
 }
 
 #[cfg(not(feature = "liburcu"))]
-fn urcu_sync(_n: usize, _busy: Option<Busy>) -> Option<((f64, f64), Option<u64>)> {
+fn urcu_sync(_n: usize, _busy: Option<Busy>) -> Option<((f64, f64), Option<f64>)> {
     None
 }
 
@@ -846,13 +869,16 @@ fn one_rep(rep: usize, sz: Sizes, base: &Baselines, res: &mut Results, record: b
     for op in rotated(&GP_OPS, rep) {
         for busy in [false, true] {
             match measure_gp(op, sz.lat, busy) {
-                // The busy reader hardly ran (less than one batch of 1024 sections per 10 grace periods; running
-                // on its own CPU it does one or more per grace period): this set measured an idle system.
-                // Dropped, and said.
-                Some((_, Some(batches))) if record && batches * 10 < sz.lat as u64 => {
+                // The busy reader was on a CPU for less than half of the measurement: mostly an idle system
+                // was measured. Dropped, and said.
+                Some((_, Some(share))) if record && share < BUSY_MIN_SHARE => {
                     res.dropped_busy += 1;
+                    res.add(G_GP, op.name(), "busy_reader_cpu_share", "", share);
                 }
-                Some(((p50, p99), _)) if record => {
+                Some(((p50, p99), share)) if record => {
+                    if let Some(sh) = share {
+                        res.add(G_GP, op.name(), "busy_reader_cpu_share", "", sh);
+                    }
                     let (m50, m99) = if busy { ("busy_p50", "busy_p99") } else { ("idle_p50", "idle_p99") };
                     res.add(G_GP, op.name(), m50, "us", p50);
                     res.add(G_GP, op.name(), m99, "us", p99);
@@ -925,10 +951,11 @@ pub fn run(args: &BenchArgs) -> ExitCode {
     print_tables(&res, sz);
     if res.dropped_busy > 0 {
         res.notes.push(format!(
-            "{} of {} busy-reader sample sets were dropped: the busy reader completed less than 1024 sections per 10 \
-             grace periods while they ran (no CPU for it: the machine is loaded), so they measured an idle system",
+            "{} of {} busy-reader sample sets were dropped: the busy reader was on a CPU for less than {:.0}% of the \
+             measurement (the machine is loaded), so they measured mostly an idle system",
             res.dropped_busy,
-            reps * (GP_OPS.len() - usize::from(!urcu))
+            reps * (GP_OPS.len() - usize::from(!urcu)),
+            BUSY_MIN_SHARE * 100.0
         ));
     }
     for n in &res.notes {
@@ -1082,6 +1109,23 @@ fn print_tables(res: &Results, sz: Sizes) {
          busy reader spins on short sections of the same flavour (membarrier: next to the RCU reader)",
         sz.lat
     );
+    let shares: Vec<f64> = res
+        .series
+        .iter()
+        .filter(|x| x.group == G_GP && x.metric == "busy_reader_cpu_share")
+        .flat_map(|x| x.samples.iter().copied())
+        .collect();
+    if !shares.is_empty() {
+        let sh = summarize(&shares);
+        println!(
+            "the busy reader was on a CPU for {:.0}% [{:.0}–{:.0}%] of each busy measurement (median [min–max]); sets \
+             below {:.0}% are dropped (a note says how many)",
+            sh.median * 100.0,
+            sh.min * 100.0,
+            sh.max * 100.0,
+            BUSY_MIN_SHARE * 100.0
+        );
+    }
 
     // Callbacks.
     let defer = res.get(G_CB, Cb::CrossbeamDefer.name(), "enqueue");
