@@ -42,6 +42,13 @@
 //!   - as their users write it, `Owned::new` / `Box::new` on the global allocator (glibc: the CLI installs
 //!     none): allocator and reclamation together. glibc's malloc+free of 64 bytes is slower than nolock's, so
 //!     this ratio flatters nolock; with mimalloc or jemalloc as the global allocator it would not.
+//!
+//!   nolock's side depends on the machine more than the baselines': its frees run on the grace-period worker,
+//!   which on an idle second CPU frees while the bench thread still allocates (the objects' cache lines and
+//!   slabs move between the two CPUs), and on a loaded machine (or under `taskset -c 0`) waits and frees them
+//!   in bursts. On the 2-CPU development VM `kfree_rcu_nolock` measured 31–34 ns per object with the second
+//!   CPU idle and 18–25 ns with it busy or pinned to one CPU, while the baselines, which free inline, stayed
+//!   within a few ns. Compare runs only under the same load; the header prints the load average.
 
 use core::ptr::NonNull;
 use std::fmt::Write as _;
