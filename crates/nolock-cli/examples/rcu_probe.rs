@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p nolock-cli --example rcu_probe [reps]
+//! taskset -c 0 target/release/examples/rcu_probe [reps]   # the grace-period worker cannot free concurrently
 //! ```
 //!
 //! Read side (ns per lock+unlock):
