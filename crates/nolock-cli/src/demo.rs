@@ -18,6 +18,11 @@
 //! pattern derived from it in the rest, so a checker that finds a wrong byte knows the object was handed out
 //! twice or written after free. A failed allocation is *spurious* unless the live bytes of the demo come close
 //! to the arena size: with the default 16 GiB arena every failure is spurious.
+//!
+//! A run that could not exercise the allocator fails too, with its cause: no arena (the kernel refused the
+//! reservation, e.g. under `ulimit -v`: the demo does not start), no successful allocation, a worker thread or
+//! the signal handlers without one, more than 1% of the attempts failing for lack of memory (the arena is too
+//! small for the demo), or any report nolock printed during the run (a refused free, a debug-mode finding).
 
 use core::alloc::Layout;
 use core::ffi::{c_int, c_void};
@@ -45,6 +50,8 @@ pub struct DemoArgs {
     pub rate: u64,
     /// Show a progress bar.
     pub progress: bool,
+    /// Testing the checker: free one foreign pointer (nolock refuses and reports it; the run must fail).
+    pub inject_bad_free: bool,
 }
 
 /// Requested sizes; the index is the object's size code. The first `N_SMALL` are served by the kmalloc slab
@@ -554,11 +561,24 @@ pub(crate) fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Run the demo and print its table; failure exit code on a spurious failure or corruption.
+/// Run the demo and print its table; failure exit code on a spurious failure, corruption, a nolock report,
+/// or a run that could not exercise the allocator (no arena, too few successful allocations).
 pub fn run(args: &DemoArgs) -> ExitCode {
+    let arena = match crate::health::arena_bytes() {
+        Ok(a) => a,
+        Err(e) => {
+            println!("FAIL: nolock demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let reports = crate::health::Reports::start();
     let before = nolock::stats::snapshot();
-    let arena = before.pages.arena_pages as u64 * 4096;
     ARENA_BYTES.store(arena, Ordering::Relaxed);
+    if args.inject_bad_free {
+        let mut not_nolock = 0u64;
+        // SAFETY: a stack address is not nolock's: kfree_nolock refuses it, reports it, and frees nothing.
+        unsafe { kfree_nolock((&raw mut not_nolock).cast()) };
+    }
     let rss_before = nolock::stats::resident_bytes().unwrap_or(0) as u64;
 
     let n = args.threads;
@@ -672,6 +692,7 @@ pub fn run(args: &DemoArgs) -> ExitCode {
         }
     }
     let mut t = totals(&workers);
+    let per_worker_allocs: Vec<u64> = workers.iter().map(|w| w.t_allocs.load(Ordering::Relaxed)).collect();
     let final_interval_ns = Storm::mean_interval_ns(&workers);
     t.frees += main_tally.frees;
     t.cross += main_tally.cross;
@@ -699,7 +720,9 @@ pub fn run(args: &DemoArgs) -> ExitCode {
     let natural = NATURAL_MISS.load(Ordering::Relaxed);
     let secs = elapsed.as_secs_f64();
     let allocs = t.thread_allocs + t.handler_allocs;
+    let idle_workers = per_worker_allocs.iter().filter(|&&a| a == 0).count();
 
+    let oom_note = format!("None with the arena ({}) nearly full: expected 0", bytes(arena));
     let mut rows: Vec<(String, String, &str)> = Vec::new();
     rows.push(("operations".into(), String::new(), ""));
     let row = |rows: &mut Vec<(String, String, &str)>, k: &str, v: String, m: &'static str| {
@@ -727,7 +750,7 @@ pub fn run(args: &DemoArgs) -> ExitCode {
         format!("{} ({} in handlers)", count(spurious_t + spurious_h), count(spurious_h)),
         "None while memory was available: must be 0",
     );
-    row(&mut rows, "out-of-memory failures", count(oom), "None with the arena (nearly) full: expected 0 with 16 GiB");
+    rows.push(("  out-of-memory failures".into(), count(oom), &oom_note));
     row(&mut rows, "corrupted objects", count(corrupt + not_zeroed), "pattern or Gfp::ZERO check failed: must be 0");
     row(&mut rows, "misaligned objects", count(misaligned), "requested alignment not met: must be 0");
     row(
@@ -817,6 +840,36 @@ pub fn run(args: &DemoArgs) -> ExitCode {
             if first & 1 == 1 { "a signal handler" } else { "a thread" }
         ));
     }
+    // A run that could not exercise the allocator proves nothing: it must not pass.
+    let attempts = allocs + oom + spurious_t + spurious_h;
+    if allocs == 0 {
+        failed.push(format!(
+            "no allocation succeeded ({} out-of-memory failures): the demo exercised nothing",
+            count(oom)
+        ));
+    } else {
+        if idle_workers > 0 {
+            failed.push(format!("{idle_workers} of {n} worker thread(s) made no successful allocation"));
+        }
+        if oom.saturating_mul(100) > attempts {
+            failed.push(format!(
+                "{} of {} allocation attempts ({:.1}%) failed for lack of memory: the arena ({}) is too small for \
+                 this demo; set a larger NOLOCK_ARENA_SIZE",
+                count(oom),
+                count(attempts),
+                oom as f64 * 100.0 / attempts as f64,
+                bytes(arena)
+            ));
+        }
+    }
+    if args.rate > 0 && t.signals == 0 {
+        failed.push("the signal storm delivered no signal: no allocation ran inside a handler".into());
+    } else if t.signals > 0 && t.handler_allocs == 0 {
+        failed.push(format!("{} signal handler runs, but no allocation succeeded inside one", count(t.signals)));
+    }
+    if let Some(r) = reports.failure() {
+        failed.push(r);
+    }
     if corrupt + not_zeroed > 0 {
         failed.push(format!(
             "{} corrupted object(s) ({} bad patterns, {} not zeroed)",
@@ -845,7 +898,18 @@ pub fn run(args: &DemoArgs) -> ExitCode {
         );
     }
     if failed.is_empty() {
-        println!("PASS: no spurious failure, no corruption, every object accounted for");
+        if oom > 0 {
+            println!(
+                "note: {} allocation(s) failed for lack of memory (the arena of {} was nearly full)",
+                count(oom),
+                bytes(arena)
+            );
+        }
+        println!(
+            "PASS: {} allocations, no spurious failure, no corruption, no nolock report, every object accounted \
+             for",
+            count(allocs)
+        );
         ExitCode::SUCCESS
     } else {
         for f in &failed {

@@ -16,6 +16,7 @@
 mod bench;
 mod demo;
 mod fmt;
+mod health;
 mod rcu;
 mod sig;
 
@@ -48,6 +49,10 @@ enum Command {
         /// Hide the progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Testing the checker: hand kfree_nolock one pointer that is not nolock's (refused and reported; the
+        /// run must fail).
+        #[arg(long, hide = true)]
+        inject_bad_free: bool,
     },
     /// RCU scenario: readers (threads and signal handlers) verify an RCU / SRCU-fast protected table while
     /// updaters replace its objects and retire them with kfree_rcu_nolock / kfree_srcu_fast_nolock.
@@ -100,14 +105,23 @@ enum BenchWhat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    nolock::init();
+    // Every command needs the arena; without it every nolock allocation fails and no run means anything.
+    if let Err(e) = health::arena_bytes() {
+        let what = match cli.command {
+            Command::Demo { .. } => "demo",
+            Command::Rcu { .. } => "rcu",
+            Command::Bench { .. } => "bench",
+        };
+        println!("FAIL: nolock {what}: {e}");
+        return ExitCode::FAILURE;
+    }
     match cli.command {
-        Command::Demo { threads, seconds, rate, quiet } => {
+        Command::Demo { threads, seconds, rate, quiet, inject_bad_free } => {
             if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {
                 eprintln!("nolock demo: --seconds must be in (0, 3600]");
                 return ExitCode::from(2);
             }
-            demo::run(&demo::DemoArgs { threads: threads as usize, seconds, rate, progress: !quiet })
+            demo::run(&demo::DemoArgs { threads: threads as usize, seconds, rate, progress: !quiet, inject_bad_free })
         }
         Command::Rcu { threads, seconds, rate, quiet, inject_bug } => {
             if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {

@@ -34,6 +34,9 @@
 //!   period end while it was still reading: **grace period ended inside a section** (rcutorture's pipe check).
 //! - At the end every slot is cleared, and after `rcu_barrier` and the SRCU barrier every `RcuPtr` value must
 //!   have been dropped, every callback queued must have run, and nolock must count no object still allocated.
+//! - nolock must print no report during the run (a refused free, a debug-mode finding), and the run must have
+//!   exercised what it checks: the arena mapped (the command does not start otherwise and says why), every kind
+//!   of object replaced at least once, every kind of reader thread and (with `--rate`) the handlers active.
 //!
 //! Handlers touch only atomics and nolock APIs (reads, `kmalloc_nolock`, `kfree_*_nolock`, `rcu_stats`,
 //! `SrcuFast::{get_state, poll}`): no locks, no `std` allocation, no printing.
@@ -728,8 +731,15 @@ fn clear_table() -> u64 {
     n
 }
 
-/// Run the scenario and print its table; failure exit code on any error.
+/// Run the scenario and print its table; failure exit code on any error, on a nolock report, and on a run
+/// that could not exercise what it checks (no arena, a kind of object never replaced, a kind of reader that
+/// never read).
 pub fn run(args: &RcuArgs) -> ExitCode {
+    if let Err(e) = crate::health::arena_bytes() {
+        println!("FAIL: nolock rcu: {e}");
+        return ExitCode::FAILURE;
+    }
+    let reports = crate::health::Reports::start();
     let n = args.threads;
     let roles = roles(n);
     let count_role = |r: Role| roles.iter().filter(|&&x| x == r).count();
@@ -995,8 +1005,40 @@ pub fn run(args: &RcuArgs) -> ExitCode {
     for e in &worker_errors {
         failed.push(format!("worker: {e}"));
     }
+    // A run that could not exercise the grace periods proves nothing: it must not pass.
+    let kinds = [
+        ("RcuPtr, RCU", t.replaced[K_PTR_RCU]),
+        ("RcuPtr, SRCU-fast", t.replaced[K_PTR_SRCU]),
+        ("raw, kfree_rcu_nolock", t.replaced[K_RAW_RCU] + t.handler_replaced[Flav::Rcu as usize]),
+        ("raw, kfree_srcu_fast_nolock", t.replaced[K_RAW_SRCU] + t.handler_replaced[Flav::Srcu as usize]),
+    ];
+    for (what, k) in kinds {
+        if k == 0 {
+            failed.push(format!("no '{what}' object was replaced: that retire path was not exercised"));
+        }
+    }
+    let readers = [
+        ("RCU reader threads", count_role(Role::RcuReader), t.rcu_reads),
+        ("SRCU-fast reader threads", count_role(Role::SrcuReader), t.srcu_reads),
+    ];
+    for (who, threads, reads) in readers {
+        if threads > 0 && reads == 0 {
+            failed.push(format!("the {who} made no read-side section"));
+        }
+    }
+    if args.rate > 0 && t.signals == 0 {
+        failed.push("the signal storm delivered no signal: no reader ran inside a handler".into());
+    }
+    if let Some(r) = reports.failure() {
+        failed.push(r);
+    }
     if failed.is_empty() {
-        println!("PASS: no reader saw a freed object, every retired object was freed");
+        println!(
+            "PASS: {} read-side sections, {} objects retired; no reader saw a freed object, every retired object \
+             was freed, no nolock report",
+            count(t.reads()),
+            count(replaced)
+        );
         ExitCode::SUCCESS
     } else {
         for f in &failed {

@@ -166,6 +166,7 @@ fn run_phase(name: &str, alt_stack: bool) {
 
 #[test]
 fn first_nolock_call_in_a_signal_handler() {
+    let _reports = common::NoReports::new();
     // No background worker: the page accounting at the end must not race with its passes.
     nolock::Config::new().background(false).apply().expect("nothing has called nolock yet in this process");
     common::install_handler(SIG, on_signal, libc::SA_ONSTACK);

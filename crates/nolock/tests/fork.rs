@@ -100,11 +100,20 @@ const CHILD_NONE: i32 = 10;
 const CHILD_CORRUPT: i32 = 11;
 const CHILD_PARENT_OBJECT_DAMAGED: i32 = 12;
 const CHILD_CACHE_NONE: i32 = 13;
+const CHILD_REPORTED: i32 = 14;
 
 /// The child's work: many rounds of allocating objects of every class (and the cache) at once, checking them,
 /// and freeing them; then the parent's published objects must still be intact. Never allocates with std, never
 /// locks, never panics (a panic in a fork child of a threaded process could deadlock).
 fn child_work(cache: &KmemCache) -> i32 {
+    // The child inherits the parent's count; anything nolock reports in the child (a refused free, a damaged
+    // list taken over from a thread that does not exist here) fails the test.
+    let reports = nolock::debug::reports();
+    let code = child_rounds(cache);
+    if code == CHILD_OK && nolock::debug::reports() != reports { CHILD_REPORTED } else { code }
+}
+
+fn child_rounds(cache: &KmemCache) -> i32 {
     const N: usize = 512;
     let mut held = [(0usize, 0u64, false); N];
     let mut seq = 1u64 << 48;
@@ -189,15 +198,15 @@ fn fork_and_check(cache: &KmemCache, what: &str) {
         libc::WEXITSTATUS(status),
         CHILD_OK,
         "{what}: child failed (10: kmalloc None, 11: corrupted or duplicate object, 12: an object live in the \
-         parent was handed out again, 13: cache None)"
+         parent was handed out again, 13: cache None, 14: nolock printed a report in the child)"
     );
 }
 
 #[test]
 fn fork_while_threads_allocate() {
+    let _reports = common::NoReports::new();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     nolock::init(); // with the background worker: fork must also cope with it
-    let reports = nolock::debug::reports();
     let cache = KmemCache::new("fork-obj", Layout::new::<[u64; 7]>()).unwrap();
     STOP.store(false, Ordering::Relaxed);
     let parked = Barrier::new(3);
@@ -265,14 +274,13 @@ fn fork_while_threads_allocate() {
     let st = cache.stats();
     assert_eq!(st.allocs, st.frees, "parent: cache objects all freed");
     assert_eq!(cache.destroy().live_objects, 0);
-    // The parent's own count of refused frees: none (the child's reports are the child's).
-    assert_eq!(nolock::debug::reports(), reports, "parent: nolock reported a bad free (see stderr)");
+    // The parent's own reports: none (the guard checks at the end; the child checks its own).
 }
 
 #[test]
 fn fork_inside_nolock_heavy_process_repeatedly() {
+    let _reports = common::NoReports::new();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let reports = nolock::debug::reports();
     let cache = KmemCache::new("fork-obj-2", Layout::new::<[u8; 200]>()).unwrap();
     STOP.store(false, Ordering::Relaxed);
     std::thread::scope(|s| {
@@ -292,5 +300,4 @@ fn fork_inside_nolock_heavy_process_repeatedly() {
     let st = cache.stats();
     assert_eq!(st.allocs, st.frees, "parent: cache objects all freed");
     assert_eq!(cache.destroy().live_objects, 0);
-    assert_eq!(nolock::debug::reports(), reports, "parent: nolock reported a bad free (see stderr)");
 }

@@ -438,11 +438,13 @@ fn flood(how: Retire, retirers: usize, readers: usize) -> Plan {
 
 #[test]
 fn kfree_rcu_paced_storm_stays_bounded() {
+    let _reports = common::NoReports::new();
     run_storm(paced(Retire::Kfree));
 }
 
 #[test]
 fn call_rcu_paced_storm_stays_bounded() {
+    let _reports = common::NoReports::new();
     run_storm(paced(Retire::Call));
 }
 
@@ -450,6 +452,7 @@ fn call_rcu_paced_storm_stays_bounded() {
 /// drive grace periods (the backpressure in `rcu::kfree`). This test found the unbounded growth before it.
 #[test]
 fn kfree_rcu_flood_stays_bounded() {
+    let _reports = common::NoReports::new();
     run_storm(flood(Retire::Kfree, RETIRERS, READERS));
 }
 
@@ -457,6 +460,7 @@ fn kfree_rcu_flood_stays_bounded() {
 /// above `BACKLOG_HIGH`.
 #[test]
 fn call_rcu_throttled_flood_stays_bounded() {
+    let _reports = common::NoReports::new();
     run_storm(flood(Retire::CallThrottled, RETIRERS, READERS));
 }
 
@@ -467,6 +471,7 @@ fn call_rcu_throttled_flood_stays_bounded() {
 #[test]
 #[ignore = "limitation: call_rcu_nolock cannot wait, so a flood from more threads than cores outruns the single worker"]
 fn call_rcu_nolock_flood_stays_bounded() {
+    let _reports = common::NoReports::new();
     run_storm(flood(Retire::Call, RETIRERS, READERS));
 }
 
@@ -474,5 +479,6 @@ fn call_rcu_nolock_flood_stays_bounded() {
 #[test]
 #[ignore = "limitation: a single thread's call_rcu_nolock flood can outrun the worker"]
 fn call_rcu_nolock_flood_one_thread_stays_bounded() {
+    let _reports = common::NoReports::new();
     run_storm(flood(Retire::Call, 1, 0));
 }

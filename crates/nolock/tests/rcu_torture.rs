@@ -1101,16 +1101,19 @@ fn torture<T: Torture>() {
 
 #[test]
 fn torture_rcu() {
+    let _reports = common::NoReports::new();
     torture::<RcuT>();
 }
 
 #[test]
 fn torture_srcu_fast() {
+    let _reports = common::NoReports::new();
     torture::<SrcuT>();
 }
 
 #[test]
 fn torture_tasks_trace() {
+    let _reports = common::NoReports::new();
     torture::<TasksTraceT>();
 }
 
@@ -1121,6 +1124,7 @@ fn torture_tasks_trace() {
 /// drives all three domains' grace periods and callbacks together.
 #[test]
 fn torture_all_flavours_at_once() {
+    let _reports = common::NoReports::new();
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     nolock::init();
     install_handlers();
@@ -1323,6 +1327,7 @@ fn tt_sleeper(progress: &AtomicU64) {
 
 #[test]
 fn tasks_trace_implies_rcu_under_load() {
+    let _reports = common::NoReports::new();
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     nolock::init();
     install_handlers();
@@ -1425,6 +1430,7 @@ fn repro_handler_work() {
 /// handlers) never did. (`tests/srcu_nesting_signal.rs` reproduces the same bug independently.)
 #[test]
 fn srcu_synchronize_with_same_thread_handler_readers() {
+    let _reports = common::NoReports::new();
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     nolock::init();
     install_handlers();

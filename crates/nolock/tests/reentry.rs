@@ -359,6 +359,7 @@ fn delta(after: &CacheStats, before: Option<&CacheStats>) -> (u64, u64, u64) {
 
 #[test]
 fn every_point_with_nested_alloc_and_free() {
+    let _reports = common::NoReports::new();
     let _serial = setup();
     for h in &HITS {
         h.store(0, Ordering::Relaxed);
@@ -443,6 +444,7 @@ fn every_point_with_nested_alloc_and_free() {
 /// code then gets them back through the drained deferred list. Nothing may be handed out twice.
 #[test]
 fn nested_frees_are_reused_not_duplicated() {
+    let _reports = common::NoReports::new();
     let _serial = setup();
     SPURIOUS.store(0, Ordering::Relaxed);
     CORRUPT.store(0, Ordering::Relaxed);

@@ -7,7 +7,9 @@
 //!
 //! The test passes only with zero spurious failures (every `None` is counted), zero corrupted objects (every
 //! object's pattern is checked before it is freed), no deadlock (a watchdog aborts the process if some thread
-//! stops making progress for 10 s), and every page accounted for once everything is freed and trimmed.
+//! stops making progress for 10 s), every page accounted for once everything is freed and trimmed, no report
+//! from nolock, and at least 70,000 signals delivered (3.5 s at 20,000/s; a loaded machine runs the storm longer
+//! to get them, at most 60 s).
 //!
 //! One test in this binary: the page accounting at the end is process-wide.
 
@@ -24,8 +26,11 @@ use nolock::{Gfp, KmemCache, kfree_nolock, kmalloc_nolock, ksize};
 
 /// Threads under the storm (more than the machine's cores).
 const THREADS: usize = 6;
-/// How long the storm lasts.
+/// How long the storm lasts at least.
 const STORM: Duration = Duration::from_millis(3500);
+/// How long it may last at most: on a loaded machine (fewer signals delivered per second) it goes on past
+/// `STORM` until `MIN_SIGNALS` were delivered.
+const STORM_MAX: Duration = Duration::from_secs(60);
 /// Period of each timer. Every thread has one timer per signal in `SIGS`: 6 threads x 3 timers at 60 µs ask for
 /// 300,000 signals per second. The kernel merges the expirations of a timer whose previous signal is still
 /// pending (a thread waiting for a core), so far fewer are delivered; several timers per thread keep several
@@ -34,9 +39,11 @@ const STORM: Duration = Duration::from_millis(3500);
 /// Unoptimized builds run the same storm 8 times slower: their handlers take about ten times longer, and at the
 /// full rate the threads would do nothing but run handlers.
 const TIMER_PERIOD: Duration = Duration::from_micros(if cfg!(debug_assertions) { 480 } else { 60 });
-/// The signal rate the storm must reach, measured from the handler counter (the requirement is for optimized
-/// builds, which CI tests; unoptimized builds check a rate scaled like `TIMER_PERIOD`).
-const MIN_RATE: f64 = if cfg!(debug_assertions) { 2_500.0 } else { 20_000.0 };
+/// Signals the storm must deliver (handler runs): 20,000 per second over `STORM` on an idle machine (optimized
+/// builds; unoptimized builds scale like `TIMER_PERIOD`). A count, not a rate: the rate a loaded machine
+/// delivers is not the allocator's doing, so the storm runs longer instead (up to `STORM_MAX`); the rate is
+/// printed.
+const MIN_SIGNALS: u64 = if cfg!(debug_assertions) { 8_750 } else { 70_000 };
 /// Handlers nested deeper than this return at once. Without `SA_NODEFER` a signal is blocked in its own handler,
 /// so nesting cannot exceed the number of storm signals anyway; this is a second line of defence.
 ///
@@ -394,6 +401,7 @@ fn main_step() {
 
 #[test]
 fn signal_storm() {
+    let _reports = common::NoReports::new();
     // No background worker: it shrinks caches and purges pages on its own schedule, and its passes would
     // race with the exact page accounting at the end. The storm itself needs no worker.
     nolock::Config::new().background(false).apply().expect("this test is the first nolock user in its binary");
@@ -412,7 +420,9 @@ fn signal_storm() {
     }
     let signals_before = SIGNALS.load(Ordering::Relaxed);
     let start = Instant::now();
-    while start.elapsed() < STORM {
+    while start.elapsed() < STORM
+        || (SIGNALS.load(Ordering::Relaxed) - signals_before < MIN_SIGNALS && start.elapsed() < STORM_MAX)
+    {
         std::thread::sleep(Duration::from_millis(100));
         main_step();
     }
@@ -486,7 +496,10 @@ fn signal_storm() {
         FIRST_BAD[2].load(Ordering::Relaxed),
         FIRST_BAD[3].load(Ordering::Relaxed),
     );
-    assert!(rate >= MIN_RATE, "the storm delivered only {rate:.0} signals/s (want at least {MIN_RATE})");
+    assert!(
+        signals >= MIN_SIGNALS,
+        "the storm delivered only {signals} signals in {elapsed:.2?} (want at least {MIN_SIGNALS})"
+    );
     assert!(HANDLER_ALLOCS.load(Ordering::Relaxed) > 0);
     // Tens of thousands of signals land inside allocator calls: some of them always find a busy list.
     assert!(

@@ -69,6 +69,7 @@ extern "C" fn on_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *m
 
 #[test]
 fn trim_interrupted_by_handlers_on_the_same_thread() {
+    let _reports = common::NoReports::new();
     nolock::Config::new().background(false).apply().expect("first nolock use in this binary");
     common::install_handler(SIG, on_signal, 0);
     let timer = ThreadTimer::for_current_thread(SIG, Duration::from_micros(20));

@@ -585,6 +585,7 @@ fn fallback_phase() {
 
 #[test]
 fn typesafe_caches_under_signal_storm() {
+    let _reports = common::NoReports::new();
     // No background worker (its passes would race the page accounting at the end); the grace-period worker
     // that type-safe caches need starts anyway.
     nolock::Config::new().background(false).apply().expect("this test is the first nolock user in its binary");

@@ -256,8 +256,9 @@ pub fn run(args: &BenchArgs) -> ExitCode {
     let ops = |w: Work| w.full_ops() / scale;
 
     println!(
-        "nolock bench ({}): {reps} timed repetitions per cell; allocators take turns inside each repetition",
-        if args.quick { "quick" } else { "full" }
+        "nolock bench ({}): {reps} timed repetitions per cell; allocators take turns inside each repetition; {}",
+        if args.quick { "quick" } else { "full" },
+        super::conditions()
     );
     let bar = progress_bar((reps * WORKS.len() * KINDS.len()) as u64);
 
@@ -290,9 +291,10 @@ pub fn run(args: &BenchArgs) -> ExitCode {
         samples.iter().map(|per_kind| per_kind.iter().map(|s| summarize(s)).collect()).collect();
     print_table(&sums);
     println!(
-        "timed part took {:.1} s; ratios are medians divided (below 1: nolock faster); \
-         compare numbers only within one run",
-        took.as_secs_f64()
+        "timed part took {:.1} s (load average at the end {}); cells are median [min–max] over the repetitions; \
+         ratios are medians divided (below 1: nolock faster); compare numbers only within one run",
+        took.as_secs_f64(),
+        super::load_average()
     );
 
     if let Some(path) = &args.json {

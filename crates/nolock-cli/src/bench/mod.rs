@@ -39,6 +39,29 @@ impl BenchArgs {
     }
 }
 
+/// The conditions of a run, printed with its results: CPU model, CPUs online, and the load average (other
+/// work on the machine moves every number; a busy second CPU slows the grace-period worker most).
+pub fn conditions() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cpus} CPU(s), load average {}", load_average())
+}
+
+/// The 1-minute load average (`/proc/loadavg`), or `?`.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 /// Median, min and max of the samples.
 #[derive(Clone, Copy, Debug)]
 pub struct Summary {

@@ -1,26 +1,60 @@
 //! `nolock bench rcu`: the reclamation layer against crossbeam-epoch, seize, `membarrier` and (feature
 //! `liburcu`, when the library is installed) liburcu's membarrier flavour, all measured in the same run.
 //!
-//! Workloads (one thread unless said otherwise):
-//! - **read**: lock + unlock in a tight loop, the guard passed through `black_box` — nolock RCU, SRCU-fast (a
-//!   static domain) and Tasks Trace against crossbeam `pin()` + drop and seize `Collector::enter()` + drop;
-//!   ns per lock+unlock.
-//! - **grace period**: `synchronize_rcu`, `SrcuFast::synchronize` and `synchronize_rcu_tasks_trace` latency
-//!   with no reader, and with one busy reader thread spinning on short read sections of the same flavour;
-//!   p50 and p99 per repetition, in µs, next to one `membarrier(PRIVATE_EXPEDITED)` with the same busy thread.
+//! Every cell is the median [min–max] of `--reps` timed repetitions (at least 5; 9 by default), after one
+//! untimed warm-up repetition; the contenders take turns inside each repetition in a rotating order. Every
+//! workload runs on the bench's main thread unless said otherwise.
+//!
+//! What each line measures:
+//! - **read side** (ns per lock+unlock; a loop of `n` iterations, each taking an *outermost* guard, passing it
+//!   through `black_box` and dropping it; the first iteration of a thread is long past, thanks to the warm-up):
+//!   - `nolock rcu_read_lock`, `SrcuFast::read_lock_fast` (a static domain), `rcu_read_lock_tasks_trace`: the
+//!     thread-local lookup of the reader word and a plain increment / decrement; no fence, no atomic RMW;
+//!   - `crossbeam-epoch pin()`: the default collector through its thread-local handle — what `epoch::pin()`
+//!     callers pay: the lookup, one `lock cmpxchg` (crossbeam's SeqCst fence on x86), and a collection attempt
+//!     every 128 pins (the global queue is empty here: the other workloads drain what they defer);
+//!   - `crossbeam-epoch LocalHandle::pin()`: the same through a handle registered once (no thread-local
+//!     lookup);
+//!   - `seize Collector::enter()`;
+//!   - reference, not a reader: one uncontended `lock cmpxchg` on a private word. crossbeam's pin costs about
+//!     one of these; nolock's readers none, so the ratio to crossbeam follows the CPU's cost of a locked
+//!     instruction (cheap on some CPUs, 15–40 cycles on others) and the load of the machine.
+//!
+//!   A guard kept across the loop would measure nested pins (a counter only, about 1.5 ns for crossbeam here),
+//!   not what a reader pays.
+//! - **grace period** (µs): `synchronize_rcu`, `SrcuFast::synchronize` and `synchronize_rcu_tasks_trace`
+//!   latency with no reader, and with one busy reader thread spinning on short read sections of the same
+//!   flavour; p50 and p99 per repetition, next to one `membarrier(PRIVATE_EXPEDITED)` with the same busy thread.
+//!   A busy-reader sample set during which the reader hardly ran (no CPU for it on a loaded machine: it then
+//!   measures an idle system) is dropped, and a note says how many were.
 //! - **callbacks**: `call_rcu_nolock` / `call_srcu_fast_nolock` of N pre-allocated 64-byte `kmalloc_nolock`
-//!   objects whose callback frees them — ns per enqueue, and drain throughput (N / time from the first
-//!   enqueue until the barrier returns) — against crossbeam `pin()` + `defer` of a no-op closure.
-//! - **retire**: allocate a 64-byte object, write it, retire it, N times, then wait until every object is
-//!   freed (barrier / flush) — ns per object: `kmalloc_nolock` + `kfree_rcu_nolock` (and the SRCU-fast
-//!   flavour) against crossbeam `Owned::new` + `defer_destroy` and seize `Box::new` + `retire` (both on glibc
-//!   malloc: the CLI installs no global allocator).
+//!   objects whose callback frees them — ns per enqueue (the worker runs the callbacks meanwhile, on another
+//!   thread), and drain throughput (N / time from the first enqueue until the barrier returns) — against
+//!   crossbeam `pin()` + `defer` of a no-op closure (one pin per call: each enqueue is its own operation).
+//! - **retire** (ns per object): allocate a 64-byte object, write it, retire it, N times, then wait until every
+//!   object is freed (nolock: `rcu_barrier` / the SRCU barrier, the frees run on the grace-period worker;
+//!   crossbeam: `pin().flush()` until every object was dropped, the frees run inline on the bench thread;
+//!   seize: `reclaim_all`). One `pin()` / `enter()` per object for the baselines (each retire its own
+//!   operation; holding one guard over many retires is slower for crossbeam, which collects only when it
+//!   pins). Each baseline runs twice, with two allocators:
+//!   - on nolock's allocator (`kmalloc_nolock` objects, freed with `kfree_nolock` by the deferred function):
+//!     the same allocation and free as `kfree_rcu_nolock`, so only the reclamation differs — the fair ratio;
+//!   - as their users write it, `Owned::new` / `Box::new` on the global allocator (glibc: the CLI installs
+//!     none): allocator and reclamation together. glibc's malloc+free of 64 bytes is slower than nolock's, so
+//!     this ratio flatters nolock; with mimalloc or jemalloc as the global allocator it would not.
+//!
+//!   nolock's side depends on the machine more than the baselines': its frees run on the grace-period worker,
+//!   which on an idle second CPU frees while the bench thread still allocates (the objects' cache lines and
+//!   slabs move between the two CPUs), and on a loaded machine (or under `taskset -c 0`) waits and frees them
+//!   in bursts. On the 2-CPU development VM `kfree_rcu_nolock` measured 31–34 ns per object with the second
+//!   CPU idle and 18–25 ns with it busy or pinned to one CPU, while the baselines, which free inline, stayed
+//!   within a few ns. Compare runs only under the same load; the header prints the load average.
 
 use core::ptr::NonNull;
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_epoch as epoch;
@@ -39,6 +73,9 @@ static BENCH_SRCU: SrcuFast = SrcuFast::new();
 
 /// `MEMBARRIER_CMD_PRIVATE_EXPEDITED` (the process registered for it in `nolock::init`).
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 8;
+
+/// A busy-reader sample set counts only if the busy reader was on a CPU for at least this share of it.
+const BUSY_MIN_SHARE: f64 = 0.5;
 
 /// How long a baseline may take to free everything it retired before the sample is dropped.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -87,6 +124,8 @@ struct Results {
     series: Vec<Series>,
     /// Problems met while measuring (a baseline that did not drain in time, a failed system call).
     notes: Vec<String>,
+    /// Busy-reader sample sets dropped because the busy reader did not run during them.
+    dropped_busy: usize,
 }
 
 impl Results {
@@ -172,12 +211,23 @@ enum Reader {
     Srcu,
     TasksTrace,
     CrossbeamPin,
+    CrossbeamHandle,
     SeizeEnter,
     Urcu,
+    /// Not a reader: one `lock cmpxchg`, for reference.
+    LockedRmw,
 }
 
-const READERS: [Reader; 6] =
-    [Reader::Rcu, Reader::Srcu, Reader::TasksTrace, Reader::CrossbeamPin, Reader::SeizeEnter, Reader::Urcu];
+const READERS: [Reader; 8] = [
+    Reader::Rcu,
+    Reader::Srcu,
+    Reader::TasksTrace,
+    Reader::CrossbeamPin,
+    Reader::CrossbeamHandle,
+    Reader::SeizeEnter,
+    Reader::Urcu,
+    Reader::LockedRmw,
+];
 
 impl Reader {
     fn name(self) -> &'static str {
@@ -186,8 +236,10 @@ impl Reader {
             Reader::Srcu => "nolock SrcuFast::read_lock_fast",
             Reader::TasksTrace => "nolock rcu_read_lock_tasks_trace",
             Reader::CrossbeamPin => "crossbeam-epoch pin()",
+            Reader::CrossbeamHandle => "crossbeam-epoch LocalHandle::pin()",
             Reader::SeizeEnter => "seize Collector::enter()",
             Reader::Urcu => "liburcu-memb rcu_read_lock (FFI)",
+            Reader::LockedRmw => "reference: one lock cmpxchg (no reader)",
         }
     }
 }
@@ -204,14 +256,42 @@ fn read_loop<G>(n: u64, lock: impl Fn() -> G) -> f64 {
     t.elapsed().as_nanos() as f64 / n as f64
 }
 
-fn measure_read(r: Reader, n: u64, seize: &seize::Collector) -> Option<f64> {
+/// `n` uncontended `lock cmpxchg` on a private word (each succeeds); ns per instruction.
+#[inline(never)]
+fn locked_rmw_loop(n: u64) -> f64 {
+    let w = AtomicU64::new(0);
+    let t = Instant::now();
+    for i in 0..n {
+        // SeqCst: the strongest form, what crossbeam's pin uses as its fence; nothing else pairs with it here.
+        let _ = black_box(w.compare_exchange(i, i + 1, Ordering::SeqCst, Ordering::SeqCst));
+    }
+    t.elapsed().as_nanos() as f64 / n as f64
+}
+
+/// The baselines' state, kept for the whole run (registered once, on the bench thread).
+struct Baselines {
+    seize: seize::Collector,
+    /// A handle of crossbeam's default collector, registered once: `LocalHandle::pin()` without the
+    /// thread-local lookup of `epoch::pin()`.
+    handle: epoch::LocalHandle,
+}
+
+impl Baselines {
+    fn new() -> Self {
+        Self { seize: seize::Collector::new(), handle: epoch::default_collector().register() }
+    }
+}
+
+fn measure_read(r: Reader, n: u64, base: &Baselines) -> Option<f64> {
     Some(match r {
         Reader::Rcu => read_loop(n, rcu_read_lock),
         Reader::Srcu => read_loop(n, || BENCH_SRCU.read_lock_fast()),
         Reader::TasksTrace => read_loop(n, rcu_read_lock_tasks_trace),
         Reader::CrossbeamPin => read_loop(n, epoch::pin),
-        Reader::SeizeEnter => read_loop(n, || seize.enter()),
+        Reader::CrossbeamHandle => read_loop(n, || base.handle.pin()),
+        Reader::SeizeEnter => read_loop(n, || base.seize.enter()),
         Reader::Urcu => return urcu_read(n),
+        Reader::LockedRmw => locked_rmw_loop(n),
     })
 }
 
@@ -260,8 +340,31 @@ impl GpOp {
     }
 }
 
+/// The CPU-time clock of the running busy reader thread (`pthread_getcpuclockid`), published before it sets
+/// `running`.
+static BUSY_CLOCK: AtomicI32 = AtomicI32::new(0);
+
+/// Nanoseconds of clock `clock` (`CLOCK_MONOTONIC` or a thread's CPU-time clock).
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid out-pointer; an invalid clock id makes the call fail and leaves `ts` at 0.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Publish the calling thread's CPU-time clock in `BUSY_CLOCK`.
+fn publish_busy_clock() {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: pthread_self is the calling thread; `clock` is a valid out-pointer.
+    if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } == 0 {
+        BUSY_CLOCK.store(clock, Ordering::Relaxed);
+    }
+}
+
 /// Spin on short read sections until `stop`.
 fn spin_sections<G>(stop: &AtomicBool, running: &AtomicBool, lock: impl Fn() -> G) {
+    publish_busy_clock();
+    // Release: the clock id published above is read after the Acquire load of `running` in `with_busy`.
     running.store(true, Ordering::Release);
     while !stop.load(Ordering::Relaxed) {
         for _ in 0..1024 {
@@ -284,10 +387,12 @@ fn busy_reader(b: Busy, stop: &AtomicBool, running: &AtomicBool) {
     }
 }
 
-/// Run `body` with a busy reader thread of flavour `busy` (or alone).
-fn with_busy<R>(busy: Option<Busy>, body: impl FnOnce() -> R) -> R {
+/// Run `body` with a busy reader thread of flavour `busy` (or alone). Also returns the share of `body`'s wall
+/// time the busy reader spent on a CPU (`None` without one): on a loaded machine it often waits for a CPU,
+/// and the latencies are then mostly those of an idle system.
+fn with_busy<R>(busy: Option<Busy>, body: impl FnOnce() -> R) -> (R, Option<f64>) {
     let Some(b) = busy else {
-        return body();
+        return (body(), None);
     };
     let stop = AtomicBool::new(false);
     let running = AtomicBool::new(false);
@@ -301,10 +406,13 @@ fn with_busy<R>(busy: Option<Busy>, body: impl FnOnce() -> R) -> R {
         }
         // Let it settle into its loop (and onto a CPU).
         std::thread::sleep(Duration::from_millis(2));
+        let clock = BUSY_CLOCK.load(Ordering::Relaxed);
+        let (cpu0, wall0) = (clock_ns(clock), clock_ns(libc::CLOCK_MONOTONIC));
         let r = body();
+        let (cpu1, wall1) = (clock_ns(clock), clock_ns(libc::CLOCK_MONOTONIC));
         stop.store(true, Ordering::Relaxed);
         h.join().expect("busy reader panicked");
-        r
+        (r, Some(cpu1.saturating_sub(cpu0) as f64 / wall1.saturating_sub(wall0).max(1) as f64))
     })
 }
 
@@ -325,7 +433,8 @@ fn membarrier() -> libc::c_long {
     unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0) }
 }
 
-fn measure_gp(op: GpOp, n: usize, busy: bool) -> Option<(f64, f64)> {
+/// (p50, p99) latency, and the busy reader's batches during the measurement (see [`with_busy`]).
+fn measure_gp(op: GpOp, n: usize, busy: bool) -> Option<((f64, f64), Option<f64>)> {
     let b = busy.then(|| op.busy());
     match op {
         GpOp::Membarrier => {
@@ -452,23 +561,83 @@ fn measure_cb(c: Cb, n: usize) -> Option<(Enqueue, Option<f64>)> {
 enum Retire {
     KfreeRcu,
     KfreeSrcu,
+    /// crossbeam on nolock's allocator.
+    CrossbeamNolock,
+    /// crossbeam on the global allocator (glibc).
     CrossbeamDestroy,
+    /// seize on nolock's allocator.
+    SeizeNolock,
+    /// seize on the global allocator (glibc).
     Seize,
     Urcu,
 }
 
-const RETIRES: [Retire; 5] =
-    [Retire::KfreeRcu, Retire::KfreeSrcu, Retire::CrossbeamDestroy, Retire::Seize, Retire::Urcu];
+const RETIRES: [Retire; 7] = [
+    Retire::KfreeRcu,
+    Retire::KfreeSrcu,
+    Retire::CrossbeamNolock,
+    Retire::CrossbeamDestroy,
+    Retire::SeizeNolock,
+    Retire::Seize,
+    Retire::Urcu,
+];
 
 impl Retire {
     fn name(self) -> &'static str {
         match self {
             Retire::KfreeRcu => "nolock kmalloc_nolock + kfree_rcu_nolock",
             Retire::KfreeSrcu => "nolock kmalloc_nolock + kfree_srcu_fast_nolock",
-            Retire::CrossbeamDestroy => "crossbeam-epoch Owned::new + defer_destroy",
-            Retire::Seize => "seize Box::new + retire",
+            Retire::CrossbeamNolock => "crossbeam-epoch kmalloc_nolock + defer(kfree_nolock)",
+            Retire::CrossbeamDestroy => "crossbeam-epoch Owned::new + defer_destroy (glibc)",
+            Retire::SeizeNolock => "seize kmalloc_nolock + retire(kfree_nolock)",
+            Retire::Seize => "seize Box::new + retire (glibc)",
             Retire::Urcu => "liburcu-memb malloc + call_rcu(free) (FFI)",
         }
+    }
+}
+
+/// A baseline's object on nolock's allocator: 64 bytes from `kmalloc_nolock`, written like `Counted`.
+#[inline]
+fn new_raw64(i: u64) -> *mut [u64; 8] {
+    let Some(p) = kmalloc_nolock(64, Gfp::NONE) else {
+        panic!("kmalloc_nolock(64) failed during the benchmark");
+    };
+    let p = p.cast::<[u64; 8]>().as_ptr();
+    // SAFETY: a fresh 64-byte kmalloc object, 8-aligned.
+    unsafe { p.write([i; 8]) };
+    p
+}
+
+/// Free a baseline's nolock object and count it, as `Counted`'s drop does.
+///
+/// # Safety
+/// `p` came from `new_raw64` and is freed once.
+#[inline]
+unsafe fn free_raw64(p: *mut [u64; 8]) {
+    // SAFETY: forwarded from the caller.
+    unsafe { kfree_nolock(p.cast()) };
+    BASELINE_DROPS.store(BASELINE_DROPS.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
+/// seize's reclaim function for `new_raw64` objects.
+///
+/// # Safety
+/// As [`free_raw64`].
+unsafe fn seize_free_raw64(p: *mut [u64; 8], _c: &seize::Collector) {
+    // SAFETY: forwarded.
+    unsafe { free_raw64(p) };
+}
+
+/// Wait for crossbeam to drop `n` objects, or say it did not.
+fn crossbeam_drained(n: usize) -> Result<(), String> {
+    if drain_baseline(n as u64, || epoch::pin().flush()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "crossbeam-epoch freed only {} of {n} objects within {} s",
+            BASELINE_DROPS.load(Ordering::Relaxed),
+            DRAIN_DEADLINE.as_secs()
+        ))
     }
 }
 
@@ -511,6 +680,19 @@ fn measure_retire(r: Retire, n: usize) -> Result<Option<f64>, String> {
             |p, h| unsafe { kfree_srcu_fast_nolock(&BENCH_SRCU, p, h) },
             || BENCH_SRCU.barrier(),
         ),
+        Retire::CrossbeamNolock => {
+            BASELINE_DROPS.store(0, Ordering::Relaxed);
+            let t = Instant::now();
+            for i in 0..n as u64 {
+                let g = epoch::pin();
+                let p = new_raw64(i) as usize;
+                // SAFETY: the object was never shared; the deferred function frees it once, after every guard
+                // that could see it is gone; it captures only the address (Send).
+                unsafe { g.defer_unchecked(move || free_raw64(p as *mut [u64; 8])) };
+            }
+            crossbeam_drained(n)?;
+            t.elapsed().as_nanos() as f64 / n as f64
+        }
         Retire::CrossbeamDestroy => {
             BASELINE_DROPS.store(0, Ordering::Relaxed);
             let t = Instant::now();
@@ -520,14 +702,28 @@ fn measure_retire(r: Retire, n: usize) -> Result<Option<f64>, String> {
                 // SAFETY: the object was never shared: nobody else can reach it.
                 unsafe { g.defer_destroy(s) };
             }
-            if !drain_baseline(n as u64, || epoch::pin().flush()) {
-                return Err(format!(
-                    "crossbeam-epoch freed only {} of {n} objects within {} s",
-                    BASELINE_DROPS.load(Ordering::Relaxed),
-                    DRAIN_DEADLINE.as_secs()
-                ));
-            }
+            crossbeam_drained(n)?;
             t.elapsed().as_nanos() as f64 / n as f64
+        }
+        Retire::SeizeNolock => {
+            let c = seize::Collector::new();
+            BASELINE_DROPS.store(0, Ordering::Relaxed);
+            let t = Instant::now();
+            for i in 0..n as u64 {
+                let g = c.enter();
+                let p = new_raw64(i);
+                // SAFETY: the object was never shared, and `seize_free_raw64` frees a `new_raw64` object once.
+                unsafe { c.retire(p, seize_free_raw64) };
+                drop(g);
+            }
+            // SAFETY: no thread is inside a guard of `c` (only this one uses it, and its guards are dropped).
+            unsafe { c.reclaim_all() };
+            let e = t.elapsed().as_nanos() as f64 / n as f64;
+            let got = BASELINE_DROPS.load(Ordering::Relaxed);
+            if got < n as u64 {
+                return Err(format!("seize freed only {got} of {n} objects after reclaim_all"));
+            }
+            e
         }
         Retire::Seize => {
             let c = seize::Collector::new();
@@ -594,14 +790,14 @@ fn urcu_busy(_stop: &AtomicBool, running: &AtomicBool) {
 }
 
 #[cfg(feature = "liburcu")]
-fn urcu_sync(n: usize, busy: Option<Busy>) -> Option<(f64, f64)> {
+fn urcu_sync(n: usize, busy: Option<Busy>) -> Option<((f64, f64), Option<f64>)> {
     let lib = urcu::get()?;
     let reg = lib.register();
     Some(with_busy(busy, || latency_us(n, || lib.synchronize(&reg))))
 }
 
 #[cfg(not(feature = "liburcu"))]
-fn urcu_sync(_n: usize, _busy: Option<Busy>) -> Option<(f64, f64)> {
+fn urcu_sync(_n: usize, _busy: Option<Busy>) -> Option<((f64, f64), Option<f64>)> {
     None
 }
 
@@ -665,17 +861,10 @@ fn rotated<T: Copy>(all: &[T], rep: usize) -> Vec<T> {
 }
 
 /// One repetition of every workload; `record: false` for the warm-up.
-fn one_rep(
-    rep: usize,
-    sz: Sizes,
-    seize: &seize::Collector,
-    res: &mut Results,
-    record: bool,
-    bar: &indicatif::ProgressBar,
-) {
+fn one_rep(rep: usize, sz: Sizes, base: &Baselines, res: &mut Results, record: bool, bar: &indicatif::ProgressBar) {
     bar.set_message("read side");
     for r in rotated(&READERS, rep) {
-        if let Some(ns) = measure_read(r, sz.read, seize)
+        if let Some(ns) = measure_read(r, sz.read, base)
             && record
         {
             res.add(G_READ, r.name(), "lock_unlock", "ns", ns);
@@ -687,7 +876,16 @@ fn one_rep(
     for op in rotated(&GP_OPS, rep) {
         for busy in [false, true] {
             match measure_gp(op, sz.lat, busy) {
-                Some((p50, p99)) if record => {
+                // The busy reader was on a CPU for less than half of the measurement: mostly an idle system
+                // was measured. Dropped, and said.
+                Some((_, Some(share))) if record && share < BUSY_MIN_SHARE => {
+                    res.dropped_busy += 1;
+                    res.add(G_GP, op.name(), "busy_reader_cpu_share", "", share);
+                }
+                Some(((p50, p99), share)) if record => {
+                    if let Some(sh) = share {
+                        res.add(G_GP, op.name(), "busy_reader_cpu_share", "", sh);
+                    }
                     let (m50, m99) = if busy { ("busy_p50", "busy_p99") } else { ("idle_p50", "idle_p99") };
                     res.add(G_GP, op.name(), m50, "us", p50);
                     res.add(G_GP, op.name(), m99, "us", p99);
@@ -731,11 +929,11 @@ pub fn run(args: &BenchArgs) -> ExitCode {
     let reps = args.reps();
     let sz = Sizes::new(args.quick);
     let urcu = urcu_available();
-    let seize = seize::Collector::new();
+    let base = Baselines::new();
 
     println!(
         "nolock bench rcu ({}): {reps} timed repetitions per cell, contenders take turns inside each repetition; \
-         baselines: crossbeam-epoch 0.9.21, seize 0.5.1, membarrier{}",
+         baselines: crossbeam-epoch 0.9.21, seize 0.5.1, membarrier{}; {}",
         if args.quick { "quick" } else { "full" },
         if urcu {
             ", liburcu-memb"
@@ -743,27 +941,38 @@ pub fn run(args: &BenchArgs) -> ExitCode {
             " (liburcu-memb.so.8 not found: skipped)"
         } else {
             ""
-        }
+        },
+        super::conditions()
     );
     let bar = progress_bar((reps * 4 + 4) as u64);
     let mut res = Results::default();
     // Warm-up: threads' caches, page faults, the grace-period worker, code paths.
-    one_rep(0, sz.warmup(), &seize, &mut res, false, &bar);
+    one_rep(0, sz.warmup(), &base, &mut res, false, &bar);
     let t_start = Instant::now();
     for rep in 0..reps {
-        one_rep(rep, sz, &seize, &mut res, true, &bar);
+        one_rep(rep, sz, &base, &mut res, true, &bar);
     }
     bar.finish_and_clear();
     let took = t_start.elapsed();
 
     print_tables(&res, sz);
+    if res.dropped_busy > 0 {
+        res.notes.push(format!(
+            "{} of {} busy-reader sample sets were dropped: the busy reader was on a CPU for less than {:.0}% of the \
+             measurement (the machine is loaded), so they measured mostly an idle system",
+            res.dropped_busy,
+            reps * (GP_OPS.len() - usize::from(!urcu)),
+            BUSY_MIN_SHARE * 100.0
+        ));
+    }
     for n in &res.notes {
         println!("note: {n}");
     }
     println!(
-        "timed part took {:.1} s; cells are median [min–max] over the repetitions; compare numbers only within \
-         one run",
-        took.as_secs_f64()
+        "timed part took {:.1} s (load average at the end {}); cells are median [min–max] over the repetitions; \
+         compare numbers only within one run",
+        took.as_secs_f64(),
+        super::load_average()
     );
 
     if let Some(path) = &args.json {
@@ -807,6 +1016,9 @@ struct Ratios {
     srcu_sync_busy_vs_membarrier: Option<f64>,
     kfree_rcu_vs_crossbeam: Option<f64>,
     kfree_rcu_vs_seize: Option<f64>,
+    kfree_rcu_vs_crossbeam_same_alloc: Option<f64>,
+    kfree_rcu_vs_seize_same_alloc: Option<f64>,
+    pin_vs_locked_rmw: Option<f64>,
 }
 
 fn ratios(res: &Results) -> Ratios {
@@ -829,6 +1041,9 @@ fn ratios(res: &Results) -> Ratios {
         srcu_sync_busy_vs_membarrier: ratio(res.get(G_GP, GpOp::Srcu.name(), "busy_p50"), mb),
         kfree_rcu_vs_crossbeam: ratio(kr, res.get(G_RETIRE, Retire::CrossbeamDestroy.name(), "per_object")),
         kfree_rcu_vs_seize: ratio(kr, res.get(G_RETIRE, Retire::Seize.name(), "per_object")),
+        kfree_rcu_vs_crossbeam_same_alloc: ratio(kr, res.get(G_RETIRE, Retire::CrossbeamNolock.name(), "per_object")),
+        kfree_rcu_vs_seize_same_alloc: ratio(kr, res.get(G_RETIRE, Retire::SeizeNolock.name(), "per_object")),
+        pin_vs_locked_rmw: ratio(pin, res.get(G_READ, Reader::LockedRmw.name(), "lock_unlock")),
     }
 }
 
@@ -857,6 +1072,12 @@ fn print_tables(res: &Results, sz: Sizes) {
         ratio_cell(r.srcu_vs_pin),
         verdict(r.srcu_vs_pin, 0.5),
         ratio_cell(r.tt_vs_pin),
+    );
+    println!(
+        "{} outermost lock+unlock per repetition; crossbeam's pin() = {} lock cmpxchg here (its SeqCst fence on \
+         x86), nolock's readers use no fence and no RMW: the ratio follows the CPU's cost of a locked instruction",
+        sz.read,
+        ratio_cell(r.pin_vs_locked_rmw),
     );
 
     // Grace periods.
@@ -895,6 +1116,23 @@ fn print_tables(res: &Results, sz: Sizes) {
          busy reader spins on short sections of the same flavour (membarrier: next to the RCU reader)",
         sz.lat
     );
+    let shares: Vec<f64> = res
+        .series
+        .iter()
+        .filter(|x| x.group == G_GP && x.metric == "busy_reader_cpu_share")
+        .flat_map(|x| x.samples.iter().copied())
+        .collect();
+    if !shares.is_empty() {
+        let sh = summarize(&shares);
+        println!(
+            "the busy reader was on a CPU for {:.0}% [{:.0}–{:.0}%] of each busy measurement (median [min–max]); sets \
+             below {:.0}% are dropped (a note says how many)",
+            sh.median * 100.0,
+            sh.min * 100.0,
+            sh.max * 100.0,
+            BUSY_MIN_SHARE * 100.0
+        );
+    }
 
     // Callbacks.
     let defer = res.get(G_CB, Cb::CrossbeamDefer.name(), "enqueue");
@@ -946,7 +1184,9 @@ fn print_tables(res: &Results, sz: Sizes) {
     // Retire and free.
     let kr = res.get(G_RETIRE, Retire::KfreeRcu.name(), "per_object");
     let mut rows = vec![
-        ["retire and free 64 B objects", "ns/object incl. free", "kfree_rcu_nolock / this"].map(String::from).to_vec(),
+        ["retire and free 64 B objects", "ns/object incl. alloc and free", "kfree_rcu_nolock / this"]
+            .map(String::from)
+            .to_vec(),
     ];
     for rt in RETIRES {
         let s = res.get(G_RETIRE, rt.name(), "per_object");
@@ -958,9 +1198,19 @@ fn print_tables(res: &Results, sz: Sizes) {
     println!();
     print_rows(&rows);
     println!(
-        "{} objects per repetition: allocate, write, retire each, then wait until all are freed (rcu_barrier / \
-         srcu barrier / crossbeam flush loop / seize reclaim_all / urcu barrier)",
+        "{} objects per repetition: allocate, write, retire each (baselines: one pin / enter per object), then \
+         wait until all are freed (rcu_barrier / srcu barrier / crossbeam flush loop / seize reclaim_all / urcu \
+         barrier)",
         sz.retire
+    );
+    println!(
+        "same allocator (kmalloc_nolock / kfree_nolock on both sides: the reclamation alone): kfree_rcu_nolock / \
+         crossbeam {}, / seize {}; baselines on glibc as their users write it (allocator and reclamation): / \
+         crossbeam {}, / seize {}",
+        ratio_cell(r.kfree_rcu_vs_crossbeam_same_alloc),
+        ratio_cell(r.kfree_rcu_vs_seize_same_alloc),
+        ratio_cell(r.kfree_rcu_vs_crossbeam),
+        ratio_cell(r.kfree_rcu_vs_seize),
     );
     println!(
         "grace periods in this run: RCU {}, SRCU-fast (bench domain) {}",
@@ -1005,7 +1255,9 @@ fn to_json(quick: bool, reps: usize, urcu: bool, res: &Results) -> String {
          \"tasks_trace_read/crossbeam_pin\": {},\n    \"call_rcu_nolock/crossbeam_defer\": {},\n    \"call_rcu_nolock/crossbeam_defer_chunk_p50\": {},\n    \
          \"synchronize_rcu_busy_p50/membarrier_busy_p50\": {},\n    \
          \"srcu_synchronize_busy_p50/membarrier_busy_p50\": {},\n    \"kfree_rcu_nolock/crossbeam_defer_destroy\": {},\n    \
-         \"kfree_rcu_nolock/seize_retire\": {}\n  }},\n  \"notes\": [{}]\n}}\n",
+         \"kfree_rcu_nolock/seize_retire\": {},\n    \
+         \"kfree_rcu_nolock/crossbeam_defer_same_allocator\": {},\n    \
+         \"kfree_rcu_nolock/seize_retire_same_allocator\": {},\n    \"crossbeam_pin/lock_cmpxchg\": {}\n  }},\n  \"notes\": [{}]\n}}\n",
         o(r.rcu_vs_pin),
         o(r.srcu_vs_pin),
         o(r.tt_vs_pin),
@@ -1015,6 +1267,9 @@ fn to_json(quick: bool, reps: usize, urcu: bool, res: &Results) -> String {
         o(r.srcu_sync_busy_vs_membarrier),
         o(r.kfree_rcu_vs_crossbeam),
         o(r.kfree_rcu_vs_seize),
+        o(r.kfree_rcu_vs_crossbeam_same_alloc),
+        o(r.kfree_rcu_vs_seize_same_alloc),
+        o(r.pin_vs_locked_rmw),
         res.notes.iter().map(|n| json_str(n)).collect::<Vec<_>>().join(", ")
     );
     out
@@ -1034,15 +1289,17 @@ mod tests {
     fn every_workload_runs() {
         nolock::init();
         let sz = Sizes { read: 10_000, lat: 5, cbs: 2_000, retire: 2_000 };
-        let seize = seize::Collector::new();
+        let base = Baselines::new();
         let mut res = Results::default();
-        one_rep(0, sz, &seize, &mut res, true, &indicatif::ProgressBar::hidden());
+        one_rep(0, sz, &base, &mut res, true, &indicatif::ProgressBar::hidden());
         assert!(res.notes.is_empty(), "{:?}", res.notes);
         for r in READERS.into_iter().filter(|&r| r != Reader::Urcu) {
             assert!(res.get(G_READ, r.name(), "lock_unlock").is_some(), "{}", r.name());
         }
         for op in GP_OPS.into_iter().filter(|&o| o != GpOp::Urcu) {
-            assert!(res.get(G_GP, op.name(), "busy_p99").is_some(), "{}", op.name());
+            assert!(res.get(G_GP, op.name(), "idle_p99").is_some(), "{}", op.name());
+            // A loaded machine may give the busy reader no CPU: that sample set is dropped and counted.
+            assert!(res.get(G_GP, op.name(), "busy_p99").is_some() || res.dropped_busy > 0, "{}", op.name());
         }
         assert!(res.get(G_CB, Cb::CallRcu.name(), "drain").is_some());
         assert!(res.get(G_CB, Cb::CrossbeamDefer.name(), "enqueue").is_some());

@@ -300,3 +300,66 @@ pub fn sleep_wall(d: Duration) {
         == libc::EINTR
     {}
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// No debug report during a test
+// ------------------------------------------------------------------------------------------------------------
+
+/// Tests of one binary that must see no report take this gate shared; a test that provokes reports on purpose
+/// takes it exclusively ([`reports_expected`]), so it never runs while a [`NoReports`] test counts. Reports
+/// are counted process-wide (`nolock::debug::reports()`) and the tests of one binary run in parallel threads.
+static REPORT_GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Fails the test if nolock reports anything (a refused free, a debug-mode finding, a destroy with live
+/// objects, a panicking callback: everything `nolock::debug::reports()` counts, each also printed on
+/// standard error) between [`new`](Self::new) and the drop of the guard or an explicit [`check`](Self::check).
+///
+/// Create it first thing in the test, before any serialisation lock of the test file, and keep it to the end
+/// (`let _reports = common::NoReports::new();`). A background worker's report made for this test after the
+/// guard is dropped is not seen; tests that wait for their grace periods (`rcu_barrier`) before returning see
+/// those too.
+pub struct NoReports {
+    start: u64,
+    _gate: std::sync::RwLockReadGuard<'static, ()>,
+}
+
+impl NoReports {
+    /// Start counting (waits while a test that expects reports runs).
+    pub fn new() -> Self {
+        let gate = REPORT_GATE.read().unwrap_or_else(|e| e.into_inner());
+        Self { start: nolock::debug::reports(), _gate: gate }
+    }
+
+    /// Reports made since [`new`](Self::new).
+    pub fn count(&self) -> u64 {
+        nolock::debug::reports().wrapping_sub(self.start)
+    }
+
+    /// Panic if nolock reported anything so far.
+    #[track_caller]
+    pub fn check(&self, when: &str) {
+        let n = self.count();
+        assert_eq!(n, 0, "{when}: nolock printed {n} report(s) on standard error during the test (see stderr)");
+    }
+}
+
+impl Default for NoReports {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NoReports {
+    fn drop(&mut self) {
+        // A test that already fails keeps its own message (a second panic while unwinding would abort).
+        if !std::thread::panicking() {
+            self.check("at the end of the test");
+        }
+    }
+}
+
+/// For a test that provokes reports on purpose: no [`NoReports`] test of this binary runs while the guard is
+/// held. The test checks its own expected count.
+pub fn reports_expected() -> std::sync::RwLockWriteGuard<'static, ()> {
+    REPORT_GATE.write().unwrap_or_else(|e| e.into_inner())
+}
