@@ -93,6 +93,8 @@ pub(crate) struct Settings {
     pub purge_interval: Option<Duration>,
     /// Bytes to prefault at initialisation.
     pub prefault: usize,
+    /// Commit the arena as it is used (system calls on the allocation slow path) instead of all at once.
+    pub lazy_commit: bool,
 }
 
 // SAFETY: all shared fields are atomics or point at memory accessed only through atomics or under the per-cache
@@ -114,6 +116,7 @@ const PURGE_UNSET: u64 = u64::MAX;
 const PURGE_NEVER: u64 = u64::MAX - 1;
 static CFG_PURGE_MS: AtomicU64 = AtomicU64::new(PURGE_UNSET);
 static CFG_PREFAULT: AtomicUsize = AtomicUsize::new(usize::MAX);
+static CFG_LAZY_COMMIT: AtomicU8 = AtomicU8::new(TRI_UNSET);
 
 /// The global state, initialising it on first use. `None` only if the arena could not be mapped at all.
 ///
@@ -186,6 +189,10 @@ fn init(over: Option<&Config>) -> Option<&'static Global> {
             return None;
         }
     };
+    if !settings.lazy_commit && !pages.locks_commits() && !pages.commit_all() {
+        // The kernel refused: fall back to committing as the arena is used.
+        crate::sys::write_stderr(b"nolock: could not commit the arena at once; committing it as it is used\n");
+    }
     let layout = MetaLayout::new();
     let lock = pages.locks_commits();
     let meta = match if lock { map_tables_unlocked(&layout) } else { crate::sys::mmap_reserve_err(layout.total) } {
@@ -403,7 +410,12 @@ fn resolve(over: Option<&Config>) -> Settings {
             ),
         },
     };
-    Settings { arena_size, debug, background, purge_interval, prefault }
+    let lazy_commit = over.lazy_commit.unwrap_or_else(|| match CFG_LAZY_COMMIT.load(Ordering::Relaxed) {
+        TRI_ON => true,
+        TRI_OFF => false,
+        _ => matches!(crate::sys::getenv(c"NOLOCK_COMMIT"), Some(b"lazy")),
+    });
+    Settings { arena_size, debug, background, purge_interval, prefault, lazy_commit }
 }
 
 /// `NOLOCK_PURGE=never` (or `off`, `0`) or `NOLOCK_PURGE_INTERVAL_MS=0`: `None`; otherwise the interval in
@@ -542,6 +554,7 @@ impl std::error::Error for ConfigError {}
 /// | [`background`](Config::background) | `NOLOCK_BACKGROUND=0` | on |
 /// | [`purge_interval`](Config::purge_interval) | `NOLOCK_PURGE_INTERVAL_MS` (`0`: never), `NOLOCK_PURGE=never` | 100 ms |
 /// | [`prefault`](Config::prefault) | `NOLOCK_PREFAULT` (`64M`, bytes) | 0 |
+/// | [`lazy_commit`](Config::lazy_commit) | `NOLOCK_COMMIT=lazy` | all at once (as used under `MCL_FUTURE`) |
 ///
 /// Two ways to give it:
 /// - a global allocator passes it to [`NolockAlloc::with_config`](crate::NolockAlloc::with_config) (a `const
@@ -560,6 +573,7 @@ pub struct Config {
     background: Option<bool>,
     purge_interval: Option<Option<Duration>>,
     prefault: Option<usize>,
+    lazy_commit: Option<bool>,
 }
 
 impl Config {
@@ -568,7 +582,14 @@ impl Config {
     /// # Context
     /// Any context (a plain computation).
     pub const fn new() -> Self {
-        Self { arena_size: None, debug: None, background: None, purge_interval: None, prefault: None }
+        Self {
+            arena_size: None,
+            debug: None,
+            background: None,
+            purge_interval: None,
+            prefault: None,
+            lazy_commit: None,
+        }
     }
 
     /// Size of the virtual-memory arena that every allocation comes from: reserved address space, committed as
@@ -622,6 +643,23 @@ impl Config {
         self
     }
 
+    /// Commit the arena as it is used (`true`) instead of all at once at initialisation (`false`, the default).
+    ///
+    /// Committing means making reserved address space usable (`mprotect`); it costs no memory until pages are
+    /// touched. All at once, no allocation ever makes a system call after the first one. As it is used, an
+    /// allocation that grows the arena past what is committed makes one (`mprotect`, which takes the kernel's
+    /// `mmap` lock), unless the background worker or [`crate::prefault`] committed ahead. Under
+    /// `mlockall(MCL_FUTURE)` commits are always made as the arena is used (committing all of it would lock
+    /// all of it): real-time programs call [`crate::prefault`] for their working set. Environment:
+    /// `NOLOCK_COMMIT=lazy`.
+    ///
+    /// # Context
+    /// Any context (a plain computation).
+    pub const fn lazy_commit(mut self, on: bool) -> Self {
+        self.lazy_commit = Some(on);
+        self
+    }
+
     /// Apply the settings, for the initialisation to come.
     ///
     /// This works only before nolock is initialised, that is before the first nolock call of the process (any
@@ -661,6 +699,9 @@ impl Config {
         }
         if let Some(n) = self.prefault {
             CFG_PREFAULT.store(n.min(usize::MAX - 1), Ordering::Relaxed);
+        }
+        if let Some(l) = self.lazy_commit {
+            CFG_LAZY_COMMIT.store(if l { TRI_ON } else { TRI_OFF }, Ordering::Relaxed);
         }
         Ok(())
     }

@@ -5,7 +5,8 @@
 //!   and the `pthread_atfork` handlers. Registering them from a normal context, before any nolock path runs,
 //!   means no nolock path ever has to.
 //! - **Fork**: the child handler brings every layer back to a consistent state with one thread, bottom up:
-//!   the background workers are marked gone, the slab shards of dead threads are drained, then the per-thread
+//!   the background workers are marked gone, the `kfree_rcu` rings and slots are repaired, the slab shards of
+//!   dead threads are drained (their pointer blocks queued), then the per-thread
 //!   slots of dead threads are closed in every RCU domain and freed, and the grace-period machinery is reset
 //!   (see `rcu::after_fork_child`).
 
@@ -13,6 +14,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 extern "C" fn atfork_child() {
     crate::worker::after_fork_child();
+    crate::rcu::kfree::after_fork_child();
     crate::slab::shard::after_fork_child();
     crate::thread::after_fork_child(crate::rcu::reset_slot);
     crate::rcu::after_fork_child();

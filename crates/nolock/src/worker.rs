@@ -9,8 +9,9 @@
 //!
 //! A pass runs every purge interval (100 ms by default; every 100 ms when the purge is off).
 //!
-//! `*_nolock` paths never depend on it for correctness: it only gives memory back to the OS. Waking it early
-//! ([`kick`]) is one atomic increment and one `futex` wake, both async-signal-safe.
+//! `*_nolock` paths never depend on it for correctness: it only gives memory back to the OS. Asking it for an
+//! early pass ([`request_pass`], from free paths) is one atomic increment and no system call: the worker
+//! notices before it sleeps again, or at the end of its interval.
 //!
 //! Fork: the worker does not exist in a child; the atfork child handler marks it stopped and the next normal
 //! context call starts a new one. The prepare handler waits (bounded) for the worker to leave the part of a
@@ -70,13 +71,15 @@ pub fn is_running() -> bool {
     RUNNING_PID.load(Ordering::Acquire) == crate::sys::getpid()
 }
 
-/// Ask the worker to run a pass now.
+/// Ask the worker for an early pass (a cache has empty slabs to shrink). Called from free paths, so it makes
+/// no system call: it only changes the word the worker sleeps on. A worker about to sleep then passes at once
+/// (its `futex` wait finds the word changed); one already asleep passes at the end of its interval.
 ///
 /// # Context
-/// Any context: async-signal-safe (an atomic increment and a `futex` wake).
-pub fn kick() {
+/// Any context: async-signal-safe, one atomic increment, no system call.
+pub fn request_pass() {
+    // Release: pairs with the Acquire load of `WAKE` at the top of the worker's loop.
     WAKE.fetch_add(1, Ordering::Release);
-    crate::sys::futex_wake(&WAKE, 1);
 }
 
 fn run() {

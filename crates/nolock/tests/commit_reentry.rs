@@ -49,7 +49,7 @@ fn hook(at: Point) {
 
 #[test]
 fn nested_and_racing_commits() {
-    Config::new().background(false).apply().expect("nolock not initialised yet");
+    Config::new().background(false).lazy_commit(true).apply().expect("nolock not initialised yet");
     set_hook(Some(hook));
     // Each outer allocation is beyond what is committed, so it commits; the hook nests another commit there.
     let mut held = Vec::new();

@@ -32,13 +32,12 @@
 //! process. `NOLOCK_FORK_RCU_SURVEY=1` makes the storm tests run all their forks with a 5 s deadline and print
 //! how many children hung at which step, instead of stopping at the first.
 //!
-//! Since 63639a6 one thing is left, pinned down deterministically by the last test
+//! After 63639a6 one thing was left, pinned down deterministically by the last test
 //! (`fork_with_kfree_slot_locked_by_a_vanished_thread`): a `kfree_rcu` pointer-block slot whose lock a
-//! vanished thread held at the fork (it was inside `kfree_*_nolock`) stays locked in the child, and every
-//! barrier and every aging tick of the child's grace-period worker waits 100,000 `sched_yield`s for it. Under
-//! the storm's load that is seconds per barrier, and children pass the 20 s deadline: the storm test is ignored
-//! until that is fixed. The test without readers meets the same slots (its children take up to a few seconds
-//! per barrier) but stays within its deadline.
+//! vanished thread held at the fork (it was inside `kfree_*_nolock`) stayed locked in the child, and every
+//! barrier and every aging tick of the child's grace-period worker waited 100,000 `sched_yield`s for it (seconds
+//! per barrier under the storm's load, past the 20 s deadline). The fork child handler now clears those locks
+//! and queues what the slots hold (a slot never holds a block that is already queued).
 
 mod common;
 
@@ -662,9 +661,6 @@ fn fork_storm(readers_and_signals: bool) {
 /// Fork while readers (some long, some sleeping) are inside, retire floods and grace periods are in flight,
 /// and a signal storm runs readers and retirements in handlers.
 #[test]
-#[ignore = "library bug: a kfree_rcu slot locked by a thread that vanished at the fork stays locked in the \
-            child, whose barriers then wait 100,000 sched_yields per such slot (seconds under this load, past \
-            the 20 s deadline); see fork_with_kfree_slot_locked_by_a_vanished_thread"]
 fn fork_during_readers_retire_floods_and_signal_storm() {
     fork_storm(true);
 }
@@ -806,8 +802,6 @@ fn child_barrier_yields() -> i32 {
 /// take milliseconds.
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #[test]
-#[ignore = "library bug: in a fork child, a kfree_rcu slot locked by a thread that no longer exists stays locked; \
-            every barrier and aging tick waits 100,000 sched_yields for it"]
 fn fork_with_kfree_slot_locked_by_a_vanished_thread() {
     use parking::{PARK_HERE, PARKED, UNPARK, Unpark, park_hook};
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -33,12 +33,13 @@
 //!   `malloc` family call, no pthread key call; nothing at all but futex wakes. (DESIGN.md's `irq_work` row lets a `*_nolock` path wake a worker
 //!   with `futex(FUTEX_WAKE)`.) The code before commit 63639a6 fails it: hundreds of `membarrier` calls from
 //!   `kfree_rcu_nolock`, and thousands of futex wakes from `call_*_nolock` and `kfree_*_nolock`.
-//! - `no_system_call_at_all_inside_nolock_calls` (ignored: fails now and then): the issue's assertion, nothing at
-//!   all. The `# Context` sections of these calls document no system call, but `kfree_nolock` and
-//!   `KmemCache::free_nolock` wake the background worker with `futex(FUTEX_WAKE)` when the 64th slab since the
-//!   cache was last shrunk becomes empty, and `kfree_rcu_nolock` reaches that path when it frees ready blocks.
-//! - `freeing_until_slabs_are_empty_makes_no_system_call` (ignored: fails every time): that wake, made
-//!   deterministic.
+//! - `no_system_call_at_all_inside_nolock_calls`: the issue's assertion, nothing at all after the warm-up. It
+//!   failed now and then until `kfree_nolock` / `KmemCache::free_nolock` stopped waking the background worker
+//!   with `futex(FUTEX_WAKE)` when the 64th slab since the cache's last shrink became empty (they now only
+//!   change the word the worker sleeps on), and until allocations stopped committing arena memory with
+//!   `mprotect` (the arena is committed all at once by default).
+//! - `freeing_until_slabs_are_empty_makes_no_system_call`: that wake, made deterministic (failed every run
+//!   before the fix).
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
@@ -983,8 +984,6 @@ fn nothing_blocking_mapping_or_allocating_inside_nolock_calls() {
 /// and the read-side sections is empty: their `# Context` sections document none), in particular no `futex`
 /// wake.
 #[test]
-#[ignore = "library bug: kfree_nolock / KmemCache::free_nolock (slab/cache.rs push_run -> worker::kick) make an \
-            undocumented futex(FUTEX_WAKE) system call, also reached from kfree_rcu_nolock"]
 fn no_system_call_at_all_inside_nolock_calls() {
     let _turn = begin();
     let w = workload();
@@ -1002,8 +1001,6 @@ fn no_system_call_at_all_inside_nolock_calls() {
 /// shrinks every 100 ms; the frees here take well under that, so the 64th empty slab comes before it.
 /// `kfree_nolock` and `kfree_rcu_nolock` (whose retiring threads free ready pointer blocks) reach the same path.
 #[test]
-#[ignore = "library bug: KmemCache::free_nolock / kfree_nolock wake the background worker with an undocumented \
-            futex(FUTEX_WAKE) when the 64th slab since the last shrink becomes empty"]
 fn freeing_until_slabs_are_empty_makes_no_system_call() {
     let _turn = begin();
     nolock::init();

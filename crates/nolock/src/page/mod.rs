@@ -32,6 +32,11 @@
 //! resident at once), the reservation is unlocked and every commit is `mlock`ed instead, so the memory
 //! locked is what is committed, not the 16 GiB reserved.
 //!
+//! **By default the whole arena is committed at initialisation** (one `mprotect` per reservation, costing no
+//! memory), so no allocation after the first makes a system call. Commits as the arena is used are for
+//! `mlockall(MCL_FUTURE)` (always: committing all of it would lock all of it) and for whoever asks
+//! ([`crate::Config::lazy_commit`], `NOLOCK_COMMIT=lazy`). Then:
+//!
 //! Commits grow the committed prefix by a chunk ahead of need (an eighth of what is committed, 4 to 64 MiB).
 //! They are made ahead of need from normal contexts: the background worker keeps a chunk committed beyond
 //! the frontier, [`crate::prefault`] and [`crate::Config::prefault`] commit (and fault in) what they are asked
@@ -624,6 +629,16 @@ impl PageAllocator {
         let ahead = (cur / 8).clamp(GROW_WORDS, MAX_COMMIT_AHEAD_WORDS);
         let target = round_up(words.max(cur + ahead), GROW_WORDS).min(self.nwords);
         self.commit_range(cur, target)
+    }
+
+    /// Commit the whole arena and its metadata (at initialisation, unless commits are locked or lazy commits
+    /// were asked for): no later allocation then makes a system call. Costs no memory: pages are faulted in
+    /// as they are touched. False if the kernel refused.
+    ///
+    /// # Context
+    /// Any context in which the first nolock call may run (a few `mprotect` calls).
+    pub fn commit_all(&self) -> bool {
+        self.commit_range(self.committed_words(), self.nwords)
     }
 
     /// Keep a chunk committed beyond the frontier, so that the next growths of the frontier make no system

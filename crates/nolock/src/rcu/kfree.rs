@@ -427,6 +427,9 @@ fn retire_in_block(s: &Shard, ptr: *mut u8, flavor: Flavor) -> bool {
         // SAFETY: the slot's block is ours while we hold the lock.
         let hdr = unsafe { &*(b as *const BlockHeader) };
         if hdr.domain != flavor.domain_tag() {
+            // Empty the slot before queueing: a slot never holds a block that is already queued, so whoever
+            // finds it abandoned (a fork child, where this thread no longer exists) may queue what it holds.
+            slot.block.store(0, Ordering::Relaxed);
             queue_block(b, Flavor::of_tag(flavor.slot_index(), hdr.domain));
             b = 0;
         }
@@ -607,15 +610,29 @@ pub(crate) fn drain_shard(s: &Shard) {
     }
 }
 
-/// In a fork child: repair the rings (see [`BlockRing::after_fork_child`]) and clear the claims that stealers
-/// which are gone left on the `kfree_rcu` slots.
+/// In a fork child, before the slab shards of the threads that are gone are drained (which queues their
+/// blocks): repair the rings (see [`BlockRing::after_fork_child`]), clear the claims that stealers which are
+/// gone left on the `kfree_rcu` slots, and clear the busy flag of every slot but the forking thread's own.
+/// Such a flag was set by a thread that was inside `retire_in_block` at the fork and no longer exists; left
+/// set, every barrier and aging tick of the child would wait for it in vain. What the slot holds is then a
+/// consistent partial block (a block is published in its slot only once its header is written, `count` is
+/// written after the pointer it counts, and a slot never holds a block that is already queued), so the drain
+/// queues it like any other.
 pub(crate) fn after_fork_child() {
     RCU_RING.after_fork_child();
     super::srcu::for_each_state(|s| s.block_ring().after_fork_child());
-    if let Some(g) = crate::global::get_if_init() {
-        for i in 0..g.shard_count() {
-            for slot in &g.shard(i).kfree {
+    let Some(g) = crate::global::get_if_init() else { return };
+    let mine = shard::current_if_any();
+    for i in 0..g.shard_count() {
+        let s = g.shard(i);
+        let own = mine.is_some_and(|m| core::ptr::eq(m, s));
+        for slot in &s.kfree {
+            if own {
+                // A signal handler may have forked from inside this thread's own `retire_in_block`: that call
+                // continues in the child and unlocks; only a stale claim is cleared.
                 slot.lock.unclaim();
+            } else {
+                slot.lock.reset();
             }
         }
     }

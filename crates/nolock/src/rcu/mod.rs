@@ -437,12 +437,13 @@ pub(crate) fn barrier(d: &dyn Domain, what: &str) {
 ///   that glibc may hand to the child's next thread): they are unlinked, never run.
 /// - Callbacks the worker had taken are lost with it; `invoked` is set so that the backlog counts only what is
 ///   still queued, and the backlog throttle does not wait for callbacks that will never run.
-/// - `kfree_rcu` rings: cells left half-published or half-consumed are repaired.
+///
+/// (The `kfree_rcu` rings and slots are repaired earlier, by `kfree::after_fork_child`, before the slab layer
+/// drains the shards of the threads that are gone.)
 pub(crate) fn after_fork_child() {
     worker::after_fork_child();
     tree::after_fork_child();
     srcu::for_each_state(|s| s.after_fork_child());
-    kfree::after_fork_child();
     let fix = |d: &dyn Domain| {
         let mut left = 0u64;
         for i in 0..crate::thread::count() {

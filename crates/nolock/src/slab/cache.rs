@@ -1396,7 +1396,7 @@ impl CacheInner {
                 if p.empty_now {
                     let events = self.counters.empty_events.fetch_add(1, Ordering::Relaxed) + 1;
                     if events.wrapping_sub(self.shrunk_at.load(Ordering::Relaxed)) == KICK_AFTER_EMPTY {
-                        crate::worker::kick();
+                        crate::worker::request_pass();
                     }
                 }
                 let owner = d.owner.load(Ordering::Relaxed);

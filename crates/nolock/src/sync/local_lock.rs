@@ -125,15 +125,25 @@ impl LocalTryLock {
         self.claimed.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_ok()
     }
 
-    /// Claimer: wait (spinning, then yielding) until the owner's critical section is over. Returns false if it
-    /// did not end within `patience` spins-and-yields (the owner left its section without unlocking, e.g. by
-    /// `longjmp` out of a signal handler): the state must then be left alone.
+    /// Claimer: wait (yielding) until the owner's critical section is over. Returns false if it did not end
+    /// within `patience` yields **and** one second (the owner left its section without unlocking, e.g. by
+    /// `longjmp` out of a signal handler): the state must then be left alone. The time floor matters on a
+    /// loaded machine, where a live owner preempted inside its few-instruction section can outlast any count
+    /// of yields.
     ///
     /// # Context
-    /// Normal context: spins and yields (blocks for at most `patience` yields).
+    /// Normal context: yields (blocks for at most `patience` yields or one second, whichever is longer).
     pub fn wait_unlocked(&self, mut patience: u32) -> bool {
+        #[cfg(not(loom))]
+        let start = std::time::Instant::now();
+        // Acquire: pairs with the Release store in `unlock`.
         while self.busy.load(Ordering::Acquire) != 0 {
             if patience == 0 {
+                #[cfg(not(loom))]
+                if start.elapsed() < std::time::Duration::from_secs(1) {
+                    std::thread::yield_now();
+                    continue;
+                }
                 return false;
             }
             patience -= 1;
