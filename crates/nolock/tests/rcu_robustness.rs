@@ -407,3 +407,74 @@ fn rcu_ptr_accepts_its_own_domain() {
     let g = DOMAIN_A.read_lock_fast();
     assert_eq!(P.load(&g).copied(), Some(9));
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// RCU needs neither the arena nor a slab shard
+// ---------------------------------------------------------------------------------------------------------------
+
+fn vm_size_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmSize:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn child_first_reader_maps_nothing() {
+    if !in_child() {
+        return;
+    }
+    let before = vm_size_kib();
+    drop(nolock::rcu_read_lock());
+    drop(nolock::rcu_read_lock_tasks_trace());
+    let after = vm_size_kib();
+    // Before, the first reader mapped the 16 GiB arena (and claimed a slab shard).
+    assert!(after < before + 64 * 1024, "the first read-side sections mapped {} KiB", after - before);
+}
+
+#[test]
+fn first_reader_maps_nothing() {
+    if in_child() {
+        return;
+    }
+    let (ok, out) = run_child("child_first_reader_maps_nothing", Duration::from_secs(60));
+    assert!(ok, "first RCU readers of a process:\n{out}");
+}
+
+static CB_RAN: AtomicBool = AtomicBool::new(false);
+
+unsafe fn note_cb(_: std::ptr::NonNull<RcuHead>) {
+    CB_RAN.store(true, Ordering::Release);
+}
+
+#[test]
+fn child_rcu_without_an_arena() {
+    if !in_child() {
+        return;
+    }
+    // An address-space limit far below the arena: nolock cannot reserve it.
+    let lim = libc::rlimit { rlim_cur: 1 << 30, rlim_max: 1 << 30 };
+    // SAFETY: a valid rlimit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) }, 0);
+    assert!(nolock::kmalloc_nolock(64, Gfp::NONE).is_none(), "the arena cannot be reserved here");
+    let g = nolock::rcu_read_lock();
+    assert!(nolock::rcu_read_lock_held());
+    drop(g);
+    nolock::synchronize_rcu();
+    static HEAD: RcuHead = RcuHead::new();
+    // SAFETY: a static head, queued once.
+    unsafe { nolock::call_rcu(std::ptr::NonNull::from(&HEAD), note_cb) };
+    nolock::rcu_barrier();
+    assert!(CB_RAN.load(Ordering::Acquire), "the callback ran");
+    drop(DOMAIN_A.read_lock_fast());
+    DOMAIN_A.synchronize();
+    nolock::synchronize_rcu_tasks_trace();
+}
+
+#[test]
+fn rcu_works_without_an_arena() {
+    if in_child() {
+        return;
+    }
+    let (ok, out) = run_child("child_rcu_without_an_arena", Duration::from_secs(60));
+    assert!(ok, "RCU with no arena:\n{out}");
+}
