@@ -2,7 +2,7 @@
 //! without page faults and without system calls.
 //!
 //! ```text
-//! cargo run --release -p nolock --example realtime_setup
+//! cargo run --release -p nolock-mm --example realtime_setup
 //! ```
 //!
 //! `mlockall` needs `CAP_IPC_LOCK` or a locked-memory limit (`ulimit -l`) above what the program uses; without

@@ -16,7 +16,7 @@
 //! The constructor sets up the fields readers probe (type tag, reference count, key) once per slab life, and
 //! the free-list link lives at `freeptr_offset`, away from them. Writers serialize per bucket with a mutex.
 //!
-//! Run: `cargo run --release -p nolock --example typesafe_hash`
+//! Run: `cargo run --release -p nolock-mm --example typesafe_hash`
 
 use std::alloc::Layout;
 use std::ptr::NonNull;

@@ -12,7 +12,7 @@
 //!   membarrier, as in `tests/loom.rs`): `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p
 //!   nolock --release --test local_lock_handoff` (run by CI);
 //! - the same with std threads, meaningful under Miri's data-race detector or ThreadSanitizer (on x86-64
-//!   without them the hardware hides the race): `cargo +nightly miri test -p nolock --test local_lock_handoff`.
+//!   without them the hardware hides the race): `cargo +nightly miri test -p nolock-mm --test local_lock_handoff`.
 
 #[cfg(loom)]
 mod model {

@@ -7,7 +7,7 @@
 //! at once (for example after an ABA pop).
 //!
 //! Run with
-//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p nolock --release --test loom`.
+//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p nolock-mm --release --test loom`.
 //! The preemption bound keeps the whole file to about a minute.
 #![cfg(loom)]
 

@@ -10,7 +10,7 @@
 //! before its section ends. The updater publishes a new object, runs a grace period, then marks the old one
 //! freed; a reader that loaded the old pointer asserts it is not freed yet, at the end of its section.
 //!
-//! Run with `RUSTFLAGS="--cfg loom" cargo test -p nolock --release --test loom_rcu`.
+//! Run with `RUSTFLAGS="--cfg loom" cargo test -p nolock-mm --release --test loom_rcu`.
 #![cfg(loom)]
 
 use loom::sync::Arc;

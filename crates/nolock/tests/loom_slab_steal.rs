@@ -9,7 +9,7 @@
 //! is owned by exactly one thread or on the free list exactly once, and the in-use count agrees.
 //!
 //! Run with
-//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p nolock --release --test loom_slab_steal`.
+//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p nolock-mm --release --test loom_slab_steal`.
 #![cfg(loom)]
 
 use loom::cell::UnsafeCell;

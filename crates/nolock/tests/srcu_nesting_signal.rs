@@ -16,7 +16,7 @@
 //! guard panicked at srcu.rs:161.
 //!
 //! Ignored until fixed; run with
-//! `cargo test --release -p nolock --test srcu_nesting_signal -- --ignored --nocapture`.
+//! `cargo test --release -p nolock-mm --test srcu_nesting_signal -- --ignored --nocapture`.
 
 mod common;
 

@@ -11,7 +11,22 @@
 //! timed repetitions with min and max, the contenders take turns inside every repetition, and only ratios
 //! between contenders of the *same run* are meaningful.
 
+#[cfg(feature = "c-baselines")]
 pub mod alloc;
+/// `nolock bench alloc` without its baselines.
+#[cfg(not(feature = "c-baselines"))]
+pub mod alloc {
+    use std::process::ExitCode;
+
+    /// Say why there is nothing to measure.
+    pub fn run(_args: &super::BenchArgs) -> ExitCode {
+        eprintln!(
+            "nolock bench alloc: built without the `c-baselines` feature (mimalloc, jemalloc); rebuild with \
+             default features to compare against them"
+        );
+        ExitCode::FAILURE
+    }
+}
 pub mod rcu;
 pub mod typesafe;
 #[cfg(feature = "liburcu")]

@@ -29,7 +29,7 @@
 //! Fields readers probe (key, reference count, a type tag, a lock) are set up by the constructor once per
 //! slab life and must not be clobbered by the allocator: put the free-list link elsewhere with
 //! [`KmemCacheBuilder::freeptr_offset`]. The runnable reference is `examples/typesafe_hash.rs`
-//! (`cargo run --release -p nolock --example typesafe_hash`): a hash table with nulls-terminated buckets whose
+//! (`cargo run --release -p nolock-mm --example typesafe_hash`): a hash table with nulls-terminated buckets whose
 //! RCU and Tasks Trace readers run against writers that insert and delete the same keys.
 
 pub(crate) mod cache;
