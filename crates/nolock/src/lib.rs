@@ -56,6 +56,7 @@
 
 #![warn(missing_docs)]
 
+#[doc(hidden)]
 pub mod sync;
 
 #[cfg(not(loom))]
@@ -66,8 +67,10 @@ mod boxed;
 pub mod debug;
 #[cfg(not(loom))]
 mod global;
-#[cfg(not(loom))]
+#[cfg(all(not(loom), feature = "test-hooks"))]
 pub mod hooks;
+#[cfg(all(not(loom), not(feature = "test-hooks")))]
+mod hooks;
 #[cfg(not(loom))]
 pub mod page;
 #[cfg(not(loom))]
@@ -149,6 +152,7 @@ pub(crate) fn init_normal_context() {
 
 /// What [`trim`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 #[cfg(not(loom))]
 pub struct TrimReport {
     /// Empty slabs released to the page allocator.

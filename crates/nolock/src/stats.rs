@@ -6,6 +6,7 @@ use crate::slab::kmalloc::{self, LargeStats};
 
 /// A snapshot of nolock's counters.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct Snapshot {
     /// Every live cache, kmalloc classes first.
     pub caches: Vec<CacheStats>,

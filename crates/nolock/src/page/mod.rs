@@ -130,6 +130,7 @@ impl core::ops::BitOrAssign for Gfp {
 
 /// Counters of the page allocator (a snapshot).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PageStats {
     /// Size of the arena in pages.
     pub arena_pages: usize,

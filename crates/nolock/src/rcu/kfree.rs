@@ -17,7 +17,7 @@
 //!
 //! A full block does not go through the callback machinery: it is stamped with the cookie of the grace period
 //! it needs and put, in order, on its domain's *block ring* (a bounded multi-producer multi-consumer ring,
-//! [`BlockRing`]). Whoever finds the oldest block's grace period over may take it and free its pointers: the
+//! `BlockRing`). Whoever finds the oldest block's grace period over may take it and free its pointers: the
 //! grace-period worker after each pass, and — the backpressure — every thread that fills a block of its own
 //! frees up to two ready blocks on the spot (bounded work: at most 1016 `kfree`s) and, when blocks wait, tries
 //! one non-blocking step of the grace period itself. So the threads that retire memory also free it, in
@@ -90,7 +90,7 @@ struct Cell {
 /// unpublished (its producer was interrupted between claiming and filling it) or its grace period not over
 /// simply gets nothing. Zeroed memory is an empty ring.
 #[derive(Debug)]
-pub struct BlockRing {
+pub(crate) struct BlockRing {
     head: AtomicUsize,
     tail: AtomicUsize,
     cells: [Cell; RING_CELLS],
@@ -104,7 +104,7 @@ struct Taken {
 
 impl BlockRing {
     /// An empty ring.
-    pub const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self {
             head: AtomicUsize::new(0),
             tail: AtomicUsize::new(0),
@@ -224,7 +224,7 @@ static RCU_RING: BlockRing = BlockRing::new();
 
 /// One per-thread block slot.
 #[derive(Debug, Default)]
-pub struct KfreeSlot {
+pub(crate) struct KfreeSlot {
     lock: LocalTryLock,
     /// The current block (0: none).
     block: AtomicUsize,

@@ -277,8 +277,10 @@ pub(crate) fn assert_not_held(d: &dyn Domain, what: &str) {
 
 /// Callbacks waiting (queued, not yet invoked) above which the normal-context `call_rcu` / `call_srcu_fast`
 /// make their caller wait for the worker.
+#[doc(hidden)]
 pub const BACKLOG_HIGH: u64 = 1 << 16;
 /// The backlog a throttled caller waits for.
+#[doc(hidden)]
 pub const BACKLOG_LOW: u64 = 1 << 14;
 /// How many callbacks a thread queues between two looks at the backlog (summing it costs O(threads)).
 const THROTTLE_EVERY: u64 = 256;

@@ -30,9 +30,17 @@ use super::tree::RcuReadGuard;
 use super::{RcuCallback, RcuHead};
 use crate::page::Gfp;
 
+mod sealed {
+    /// Only this module's flavours implement [`super::Flavor`]: a flavour's `guards` check is what makes
+    /// `RcuPtr::load` sound, so outside implementations are not allowed.
+    pub trait Sealed {}
+    impl Sealed for super::Rcu {}
+    impl Sealed for super::Srcu {}
+}
+
 /// A grace-period flavour for typed wrappers: which read guard protects loads, and how old values are
-/// retired.
-pub trait Flavor {
+/// retired. Sealed: implemented by [`Rcu`] and [`Srcu`] only.
+pub trait Flavor: sealed::Sealed {
     /// The read-side guard whose lifetime bounds loaded references.
     type Guard<'g>;
     /// Queue `func(head)` after a grace period of this flavour. Any context.

@@ -384,6 +384,7 @@ pub fn rcu_barrier() {
 
 /// Statistics of a grace-period domain.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GpStats {
     /// Grace periods completed.
     pub grace_periods: u64,

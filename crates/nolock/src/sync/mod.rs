@@ -1,5 +1,8 @@
 //! Synchronisation building blocks: the atomics facade and the lock-free structures everything else is made of.
 //!
+//! **Internal**: public (and hidden from the documentation) only so that the loom models and tests can run
+//! this exact code; it is not part of the API and may change in any release.
+//!
 //! Every structure here is lock-free and *reentrant*: a signal handler that interrupts any of its operations on
 //! the same thread may run any operation on the same structure, because each operation changes shared state with
 //! one atomic instruction at its linearisation point and holds nothing in between that another caller waits for.
