@@ -154,6 +154,7 @@ fn release(id: u32) {
     let s = &SLOTS[id as usize];
     s.owner_tid.store(0, Ordering::Relaxed);
     let w = s.state.load(Ordering::Relaxed);
+    // Release: pairs with the Acquire load in `sweep_orphans` and `is_in_use`; the slot is free from here on.
     s.state.store(with_state(w, STATE_FREE), Ordering::Release);
     FREE.push(id, &s.next);
 }
@@ -185,6 +186,7 @@ pub fn register_exit_check(check: fn(u32) -> bool) {
 
 fn may_release(id: u32) -> bool {
     EXIT_CHECKS.iter().all(|c| {
+        // Acquire: pairs with the AcqRel CAS in `register_exit_check` that published the function.
         let f = c.load(Ordering::Acquire);
         // SAFETY: only `fn(u32) -> bool` values are stored, by `register_exit_check`.
         f == 0 || unsafe { core::mem::transmute::<usize, fn(u32) -> bool>(f) }(id)
@@ -245,6 +247,7 @@ extern "C" fn slot_exit(p: *mut libc::c_void) {
     } else {
         let s = &SLOTS[id as usize];
         let w = s.state.load(Ordering::Relaxed);
+        // Release: pairs with the Acquire load in `sweep_orphans`, which may reclaim the slot once the thread is gone.
         s.state.store(with_state(w, STATE_LEAKED), Ordering::Release);
     }
 }

@@ -62,6 +62,7 @@ pub(crate) fn start_once(running: &AtomicI32, name: &str, run: fn()) {
         return;
     }
     if std::thread::Builder::new().name(name.into()).spawn(run).is_err() {
+        // Release: pairs with the Acquire load in `start_once`/`is_running`: the start failed, another may try.
         running.store(0, Ordering::Release);
     }
 }
@@ -87,6 +88,7 @@ fn run() {
     let every = purge.unwrap_or(global::DEFAULT_PURGE_INTERVAL);
     let mut pass: u64 = 0;
     loop {
+        // Acquire: pairs with the Release increment in `request_pass`.
         let seen = WAKE.load(Ordering::Acquire);
         if RUNNING_PID.load(Ordering::Acquire) != crate::sys::getpid() {
             return;

@@ -501,6 +501,7 @@ impl PageAllocator {
 
     fn alloc_small(&self, n: usize, align: usize) -> Option<Claim> {
         loop {
+            // Acquire: pairs with the AcqRel CAS in `grow`: the words below the frontier are committed and listed.
             let frontier = self.frontier.load(Ordering::Acquire);
             let start = self.cursor.load(Ordering::Relaxed).min(frontier);
             if let Some(c) = self.search_summary(start, frontier, n, align) {
@@ -524,6 +525,7 @@ impl PageAllocator {
         let mut w = from;
         while w < to {
             let s = w / 64;
+            // Acquire: pairs with the Release/AcqRel updates of the summary in `note_free`: a set bit means a word with room.
             let bits = self.summary_word(s).load(Ordering::Acquire) & (!0u64 << (w % 64));
             if bits == 0 {
                 w = (s + 1) * 64;
@@ -752,11 +754,13 @@ impl PageAllocator {
             }
         }
         loop {
+            // Acquire: as in `alloc_small`.
             let frontier = self.frontier.load(Ordering::Acquire);
             if frontier >= target || !self.grow(frontier, target - frontier) {
                 break;
             }
         }
+        // Acquire: as in `alloc_small`.
         let end = target.min(self.frontier.load(Ordering::Acquire));
         for w in 0..end {
             let alloc = self.word(self.alloc, w);
@@ -795,6 +799,7 @@ impl PageAllocator {
         let span = full_words + usize::from(tail != 0);
         let step = (align / WORD_PAGES).max(1);
         loop {
+            // Acquire: as in `alloc_small`.
             let frontier = self.frontier.load(Ordering::Acquire);
             let mut w = 0;
             while w + span <= frontier {
@@ -833,6 +838,7 @@ impl PageAllocator {
                     fail_at = Some(w + full);
                     break;
                 }
+                // Acquire: pairs with the Release `fetch_and` of the run's last free: its contents are ours now.
                 match word.compare_exchange_weak(cur, cur | mask, Ordering::Acquire, Ordering::Relaxed) {
                     Ok(_) => break,
                     Err(now) => cur = now,

@@ -207,6 +207,7 @@ impl BlockRing {
             if c.seq.load(Ordering::Relaxed) == pos - idx {
                 c.block.store(0, Ordering::Relaxed);
                 c.cookie.store(0, Ordering::Relaxed);
+                // Release: pairs with the Acquire load of `seq` in `pop_done`: block and cookie (zero) are visible.
                 c.seq.store(pos - idx + 1, Ordering::Release);
             }
         }
@@ -575,6 +576,7 @@ fn steal_blocks(slot: usize, tag: Option<usize>, older: Option<u32>) {
                     if tag.is_none_or(|t| t == hdr.domain) {
                         queue_block(b, Flavor::of_tag(slot, hdr.domain));
                     } else {
+                        // Release: pairs with the Acquire loads of the slot in `retire_in_block` and `wanted`: put back.
                         st.block.store(b, Ordering::Release); // another domain's: put it back
                     }
                 }
@@ -600,6 +602,8 @@ pub(crate) fn drain_shard(s: &Shard) {
         if slot.lock.try_lock() != TryLock::Locked {
             continue;
         }
+        // AcqRel: Acquire pairs with the owner's Release store of the block (its header is visible); we hold
+        // the slot's lock, so nobody else takes it.
         let b = slot.block.swap(0, Ordering::AcqRel);
         slot.lock.unlock();
         if b != 0 {

@@ -335,6 +335,7 @@ pub(crate) fn wait_for_cookie(d: &dyn Domain, cookie: u64) {
     core.request(cookie);
     let mut backoff = Backoff::new();
     while !core.seq.done(cookie) {
+        // Acquire: pairs with the Release increment in `GpSeq::end`.
         let seen = core.seq.ends_word().load(Ordering::Acquire);
         match core.try_drive(|| d.step()) {
             Some(Step::Progress) => backoff.reset(),

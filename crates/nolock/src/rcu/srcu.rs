@@ -127,6 +127,7 @@ pub(crate) fn for_each_live(mut f: impl FnMut(&'static SrcuState)) {
         if s.live.load(Ordering::Acquire) == STATE_LIVE {
             f(s);
         }
+        // Acquire: pairs with the Release CAS that published the next state in `get_state`.
         p = s.next.load(Ordering::Acquire);
     }
 }
@@ -141,6 +142,7 @@ fn get_state(implies_rcu: bool) -> Option<&'static SrcuState> {
             s.implies_rcu.store(u32::from(implies_rcu), Ordering::Release);
             return Some(s);
         }
+        // Acquire: as in `for_each_state`.
         p = s.next.load(Ordering::Acquire);
     }
     let fresh = STATIC_USED.fetch_add(1, Ordering::Relaxed) as usize;
@@ -356,6 +358,7 @@ impl SrcuFast {
 
     #[inline(always)]
     pub(crate) fn state(&self) -> &'static SrcuState {
+        // Acquire: pairs with the AcqRel CAS in `init_state` that published the state.
         let p = self.state.load(Ordering::Acquire);
         if !p.is_null() {
             // SAFETY: states are never unmapped; `p` was published by `init_state`.
@@ -526,6 +529,7 @@ impl Drop for SrcuFast {
         while st.core.try_drive(|| Step::Idle).is_none() {
             backoff.wait();
         }
+        // Release: pairs with the AcqRel CAS in `get_state` of whoever reuses the state: our last use happens before.
         st.live.store(STATE_FREE, Ordering::Release);
     }
 }

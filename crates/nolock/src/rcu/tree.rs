@@ -216,6 +216,8 @@ impl Domain for RcuDomain {
                 if self.old_readers() {
                     return Step::Waiting;
                 }
+                // Flip fences (as in liburcu): the scan above completes before the flip, and the flip before the scan of
+                // WAIT2, so a reader that read the old phase and stores it after the flip is seen by the next scan.
                 fence(Ordering::SeqCst);
                 self.gp_ctr.flip();
                 fence(Ordering::SeqCst);

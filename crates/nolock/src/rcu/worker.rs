@@ -126,6 +126,7 @@ fn run() {
     let mut last_progress = 0u64;
     let mut last_sweep = std::time::Instant::now();
     loop {
+        // Acquire: pairs with the AcqRel CAS in `start_once`; a worker from before a fork sees another pid and stops.
         if RUNNING_PID.load(Ordering::Acquire) != crate::sys::getpid() {
             return;
         }

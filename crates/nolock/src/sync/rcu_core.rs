@@ -188,6 +188,7 @@ where
     while old_readers(gp, readers()) {
         wait();
     }
+    // Flip fences: scans before the flip, flip before the next scans (see `rcu::tree`).
     super::atomic::fence(Ordering::SeqCst);
     gp.flip();
     super::atomic::fence(Ordering::SeqCst);
