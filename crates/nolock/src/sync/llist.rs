@@ -15,22 +15,14 @@ pub struct Llist {
 }
 
 impl Llist {
-    /// An empty list.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
-    #[cfg(not(loom))]
-    pub const fn new() -> Self {
-        Self { head: AtomicUsize::new(0) }
-    }
-
-    /// An empty list.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
-    #[cfg(loom)]
-    pub fn new() -> Self {
-        Self { head: AtomicUsize::new(0) }
+    super::loom_const_fn! {
+        /// An empty list.
+        ///
+        /// # Context
+        /// Any context (a plain computation or one load).
+        pub fn new() -> Self {
+            Self { head: AtomicUsize::new(0) }
+        }
     }
 
     /// Whether the list looks empty right now (a hint: another context may push at any moment).

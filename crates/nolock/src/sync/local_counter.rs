@@ -24,22 +24,14 @@ use super::atomic::{AtomicU64, Ordering};
 pub struct LocalCounter(AtomicU64);
 
 impl LocalCounter {
-    /// A counter starting at zero.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
-    #[cfg(not(loom))]
-    pub const fn new() -> Self {
-        Self(AtomicU64::new(0))
-    }
-
-    /// A counter starting at zero.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
-    #[cfg(loom)]
-    pub fn new() -> Self {
-        Self(AtomicU64::new(0))
+    super::loom_const_fn! {
+        /// A counter starting at zero.
+        ///
+        /// # Context
+        /// Any context (a plain computation or one load).
+        pub fn new() -> Self {
+            Self(AtomicU64::new(0))
+        }
     }
 
     /// Add one. Only the owning thread and its signal handlers may call this.

@@ -44,22 +44,14 @@ pub enum TryLock {
 }
 
 impl LocalTryLock {
-    /// An unlocked, unclaimed flag pair.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
-    #[cfg(not(loom))]
-    pub const fn new() -> Self {
-        Self { busy: AtomicU8::new(0), claimed: AtomicU8::new(0) }
-    }
-
-    /// An unlocked, unclaimed flag pair.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
-    #[cfg(loom)]
-    pub fn new() -> Self {
-        Self { busy: AtomicU8::new(0), claimed: AtomicU8::new(0) }
+    super::loom_const_fn! {
+        /// An unlocked, unclaimed flag pair.
+        ///
+        /// # Context
+        /// Any context (a plain computation or one load).
+        pub fn new() -> Self {
+            Self { busy: AtomicU8::new(0), claimed: AtomicU8::new(0) }
+        }
     }
 
     /// Owner: take the lock if no nested-over context holds it and nobody claimed the state.
@@ -141,16 +133,13 @@ impl LocalTryLock {
             if patience == 0 {
                 #[cfg(not(loom))]
                 if start.elapsed() < std::time::Duration::from_secs(1) {
-                    std::thread::yield_now();
+                    super::thread::yield_now();
                     continue;
                 }
                 return false;
             }
             patience -= 1;
-            #[cfg(not(loom))]
-            std::thread::yield_now();
-            #[cfg(loom)]
-            loom::thread::yield_now();
+            super::thread::yield_now();
         }
         true
     }

@@ -22,6 +22,30 @@
 //! Under `--cfg loom` only this module is compiled, with loom's atomics, so the loom models in `tests/loom.rs`
 //! exercise exactly the code the allocator runs.
 
+/// Define a constructor that is a `const fn` normally and a plain `fn` under `--cfg loom` (loom's atomics
+/// cannot be built in a constant): one body for both, instead of a `#[cfg(loom)]` twin.
+macro_rules! loom_const_fn {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        #[cfg(not(loom))]
+        $vis const fn $name($($arg: $ty),*) -> $ret $body
+
+        $(#[$m])*
+        #[cfg(loom)]
+        $vis fn $name($($arg: $ty),*) -> $ret $body
+    };
+}
+pub(crate) use loom_const_fn;
+
+pub mod thread {
+    //! `std::thread::yield_now`, or loom's (a scheduling point of the model) under `--cfg loom`.
+    #[cfg(not(loom))]
+    pub use std::thread::yield_now;
+
+    #[cfg(loom)]
+    pub use loom::thread::yield_now;
+}
+
 pub mod atomic {
     //! `core::sync::atomic`, or loom's checked atomics under `--cfg loom`.
     #[cfg(not(loom))]

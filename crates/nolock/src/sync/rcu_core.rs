@@ -21,22 +21,14 @@ const PHASE: u64 = 1 << 32;
 pub struct RcuGpCtr(AtomicU64);
 
 impl RcuGpCtr {
-    /// Phase 0, count 1.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
-    #[cfg(not(loom))]
-    pub const fn new() -> Self {
-        Self(AtomicU64::new(1))
-    }
-
-    /// Phase 0, count 1.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
-    #[cfg(loom)]
-    pub fn new() -> Self {
-        Self(AtomicU64::new(1))
+    super::loom_const_fn! {
+        /// Phase 0, count 1.
+        ///
+        /// # Context
+        /// Any context (a plain computation or one load).
+        pub fn new() -> Self {
+            Self(AtomicU64::new(1))
+        }
     }
 
     /// Switch the phase new readers take.
@@ -85,22 +77,14 @@ impl Default for RcuGpCtr {
 pub struct RcuReaderWord(AtomicU64);
 
 impl RcuReaderWord {
-    /// Outside any section.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
-    #[cfg(not(loom))]
-    pub const fn new() -> Self {
-        Self(AtomicU64::new(0))
-    }
-
-    /// Outside any section.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
-    #[cfg(loom)]
-    pub fn new() -> Self {
-        Self(AtomicU64::new(0))
+    super::loom_const_fn! {
+        /// Outside any section.
+        ///
+        /// # Context
+        /// Any context (a plain computation or one load).
+        pub fn new() -> Self {
+            Self(AtomicU64::new(0))
+        }
     }
 
     /// Enter a section (owning thread). Returns the word's new value; it is outermost when its nesting is 1.

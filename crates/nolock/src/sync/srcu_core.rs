@@ -22,22 +22,14 @@ pub struct SrcuReader {
 }
 
 impl SrcuReader {
-    /// Counters at zero.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
-    #[cfg(loom)]
-    pub fn new() -> Self {
-        Self { lock: [LocalCounter::new(), LocalCounter::new()], unlock: [LocalCounter::new(), LocalCounter::new()] }
-    }
-
-    /// Counters at zero.
-    ///
-    /// # Context
-    /// Any context (a plain computation).
-    #[cfg(not(loom))]
-    pub const fn new() -> Self {
-        Self { lock: [LocalCounter::new(), LocalCounter::new()], unlock: [LocalCounter::new(), LocalCounter::new()] }
+    super::loom_const_fn! {
+        /// Counters at zero.
+        ///
+        /// # Context
+        /// Any context (a plain computation).
+        pub fn new() -> Self {
+            Self { lock: [LocalCounter::new(), LocalCounter::new()], unlock: [LocalCounter::new(), LocalCounter::new()] }
+        }
     }
 
     /// Enter on index `idx` (owning thread only).
@@ -129,22 +121,14 @@ impl SrcuReader {
 pub struct SrcuIndex(AtomicU64);
 
 impl SrcuIndex {
-    /// Index 0.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
-    #[cfg(loom)]
-    pub fn new() -> Self {
-        Self(AtomicU64::new(0))
-    }
-
-    /// Index 0.
-    ///
-    /// # Context
-    /// Any context (a plain computation).
-    #[cfg(not(loom))]
-    pub const fn new() -> Self {
-        Self(AtomicU64::new(0))
+    super::loom_const_fn! {
+        /// Index 0.
+        ///
+        /// # Context
+        /// Any context (a plain computation).
+        pub fn new() -> Self {
+            Self(AtomicU64::new(0))
+        }
     }
 
     /// The index a new reader uses.

@@ -35,22 +35,14 @@ fn next_tag(word: u64) -> u64 {
 }
 
 impl TaggedStack {
-    /// An empty stack.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
-    #[cfg(not(loom))]
-    pub const fn new() -> Self {
-        Self { head: AtomicU64::new(0) }
-    }
-
-    /// An empty stack.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
-    #[cfg(loom)]
-    pub fn new() -> Self {
-        Self { head: AtomicU64::new(0) }
+    super::loom_const_fn! {
+        /// An empty stack.
+        ///
+        /// # Context
+        /// Any context (a plain computation or one load).
+        pub fn new() -> Self {
+            Self { head: AtomicU64::new(0) }
+        }
     }
 
     /// Whether the stack looks empty right now.
