@@ -74,6 +74,7 @@ pub(crate) mod desc;
 use core::ptr::NonNull;
 
 use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use crate::sync::page_bitmap;
 use crate::sys::{PAGE_SHIFT, PAGE_SIZE};
 use core::sync::atomic::{AtomicBool, AtomicI32};
 use desc::{Info, Kind, PageDesc};
@@ -569,21 +570,14 @@ impl PageAllocator {
         }
     }
 
-    /// Word `w` became full: clear its summary bit, then re-check (see the module docs).
+    /// Word `w` became full: clear its summary bit, then re-check (`sync::page_bitmap`, loom-checked).
     fn note_full(&self, w: usize) {
-        let bit = 1u64 << (w % 64);
-        let s = self.summary_word(w / 64);
-        // AcqRel: pairs with the AcqRel `fetch_or` in `note_free`; whichever is second sees the other's word.
-        s.fetch_and(!bit, Ordering::AcqRel);
-        if self.word(self.alloc, w).load(Ordering::Acquire) != !0 {
-            s.fetch_or(bit, Ordering::AcqRel);
-        }
+        page_bitmap::note_full(self.summary_word(w / 64), 1u64 << (w % 64), self.word(self.alloc, w));
     }
 
-    /// Pages of word `w` were freed: set its summary bit.
+    /// Pages of word `w` were freed: set its summary bit (`sync::page_bitmap`).
     fn note_free(&self, w: usize) {
-        // AcqRel: pairs with `note_full`.
-        self.summary_word(w / 64).fetch_or(1u64 << (w % 64), Ordering::AcqRel);
+        page_bitmap::note_free(self.summary_word(w / 64), 1u64 << (w % 64));
     }
 
     /// Extend the active region from `seen` words by at least `words`; false when the arena is fully active

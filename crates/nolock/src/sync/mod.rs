@@ -15,6 +15,7 @@
 //!   the same thread cannot lose them (SRCU lock/unlock counts, queue counts).
 //! - [`local_lock`]: the per-thread busy flag that signal handlers respect (`local_trylock_t`), with a claim
 //!   protocol for other threads.
+//! - [`page_bitmap`]: the summary-bit protocol of the page allocator's bitmap.
 //! - [`rcu_core`], [`srcu_core`]: the reader words/counters and grace-period scans of RCU and SRCU-fast.
 //! - [`slab_freelist`]: the state word of one slab: free-object list head (as an index), in-use count and flags,
 //!   changed together by one 64-bit CAS. This replaces SLUB's `cmpxchg_double` on (freelist, counters).
@@ -57,6 +58,7 @@ pub mod atomic {
 pub mod llist;
 pub mod local_counter;
 pub mod local_lock;
+pub mod page_bitmap;
 pub mod rcu_core;
 pub mod slab_freelist;
 pub mod srcu_core;
