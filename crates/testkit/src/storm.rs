@@ -9,7 +9,8 @@
 
 use core::ffi::{c_int, c_void};
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::signal::{Handler, SavedActions, block_signals};
@@ -43,8 +44,9 @@ pub fn nominal_interval_ns(rate: u64, threads: usize) -> Option<u64> {
 #[derive(Default)]
 pub struct StormSlot {
     /// The thread's two timers (`timer_t` as an address; 0: none), published by [`start`](Self::start) and
-    /// withdrawn by the drop of [`StormTimers`] before the timers are deleted.
-    timers: [AtomicUsize; 2],
+    /// withdrawn by the drop of [`StormTimers`], which deletes them under the lock: the controller re-arms
+    /// them under it too, so it never re-arms a deleted timer. (A mutex: both sides run in normal context.)
+    timers: Mutex<[usize; 2]>,
     /// Current period of each timer.
     interval_ns: AtomicU64,
     /// Handler runs counted by [`count`](Self::count).
@@ -75,11 +77,11 @@ impl StormSlot {
             timers.push(ThreadTimer::try_new(tid, sig, value, first, Duration::from_nanos(interval_ns))?);
         }
         self.interval_ns.store(interval_ns, Ordering::Relaxed);
-        for (slot, t) in self.timers.iter().zip(&timers) {
-            // Relaxed: the controller reads it on another thread only after a barrier the caller passes
-            // after this call (the scenarios' start barrier), which orders it.
-            slot.store(t.id() as usize, Ordering::Relaxed);
+        let mut published = self.timers.lock().unwrap_or_else(|e| e.into_inner());
+        for (slot, t) in published.iter_mut().zip(&timers) {
+            *slot = t.id() as usize;
         }
+        drop(published);
         Ok(StormTimers { slot: self, timers })
     }
 
@@ -118,9 +120,10 @@ impl AsRef<StormSlot> for StormSlot {
     }
 }
 
-/// A thread's running storm, from [`StormSlot::start`]. Dropping it (on the storm's thread) withdraws the
-/// timers from the controller, blocks both storm signals in the thread (pending ones die with it: the thread
-/// is expected to exit soon) and deletes the timers; no handler of the storm runs on the thread afterwards.
+/// A thread's running storm, from [`StormSlot::start`]. Dropping it (on the storm's thread) blocks both storm
+/// signals in the thread (pending ones die with it: the thread is expected to exit soon), withdraws the timers
+/// from the controller and deletes them; no handler of the storm runs on the thread afterwards. The drop
+/// waits while the controller re-arms the timers.
 pub struct StormTimers<'a> {
     slot: &'a StormSlot,
     timers: Vec<ThreadTimer>,
@@ -128,10 +131,9 @@ pub struct StormTimers<'a> {
 
 impl Drop for StormTimers<'_> {
     fn drop(&mut self) {
-        for t in &self.slot.timers {
-            t.store(0, Ordering::Relaxed);
-        }
         block_signals(&storm_signals(), true);
+        let mut published = self.slot.timers.lock().unwrap_or_else(|e| e.into_inner());
+        *published = [0; 2];
         self.timers.clear();
     }
 }
@@ -159,9 +161,8 @@ impl Storm {
     /// Re-tune after `dt_s` seconds.
     ///
     /// # Context
-    /// Normal context, on a thread other than the storm's: `timer_settime` system calls. The caller
-    /// guarantees that every published timer stays alive during the call: the threads drop their
-    /// [`StormTimers`] only after the caller's last `adjust` (the scenarios' stop flag orders both).
+    /// Normal context, on a thread other than the storms': `timer_settime` system calls, under each slot's
+    /// lock (a thread stopping its storm waits for it).
     pub fn adjust<T: AsRef<StormSlot>>(&mut self, threads: &[T], dt_s: f64) {
         for (w, last) in threads.iter().map(AsRef::as_ref).zip(self.last.iter_mut()) {
             let cur = w.signals();
@@ -178,12 +179,12 @@ impl Storm {
                 continue;
             }
             w.interval_ns.store(new, Ordering::Relaxed);
-            for (i, slot) in w.timers.iter().enumerate() {
-                let t = slot.load(Ordering::Relaxed);
+            let published = w.timers.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, &t) in published.iter().enumerate() {
                 if t != 0 {
                     let first = Duration::from_nanos(new + new * i as u64 / 2);
-                    // SAFETY: a published timer is alive until its thread withdraws it, which the caller
-                    // guarantees happens only after this call (see above).
+                    // SAFETY: a published timer is alive while its slot's lock is held: `StormTimers`
+                    // withdraws it under the lock before deleting it.
                     let _ = unsafe { arm_id(t as libc::timer_t, first, Duration::from_nanos(new)) };
                 }
             }
