@@ -20,11 +20,17 @@ pub struct Rng(u64);
 
 impl Rng {
     /// A generator for `seed` (any value, 0 included).
+    ///
+    /// # Context
+    /// Any context, signal handlers included.
     pub fn new(seed: u64) -> Self {
         Self(splitmix64(seed) | 1)
     }
 
     /// The next 64 random bits.
+    ///
+    /// # Context
+    /// Any context, signal handlers included.
     #[inline]
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;

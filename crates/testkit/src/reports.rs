@@ -12,11 +12,17 @@ pub struct ReportCounter(u64);
 
 impl ReportCounter {
     /// Start counting now.
+    ///
+    /// # Context
+    /// Any context.
     pub fn start() -> Self {
         Self(nolock::debug::reports())
     }
 
     /// Reports made since [`start`](Self::start).
+    ///
+    /// # Context
+    /// Any context.
     pub fn count(&self) -> u64 {
         nolock::debug::reports().wrapping_sub(self.0)
     }
@@ -44,17 +50,26 @@ pub struct NoReports {
 
 impl NoReports {
     /// Start counting (waits while a test that expects reports runs).
+    ///
+    /// # Context
+    /// Normal context: may block on the gate.
     pub fn new() -> Self {
         let gate = REPORT_GATE.read().unwrap_or_else(|e| e.into_inner());
         Self { counter: ReportCounter::start(), _gate: gate }
     }
 
     /// Reports made since [`new`](Self::new).
+    ///
+    /// # Context
+    /// Any context.
     pub fn count(&self) -> u64 {
         self.counter.count()
     }
 
     /// Panic if nolock reported anything so far.
+    ///
+    /// # Context
+    /// Normal context: panics (allocates its message) on a report.
     #[track_caller]
     pub fn check(&self, when: &str) {
         let n = self.count();

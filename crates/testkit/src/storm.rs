@@ -18,6 +18,9 @@ use crate::sys::{ErrnoGuard, gettid};
 use crate::timer::{ThreadTimer, arm_id};
 
 /// The two storm signals. Neither is blocked while the other's handler runs, so handlers nest.
+///
+/// # Context
+/// Any context: reads glibc's real-time signal range (no system call).
 pub fn storm_signals() -> [c_int; 2] {
     [libc::SIGRTMIN(), libc::SIGRTMIN() + 1]
 }
@@ -36,6 +39,9 @@ pub const MIN_INTERVAL_NS: u64 = 20_000;
 
 /// The nominal period of each of a thread's two timers for `rate` signals per second over `threads` threads
 /// (`None` for a rate of 0: no storm).
+///
+/// # Context
+/// Any context: arithmetic only.
 pub fn nominal_interval_ns(rate: u64, threads: usize) -> Option<u64> {
     (rate > 0).then(|| (2 * threads as u64 * 1_000_000_000 / rate).max(MIN_INTERVAL_NS))
 }
@@ -57,6 +63,9 @@ pub struct StormSlot {
 
 impl StormSlot {
     /// An idle slot.
+    ///
+    /// # Context
+    /// Any context (no system call, no allocation).
     pub fn new() -> Self {
         Self::default()
     }
@@ -99,16 +108,25 @@ impl StormSlot {
     }
 
     /// Handler runs counted so far.
+    ///
+    /// # Context
+    /// Any context: one relaxed load.
     pub fn signals(&self) -> u64 {
         self.signals.load(Ordering::Relaxed)
     }
 
     /// Timer overruns counted so far (expirations merged into a signal that was still pending).
+    ///
+    /// # Context
+    /// Any context: one relaxed load.
     pub fn overruns(&self) -> u64 {
         self.overruns.load(Ordering::Relaxed)
     }
 
     /// Current period of each of the thread's timers (0: never started).
+    ///
+    /// # Context
+    /// Any context: one relaxed load.
     pub fn interval_ns(&self) -> u64 {
         self.interval_ns.load(Ordering::Relaxed)
     }
@@ -150,6 +168,9 @@ pub struct Storm {
 
 impl Storm {
     /// A controller for `rate` signals per second over `threads` threads, starting at `nominal_ns`.
+    ///
+    /// # Context
+    /// Normal context: allocates.
     pub fn new(rate: u64, threads: usize, nominal_ns: u64) -> Self {
         Self {
             per_thread: rate as f64 / threads.max(1) as f64,
@@ -192,6 +213,9 @@ impl Storm {
     }
 
     /// Mean timer period over the threads.
+    ///
+    /// # Context
+    /// Any context: relaxed loads.
     pub fn mean_interval_ns<T: AsRef<StormSlot>>(threads: &[T]) -> u64 {
         let sum: u64 = threads.iter().map(|w| w.as_ref().interval_ns()).sum();
         sum / threads.len().max(1) as u64

@@ -19,6 +19,9 @@ pub struct ThreadTimer {
 unsafe impl Send for ThreadTimer {}
 
 /// `d` as a `timespec`.
+///
+/// # Context
+/// Any context: arithmetic only.
 pub fn timespec(d: Duration) -> libc::timespec {
     libc::timespec { tv_sec: d.as_secs() as libc::time_t, tv_nsec: d.subsec_nanos() as libc::c_long }
 }
@@ -96,6 +99,9 @@ impl ThreadTimer {
     }
 
     /// The timer's id, for [`arm_id`] from another thread while the timer is alive.
+    ///
+    /// # Context
+    /// Any context.
     pub fn id(&self) -> libc::timer_t {
         self.id
     }
