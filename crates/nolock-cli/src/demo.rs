@@ -8,7 +8,7 @@
 //! one. Every handler allocates objects of random classes, writes and verifies a pattern, frees some at once,
 //! parks some for later handlers or for the thread, and frees an object the thread left for it. A periodic
 //! timer whose signal is still pending loses its next expiries (overruns), so the main thread re-tunes the
-//! timers' period every 100 ms until the *delivered* rate meets `--rate` (see [`Storm`]).
+//! timers' period every 100 ms until the *delivered* rate meets `--rate` (see [`testkit::storm::Storm`]).
 //!
 //! Handlers touch only atomics and nolock: no locks, no `std` allocation, no printing, no panicking paths that
 //! can trigger. Objects travel between threads and between a thread and its handlers through `AtomicPtr`
@@ -23,35 +23,27 @@
 //! reservation, e.g. under `ulimit -v`: the demo does not start), no successful allocation, a worker thread or
 //! the signal handlers without one, more than 1% of the attempts failing for lack of memory (the arena is too
 //! small for the demo), or any report nolock printed during the run (a refused free, a debug-mode finding).
+//!
+//! The run itself (threads, storm, progress, table, verdict) is the shared runner of [`crate::scenario`]; this
+//! file holds what is the demo's own: the objects, the threads' and handlers' work, and its checks.
 
 use core::alloc::Layout;
-use core::ffi::{c_int, c_void};
 use core::ptr::{self, NonNull};
 use std::process::ExitCode;
-use std::sync::Barrier;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use nolock::{Gfp, kfree_nolock, kmalloc_layout_nolock, kmalloc_nolock};
+use testkit::Rng;
 
 use crate::fmt::{bytes, count, rate};
-use crate::sig::{
-    Storm, Timed, install_handler, nominal_interval_ns, restore_handler, start_thread_timers, stop_thread_timers,
-};
+use crate::scenario::{Report, Run, RunArgs, Scenario, Slot, Thread};
 
-/// What the user asked for.
-pub struct DemoArgs {
-    /// Worker threads.
-    pub threads: usize,
-    /// Duration of the storm.
-    pub seconds: f64,
-    /// Timer signals per second over all threads (0: none).
-    pub rate: u64,
-    /// Show a progress bar.
-    pub progress: bool,
-    /// Testing the checker: free one foreign pointer (nolock refuses and reports it; the run must fail).
-    pub inject_bad_free: bool,
+/// Run the demo and print its table; failure exit code on a spurious failure, corruption, a nolock report,
+/// or a run that could not exercise the allocator (no arena, too few successful allocations).
+/// `inject_bad_free` tests the checker: one foreign pointer is freed (nolock refuses and reports it; the run
+/// must fail).
+pub fn run(args: &RunArgs, inject_bad_free: bool) -> ExitCode {
+    crate::scenario::run(Demo { inject_bad_free, ..Demo::default() }, args)
 }
 
 /// Requested sizes; the index is the object's size code. The first `N_SMALL` are served by the kmalloc slab
@@ -87,8 +79,6 @@ struct Worker {
     t_live: AtomicI64,
     // Written by this thread's signal handlers: atomic RMWs, because the second signal's handler can
     // interrupt the first one between a load and a store.
-    h_signals: AtomicU64,
-    h_overruns: AtomicU64,
     h_allocs: AtomicU64,
     h_frees: AtomicU64,
     h_cross: AtomicU64,
@@ -102,11 +92,6 @@ struct Worker {
     stash: [AtomicPtr<u8>; SLOTS],
     /// Other workers drop objects here; this worker frees them.
     mailbox: [AtomicPtr<u8>; MAILBOX],
-    /// This thread's two timers (`timer_t` as an address; 0: none), published before the start barrier and
-    /// deleted by the thread only after `STOP`, so the main thread may re-tune them until it sets `STOP`.
-    timers: [AtomicUsize; 2],
-    /// Current period of each timer.
-    interval_ns: AtomicU64,
 }
 
 impl Worker {
@@ -117,8 +102,6 @@ impl Worker {
             t_frees: AtomicU64::new(0),
             t_cross: AtomicU64::new(0),
             t_live: AtomicI64::new(0),
-            h_signals: AtomicU64::new(0),
-            h_overruns: AtomicU64::new(0),
             h_allocs: AtomicU64::new(0),
             h_frees: AtomicU64::new(0),
             h_cross: AtomicU64::new(0),
@@ -128,17 +111,14 @@ impl Worker {
             from_handler: std::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
             stash: std::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
             mailbox: std::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
-            timers: [AtomicUsize::new(0), AtomicUsize::new(0)],
-            interval_ns: AtomicU64::new(0),
         }
     }
 }
 
 // Process-wide state read by handlers (statics: no allocation, no lazy initialisation).
-static WORKERS: AtomicPtr<Worker> = AtomicPtr::new(ptr::null_mut());
+static WORKERS: AtomicPtr<Slot<Worker>> = AtomicPtr::new(ptr::null_mut());
 static NWORKERS: AtomicUsize = AtomicUsize::new(0);
 static ARENA_BYTES: AtomicU64 = AtomicU64::new(0);
-static STOP: AtomicBool = AtomicBool::new(false);
 
 // Problems (rare: plain global RMW counters).
 static SPURIOUS_THREAD: AtomicU64 = AtomicU64::new(0);
@@ -153,32 +133,6 @@ static FIRST_SPURIOUS: AtomicU64 = AtomicU64::new(0);
 /// First natural-alignment miss: `size << 32 | address % size`, plus one (0: none yet).
 static FIRST_NATURAL_MISS: AtomicU64 = AtomicU64::new(0);
 
-/// xorshift64*: a tiny generator with no state outside the caller's stack (async-signal-safe).
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    pub(crate) fn new(seed: u64) -> Self {
-        Self(splitmix(seed) | 1)
-    }
-
-    #[inline]
-    pub(crate) fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 fn make_tag(code: usize, origin: usize, in_handler: bool, seq: u64) -> u64 {
     (MAGIC << 56)
         | ((code as u64 & 0xff) << 48)
@@ -187,60 +141,21 @@ fn make_tag(code: usize, origin: usize, in_handler: bool, seq: u64) -> u64 {
         | (seq & ((1 << 40) - 1))
 }
 
-#[inline]
-fn pattern(tag: u64, i: usize) -> u64 {
-    tag ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
-/// Write the object's tag and pattern.
+/// Check an object's tag and the stamp derived from it (`testkit::fill`); `Some((size, allocating worker))`
+/// when intact.
 ///
 /// # Safety
-/// `p` points to at least `size` writable bytes, 8-aligned.
-unsafe fn fill(p: *mut u8, size: usize, tag: u64) {
-    let words = p as *mut u64;
-    for i in 0..size / 8 {
-        // SAFETY: i * 8 + 8 <= size, inside the object (caller).
-        unsafe { words.add(i).write(pattern(tag, i)) };
-    }
-    for j in size / 8 * 8..size {
-        // SAFETY: j < size, inside the object (caller).
-        unsafe { p.add(j).write(tag as u8 ^ j as u8) };
-    }
-}
-
-/// Check the tag and pattern; `Some((size, allocating worker))` when intact.
-///
-/// # Safety
-/// `p` points to a live object of this demo (at least 8 readable bytes; the tag gives the rest).
+/// `p` points to a live object of this demo (at least 8 readable bytes, 8-aligned; the tag gives the rest).
 unsafe fn check(p: *const u8) -> Option<(usize, usize)> {
-    let words = p as *const u64;
     // SAFETY: every object is at least 8 bytes, 8-aligned (caller).
-    let tag = unsafe { words.read() };
+    let tag = unsafe { p.cast::<u64>().read_volatile() };
     if tag >> 56 != MAGIC {
         return None;
     }
     let size = *SIZES.get(((tag >> 48) & 0xff) as usize)?;
-    for i in 1..size / 8 {
-        // SAFETY: the tag's size code is intact, so the object has `size` bytes.
-        if unsafe { words.add(i).read() } != pattern(tag, i) {
-            return None;
-        }
-    }
-    for j in size / 8 * 8..size {
-        // SAFETY: as above.
-        if unsafe { p.add(j).read() } != tag as u8 ^ j as u8 {
-            return None;
-        }
-    }
+    // SAFETY: the tag's size code is intact, so the object has `size` bytes.
+    unsafe { testkit::check(p, size, Some(tag), u64::MAX) }.ok()?;
     Some((size, ((tag >> 41) & 0x7f) as usize))
-}
-
-/// # Safety
-/// `p` points to at least `size` readable bytes.
-unsafe fn all_zero(p: *const u8, size: usize) -> bool {
-    // SAFETY: forwarded from the caller.
-    let s = unsafe { core::slice::from_raw_parts(p, size) };
-    s.iter().all(|&b| b == 0)
 }
 
 /// Bytes the demo holds right now, over all workers and handlers.
@@ -248,7 +163,7 @@ fn live_bytes() -> i64 {
     let (w, n) = (WORKERS.load(Ordering::Acquire), NWORKERS.load(Ordering::Acquire));
     let mut sum = 0i64;
     for i in 0..n {
-        // SAFETY: WORKERS points to `n` workers for as long as any thread or handler runs (see `run`).
+        // SAFETY: WORKERS points to `n` workers from `prepare` until `finish`, while threads and handlers run.
         let w = unsafe { &*w.add(i) };
         sum = sum.wrapping_add(w.t_live.load(Ordering::Relaxed));
         sum = sum.wrapping_add(w.h_live.load(Ordering::Relaxed));
@@ -339,11 +254,11 @@ fn alloc_obj(r: u64, origin: usize, in_handler: bool, seq: u64, large_one_in: u6
         );
     }
     // SAFETY: a fresh object of at least `size` bytes.
-    if zero && !unsafe { all_zero(p.as_ptr(), size) } {
+    if zero && !unsafe { testkit::is_zeroed(p.as_ptr(), size) } {
         NOT_ZEROED.fetch_add(1, Ordering::Relaxed);
     }
     // SAFETY: as above; every class is at least 8-aligned.
-    unsafe { fill(p.as_ptr(), size, make_tag(code, origin, in_handler, seq)) };
+    unsafe { testkit::fill(p.as_ptr(), size, make_tag(code, origin, in_handler, seq)) };
     Some((p, size))
 }
 
@@ -370,71 +285,8 @@ unsafe fn check_and_free(p: *mut u8, me: usize) -> Option<(usize, bool)> {
     }
 }
 
-/// The signal handler: runs on a worker thread, possibly in the middle of a nolock call, possibly inside the
-/// other signal's handler. Atomics and nolock only.
-extern "C" fn on_signal(_sig: c_int, info: *mut libc::siginfo_t, _ctx: *mut c_void) {
-    // SAFETY: our timers carry this thread's Worker, which outlives them (`run`).
-    unsafe { crate::sig::dispatch_timer_signal::<Worker>(info, handler_work) };
-}
-
-fn handler_work(w: &Worker, overrun: c_int) {
-    // Once the run is over, return at once: a thread whose handlers take longer than the timer period (a slow
-    // debug or sanitizer build) must still get back to its loop to see `STOP` and delete its timers.
-    if STOP.load(Ordering::Relaxed) {
-        return;
-    }
-    w.h_signals.fetch_add(1, Ordering::Relaxed);
-    if overrun > 0 {
-        w.h_overruns.fetch_add(overrun as u64, Ordering::Relaxed);
-    }
-    let seq = w.h_seq.fetch_add(1, Ordering::Relaxed);
-    let mut rng = Rng::new(seq ^ ((w.id as u64) << 56));
-    let mut t = Tally::default();
-    // An object the thread left for us: often of the class the thread is busy with right now.
-    let r = rng.next();
-    let q = w.to_handler[(r % SLOTS as u64) as usize].swap(ptr::null_mut(), Ordering::AcqRel);
-    if !q.is_null() {
-        t.free(q, w.id);
-    }
-    for k in 0..3u64 {
-        let r = rng.next();
-        let Some((p, size)) = alloc_obj(r, w.id, true, seq.wrapping_mul(4) + k, 8) else {
-            continue;
-        };
-        t.allocs += 1;
-        t.live += size as i64;
-        let slot = ((r >> 16) % SLOTS as u64) as usize;
-        // Free at once, keep for a later handler, or hand over to the thread.
-        let old = match k {
-            0 => p.as_ptr(),
-            1 => w.stash[slot].swap(p.as_ptr(), Ordering::AcqRel),
-            _ => w.from_handler[slot].swap(p.as_ptr(), Ordering::AcqRel),
-        };
-        if !old.is_null() {
-            t.free(old, w.id);
-        }
-    }
-    w.h_allocs.fetch_add(t.allocs, Ordering::Relaxed);
-    w.h_frees.fetch_add(t.frees, Ordering::Relaxed);
-    w.h_cross.fetch_add(t.cross, Ordering::Relaxed);
-    w.h_live.fetch_add(t.live, Ordering::Relaxed);
-}
-
-impl Timed for Worker {
-    fn signals(&self) -> u64 {
-        self.h_signals.load(Ordering::Relaxed)
-    }
-
-    fn timers(&self) -> &[AtomicUsize; 2] {
-        &self.timers
-    }
-
-    fn interval_ns(&self) -> &AtomicU64 {
-        &self.interval_ns
-    }
-}
-
-/// Tallies of one worker thread, published to its `Worker` with plain stores.
+/// Tallies of one worker thread (or one handler run), published to its `Worker` with plain stores (by the
+/// thread) or RMWs (by a handler).
 #[derive(Default)]
 struct Tally {
     allocs: u64,
@@ -461,74 +313,6 @@ impl Tally {
     }
 }
 
-fn worker_main(w: &Worker, all: &[Worker], interval_ns: Option<u64>, start: &Barrier) -> std::io::Result<()> {
-    let timers = match interval_ns {
-        Some(ns) => start_thread_timers(w, w as *const Worker as *mut c_void, ns),
-        None => Ok(Vec::new()),
-    };
-    start.wait();
-    let timers = timers?;
-    let n = all.len();
-    let mut rng = Rng::new(w.id as u64 + 1);
-    let mut ring = [ptr::null_mut::<u8>(); RING];
-    let mut t = Tally::default();
-    let mut seq = 0u64;
-    while !STOP.load(Ordering::Relaxed) {
-        for _ in 0..64 {
-            let r = rng.next();
-            seq += 1;
-            if let Some((p, size)) = alloc_obj(r, w.id, false, seq, 64) {
-                t.allocs += 1;
-                t.live += size as i64;
-                let old = core::mem::replace(&mut ring[((r >> 20) % RING as u64) as usize], p.as_ptr());
-                if !old.is_null() {
-                    let slot = (r >> 32) as usize;
-                    let prev = match (r >> 28) & 7 {
-                        // To another worker's mailbox: it frees the object (cross-thread).
-                        0 => {
-                            let target = if n > 1 { (w.id + 1 + slot % (n - 1)) % n } else { w.id };
-                            all[target].mailbox[slot % MAILBOX].swap(old, Ordering::AcqRel)
-                        }
-                        // To this thread's signal handlers.
-                        1 => w.to_handler[slot % SLOTS].swap(old, Ordering::AcqRel),
-                        _ => old,
-                    };
-                    if !prev.is_null() {
-                        t.free(prev, w.id);
-                    }
-                }
-            }
-            // Free what the other workers and the handlers left for us.
-            let q = w.mailbox[((r >> 36) % MAILBOX as u64) as usize].swap(ptr::null_mut(), Ordering::AcqRel);
-            if !q.is_null() {
-                t.free(q, w.id);
-            }
-            if (r >> 42) & 3 == 0 {
-                let q = w.from_handler[((r >> 44) % SLOTS as u64) as usize].swap(ptr::null_mut(), Ordering::AcqRel);
-                if !q.is_null() {
-                    t.free(q, w.id);
-                }
-            }
-        }
-        t.publish(w);
-    }
-    stop_thread_timers(&timers);
-    // No handler runs on this thread any more: empty its ring and its handler slots.
-    for p in ring {
-        if !p.is_null() {
-            t.free(p, w.id);
-        }
-    }
-    for slot in w.to_handler.iter().chain(&w.from_handler).chain(&w.stash) {
-        let q = slot.swap(ptr::null_mut(), Ordering::AcqRel);
-        if !q.is_null() {
-            t.free(q, w.id);
-        }
-    }
-    t.publish(w);
-    Ok(())
-}
-
 /// Totals over all workers and handlers.
 #[derive(Default, Clone, Copy)]
 struct Totals {
@@ -536,385 +320,334 @@ struct Totals {
     handler_allocs: u64,
     frees: u64,
     cross: u64,
-    signals: u64,
-    overruns: u64,
 }
 
-fn totals(workers: &[Worker]) -> Totals {
-    let mut t = Totals::default();
-    for w in workers {
-        t.thread_allocs += w.t_allocs.load(Ordering::Relaxed);
-        t.handler_allocs += w.h_allocs.load(Ordering::Relaxed);
-        t.frees += w.t_frees.load(Ordering::Relaxed) + w.h_frees.load(Ordering::Relaxed);
-        t.cross += w.t_cross.load(Ordering::Relaxed) + w.h_cross.load(Ordering::Relaxed);
-        t.signals += w.h_signals.load(Ordering::Relaxed);
-        t.overruns += w.h_overruns.load(Ordering::Relaxed);
+/// The demo's scenario state (main thread).
+#[derive(Default)]
+struct Demo {
+    inject_bad_free: bool,
+    arena: u64,
+    before: Option<nolock::stats::Snapshot>,
+    after: Option<nolock::stats::Snapshot>,
+    /// What the main thread freed from the mailboxes at the end.
+    main: Tally,
+    /// Workers that made no successful allocation.
+    idle_workers: usize,
+    threads: usize,
+}
+
+impl Scenario for Demo {
+    type Worker = Worker;
+    type Totals = Totals;
+    const NAME: &'static str = "demo";
+    const THREAD_NAME: &'static str = "worker";
+    const IN_HANDLER: &'static str = "allocation";
+
+    fn workers(&self, n: usize) -> Vec<Worker> {
+        (0..n).map(Worker::new).collect()
     }
-    t
-}
 
-/// Peak resident set size of the process (`VmHWM`), if readable.
-pub(crate) fn peak_rss() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// Run the demo and print its table; failure exit code on a spurious failure, corruption, a nolock report,
-/// or a run that could not exercise the allocator (no arena, too few successful allocations).
-pub fn run(args: &DemoArgs) -> ExitCode {
-    let arena = match crate::health::arena_bytes() {
-        Ok(a) => a,
-        Err(e) => {
-            println!("FAIL: nolock demo: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let reports = crate::health::Reports::start();
-    let before = nolock::stats::snapshot();
-    ARENA_BYTES.store(arena, Ordering::Relaxed);
-    if args.inject_bad_free {
-        let mut not_nolock = 0u64;
-        // SAFETY: a stack address is not nolock's: kfree_nolock refuses it, reports it, and frees nothing.
-        unsafe { kfree_nolock((&raw mut not_nolock).cast()) };
+    fn describe(&self, n: usize) -> String {
+        format!("{n} thread(s)")
     }
-    let rss_before = nolock::stats::resident_bytes().unwrap_or(0) as u64;
 
-    let n = args.threads;
-    let workers: Vec<Worker> = (0..n).map(Worker::new).collect();
-    // Handlers reach the workers through WORKERS (failure classification) and through their timer's
-    // sigev_value; `workers` lives until every worker thread has deleted its timers and exited.
-    WORKERS.store(workers.as_ptr() as *mut Worker, Ordering::Release);
-    NWORKERS.store(n, Ordering::Release);
-    STOP.store(false, Ordering::Relaxed);
-
-    let interval_ns = nominal_interval_ns(args.rate, n);
-    let old_actions = match install_handler(on_signal) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("nolock demo: cannot install the signal handler: {e}");
-            return ExitCode::FAILURE;
+    fn prepare(&mut self, arena: u64, workers: &[Slot<Worker>]) {
+        self.arena = arena;
+        self.threads = workers.len();
+        self.before = Some(nolock::stats::snapshot());
+        ARENA_BYTES.store(arena, Ordering::Relaxed);
+        if self.inject_bad_free {
+            let mut not_nolock = 0u64;
+            // SAFETY: a stack address is not nolock's: kfree_nolock refuses it, reports it, and frees nothing.
+            unsafe { kfree_nolock((&raw mut not_nolock).cast()) };
         }
-    };
+        // Handlers reach the workers through WORKERS (failure classification) and through their timer's
+        // sigev_value; the runner keeps `workers` until every worker thread has stopped its storm and exited.
+        WORKERS.store(workers.as_ptr().cast_mut(), Ordering::Release);
+        NWORKERS.store(workers.len(), Ordering::Release);
+    }
 
-    println!(
-        "nolock demo: {n} thread(s) for {:.1} s, signal storm of {} ({})",
-        args.seconds,
-        rate(args.rate as f64),
-        if args.rate > 0 {
-            format!("{} per-thread timers on 2 real-time signals, re-tuned every 100 ms", 2 * n)
-        } else {
-            "no timers".into()
-        },
-    );
-    let bar = if args.progress {
-        let ticks = (args.seconds * 10.0).ceil() as u64;
-        let b = ProgressBar::new(ticks);
-        b.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed:>3} [{bar:30}] {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
-
-    let start = Barrier::new(n + 1);
-    let mut rss_peak_sampled = rss_before;
-    let mut worker_errors = Vec::new();
-    let mut storm = interval_ns.map(|ns| Storm::new(args.rate, workers.len(), ns));
-    let elapsed = std::thread::scope(|s| {
-        let handles: Vec<_> = workers
-            .iter()
-            .map(|w| {
-                let (all, start) = (&workers[..], &start);
-                std::thread::Builder::new()
-                    .name(format!("worker-{}", w.id))
-                    .spawn_scoped(s, move || worker_main(w, all, interval_ns, start))
-                    .expect("spawn worker thread")
-            })
-            .collect();
-        start.wait();
-        let t0 = Instant::now();
-        let deadline = t0 + Duration::from_secs_f64(args.seconds);
-        let (mut last, mut last_t) = (Totals::default(), t0);
-        loop {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
+    fn thread(w: &Worker, all: &[Slot<Worker>], th: &mut Thread<'_>) {
+        let n = all.len();
+        let mut rng = Rng::new(w.id as u64 + 1);
+        let mut ring = [ptr::null_mut::<u8>(); RING];
+        let mut t = Tally::default();
+        let mut seq = 0u64;
+        while th.running() {
+            for _ in 0..64 {
+                let r = rng.next_u64();
+                seq += 1;
+                if let Some((p, size)) = alloc_obj(r, w.id, false, seq, 64) {
+                    t.allocs += 1;
+                    t.live += size as i64;
+                    let old = core::mem::replace(&mut ring[((r >> 20) % RING as u64) as usize], p.as_ptr());
+                    if !old.is_null() {
+                        let slot = (r >> 32) as usize;
+                        let prev = match (r >> 28) & 7 {
+                            // To another worker's mailbox: it frees the object (cross-thread).
+                            0 => {
+                                let target = if n > 1 { (w.id + 1 + slot % (n - 1)) % n } else { w.id };
+                                all[target].mailbox[slot % MAILBOX].swap(old, Ordering::AcqRel)
+                            }
+                            // To this thread's signal handlers.
+                            1 => w.to_handler[slot % SLOTS].swap(old, Ordering::AcqRel),
+                            _ => old,
+                        };
+                        if !prev.is_null() {
+                            t.free(prev, w.id);
+                        }
+                    }
+                }
+                // Free what the other workers and the handlers left for us.
+                let q = w.mailbox[((r >> 36) % MAILBOX as u64) as usize].swap(ptr::null_mut(), Ordering::AcqRel);
+                if !q.is_null() {
+                    t.free(q, w.id);
+                }
+                if (r >> 42) & 3 == 0 {
+                    let q = w.from_handler[((r >> 44) % SLOTS as u64) as usize].swap(ptr::null_mut(), Ordering::AcqRel);
+                    if !q.is_null() {
+                        t.free(q, w.id);
+                    }
+                }
             }
-            std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
-            let (cur, now) = (totals(&workers), Instant::now());
-            let dt = (now - last_t).as_secs_f64().max(1e-9);
-            if let Some(ctl) = storm.as_mut() {
-                // Workers delete their timers only after STOP, which is not set yet.
-                ctl.adjust(&workers, dt);
-            }
-            let ops = (cur.thread_allocs + cur.handler_allocs + cur.frees)
-                .saturating_sub(last.thread_allocs + last.handler_allocs + last.frees);
-            let spurious = SPURIOUS_THREAD.load(Ordering::Relaxed) + SPURIOUS_HANDLER.load(Ordering::Relaxed);
-            bar.set_message(format!(
-                "{} ops | {} signals | spurious failures {} | corrupted {}",
-                rate(ops as f64 / dt),
-                rate(cur.signals.saturating_sub(last.signals) as f64 / dt),
-                spurious,
-                CORRUPT.load(Ordering::Relaxed),
-            ));
-            bar.set_position(((now - t0).as_secs_f64() * 10.0) as u64);
-            if let Some(r) = nolock::stats::resident_bytes() {
-                rss_peak_sampled = rss_peak_sampled.max(r as u64);
-            }
-            (last, last_t) = (cur, now);
+            t.publish(w);
         }
-        STOP.store(true, Ordering::Relaxed);
-        for h in handles {
-            match h.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => worker_errors.push(e.to_string()),
-                Err(_) => worker_errors.push("a worker thread panicked".into()),
+        th.end_storm();
+        // No handler runs on this thread any more: empty its ring and its handler slots.
+        for p in ring {
+            if !p.is_null() {
+                t.free(p, w.id);
             }
         }
-        t0.elapsed()
-    });
-    bar.finish_and_clear();
-    restore_handler(&old_actions);
-
-    // Every worker has stopped its timers and exited: free what is left in the mailboxes.
-    let mut main_tally = Tally::default();
-    for w in &workers {
-        for slot in &w.mailbox {
+        for slot in w.to_handler.iter().chain(&w.from_handler).chain(&w.stash) {
             let q = slot.swap(ptr::null_mut(), Ordering::AcqRel);
             if !q.is_null() {
-                main_tally.free(q, usize::MAX);
+                t.free(q, w.id);
             }
         }
+        t.publish(w);
     }
-    let mut t = totals(&workers);
-    let per_worker_allocs: Vec<u64> = workers.iter().map(|w| w.t_allocs.load(Ordering::Relaxed)).collect();
-    let final_interval_ns = Storm::mean_interval_ns(&workers);
-    t.frees += main_tally.frees;
-    t.cross += main_tally.cross;
-    WORKERS.store(ptr::null_mut(), Ordering::Release);
-    NWORKERS.store(0, Ordering::Release);
-    drop(workers);
 
-    let after = nolock::stats::snapshot();
-    let rss_peak = peak_rss().unwrap_or(0).max(rss_peak_sampled);
-    let trim = nolock::trim();
-    let rss_after = nolock::stats::resident_bytes().unwrap_or(0) as u64;
-    let after_trim = nolock::stats::snapshot();
+    /// Takes an object the thread left, allocates three (frees one at once, keeps one for a later handler,
+    /// hands one to the thread). Atomics and nolock only.
+    fn on_signal(w: &Worker) {
+        let seq = w.h_seq.fetch_add(1, Ordering::Relaxed);
+        let mut rng = Rng::new(seq ^ ((w.id as u64) << 56));
+        let mut t = Tally::default();
+        // An object the thread left for us: often of the class the thread is busy with right now.
+        let r = rng.next_u64();
+        let q = w.to_handler[(r % SLOTS as u64) as usize].swap(ptr::null_mut(), Ordering::AcqRel);
+        if !q.is_null() {
+            t.free(q, w.id);
+        }
+        for k in 0..3u64 {
+            let r = rng.next_u64();
+            let Some((p, size)) = alloc_obj(r, w.id, true, seq.wrapping_mul(4) + k, 8) else {
+                continue;
+            };
+            t.allocs += 1;
+            t.live += size as i64;
+            let slot = ((r >> 16) % SLOTS as u64) as usize;
+            // Free at once, keep for a later handler, or hand over to the thread.
+            let old = match k {
+                0 => p.as_ptr(),
+                1 => w.stash[slot].swap(p.as_ptr(), Ordering::AcqRel),
+                _ => w.from_handler[slot].swap(p.as_ptr(), Ordering::AcqRel),
+            };
+            if !old.is_null() {
+                t.free(old, w.id);
+            }
+        }
+        w.h_allocs.fetch_add(t.allocs, Ordering::Relaxed);
+        w.h_frees.fetch_add(t.frees, Ordering::Relaxed);
+        w.h_cross.fetch_add(t.cross, Ordering::Relaxed);
+        w.h_live.fetch_add(t.live, Ordering::Relaxed);
+    }
 
-    let (b, a) = (before.total(), after.total());
-    let d = |f: fn(&nolock::CacheStats) -> u64| f(&a).saturating_sub(f(&b));
-    let live_objects = (after_trim.total().allocs + after_trim.large.allocs)
-        .wrapping_sub(after_trim.total().frees + after_trim.large.frees) as i64;
+    fn totals(workers: &[Slot<Worker>]) -> Totals {
+        let mut t = Totals::default();
+        for w in workers {
+            t.thread_allocs += w.t_allocs.load(Ordering::Relaxed);
+            t.handler_allocs += w.h_allocs.load(Ordering::Relaxed);
+            t.frees += w.t_frees.load(Ordering::Relaxed) + w.h_frees.load(Ordering::Relaxed);
+            t.cross += w.t_cross.load(Ordering::Relaxed) + w.h_cross.load(Ordering::Relaxed);
+        }
+        t
+    }
 
-    let spurious_t = SPURIOUS_THREAD.load(Ordering::Relaxed);
-    let spurious_h = SPURIOUS_HANDLER.load(Ordering::Relaxed);
-    let oom = OOM.load(Ordering::Relaxed);
-    let corrupt = CORRUPT.load(Ordering::Relaxed);
-    let not_zeroed = NOT_ZEROED.load(Ordering::Relaxed);
-    let misaligned = MISALIGNED.load(Ordering::Relaxed);
-    let natural = NATURAL_MISS.load(Ordering::Relaxed);
-    let secs = elapsed.as_secs_f64();
-    let allocs = t.thread_allocs + t.handler_allocs;
-    let idle_workers = per_worker_allocs.iter().filter(|&&a| a == 0).count();
+    fn tick(&mut self, cur: &Totals, last: &Totals, dt_s: f64) -> String {
+        let ops = (cur.thread_allocs + cur.handler_allocs + cur.frees)
+            .saturating_sub(last.thread_allocs + last.handler_allocs + last.frees);
+        format!(
+            "{} ops | spurious failures {} | corrupted {}",
+            rate(ops as f64 / dt_s),
+            SPURIOUS_THREAD.load(Ordering::Relaxed) + SPURIOUS_HANDLER.load(Ordering::Relaxed),
+            CORRUPT.load(Ordering::Relaxed),
+        )
+    }
 
-    let oom_note = format!("None with the arena ({}) nearly full: expected 0", bytes(arena));
-    let mut rows: Vec<(String, String, &str)> = Vec::new();
-    rows.push(("operations".into(), String::new(), ""));
-    let row = |rows: &mut Vec<(String, String, &str)>, k: &str, v: String, m: &'static str| {
-        rows.push((format!("  {k}"), v, m))
-    };
-    row(&mut rows, "allocations in threads", count(t.thread_allocs), "kmalloc_nolock in the worker loops");
-    row(
-        &mut rows,
-        "allocations in signal handlers",
-        count(t.handler_allocs),
-        "kmalloc_nolock inside handlers that interrupted the workers",
-    );
-    row(&mut rows, "frees", count(t.frees), "kfree_nolock after verifying the object's pattern");
-    row(&mut rows, "  of them cross-thread", count(t.cross), "freed by another thread than the one that allocated it");
-    row(
-        &mut rows,
-        "throughput",
-        rate((allocs + t.frees) as f64 / secs),
-        "allocations and frees per second, all threads",
-    );
-    rows.push(("problems".into(), String::new(), ""));
-    row(
-        &mut rows,
-        "spurious failures",
-        format!("{} ({} in handlers)", count(spurious_t + spurious_h), count(spurious_h)),
-        "None while memory was available: must be 0",
-    );
-    rows.push(("  out-of-memory failures".into(), count(oom), &oom_note));
-    row(&mut rows, "corrupted objects", count(corrupt + not_zeroed), "pattern or Gfp::ZERO check failed: must be 0");
-    row(&mut rows, "misaligned objects", count(misaligned), "requested alignment not met: must be 0");
-    row(
-        &mut rows,
-        "natural-alignment misses",
-        count(natural),
-        "2^n-byte kmalloc_nolock not 2^n-aligned (documented promise)",
-    );
-    row(
-        &mut rows,
-        "objects still allocated",
-        live_objects.to_string(),
-        "nolock's own count after everything was freed",
-    );
-    rows.push(("how nolock coped (its counters)".into(), String::new(), ""));
-    row(
-        &mut rows,
-        "next-bucket retries",
-        count(d(|c| c.next_bucket)),
-        "size class busy under a handler: served by the next class",
-    );
-    row(
-        &mut rows,
-        "deferred frees",
-        count(d(|c| c.deferred_frees)),
-        "free while the thread's list was busy: finished later",
-    );
-    row(&mut rows, "remote frees", count(d(|c| c.remote_frees)), "object returned to a slab another thread was using");
-    row(
-        &mut rows,
-        "shared-path allocations",
-        count(d(|c| c.shared_allocs)),
-        "no per-thread list usable (nested handlers, thread start/exit)",
-    );
-    row(
-        &mut rows,
-        "page-run allocations (> 8 KiB)",
-        count(after.large.allocs.saturating_sub(before.large.allocs)),
-        "served straight from the page allocator",
-    );
-    rows.push(("signal storm".into(), String::new(), ""));
-    row(
-        &mut rows,
-        "signals delivered",
-        format!("{} ({})", count(t.signals), rate(t.signals as f64 / secs)),
-        "handler runs (target: --rate)",
-    );
-    row(
-        &mut rows,
-        "timer overruns",
-        count(t.overruns),
-        "expirations merged into a still-pending signal (thread not running)",
-    );
-    if interval_ns.is_some() {
-        row(
-            &mut rows,
-            "timer period at the end",
-            format!("{:.0} µs", final_interval_ns as f64 / 1000.0),
-            "per timer, tuned so that the delivered rate meets the target",
+    fn finish(&mut self, workers: &[Slot<Worker>]) {
+        // Every worker has stopped its timers and exited: free what is left in the mailboxes.
+        for w in workers {
+            for slot in &w.mailbox {
+                let q = slot.swap(ptr::null_mut(), Ordering::AcqRel);
+                if !q.is_null() {
+                    self.main.free(q, usize::MAX);
+                }
+            }
+        }
+        self.idle_workers = workers.iter().filter(|w| w.t_allocs.load(Ordering::Relaxed) == 0).count();
+        WORKERS.store(ptr::null_mut(), Ordering::Release);
+        NWORKERS.store(0, Ordering::Release);
+        self.after = Some(nolock::stats::snapshot());
+    }
+
+    fn report(&mut self, t: &Totals, run: &Run, out: &mut Report) {
+        // The threads' and handlers' counts, and what the main thread freed from the mailboxes at the end.
+        let t = Totals { frees: t.frees + self.main.frees, cross: t.cross + self.main.cross, ..*t };
+        let (arena, n) = (self.arena, self.threads);
+        let (before, after) = (self.before.take().unwrap_or_default(), self.after.take().unwrap_or_default());
+        let after_trim = nolock::stats::snapshot();
+        let (b, a) = (before.total(), after.total());
+        let d = |f: fn(&nolock::CacheStats) -> u64| f(&a).saturating_sub(f(&b));
+        let live_objects = (after_trim.total().allocs + after_trim.large.allocs)
+            .wrapping_sub(after_trim.total().frees + after_trim.large.frees) as i64;
+
+        let spurious_t = SPURIOUS_THREAD.load(Ordering::Relaxed);
+        let spurious_h = SPURIOUS_HANDLER.load(Ordering::Relaxed);
+        let oom = OOM.load(Ordering::Relaxed);
+        let corrupt = CORRUPT.load(Ordering::Relaxed);
+        let not_zeroed = NOT_ZEROED.load(Ordering::Relaxed);
+        let misaligned = MISALIGNED.load(Ordering::Relaxed);
+        let natural = NATURAL_MISS.load(Ordering::Relaxed);
+        let allocs = t.thread_allocs + t.handler_allocs;
+
+        let table = &mut out.table;
+        table.head("operations");
+        table.row("allocations in threads", count(t.thread_allocs), "kmalloc_nolock in the worker loops");
+        table.row(
+            "allocations in signal handlers",
+            count(t.handler_allocs),
+            "kmalloc_nolock inside handlers that interrupted the workers",
         );
-    }
-    rows.push(("resident memory".into(), String::new(), ""));
-    row(&mut rows, "before", bytes(rss_before), "whole process, at start");
-    row(&mut rows, "at peak", bytes(rss_peak), "high-water mark during the storm");
-    row(&mut rows, "after", bytes(rss_after), "everything freed, nolock::trim() called");
-    row(&mut rows, "  returned by trim()", format!("{} slabs, {} pages", trim.slabs_released, trim.pages_purged), "");
+        table.row("frees", count(t.frees), "kfree_nolock after verifying the object's pattern");
+        table.row("  of them cross-thread", count(t.cross), "freed by another thread than the one that allocated it");
+        table.row(
+            "throughput",
+            rate((allocs + t.frees) as f64 / run.secs),
+            "allocations and frees per second, all threads",
+        );
+        table.head("problems");
+        table.row(
+            "spurious failures",
+            format!("{} ({} in handlers)", count(spurious_t + spurious_h), count(spurious_h)),
+            "None while memory was available: must be 0",
+        );
+        table.row(
+            "out-of-memory failures",
+            count(oom),
+            format!("None with the arena ({}) nearly full: expected 0", bytes(arena)),
+        );
+        table.row("corrupted objects", count(corrupt + not_zeroed), "pattern or Gfp::ZERO check failed: must be 0");
+        table.row("misaligned objects", count(misaligned), "requested alignment not met: must be 0");
+        table.row(
+            "natural-alignment misses",
+            count(natural),
+            "2^n-byte kmalloc_nolock not 2^n-aligned (documented promise)",
+        );
+        table.row("objects still allocated", live_objects.to_string(), "nolock's own count after everything was freed");
+        table.head("how nolock coped (its counters)");
+        table.row(
+            "next-bucket retries",
+            count(d(|c| c.next_bucket)),
+            "size class busy under a handler: served by the next class",
+        );
+        table.row(
+            "deferred frees",
+            count(d(|c| c.deferred_frees)),
+            "free while the thread's list was busy: finished later",
+        );
+        table.row("remote frees", count(d(|c| c.remote_frees)), "object returned to a slab another thread was using");
+        table.row(
+            "shared-path allocations",
+            count(d(|c| c.shared_allocs)),
+            "no per-thread list usable (nested handlers, thread start/exit)",
+        );
+        table.row(
+            "page-run allocations (> 8 KiB)",
+            count(after.large.allocs.saturating_sub(before.large.allocs)),
+            "served straight from the page allocator",
+        );
 
-    let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
-    let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(0);
-    println!();
-    for (k, v, m) in &rows {
-        if v.is_empty() && m.is_empty() {
-            println!("{k}");
-        } else {
-            println!("{k:<w0$}  {v:>w1$}  {m}");
-        }
-    }
-    println!();
-
-    let mut failed = Vec::new();
-    if spurious_t + spurious_h > 0 {
-        let first = FIRST_SPURIOUS.load(Ordering::Relaxed).wrapping_sub(1);
-        failed.push(format!(
-            "{} spurious allocation failure(s), first: {} bytes in {}",
-            spurious_t + spurious_h,
-            first >> 1,
-            if first & 1 == 1 { "a signal handler" } else { "a thread" }
-        ));
-    }
-    // A run that could not exercise the allocator proves nothing: it must not pass.
-    let attempts = allocs + oom + spurious_t + spurious_h;
-    if allocs == 0 {
-        failed.push(format!(
-            "no allocation succeeded ({} out-of-memory failures): the demo exercised nothing",
-            count(oom)
-        ));
-    } else {
-        if idle_workers > 0 {
-            failed.push(format!("{idle_workers} of {n} worker thread(s) made no successful allocation"));
-        }
-        if oom.saturating_mul(100) > attempts {
+        let failed = &mut out.failed;
+        if spurious_t + spurious_h > 0 {
+            let first = FIRST_SPURIOUS.load(Ordering::Relaxed).wrapping_sub(1);
             failed.push(format!(
-                "{} of {} allocation attempts ({:.1}%) failed for lack of memory: the arena ({}) is too small for \
-                 this demo; set a larger NOLOCK_ARENA_SIZE",
+                "{} spurious allocation failure(s), first: {} bytes in {}",
+                spurious_t + spurious_h,
+                first >> 1,
+                if first & 1 == 1 { "a signal handler" } else { "a thread" }
+            ));
+        }
+        // A run that could not exercise the allocator proves nothing: it must not pass.
+        let attempts = allocs + oom + spurious_t + spurious_h;
+        if allocs == 0 {
+            failed.push(format!(
+                "no allocation succeeded ({} out-of-memory failures): the demo exercised nothing",
+                count(oom)
+            ));
+        } else {
+            if self.idle_workers > 0 {
+                failed.push(format!("{} of {n} worker thread(s) made no successful allocation", self.idle_workers));
+            }
+            if oom.saturating_mul(100) > attempts {
+                failed.push(format!(
+                    "{} of {} allocation attempts ({:.1}%) failed for lack of memory: the arena ({}) is too small \
+                     for this demo; set a larger NOLOCK_ARENA_SIZE",
+                    count(oom),
+                    count(attempts),
+                    oom as f64 * 100.0 / attempts as f64,
+                    bytes(arena)
+                ));
+            }
+        }
+        if run.signals > 0 && t.handler_allocs == 0 {
+            failed.push(format!("{} signal handler runs, but no allocation succeeded inside one", count(run.signals)));
+        }
+        if corrupt + not_zeroed > 0 {
+            failed.push(format!(
+                "{} corrupted object(s) ({} bad patterns, {} not zeroed)",
+                corrupt + not_zeroed,
+                corrupt,
+                not_zeroed
+            ));
+        }
+        if misaligned > 0 {
+            failed.push(format!("{misaligned} object(s) without the requested alignment"));
+        }
+        if live_objects != 0 {
+            failed.push(format!("nolock counts {live_objects} object(s) still allocated"));
+        }
+        if natural > 0 {
+            let first = FIRST_NATURAL_MISS.load(Ordering::Relaxed).wrapping_sub(1);
+            out.notes.push(format!(
+                "{natural} power-of-two kmalloc_nolock allocation(s) were not naturally aligned\n      (first: {} \
+                 bytes at offset {} mod {}); the next-bucket path breaks this promise of the docs",
+                first >> 32,
+                first & 0xffff_ffff,
+                first >> 32
+            ));
+        }
+        if oom > 0 && failed.is_empty() {
+            out.notes.push(format!(
+                "{} allocation(s) failed for lack of memory (the arena of {} was nearly full)",
                 count(oom),
-                count(attempts),
-                oom as f64 * 100.0 / attempts as f64,
                 bytes(arena)
             ));
         }
-    }
-    if args.rate > 0 && t.signals == 0 {
-        failed.push("the signal storm delivered no signal: no allocation ran inside a handler".into());
-    } else if t.signals > 0 && t.handler_allocs == 0 {
-        failed.push(format!("{} signal handler runs, but no allocation succeeded inside one", count(t.signals)));
-    }
-    if let Some(r) = reports.failure() {
-        failed.push(r);
-    }
-    if corrupt + not_zeroed > 0 {
-        failed.push(format!(
-            "{} corrupted object(s) ({} bad patterns, {} not zeroed)",
-            corrupt + not_zeroed,
-            corrupt,
-            not_zeroed
-        ));
-    }
-    if misaligned > 0 {
-        failed.push(format!("{misaligned} object(s) without the requested alignment"));
-    }
-    if live_objects != 0 {
-        failed.push(format!("nolock counts {live_objects} object(s) still allocated"));
-    }
-    for e in &worker_errors {
-        failed.push(format!("worker: {e}"));
-    }
-    if natural > 0 {
-        let first = FIRST_NATURAL_MISS.load(Ordering::Relaxed).wrapping_sub(1);
-        println!(
-            "note: {natural} power-of-two kmalloc_nolock allocation(s) were not naturally aligned\n      \
-             (first: {} bytes at offset {} mod {}); the next-bucket path breaks this promise of the docs",
-            first >> 32,
-            first & 0xffff_ffff,
-            first >> 32
-        );
-    }
-    if failed.is_empty() {
-        if oom > 0 {
-            println!(
-                "note: {} allocation(s) failed for lack of memory (the arena of {} was nearly full)",
-                count(oom),
-                bytes(arena)
-            );
-        }
-        println!(
-            "PASS: {} allocations, no spurious failure, no corruption, no nolock report, every object accounted \
-             for",
+        out.pass = format!(
+            "{} allocations, no spurious failure, no corruption, no nolock report, every object accounted for",
             count(allocs)
         );
-        ExitCode::SUCCESS
-    } else {
-        for f in &failed {
-            println!("FAIL: {f}");
-        }
-        ExitCode::FAILURE
     }
 }

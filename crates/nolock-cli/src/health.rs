@@ -4,6 +4,8 @@
 
 use std::fmt::Write as _;
 
+use testkit::ReportCounter;
+
 use crate::fmt::bytes;
 
 /// The size of nolock's arena in bytes, or why there is none.
@@ -59,19 +61,9 @@ fn address_space_limit() -> Option<u64> {
     Some(r.rlim_cur)
 }
 
-/// Counts nolock's reports (refused frees, debug-mode findings: each also printed on standard error) from its
-/// creation on.
-pub struct Reports(u64);
-
-impl Reports {
-    /// Start counting now.
-    pub fn start() -> Self {
-        Self(nolock::debug::reports())
-    }
-
-    /// A failure line if nolock reported anything since [`start`](Self::start).
-    pub fn failure(&self) -> Option<String> {
-        let n = nolock::debug::reports().wrapping_sub(self.0);
-        (n != 0).then(|| format!("nolock printed {n} report(s) on standard error during the run (see above)"))
-    }
+/// A failure line if nolock reported anything (a refused free, a debug-mode finding: each also printed on
+/// standard error) since `reports` started counting.
+pub fn report_failure(reports: &ReportCounter) -> Option<String> {
+    let n = reports.count();
+    (n != 0).then(|| format!("nolock printed {n} report(s) on standard error during the run (see above)"))
 }

@@ -10,20 +10,22 @@
 //! - `nolock bench typesafe`: the add-then-delete pattern through a type-safe cache, `kfree_rcu_nolock` and
 //!   `kfree_nolock`: throughput and memory held.
 //!
-//! This file only parses arguments; the work is in [`demo`](mod@demo), [`rcu`](mod@rcu) and
-//! [`bench`](mod@bench).
+//! This file only parses arguments; the work is in [`demo`](mod@demo) and [`rcu`](mod@rcu) (both run by the
+//! shared runner of [`scenario`](mod@scenario)) and [`bench`](mod@bench).
 
 mod bench;
 mod demo;
 mod fmt;
 mod health;
 mod rcu;
-mod sig;
+mod scenario;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use crate::scenario::RunArgs;
 
 #[derive(Parser, Debug)]
 #[command(name = "nolock", version, about = "Allocate and free memory from any context: demo and benchmarks")]
@@ -121,14 +123,14 @@ fn main() -> ExitCode {
                 eprintln!("nolock demo: --seconds must be in (0, 3600]");
                 return ExitCode::from(2);
             }
-            demo::run(&demo::DemoArgs { threads: threads as usize, seconds, rate, progress: !quiet, inject_bad_free })
+            demo::run(&RunArgs { threads: threads as usize, seconds, rate, progress: !quiet }, inject_bad_free)
         }
         Command::Rcu { threads, seconds, rate, quiet, inject_bug } => {
             if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {
                 eprintln!("nolock rcu: --seconds must be in (0, 3600]");
                 return ExitCode::from(2);
             }
-            rcu::run(&rcu::RcuArgs { threads: threads as usize, seconds, rate, progress: !quiet, inject_bug })
+            rcu::run(&RunArgs { threads: threads as usize, seconds, rate, progress: !quiet }, inject_bug)
         }
         Command::Bench { what, quick, reps, json } => {
             let args = bench::BenchArgs { quick, reps: reps.map(|r| r as usize), json };

@@ -40,38 +40,30 @@
 //!
 //! Handlers touch only atomics and nolock APIs (reads, `kmalloc_nolock`, `kfree_*_nolock`, `rcu_stats`,
 //! `SrcuFast::{get_state, poll}`): no locks, no `std` allocation, no printing.
+//!
+//! The run itself (threads, storm, progress, table, verdict) is the shared runner of [`crate::scenario`]; this
+//! file holds what is the scenario's own: the table of objects, the roles, the handlers' work and the checks.
 
-use core::ffi::{c_int, c_void};
 use core::ptr::{self, NonNull};
 use std::hint::black_box;
 use std::process::ExitCode;
-use std::sync::Barrier;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use nolock::rcu::ptr::{RcuPtr, Srcu};
 use nolock::rcu::srcu::SrcuFast;
 use nolock::{Gfp, RcuHead, kfree_rcu_nolock, kfree_srcu_fast_nolock, kmalloc_nolock, rcu_read_lock};
+use testkit::{Rng, pattern_word, sleep_wall};
 
-use crate::demo::{Rng, peak_rss};
-use crate::fmt::{bytes, count, rate};
-use crate::sig::{
-    Storm, Timed, install_handler, nominal_interval_ns, restore_handler, start_thread_timers, stop_thread_timers,
-};
+use crate::fmt::{count, rate};
+use crate::scenario::{Report, Run, RunArgs, Scenario, Slot, Thread};
 
-/// What the user asked for.
-pub struct RcuArgs {
-    /// Worker threads (updaters and readers).
-    pub threads: usize,
-    /// Duration.
-    pub seconds: f64,
-    /// Timer signals per second over all threads (0: none).
-    pub rate: u64,
-    /// Show a progress bar.
-    pub progress: bool,
-    /// Testing the checker: free raw objects at once instead of after a grace period (the run must fail).
-    pub inject_bug: bool,
+/// Run the scenario and print its table; failure exit code on any error, on a nolock report, and on a run
+/// that could not exercise what it checks (no arena, a kind of object never replaced, a kind of reader that
+/// never read). `inject_bug` tests the checker: replaced raw objects are freed at once instead of after a
+/// grace period (the run must fail).
+pub fn run(args: &RunArgs, inject_bug: bool) -> ExitCode {
+    crate::scenario::run(RcuScenario { inject_bug, ..RcuScenario::default() }, args)
 }
 
 /// `--inject-bug`: `retire_raw` frees with `kfree_nolock` at once.
@@ -96,9 +88,10 @@ const RAW_MAGIC: u64 = 0x0B1E_C7ED_5EED_0002;
 const POISON: u64 = 0xDEAD_F4EE_DEAD_F4EE;
 const NOT_RETIRED: u64 = u64::MAX;
 
+/// Word `i` of an object's pattern (the tag itself, word 0 of the stamp, is kept in its own field).
 #[inline]
 fn pattern(tag: u64, i: usize) -> u64 {
-    tag.rotate_left(17) ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    pattern_word(tag, i + 1)
 }
 
 /// An `RcuPtr` value (64 bytes). All fields are atomics, so a reader racing with a (buggy) free reads defined
@@ -375,13 +368,9 @@ struct Worker {
     t_replaced: [AtomicU64; 4],
     t_syncs: AtomicU64,
     // Written by the thread's handlers (RMW: the second signal's handler can interrupt the first).
-    h_signals: AtomicU64,
-    h_overruns: AtomicU64,
     h_reads: AtomicU64,
     h_replaced: [AtomicU64; 2],
     h_seq: AtomicU64,
-    timers: [AtomicUsize; 2],
-    interval_ns: AtomicU64,
 }
 
 impl Worker {
@@ -393,32 +382,12 @@ impl Worker {
             t_sleeps: AtomicU64::new(0),
             t_replaced: [const { AtomicU64::new(0) }; 4],
             t_syncs: AtomicU64::new(0),
-            h_signals: AtomicU64::new(0),
-            h_overruns: AtomicU64::new(0),
             h_reads: AtomicU64::new(0),
             h_replaced: [const { AtomicU64::new(0) }; 2],
             h_seq: AtomicU64::new(0),
-            timers: [AtomicUsize::new(0), AtomicUsize::new(0)],
-            interval_ns: AtomicU64::new(0),
         }
     }
 }
-
-impl Timed for Worker {
-    fn signals(&self) -> u64 {
-        self.h_signals.load(Ordering::Relaxed)
-    }
-
-    fn timers(&self) -> &[AtomicUsize; 2] {
-        &self.timers
-    }
-
-    fn interval_ns(&self) -> &AtomicU64 {
-        &self.interval_ns
-    }
-}
-
-static STOP: AtomicBool = AtomicBool::new(false);
 
 /// A unique tag: thread (or handler) id in the top bits, a sequence below.
 fn make_tag(origin: usize, handler: bool, seq: u64) -> u64 {
@@ -433,12 +402,12 @@ fn dwell(n: u64) {
     }
 }
 
-fn rcu_reader(w: &Worker) {
+fn rcu_reader(w: &Worker, t: &Thread<'_>) {
     let mut rng = Rng::new(w.id as u64 + 1);
     let mut reads = 0u64;
-    while !STOP.load(Ordering::Relaxed) {
+    while t.running() {
         for _ in 0..64 {
-            let r = rng.next();
+            let r = rng.next_u64();
             let g = rcu_read_lock();
             let a = RCU_PTRS[(r % PTR_SLOTS as u64) as usize].load(&g);
             // SAFETY: `g` is an RCU guard and RAW_RCU's objects are retired with kfree_rcu_nolock.
@@ -462,12 +431,12 @@ fn rcu_reader(w: &Worker) {
     }
 }
 
-fn srcu_reader(w: &Worker) {
+fn srcu_reader(w: &Worker, t: &Thread<'_>) {
     let mut rng = Rng::new(w.id as u64 + 1);
     let (mut reads, mut sleeps) = (0u64, 0u64);
-    while !STOP.load(Ordering::Relaxed) {
+    while t.running() {
         for _ in 0..64 {
-            let r = rng.next();
+            let r = rng.next_u64();
             let g = SRCU.read_lock_fast();
             let a = SRCU_PTRS[(r % PTR_SLOTS as u64) as usize].load(&g);
             // SAFETY: `g` is a guard of SRCU and RAW_SRCU's objects are retired with kfree_srcu_fast_nolock(&SRCU).
@@ -476,7 +445,7 @@ fn srcu_reader(w: &Worker) {
             check_raw(b, Ctx::Thread, Flav::Srcu, false);
             if (r >> 16) & 31 == 0 {
                 // Sleep inside the section: SRCU-fast grace periods must wait for us.
-                crate::sig::sleep_wall(Duration::from_micros(20 + (r >> 24) % 200));
+                sleep_wall(Duration::from_micros(20 + (r >> 24) % 200));
                 sleeps += 1;
             } else {
                 dwell((r >> 24) & 255);
@@ -491,14 +460,14 @@ fn srcu_reader(w: &Worker) {
     }
 }
 
-fn updater(w: &Worker) {
+fn updater(w: &Worker, t: &Thread<'_>) {
     let mut rng = Rng::new(w.id as u64 + 1);
     let mut seq = 0u64;
     let mut replaced = [0u64; 4];
     let mut syncs = 0u64;
-    while !STOP.load(Ordering::Relaxed) {
+    while t.running() {
         for _ in 0..16 {
-            let r = rng.next();
+            let r = rng.next_u64();
             seq += 1;
             let tag = make_tag(w.id, false, seq);
             let slot = (r >> 8) as usize;
@@ -520,8 +489,8 @@ fn updater(w: &Worker) {
             }
             syncs += 1;
         }
-        for (t, &v) in w.t_replaced.iter().zip(&replaced) {
-            t.store(v, Ordering::Relaxed);
+        for (c, &v) in w.t_replaced.iter().zip(&replaced) {
+            c.store(v, Ordering::Relaxed);
         }
         w.t_syncs.store(syncs, Ordering::Relaxed);
     }
@@ -539,78 +508,6 @@ fn publish<F: nolock::rcu::ptr::Flavor>(p: &RcuPtr<Obj, F>, tag: u64, flav: Flav
     }
 }
 
-fn worker_main(w: &Worker, interval_ns: Option<u64>, start: &Barrier) -> std::io::Result<()> {
-    let timers = match interval_ns {
-        Some(ns) => start_thread_timers(w, w as *const Worker as *mut c_void, ns),
-        None => Ok(Vec::new()),
-    };
-    start.wait();
-    let timers = timers?;
-    match w.role {
-        Role::Updater => updater(w),
-        Role::RcuReader => rcu_reader(w),
-        Role::SrcuReader => srcu_reader(w),
-    }
-    stop_thread_timers(&timers);
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Signal handler
-
-/// The handler: one RCU and one SRCU-fast section over the table, and one signal in four replaces a raw slot.
-/// Atomics and nolock only.
-extern "C" fn on_signal(_sig: c_int, info: *mut libc::siginfo_t, _ctx: *mut c_void) {
-    // SAFETY: our timers carry this thread's Worker, which outlives them (`run`).
-    unsafe { crate::sig::dispatch_timer_signal::<Worker>(info, handler_work) };
-}
-
-fn handler_work(w: &Worker, overrun: c_int) {
-    // Once the run is over, return at once: a thread whose handlers take longer than the timer period (a slow
-    // debug or sanitizer build) must still get back to its loop to see `STOP` and delete its timers.
-    if STOP.load(Ordering::Relaxed) {
-        return;
-    }
-    w.h_signals.fetch_add(1, Ordering::Relaxed);
-    if overrun > 0 {
-        w.h_overruns.fetch_add(overrun as u64, Ordering::Relaxed);
-    }
-    let seq = w.h_seq.fetch_add(1, Ordering::Relaxed);
-    let mut rng = Rng::new(seq ^ ((w.id as u64) << 56) ^ 0x5EED);
-    let r = rng.next();
-    {
-        let g = rcu_read_lock();
-        let a = RCU_PTRS[(r % PTR_SLOTS as u64) as usize].load(&g);
-        // SAFETY: `g` is an RCU guard and RAW_RCU's objects are retired with kfree_rcu_nolock.
-        let b = unsafe { load_raw(&g, &RAW_RCU, (r >> 8) as usize) };
-        check_obj(a, Ctx::Handler, Flav::Rcu);
-        check_raw(b, Ctx::Handler, Flav::Rcu, false);
-        dwell((r >> 16) & 63);
-        check_obj(a, Ctx::Handler, Flav::Rcu);
-        check_raw(b, Ctx::Handler, Flav::Rcu, true);
-    }
-    let r = rng.next();
-    {
-        let g = SRCU.read_lock_fast();
-        let a = SRCU_PTRS[(r % PTR_SLOTS as u64) as usize].load(&g);
-        // SAFETY: `g` is a guard of SRCU and RAW_SRCU's objects are retired with kfree_srcu_fast_nolock(&SRCU).
-        let b = unsafe { load_raw(&g, &RAW_SRCU, (r >> 8) as usize) };
-        check_obj(a, Ctx::Handler, Flav::Srcu);
-        check_raw(b, Ctx::Handler, Flav::Srcu, false);
-        dwell((r >> 16) & 63);
-        check_obj(a, Ctx::Handler, Flav::Srcu);
-        check_raw(b, Ctx::Handler, Flav::Srcu, true);
-    }
-    w.h_reads.fetch_add(2, Ordering::Relaxed);
-    let r = rng.next();
-    if r & 3 == 0 {
-        let flav = if (r >> 2) & 1 == 0 { Flav::Rcu } else { Flav::Srcu };
-        if replace_raw(flav, (r >> 8) as usize, make_tag(w.id, true, seq), Ctx::Handler) {
-            w.h_replaced[flav as usize].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // Driver
 
@@ -624,8 +521,6 @@ struct Totals {
     replaced: [u64; 4],
     handler_replaced: [u64; 2],
     syncs: u64,
-    signals: u64,
-    overruns: u64,
 }
 
 impl Totals {
@@ -638,7 +533,7 @@ impl Totals {
     }
 }
 
-fn totals(workers: &[Worker]) -> Totals {
+fn totals(workers: &[Slot<Worker>]) -> Totals {
     let mut t = Totals::default();
     for w in workers {
         let reads = w.t_reads.load(Ordering::Relaxed);
@@ -656,8 +551,6 @@ fn totals(workers: &[Worker]) -> Totals {
             *a += b.load(Ordering::Relaxed);
         }
         t.syncs += w.t_syncs.load(Ordering::Relaxed);
-        t.signals += w.h_signals.load(Ordering::Relaxed);
-        t.overruns += w.h_overruns.load(Ordering::Relaxed);
     }
     t
 }
@@ -731,320 +624,250 @@ fn clear_table() -> u64 {
     n
 }
 
-/// Run the scenario and print its table; failure exit code on any error, on a nolock report, and on a run
-/// that could not exercise what it checks (no arena, a kind of object never replaced, a kind of reader that
-/// never read).
-pub fn run(args: &RcuArgs) -> ExitCode {
-    if let Err(e) = crate::health::arena_bytes() {
-        println!("FAIL: nolock rcu: {e}");
-        return ExitCode::FAILURE;
+/// The scenario's state (main thread).
+#[derive(Default)]
+struct RcuScenario {
+    inject_bug: bool,
+    roles: Vec<Role>,
+    live_before: i64,
+    rcu0: nolock::GpStats,
+    srcu0: nolock::GpStats,
+    rcu1: nolock::GpStats,
+    srcu1: nolock::GpStats,
+    max_pending: u64,
+    raw_cleared: u64,
+    drain: Duration,
+}
+
+impl RcuScenario {
+    fn count_role(&self, r: Role) -> usize {
+        self.roles.iter().filter(|&&x| x == r).count()
     }
-    let reports = crate::health::Reports::start();
-    let n = args.threads;
-    let roles = roles(n);
-    let count_role = |r: Role| roles.iter().filter(|&&x| x == r).count();
-    STOP.store(false, Ordering::Relaxed);
-    INJECT_BUG.store(args.inject_bug, Ordering::Relaxed);
+}
 
-    let rss_before = nolock::stats::resident_bytes().unwrap_or(0) as u64;
-    let live_before = nolock_live_objects();
-    let (rcu0, srcu0) = (nolock::rcu_stats(), SRCU.stats());
-    populate();
+impl Scenario for RcuScenario {
+    type Worker = Worker;
+    type Totals = Totals;
+    const NAME: &'static str = "rcu";
+    const THREAD_NAME: &'static str = "rcu";
+    const IN_HANDLER: &'static str = "reader";
 
-    let workers: Vec<Worker> = roles.iter().enumerate().map(|(i, &r)| Worker::new(i, r)).collect();
-    let interval_ns = nominal_interval_ns(args.rate, n);
-    let old_actions = match install_handler(on_signal) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("nolock rcu: cannot install the signal handler: {e}");
-            return ExitCode::FAILURE;
+    fn workers(&self, n: usize) -> Vec<Worker> {
+        roles(n).into_iter().enumerate().map(|(i, r)| Worker::new(i, r)).collect()
+    }
+
+    fn describe(&self, n: usize) -> String {
+        let roles = roles(n);
+        let count_role = |r: Role| roles.iter().filter(|&&x| x == r).count();
+        format!(
+            "{n} threads ({} updaters, {} RCU readers, {} SRCU-fast readers that sleep in 1 section of 32)",
+            count_role(Role::Updater),
+            count_role(Role::RcuReader),
+            count_role(Role::SrcuReader),
+        )
+    }
+
+    fn prepare(&mut self, _arena: u64, workers: &[Slot<Worker>]) {
+        self.roles = workers.iter().map(|w| w.role).collect();
+        INJECT_BUG.store(self.inject_bug, Ordering::Relaxed);
+        self.live_before = nolock_live_objects();
+        (self.rcu0, self.srcu0) = (nolock::rcu_stats(), SRCU.stats());
+        populate();
+    }
+
+    fn thread(w: &Worker, _all: &[Slot<Worker>], t: &mut Thread<'_>) {
+        match w.role {
+            Role::Updater => updater(w, t),
+            Role::RcuReader => rcu_reader(w, t),
+            Role::SrcuReader => srcu_reader(w, t),
         }
-    };
-    println!(
-        "nolock rcu: {n} threads ({} updaters, {} RCU readers, {} SRCU-fast readers that sleep in 1 section of 32) \
-         for {:.1} s; signals: {}",
-        count_role(Role::Updater),
-        count_role(Role::RcuReader),
-        count_role(Role::SrcuReader),
-        args.seconds,
-        if args.rate > 0 {
-            format!("{} over {} per-thread timers, re-tuned every 100 ms", rate(args.rate as f64), 2 * n)
-        } else {
-            "none".into()
-        },
-    );
-    let bar = if args.progress {
-        let b = ProgressBar::new((args.seconds * 10.0).ceil() as u64);
-        b.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed:>3} [{bar:30}] {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+    }
 
-    let start = Barrier::new(n + 1);
-    let mut rss_peak_sampled = rss_before;
-    let mut max_pending = 0u64;
-    let mut worker_errors = Vec::new();
-    let mut storm = interval_ns.map(|ns| Storm::new(args.rate, n, ns));
-    let elapsed = std::thread::scope(|s| {
-        let handles: Vec<_> = workers
-            .iter()
-            .map(|w| {
-                let start = &start;
-                std::thread::Builder::new()
-                    .name(format!("rcu-{}", w.id))
-                    .spawn_scoped(s, move || worker_main(w, interval_ns, start))
-                    .expect("spawn a worker thread")
-            })
-            .collect();
-        start.wait();
-        let t0 = Instant::now();
-        let deadline = t0 + Duration::from_secs_f64(args.seconds);
-        let (mut last, mut last_t) = (Totals::default(), t0);
-        loop {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
+    /// One RCU and one SRCU-fast section over the table, and one signal in four replaces a raw slot. Atomics
+    /// and nolock only.
+    fn on_signal(w: &Worker) {
+        let seq = w.h_seq.fetch_add(1, Ordering::Relaxed);
+        let mut rng = Rng::new(seq ^ ((w.id as u64) << 56) ^ 0x5EED);
+        let r = rng.next_u64();
+        {
+            let g = rcu_read_lock();
+            let a = RCU_PTRS[(r % PTR_SLOTS as u64) as usize].load(&g);
+            // SAFETY: `g` is an RCU guard and RAW_RCU's objects are retired with kfree_rcu_nolock.
+            let b = unsafe { load_raw(&g, &RAW_RCU, (r >> 8) as usize) };
+            check_obj(a, Ctx::Handler, Flav::Rcu);
+            check_raw(b, Ctx::Handler, Flav::Rcu, false);
+            dwell((r >> 16) & 63);
+            check_obj(a, Ctx::Handler, Flav::Rcu);
+            check_raw(b, Ctx::Handler, Flav::Rcu, true);
+        }
+        let r = rng.next_u64();
+        {
+            let g = SRCU.read_lock_fast();
+            let a = SRCU_PTRS[(r % PTR_SLOTS as u64) as usize].load(&g);
+            // SAFETY: `g` is a guard of SRCU and RAW_SRCU's objects are retired with kfree_srcu_fast_nolock(&SRCU).
+            let b = unsafe { load_raw(&g, &RAW_SRCU, (r >> 8) as usize) };
+            check_obj(a, Ctx::Handler, Flav::Srcu);
+            check_raw(b, Ctx::Handler, Flav::Srcu, false);
+            dwell((r >> 16) & 63);
+            check_obj(a, Ctx::Handler, Flav::Srcu);
+            check_raw(b, Ctx::Handler, Flav::Srcu, true);
+        }
+        w.h_reads.fetch_add(2, Ordering::Relaxed);
+        let r = rng.next_u64();
+        if r & 3 == 0 {
+            let flav = if (r >> 2) & 1 == 0 { Flav::Rcu } else { Flav::Srcu };
+            if replace_raw(flav, (r >> 8) as usize, make_tag(w.id, true, seq), Ctx::Handler) {
+                w.h_replaced[flav as usize].fetch_add(1, Ordering::Relaxed);
             }
-            std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
-            let (cur, now) = (totals(&workers), Instant::now());
-            let dt = (now - last_t).as_secs_f64().max(1e-9);
-            if let Some(ctl) = storm.as_mut() {
-                // Threads delete their timers only after STOP, which is not set yet.
-                ctl.adjust(&workers, dt);
-            }
-            let (rs, ss) = (nolock::rcu_stats(), SRCU.stats());
-            let pend = pending(&rs) + pending(&ss);
-            max_pending = max_pending.max(pend);
-            bar.set_message(format!(
-                "reads {} | replaced {} | GPs {} + {} | pending {} | signals {} | errors {}",
-                rate(cur.reads().saturating_sub(last.reads()) as f64 / dt),
-                rate(cur.replaced().saturating_sub(last.replaced()) as f64 / dt),
-                count(rs.grace_periods - rcu0.grace_periods),
-                count(ss.grace_periods - srcu0.grace_periods),
-                count(pend),
-                rate(cur.signals.saturating_sub(last.signals) as f64 / dt),
-                total_errors(),
+        }
+    }
+
+    fn totals(workers: &[Slot<Worker>]) -> Totals {
+        totals(workers)
+    }
+
+    fn tick(&mut self, cur: &Totals, last: &Totals, dt_s: f64) -> String {
+        let (rs, ss) = (nolock::rcu_stats(), SRCU.stats());
+        let pend = pending(&rs) + pending(&ss);
+        self.max_pending = self.max_pending.max(pend);
+        format!(
+            "reads {} | replaced {} | GPs {} + {} | pending {} | errors {}",
+            rate(cur.reads().saturating_sub(last.reads()) as f64 / dt_s),
+            rate(cur.replaced().saturating_sub(last.replaced()) as f64 / dt_s),
+            count(rs.grace_periods - self.rcu0.grace_periods),
+            count(ss.grace_periods - self.srcu0.grace_periods),
+            count(pend),
+            total_errors(),
+        )
+    }
+
+    fn finish(&mut self, _workers: &[Slot<Worker>]) {
+        // Retire what is left, wait for every callback.
+        self.raw_cleared = clear_table();
+        let t_drain = Instant::now();
+        nolock::rcu_barrier();
+        SRCU.barrier();
+        self.drain = t_drain.elapsed();
+        (self.rcu1, self.srcu1) = (nolock::rcu_stats(), SRCU.stats());
+    }
+
+    fn report(&mut self, t: &Totals, run: &Run, out: &mut Report) {
+        let (rcu0, srcu0, rcu1, srcu1) = (&self.rcu0, &self.srcu0, &self.rcu1, &self.srcu1);
+        let leaked = nolock_live_objects() - self.live_before;
+        let (created, dropped) = (OBJ_CREATED.load(Ordering::Relaxed), OBJ_DROPPED.load(Ordering::Relaxed));
+        let never_dropped = created.saturating_sub(dropped);
+        let not_run = pending(rcu1) + pending(srcu1);
+        let secs = run.secs;
+        let errs: Vec<u64> = ERRORS.iter().map(|e| e.load(Ordering::Relaxed)).collect();
+        let replaced = t.replaced();
+
+        let table = &mut out.table;
+        table.head("reads (read-side sections, each checks 2 objects twice)");
+        table.row("RCU reader threads", count(t.rcu_reads), "rcu_read_lock, 1 in 8 with a nested section");
+        table.row(
+            "SRCU-fast reader threads",
+            count(t.srcu_reads),
+            format!("read_lock_fast; {} of them slept 20–220 µs inside the section", count(t.sleeps)),
+        );
+        table.row("signal handlers", count(t.handler_reads), "one RCU and one SRCU-fast section per signal");
+        table.row("  per second", rate(t.reads() as f64 / secs), "all readers");
+        table.head("objects replaced and retired");
+        table.row("RcuPtr, RCU", count(t.replaced[K_PTR_RCU]), "publish: old value retired with call_rcu_nolock");
+        table.row("RcuPtr, SRCU-fast", count(t.replaced[K_PTR_SRCU]), "publish: old value retired with call_srcu");
+        let (hr, hs) = (t.handler_replaced[Flav::Rcu as usize], t.handler_replaced[Flav::Srcu as usize]);
+        table.row(
+            "raw, kfree_rcu_nolock",
+            count(t.replaced[K_RAW_RCU] + hr),
+            format!("128 B kmalloc_nolock objects (head at offset 112); {} by signal handlers", count(hr)),
+        );
+        table.row(
+            "raw, kfree_srcu_fast_nolock",
+            count(t.replaced[K_RAW_SRCU] + hs),
+            format!("same, SRCU-fast domain; {} by signal handlers", count(hs)),
+        );
+        table.row("  per second", rate(replaced as f64 / secs), "all updaters and handlers");
+        table.row("synchronize calls", count(t.syncs), "synchronize_rcu / SrcuFast::synchronize by updaters");
+        table.row("retired at the end", count(self.raw_cleared + 2 * PTR_SLOTS as u64), "every slot cleared");
+        table.head("grace periods and callbacks");
+        let (gr, gs) = (rcu1.grace_periods - rcu0.grace_periods, srcu1.grace_periods - srcu0.grace_periods);
+        table.row("grace periods RCU", count(gr), format!("{}, barriers at the end included", rate(gr as f64 / secs)));
+        table.row("grace periods SRCU-fast", count(gs), rate(gs as f64 / secs));
+        table.row(
+            "callbacks run RCU",
+            count(rcu1.callbacks_invoked - rcu0.callbacks_invoked),
+            "one per RcuPtr value; one per kfree pointer block (up to 508 objects)",
+        );
+        table.row("callbacks run SRCU-fast", count(srcu1.callbacks_invoked - srcu0.callbacks_invoked), "same");
+        table.row(
+            "peak pending RCU",
+            count(rcu1.peak_pending),
+            "largest backlog of callbacks the grace-period worker saw",
+        );
+        table.row("peak pending SRCU-fast", count(srcu1.peak_pending), "same");
+        table.row("peak pending sampled", count(self.max_pending), "queued − invoked, both domains, every 100 ms");
+        table.row("barrier drain", format!("{:.2} ms", self.drain.as_secs_f64() * 1e3), "rcu_barrier + SRCU barrier");
+        table.head("errors (each must be 0)");
+        table.row("freed object seen", count(errs[Err::Freed as usize]), "poisoned RcuPtr value inside a section");
+        table.row("torn object seen", count(errs[Err::Torn as usize]), "magic or pattern changed inside a section");
+        table.row(
+            "grace period ended inside",
+            count(errs[Err::GpEnded as usize]),
+            "retired object's grace period completed while a reader still held it",
+        );
+        table.row("allocation failures", count(errs[Err::Alloc as usize]), "kmalloc_nolock / publish returned None");
+        table.row(
+            "damaged before destructor",
+            count(errs[Err::CorruptAtFree as usize]),
+            "RcuPtr value changed while published",
+        );
+        table.row("RcuPtr values not dropped", count(never_dropped), "after rcu_barrier + SRCU barrier");
+        table.row("callbacks not run", count(not_run), "queued − invoked after the barriers");
+        table.row("nolock objects leaked", leaked.to_string(), "nolock's count of live objects, end − start");
+
+        let failed = &mut out.failed;
+        let read_errors = total_errors();
+        if read_errors > 0 {
+            failed.push(format!(
+                "{read_errors} error(s); first: {}",
+                describe_first_error().unwrap_or_else(|| "?".into())
             ));
-            bar.set_position(((now - t0).as_secs_f64() * 10.0) as u64);
-            if let Some(r) = nolock::stats::resident_bytes() {
-                rss_peak_sampled = rss_peak_sampled.max(r as u64);
+        }
+        if never_dropped > 0 {
+            failed.push(format!("{never_dropped} RcuPtr value(s) never dropped after the barriers"));
+        }
+        if not_run > 0 {
+            failed.push(format!("{not_run} callback(s) queued but not run after the barriers"));
+        }
+        if leaked != 0 {
+            failed.push(format!("nolock counts {leaked} object(s) more allocated than at the start"));
+        }
+        // A run that could not exercise the grace periods proves nothing: it must not pass.
+        let kinds = [
+            ("RcuPtr, RCU", t.replaced[K_PTR_RCU]),
+            ("RcuPtr, SRCU-fast", t.replaced[K_PTR_SRCU]),
+            ("raw, kfree_rcu_nolock", t.replaced[K_RAW_RCU] + t.handler_replaced[Flav::Rcu as usize]),
+            ("raw, kfree_srcu_fast_nolock", t.replaced[K_RAW_SRCU] + t.handler_replaced[Flav::Srcu as usize]),
+        ];
+        for (what, k) in kinds {
+            if k == 0 {
+                failed.push(format!("no '{what}' object was replaced: that retire path was not exercised"));
             }
-            (last, last_t) = (cur, now);
         }
-        STOP.store(true, Ordering::Relaxed);
-        for h in handles {
-            match h.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => worker_errors.push(e.to_string()),
-                Err(_) => worker_errors.push("a worker thread panicked".into()),
+        let readers = [
+            ("RCU reader threads", self.count_role(Role::RcuReader), t.rcu_reads),
+            ("SRCU-fast reader threads", self.count_role(Role::SrcuReader), t.srcu_reads),
+        ];
+        for (who, threads, reads) in readers {
+            if threads > 0 && reads == 0 {
+                failed.push(format!("the {who} made no read-side section"));
             }
         }
-        t0.elapsed()
-    });
-    bar.finish_and_clear();
-    restore_handler(&old_actions);
-    let t = totals(&workers);
-    let final_interval_ns = Storm::mean_interval_ns(&workers);
-    drop(workers);
-
-    // Retire what is left, wait for every callback, give memory back.
-    let raw_cleared = clear_table();
-    let t_drain = Instant::now();
-    nolock::rcu_barrier();
-    SRCU.barrier();
-    let drain = t_drain.elapsed();
-    let (rcu1, srcu1) = (nolock::rcu_stats(), SRCU.stats());
-    let rss_peak = peak_rss().unwrap_or(0).max(rss_peak_sampled);
-    let trim = nolock::trim();
-    let rss_after = nolock::stats::resident_bytes().unwrap_or(0) as u64;
-    let leaked = nolock_live_objects() - live_before;
-    let (created, dropped) = (OBJ_CREATED.load(Ordering::Relaxed), OBJ_DROPPED.load(Ordering::Relaxed));
-    let never_dropped = created.saturating_sub(dropped);
-    let not_run = pending(&rcu1) + pending(&srcu1);
-
-    let secs = elapsed.as_secs_f64();
-    let errs: Vec<u64> = ERRORS.iter().map(|e| e.load(Ordering::Relaxed)).collect();
-    let replaced = t.replaced();
-
-    let mut rows: Vec<(String, String, String)> = Vec::new();
-    let head = |rows: &mut Vec<(String, String, String)>, k: &str| rows.push((k.into(), String::new(), String::new()));
-    let row = |rows: &mut Vec<(String, String, String)>, k: &str, v: String, m: &str| {
-        rows.push((format!("  {k}"), v, m.to_string()))
-    };
-    head(&mut rows, "reads (read-side sections, each checks 2 objects twice)");
-    row(&mut rows, "RCU reader threads", count(t.rcu_reads), "rcu_read_lock, 1 in 8 with a nested section");
-    row(
-        &mut rows,
-        "SRCU-fast reader threads",
-        count(t.srcu_reads),
-        &format!("read_lock_fast; {} of them slept 20–220 µs inside the section", count(t.sleeps)),
-    );
-    row(&mut rows, "signal handlers", count(t.handler_reads), "one RCU and one SRCU-fast section per signal");
-    row(&mut rows, "  per second", rate(t.reads() as f64 / secs), "all readers");
-    head(&mut rows, "objects replaced and retired");
-    row(&mut rows, "RcuPtr, RCU", count(t.replaced[K_PTR_RCU]), "publish: old value retired with call_rcu_nolock");
-    row(&mut rows, "RcuPtr, SRCU-fast", count(t.replaced[K_PTR_SRCU]), "publish: old value retired with call_srcu");
-    let (hr, hs) = (t.handler_replaced[Flav::Rcu as usize], t.handler_replaced[Flav::Srcu as usize]);
-    row(
-        &mut rows,
-        "raw, kfree_rcu_nolock",
-        count(t.replaced[K_RAW_RCU] + hr),
-        &format!("128 B kmalloc_nolock objects (head at offset 112); {} by signal handlers", count(hr)),
-    );
-    row(
-        &mut rows,
-        "raw, kfree_srcu_fast_nolock",
-        count(t.replaced[K_RAW_SRCU] + hs),
-        &format!("same, SRCU-fast domain; {} by signal handlers", count(hs)),
-    );
-    row(&mut rows, "  per second", rate(replaced as f64 / secs), "all updaters and handlers");
-    row(&mut rows, "synchronize calls", count(t.syncs), "synchronize_rcu / SrcuFast::synchronize by updaters");
-    row(&mut rows, "retired at the end", count(raw_cleared + 2 * PTR_SLOTS as u64), "every slot cleared");
-    head(&mut rows, "grace periods and callbacks");
-    let (gr, gs) = (rcu1.grace_periods - rcu0.grace_periods, srcu1.grace_periods - srcu0.grace_periods);
-    row(
-        &mut rows,
-        "grace periods RCU",
-        count(gr),
-        &format!("{}, barriers at the end included", rate(gr as f64 / secs)),
-    );
-    row(&mut rows, "grace periods SRCU-fast", count(gs), &rate(gs as f64 / secs));
-    row(
-        &mut rows,
-        "callbacks run RCU",
-        count(rcu1.callbacks_invoked - rcu0.callbacks_invoked),
-        "one per RcuPtr value; one per kfree pointer block (up to 508 objects)",
-    );
-    row(&mut rows, "callbacks run SRCU-fast", count(srcu1.callbacks_invoked - srcu0.callbacks_invoked), "same");
-    row(
-        &mut rows,
-        "peak pending RCU",
-        count(rcu1.peak_pending),
-        "largest backlog of callbacks the grace-period worker saw",
-    );
-    row(&mut rows, "peak pending SRCU-fast", count(srcu1.peak_pending), "same");
-    row(&mut rows, "peak pending sampled", count(max_pending), "queued − invoked, both domains, every 100 ms");
-    row(&mut rows, "barrier drain", format!("{:.2} ms", drain.as_secs_f64() * 1e3), "rcu_barrier + SRCU barrier");
-    head(&mut rows, "errors (each must be 0)");
-    row(&mut rows, "freed object seen", count(errs[Err::Freed as usize]), "poisoned RcuPtr value inside a section");
-    row(&mut rows, "torn object seen", count(errs[Err::Torn as usize]), "magic or pattern changed inside a section");
-    row(
-        &mut rows,
-        "grace period ended inside",
-        count(errs[Err::GpEnded as usize]),
-        "retired object's grace period completed while a reader still held it",
-    );
-    row(&mut rows, "allocation failures", count(errs[Err::Alloc as usize]), "kmalloc_nolock / publish returned None");
-    row(
-        &mut rows,
-        "damaged before destructor",
-        count(errs[Err::CorruptAtFree as usize]),
-        "RcuPtr value changed while published",
-    );
-    row(&mut rows, "RcuPtr values not dropped", count(never_dropped), "after rcu_barrier + SRCU barrier");
-    row(&mut rows, "callbacks not run", count(not_run), "queued − invoked after the barriers");
-    row(&mut rows, "nolock objects leaked", leaked.to_string(), "nolock's count of live objects, end − start");
-    head(&mut rows, "signal storm");
-    row(
-        &mut rows,
-        "signals delivered",
-        count(t.signals),
-        &format!("handler runs: {} (target: --rate)", rate(t.signals as f64 / secs)),
-    );
-    row(&mut rows, "timer overruns", count(t.overruns), "expirations merged into a still-pending signal");
-    if interval_ns.is_some() {
-        row(
-            &mut rows,
-            "timer period at the end",
-            format!("{:.0} µs", final_interval_ns as f64 / 1000.0),
-            "per timer, tuned so that the delivered rate meets the target",
-        );
-    }
-    head(&mut rows, "resident memory");
-    row(&mut rows, "before", bytes(rss_before), "whole process, at start");
-    row(&mut rows, "peak", bytes(rss_peak), "high-water mark during the run");
-    row(&mut rows, "after", bytes(rss_after), "after the barriers and nolock::trim()");
-    row(
-        &mut rows,
-        "  returned by trim()",
-        count(trim.pages_purged as u64),
-        &format!("pages ({} slabs released)", count(trim.slabs_released as u64)),
-    );
-
-    let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
-    let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(0);
-    println!();
-    for (k, v, m) in &rows {
-        if v.is_empty() && m.is_empty() {
-            println!("{k}");
-        } else {
-            println!("{k:<w0$}  {v:>w1$}  {m}");
-        }
-    }
-    println!();
-
-    let mut failed = Vec::new();
-    let read_errors = total_errors();
-    if read_errors > 0 {
-        failed.push(format!("{read_errors} error(s); first: {}", describe_first_error().unwrap_or_else(|| "?".into())));
-    }
-    if never_dropped > 0 {
-        failed.push(format!("{never_dropped} RcuPtr value(s) never dropped after the barriers"));
-    }
-    if not_run > 0 {
-        failed.push(format!("{not_run} callback(s) queued but not run after the barriers"));
-    }
-    if leaked != 0 {
-        failed.push(format!("nolock counts {leaked} object(s) more allocated than at the start"));
-    }
-    for e in &worker_errors {
-        failed.push(format!("worker: {e}"));
-    }
-    // A run that could not exercise the grace periods proves nothing: it must not pass.
-    let kinds = [
-        ("RcuPtr, RCU", t.replaced[K_PTR_RCU]),
-        ("RcuPtr, SRCU-fast", t.replaced[K_PTR_SRCU]),
-        ("raw, kfree_rcu_nolock", t.replaced[K_RAW_RCU] + t.handler_replaced[Flav::Rcu as usize]),
-        ("raw, kfree_srcu_fast_nolock", t.replaced[K_RAW_SRCU] + t.handler_replaced[Flav::Srcu as usize]),
-    ];
-    for (what, k) in kinds {
-        if k == 0 {
-            failed.push(format!("no '{what}' object was replaced: that retire path was not exercised"));
-        }
-    }
-    let readers = [
-        ("RCU reader threads", count_role(Role::RcuReader), t.rcu_reads),
-        ("SRCU-fast reader threads", count_role(Role::SrcuReader), t.srcu_reads),
-    ];
-    for (who, threads, reads) in readers {
-        if threads > 0 && reads == 0 {
-            failed.push(format!("the {who} made no read-side section"));
-        }
-    }
-    if args.rate > 0 && t.signals == 0 {
-        failed.push("the signal storm delivered no signal: no reader ran inside a handler".into());
-    }
-    if let Some(r) = reports.failure() {
-        failed.push(r);
-    }
-    if failed.is_empty() {
-        println!(
-            "PASS: {} read-side sections, {} objects retired; no reader saw a freed object, every retired object \
-             was freed, no nolock report",
+        out.pass = format!(
+            "{} read-side sections, {} objects retired; no reader saw a freed object, every retired object was \
+             freed, no nolock report",
             count(t.reads()),
             count(replaced)
         );
-        ExitCode::SUCCESS
-    } else {
-        for f in &failed {
-            println!("FAIL: {f}");
-        }
-        ExitCode::FAILURE
     }
 }
 

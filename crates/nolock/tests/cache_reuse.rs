@@ -9,8 +9,6 @@
 //! tag survives free and reuse (a free pushes the object on the thread's list and the next allocation pops it
 //! back, so a link word written at offset 0 would show at once).
 
-mod common;
-
 use core::alloc::Layout;
 use core::ptr::NonNull;
 
@@ -30,7 +28,7 @@ fn id_of(c: &KmemCache) -> String {
 
 #[test]
 fn reused_id_frees_with_the_new_link_offset() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     nolock::init();
     let layout = Layout::from_size_align(64, 8).expect("layout");
 

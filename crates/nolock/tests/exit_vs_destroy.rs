@@ -6,8 +6,6 @@
 //! same run of objects onto its slab twice (reported as a double free, leaking the run, and corrupting the
 //! slab's counts). Found by the fork test on a 16-core machine; this test reproduces it on two cores.
 
-mod common;
-
 use std::alloc::Layout;
 use std::ptr::NonNull;
 
@@ -15,7 +13,7 @@ use nolock::{Gfp, KmemCache};
 
 #[test]
 fn destroy_right_after_scope_while_threads_exit() {
-    let reports = common::NoReports::new();
+    let reports = testkit::NoReports::new();
     nolock::init();
     for round in 0..300 {
         let cache = KmemCache::new("exit-vs-destroy", Layout::new::<[u64; 7]>()).expect("cache");
@@ -56,17 +54,17 @@ fn no_reports_guard_child() {
     if std::env::var_os(GUARD_CHILD_ENV).is_none() {
         return;
     }
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let mut not_nolock = 0u64;
     // SAFETY: a stack address is not nolock's: the free is refused and reported, nothing is freed.
     unsafe { nolock::kfree_nolock((&raw mut not_nolock).cast()) };
 }
 
-/// Every stress, storm and torture test holds a `common::NoReports` guard: one report printed during the test
+/// Every stress, storm and torture test holds a `testkit::NoReports` guard: one report printed during the test
 /// (here: one refused free) must fail it even though every assertion of the test itself passed.
 #[test]
 fn a_report_during_a_test_fails_it() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
         .args(["--exact", "no_reports_guard_child", "--nocapture", "--test-threads=1"])
         .env(GUARD_CHILD_ENV, "1")

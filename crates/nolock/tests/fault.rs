@@ -5,8 +5,6 @@
 //! `injected_failures` (never in `failures`, which means out of memory), and `Off` must restore normal service.
 //! kmalloc injection is process-wide, so the tests of this file run one at a time and turn it off at the end.
 
-mod common;
-
 use std::alloc::Layout;
 use std::sync::{Mutex, MutexGuard};
 
@@ -55,7 +53,7 @@ fn failed_positions(f: &[bool]) -> Vec<usize> {
 
 #[test]
 fn every_nth_is_exact() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _s = serial();
     for n in [1u32, 2, 3, 7, 64] {
         let c = cache("fault-nth");
@@ -84,7 +82,7 @@ fn every_nth_is_exact() {
 
 #[test]
 fn every_nth_counts_across_threads() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _s = serial();
     let c = cache("fault-nth-mt");
     c.set_fault_injection(FaultInjection::EveryNth(10));
@@ -103,7 +101,7 @@ fn every_nth_counts_across_threads() {
 
 #[test]
 fn probability_is_roughly_right() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _s = serial();
     let c = cache("fault-prob");
     let n = 20_000;
@@ -129,7 +127,7 @@ fn probability_is_roughly_right() {
 
 #[test]
 fn injection_is_per_cache() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _s = serial();
     let a = cache("fault-a");
     let b = cache("fault-b");
@@ -151,7 +149,7 @@ fn kmalloc_injected(name: &str) -> (u64, u64) {
 
 #[test]
 fn kmalloc_fault_injection() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _s = serial();
     let (inj0, fail0) = kmalloc_injected("kmalloc-64");
     set_kmalloc_fault_injection(FaultInjection::EveryNth(5));

@@ -6,16 +6,14 @@
 //! One test in this binary: the first phase needs a process in which nolock has never been called, and the
 //! page accounting at the end is process-wide.
 
-mod common;
-
 use std::alloc::Layout;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{AltStack, ErrnoGuard};
 use nolock::stats::thread_has_shard;
 use nolock::{Gfp, KmemCache, kfree_nolock, kmalloc_nolock, ksize};
+use testkit::{AltStack, ErrnoGuard};
 
 const SIG: libc::c_int = libc::SIGUSR1;
 /// Every kmalloc class and two page runs.
@@ -61,12 +59,12 @@ extern "C" fn on_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *m
             fail(F_BAD_SIZE);
         }
         // SAFETY: a fresh object of `len` bytes.
-        if !unsafe { common::is_zeroed(p.as_ptr(), len) } {
+        if !unsafe { testkit::is_zeroed(p.as_ptr(), len) } {
             fail(F_NOT_ZERO);
         }
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         // SAFETY: as above; 8-aligned.
-        unsafe { common::fill(p.as_ptr(), len, seq) };
+        unsafe { testkit::fill(p.as_ptr(), len, seq) };
         *o = (p.as_ptr() as usize, seq);
     }
     for (i, &(a, seq)) in objs.iter().enumerate() {
@@ -74,7 +72,7 @@ extern "C" fn on_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *m
             continue;
         }
         // SAFETY: our live object, stamped over ksize bytes.
-        if unsafe { common::check(a as *const u8, ksize(a as *const u8), Some(seq), u64::MAX) }.is_err() {
+        if unsafe { testkit::check(a as *const u8, ksize(a as *const u8), Some(seq), u64::MAX) }.is_err() {
             fail(F_CORRUPT);
         }
         if i % 2 == 0 {
@@ -93,7 +91,7 @@ extern "C" fn on_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *m
             Some(p) => {
                 let seq = SEQ.fetch_add(1, Ordering::Relaxed);
                 // SAFETY: a fresh object of the cache's size.
-                unsafe { common::fill(p.as_ptr(), c.object_size(), seq) };
+                unsafe { testkit::fill(p.as_ptr(), c.object_size(), seq) };
                 KEPT_SEQ[SIZES.len()].store(seq, Ordering::Relaxed);
                 KEPT[SIZES.len()].store(p.as_ptr() as usize, Ordering::Release);
             }
@@ -127,7 +125,7 @@ fn target(alt_stack: bool) {
         let len = ksize(a as *const u8);
         // SAFETY: a live object the handler stamped over `len` bytes (the cache object: its object size,
         // which is what ksize reports for it).
-        let r = unsafe { common::check(a as *const u8, len, Some(seq), u64::MAX) };
+        let r = unsafe { testkit::check(a as *const u8, len, Some(seq), u64::MAX) };
         assert_eq!(r, Ok(seq), "object kept by the handler at {a:#x}");
         // SAFETY: our object, freed once (kfree_nolock also frees KmemCache objects).
         unsafe { kfree_nolock(a as *mut u8) };
@@ -166,10 +164,10 @@ fn run_phase(name: &str, alt_stack: bool) {
 
 #[test]
 fn first_nolock_call_in_a_signal_handler() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     // No background worker: the page accounting at the end must not race with its passes.
     nolock::Config::new().background(false).apply().expect("nothing has called nolock yet in this process");
-    common::install_handler(SIG, on_signal, libc::SA_ONSTACK);
+    testkit::install_handler(SIG, on_signal, libc::SA_ONSTACK);
 
     // Phase 1: the first nolock call of the whole process, in a handler (the global state is built there).
     run_phase("first-in-process", false);

@@ -5,8 +5,6 @@
 //! The child runs nolock and raw libc only (no std allocation, no locks, no panics), and leaves with `_exit`.
 //! The parent waits for it with a deadline and kills it if it hangs.
 
-mod common;
-
 use std::alloc::Layout;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Barrier, Mutex};
@@ -47,20 +45,20 @@ fn pattern_len(p: *const u8) -> usize {
 
 fn stamp(p: *mut u8, seq: u64) {
     // SAFETY: a fresh object of at least `pattern_len(p)` bytes, 8-aligned.
-    unsafe { common::fill(p, pattern_len(p), seq) };
+    unsafe { testkit::fill(p, pattern_len(p), seq) };
 }
 
 fn intact(addr: usize, seq: u64) -> bool {
     let p = addr as *const u8;
     // SAFETY: a live object stamped over `pattern_len(p)` bytes.
-    unsafe { common::check(p, pattern_len(p), Some(seq), u64::MAX) }.is_ok()
+    unsafe { testkit::check(p, pattern_len(p), Some(seq), u64::MAX) }.is_ok()
 }
 
 /// A parent thread's loop: allocate, publish, unpublish, check and free objects in its slots until `STOP`.
 fn runner(t: usize, cache: &KmemCache) {
-    let mut r = common::splitmix64(t as u64 + 7);
+    let mut r = testkit::splitmix64(t as u64 + 7);
     while !STOP.load(Ordering::Relaxed) {
-        r = common::splitmix64(r);
+        r = testkit::splitmix64(r);
         let slot = t * PER_THREAD + (r as usize % PER_THREAD);
         let old = PUB_ADDR[slot].swap(0, Ordering::AcqRel);
         if old != 0 {
@@ -204,7 +202,7 @@ fn fork_and_check(cache: &KmemCache, what: &str) {
 
 #[test]
 fn fork_while_threads_allocate() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     nolock::init(); // with the background worker: fork must also cope with it
     let cache = KmemCache::new("fork-obj", Layout::new::<[u64; 7]>()).unwrap();
@@ -217,10 +215,10 @@ fn fork_while_threads_allocate() {
         for t in 0..2 {
             let (cache, parked) = (&cache, &parked);
             s.spawn(move || {
-                let mut r = common::splitmix64(100 + t as u64);
+                let mut r = testkit::splitmix64(100 + t as u64);
                 let mut mine = Vec::new();
                 for i in 0..2000 {
-                    r = common::splitmix64(r);
+                    r = testkit::splitmix64(r);
                     let p = kmalloc_nolock(SIZES[r as usize % SIZES.len()], Gfp::NONE).unwrap();
                     mine.push(p);
                     if i % 3 == 0 {
@@ -279,7 +277,7 @@ fn fork_while_threads_allocate() {
 
 #[test]
 fn fork_inside_nolock_heavy_process_repeatedly() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cache = KmemCache::new("fork-obj-2", Layout::new::<[u8; 200]>()).unwrap();
     STOP.store(false, Ordering::Relaxed);

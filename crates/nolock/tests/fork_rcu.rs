@@ -39,21 +39,19 @@
 //! per barrier under the storm's load, past the 20 s deadline). The fork child handler now clears those locks
 //! and queues what the slots hold (a slot never holds a block that is already queued).
 
-mod common;
-
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{AltStack, ErrnoGuard, ThreadTimer};
 use nolock::{
     Gfp, KmemCache, RCU_TASKS_TRACE, RcuHead, SlabFlags, SrcuFast, call_rcu, call_rcu_nolock, call_rcu_tasks_trace,
     cond_synchronize_rcu, kfree_rcu_nolock, kfree_srcu_fast_nolock, poll_state_synchronize_rcu, rcu_barrier,
     rcu_barrier_tasks_trace, rcu_read_lock, rcu_read_lock_tasks_trace, start_poll_synchronize_rcu, synchronize_rcu,
     synchronize_rcu_tasks_trace,
 };
+use testkit::{AltStack, ErrnoGuard, ThreadTimer};
 
 /// Forks per test.
 const FORKS: usize = 40;
@@ -222,7 +220,7 @@ fn rcu_reader(i: u64, short: u64, long: u64) {
 fn srcu_reader(i: u64, tasks_trace: bool) {
     let g = if tasks_trace { rcu_read_lock_tasks_trace() } else { DOMAIN.read_lock_fast() };
     if i.is_multiple_of(16) {
-        common::sleep_wall(Duration::from_millis(1));
+        testkit::sleep_wall(Duration::from_millis(1));
     } else {
         spin_for(Duration::from_micros(20));
     }
@@ -578,7 +576,7 @@ fn fork_storm(readers_and_signals: bool) {
     typesafe_cache();
     progress();
     if readers_and_signals {
-        common::install_handler(libc::SIGUSR1, on_signal, libc::SA_ONSTACK);
+        testkit::install_handler(libc::SIGUSR1, on_signal, libc::SA_ONSTACK);
     }
     STOP.store(false, Ordering::Relaxed);
     let signals_before = SIGNALS.load(Ordering::Relaxed);
@@ -600,7 +598,7 @@ fn fork_storm(readers_and_signals: bool) {
         std::thread::sleep(Duration::from_millis(100));
         let mut r = 0x1234_5678u64;
         for round in 0..FORKS {
-            r = common::splitmix64(r);
+            r = testkit::splitmix64(r);
             std::thread::sleep(Duration::from_micros(r % 20_000));
             if round % 2 == 0 {
                 leave_own_state(round);

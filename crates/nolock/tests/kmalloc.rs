@@ -1,7 +1,5 @@
 //! Basic behaviour of kmalloc_nolock / kfree_nolock / ksize / KmemCache across threads.
 
-mod common;
-
 use std::alloc::Layout;
 use std::collections::HashSet;
 
@@ -11,7 +9,7 @@ use nolock::{
 
 #[test]
 fn every_class_and_large() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let mut seen = HashSet::new();
     let mut held = Vec::new();
     for size in [1usize, 7, 8, 9, 63, 64, 65, 96, 97, 150, 192, 193, 256, 500, 1000, 2048, 4000, 8192, 8193, 70_000] {
@@ -40,7 +38,7 @@ fn every_class_and_large() {
 
 #[test]
 fn classes_are_exact_and_aligned() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     for &c in &KMALLOC_SIZES {
         let p = kmalloc_nolock(c, Gfp::NONE).unwrap();
         assert_eq!(ksize(p.as_ptr()), c);
@@ -58,7 +56,7 @@ fn classes_are_exact_and_aligned() {
 
 #[test]
 fn zero_size() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let p = kmalloc_nolock(0, Gfp::NONE).unwrap();
     assert_eq!(p.as_ptr(), ZERO_SIZE_PTR);
     assert_eq!(ksize(p.as_ptr()), 0);
@@ -71,7 +69,7 @@ fn zero_size() {
 
 #[test]
 fn cross_thread_free_and_outliving_threads() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let (tx, rx) = std::sync::mpsc::channel::<Vec<usize>>();
     let producer = std::thread::spawn(move || {
         for round in 0..50 {
@@ -105,7 +103,7 @@ fn cross_thread_free_and_outliving_threads() {
 
 #[test]
 fn kmem_cache_roundtrip() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let cache = KmemCache::builder("test-obj", Layout::new::<[u64; 5]>()).freeptr_offset(16).build().unwrap();
     assert_eq!(cache.object_size(), 40);
     let mut v = Vec::new();

@@ -3,8 +3,6 @@
 //! runs this binary again as a child per fallback (`MEMBARRIER_CMD_GLOBAL`, and on x86-64 the `mprotect`
 //! trick), each running the `fallback_child` test.
 
-mod common;
-
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -22,7 +20,7 @@ unsafe fn cb(head: NonNull<RcuHead>) {
 
 #[test]
 fn grace_periods_with_each_fallback_barrier() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let mut forced = vec!["global"];
     if cfg!(target_arch = "x86_64") {
         forced.push("mprotect");
@@ -48,7 +46,7 @@ fn grace_periods_with_each_fallback_barrier() {
 #[test]
 #[ignore = "run in a child process by grace_periods_with_each_fallback_barrier"]
 fn fallback_child() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     if std::env::var_os("NOLOCK_FALLBACK_CHILD").is_none() {
         return;
     }

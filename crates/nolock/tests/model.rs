@@ -13,8 +13,6 @@
 //! The multi-threaded variant splits the operations across 2-3 threads that share one live set, so objects are
 //! freed on threads other than the one that allocated them; a final check runs after the join.
 
-mod common;
-
 use std::alloc::Layout;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
@@ -354,13 +352,13 @@ proptest! {
 
     #[test]
     fn single_thread(ops in prop::collection::vec(op_strategy(), 1..300)) {
-        let _reports = common::NoReports::new();
+        let _reports = testkit::NoReports::new();
         run_single(&ops);
     }
 
     #[test]
     fn multi_thread(ops in prop::collection::vec(op_strategy(), 1..400), threads in 2usize..=3) {
-        let _reports = common::NoReports::new();
+        let _reports = testkit::NoReports::new();
         run_threads(&ops, threads);
     }
 }
@@ -369,7 +367,7 @@ proptest! {
 /// thread and in three.
 #[test]
 fn long_sequences() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     use proptest::strategy::ValueTree;
     use proptest::test_runner::{Config, TestRng, TestRunner};
     let mut runner = TestRunner::new_with_rng(

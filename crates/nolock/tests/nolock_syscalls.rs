@@ -43,20 +43,18 @@
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
-mod common;
-
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering, compiler_fence};
 use std::sync::{Barrier, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{AltStack, ErrnoGuard, ThreadTimer};
 use nolock::{
     Gfp, KmemCache, RCU_TASKS_TRACE, RcuHead, SrcuFast, call_rcu_nolock, call_rcu_tasks_trace, kfree_nolock,
     kfree_rcu_nolock, kfree_srcu_fast_nolock, kmalloc_nolock, rcu_barrier, rcu_barrier_tasks_trace, rcu_read_lock,
     rcu_read_lock_tasks_trace, synchronize_rcu, synchronize_rcu_tasks_trace,
 };
+use testkit::{AltStack, ErrnoGuard, ThreadTimer};
 
 // ------------------------------------------------------------------------------------------------------------
 // The interposers
@@ -836,7 +834,7 @@ fn run_workload() -> Counted {
     let reports = nolock::debug::reports();
     let c = cache();
     CACHE.store(c as *const KmemCache as *mut KmemCache, Ordering::Release);
-    common::install_handler(libc::SIGPROF, on_sigprof, libc::SA_ONSTACK);
+    testkit::install_handler(libc::SIGPROF, on_sigprof, libc::SA_ONSTACK);
     STOP.store(false, Ordering::Relaxed);
     let measuring = AtomicBool::new(false);
     let warmed = Barrier::new(THREADS + 1);

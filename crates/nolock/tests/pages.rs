@@ -4,8 +4,6 @@
 //!
 //! The tests check exact page counts, so they run one at a time.
 
-mod common;
-
 use std::ptr::NonNull;
 use std::sync::{Mutex, MutexGuard};
 
@@ -34,7 +32,7 @@ fn run<'a>(p: NonNull<u8>, order: u32) -> &'a mut [u8] {
 
 #[test]
 fn every_order_aligned_distinct_and_freed() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _s = serial();
     let base = used_pages();
     let mut held: Vec<(NonNull<u8>, u32)> = Vec::new();
@@ -74,7 +72,7 @@ fn every_order_aligned_distinct_and_freed() {
 
 #[test]
 fn zero_flag_clears_reused_pages() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _s = serial();
     for order in [0u32, 1, 3, 6, 7, 9] {
         // Dirty a batch of runs, free them, then allocate the same number again with ZERO: the allocator hands
@@ -112,7 +110,7 @@ fn zero_flag_clears_reused_pages() {
 
 #[test]
 fn zero_flag_after_trim() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _s = serial();
     // Pages purged by trim (MADV_DONTNEED) read as zero, and ZERO allocations of them are zero too.
     let runs: Vec<_> = (0..8).map(|_| alloc_pages_nolock(4, Gfp::NONE).unwrap()).collect();
@@ -132,7 +130,7 @@ fn zero_flag_after_trim() {
 
 #[test]
 fn concurrent_alloc_free_pages() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _s = serial();
     let base = used_pages();
     std::thread::scope(|s| {
@@ -175,7 +173,7 @@ fn concurrent_alloc_free_pages() {
 
 #[test]
 fn pages_and_kmalloc_do_not_overlap() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _s = serial();
     let mut runs = Vec::new();
     let mut objs = Vec::new();

@@ -5,8 +5,6 @@
 //! The 64 MiB arena must be configured before nolock's first use, so this file holds a single test. The
 //! background worker is turned off so that no purge pass holds free pages while the test counts them.
 
-mod common;
-
 use std::alloc::Layout;
 use std::collections::BTreeSet;
 use std::ptr::NonNull;
@@ -60,7 +58,7 @@ fn kfree_all(objs: Vec<NonNull<u8>>) {
 
 #[test]
 fn exhaust_arena() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     Config::new().arena_size(ARENA).background(false).apply().expect("configured before first use");
     let snap = nolock::stats::snapshot();
     assert_eq!(

@@ -1,8 +1,6 @@
 //! Basic behaviour of RCU, SRCU-fast and Tasks Trace: grace periods wait for pre-existing readers, callbacks
 //! run after grace periods, barriers wait for callbacks, polled cookies.
 
-mod common;
-
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -16,7 +14,7 @@ use nolock::{
 
 #[test]
 fn synchronize_waits_for_preexisting_reader() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     nolock::init();
     let inside = Arc::new(AtomicBool::new(false));
     let release = Arc::new(AtomicBool::new(false));
@@ -62,7 +60,7 @@ unsafe fn obj_cb(head: NonNull<RcuHead>) {
 
 #[test]
 fn call_rcu_and_barrier() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     nolock::init();
     static RAN: AtomicUsize = AtomicUsize::new(0);
     let before = rcu_stats();
@@ -80,7 +78,7 @@ fn call_rcu_and_barrier() {
 
 #[test]
 fn polled_cookies() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     nolock::init();
     let c = get_state_synchronize_rcu();
     synchronize_rcu();
@@ -95,7 +93,7 @@ fn polled_cookies() {
 
 #[test]
 fn srcu_sleeping_reader_and_callbacks() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     nolock::init();
     static D: SrcuFast = SrcuFast::new();
     static RAN: AtomicUsize = AtomicUsize::new(0);
@@ -125,7 +123,7 @@ fn srcu_sleeping_reader_and_callbacks() {
 
 #[test]
 fn dynamic_domain_drop_runs_callbacks() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     nolock::init();
     static RAN: AtomicUsize = AtomicUsize::new(0);
     for _ in 0..3 {
@@ -146,7 +144,7 @@ fn dynamic_domain_drop_runs_callbacks() {
 
 #[test]
 fn tasks_trace_implies_rcu() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     nolock::init();
     let inside = Arc::new(AtomicBool::new(false));
     let release = Arc::new(AtomicBool::new(false));
@@ -177,7 +175,7 @@ fn tasks_trace_implies_rcu() {
 
 #[test]
 fn kfree_rcu_frees_after_barrier() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     nolock::init();
     #[repr(C)]
     struct Node {
@@ -202,7 +200,7 @@ fn kfree_rcu_frees_after_barrier() {
 #[test]
 #[should_panic(expected = "inside an RCU read-side critical section")]
 fn synchronize_inside_reader_panics() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _g = rcu_read_lock();
     synchronize_rcu();
 }
@@ -210,7 +208,7 @@ fn synchronize_inside_reader_panics() {
 #[test]
 #[should_panic(expected = "same SRCU domain")]
 fn synchronize_srcu_inside_reader_panics() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     static D: SrcuFast = SrcuFast::new();
     let _g = D.read_lock_fast();
     D.synchronize();

@@ -31,8 +31,6 @@
 //!
 //! The tests take turns (a mutex): the counters they sample are process-wide.
 
-mod common;
-
 use std::ptr::NonNull;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -185,7 +183,7 @@ fn retire(o: NonNull<Obj>, how: Retire) {
 }
 
 fn retirer(me: usize, how: Retire, paced: bool) {
-    let mut rng = common::splitmix64(me as u64 + 100);
+    let mut rng = testkit::splitmix64(me as u64 + 100);
     let mut retired = 0u64;
     let mut allocated = 0u64;
     let mut waits = 0u64;
@@ -194,7 +192,7 @@ fn retirer(me: usize, how: Retire, paced: bool) {
         // ended (polled, with short sleeps): at most one chunk per retirer per grace period.
         let cookie = paced.then(nolock::start_poll_synchronize_rcu);
         for _ in 0..CHUNK {
-            rng = common::splitmix64(rng);
+            rng = testkit::splitmix64(rng);
             let Some(o) = new_obj() else { continue };
             allocated += 1;
             let old = SLOT[rng as usize % SLOTS].swap(o.as_ptr() as usize, Ordering::AcqRel);
@@ -216,10 +214,10 @@ fn retirer(me: usize, how: Retire, paced: bool) {
 }
 
 fn reader(me: usize) {
-    let mut rng = common::splitmix64(me as u64 + 200);
+    let mut rng = testkit::splitmix64(me as u64 + 200);
     let mut reads = 0u64;
     while !STOP.load(Ordering::Relaxed) {
-        rng = common::splitmix64(rng);
+        rng = testkit::splitmix64(rng);
         let g = nolock::rcu_read_lock();
         for k in 0..4 {
             let p = SLOT[(rng >> (k * 8)) as usize % SLOTS].load(Ordering::Acquire) as *const Obj;
@@ -438,13 +436,13 @@ fn flood(how: Retire, retirers: usize, readers: usize) -> Plan {
 
 #[test]
 fn kfree_rcu_paced_storm_stays_bounded() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     run_storm(paced(Retire::Kfree));
 }
 
 #[test]
 fn call_rcu_paced_storm_stays_bounded() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     run_storm(paced(Retire::Call));
 }
 
@@ -452,7 +450,7 @@ fn call_rcu_paced_storm_stays_bounded() {
 /// drive grace periods (the backpressure in `rcu::kfree`). This test found the unbounded growth before it.
 #[test]
 fn kfree_rcu_flood_stays_bounded() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     run_storm(flood(Retire::Kfree, RETIRERS, READERS));
 }
 
@@ -460,7 +458,7 @@ fn kfree_rcu_flood_stays_bounded() {
 /// above `BACKLOG_HIGH`.
 #[test]
 fn call_rcu_throttled_flood_stays_bounded() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     run_storm(flood(Retire::CallThrottled, RETIRERS, READERS));
 }
 
@@ -471,7 +469,7 @@ fn call_rcu_throttled_flood_stays_bounded() {
 #[test]
 #[ignore = "limitation: call_rcu_nolock cannot wait, so a flood from more threads than cores outruns the single worker"]
 fn call_rcu_nolock_flood_stays_bounded() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     run_storm(flood(Retire::Call, RETIRERS, READERS));
 }
 
@@ -479,6 +477,6 @@ fn call_rcu_nolock_flood_stays_bounded() {
 #[test]
 #[ignore = "limitation: a single thread's call_rcu_nolock flood can outrun the worker"]
 fn call_rcu_nolock_flood_one_thread_stays_bounded() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     run_storm(flood(Retire::Call, 1, 0));
 }

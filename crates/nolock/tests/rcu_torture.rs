@@ -32,7 +32,7 @@
 //!
 //! # The storm
 //!
-//! Every reader and updater thread has two per-thread POSIX timers (`common::ThreadTimer`, `SIGUSR1` and
+//! Every reader and updater thread has two per-thread POSIX timers (`testkit::ThreadTimer`, `SIGUSR1` and
 //! `SIGUSR2`, so handlers also interrupt each other). The handler enters a read-side section, checks a raw and an
 //! `RcuPtr` object, and also replaces objects itself: it allocates with `kmalloc_nolock`, retires the old object
 //! with `call_*` or `kfree_*_nolock` (sometimes still inside its section) and publishes into `RcuPtr` slots.
@@ -49,16 +49,14 @@
 //!
 //! The tests take turns (a mutex): signal dispositions and the memory accounting are process-wide.
 
-mod common;
-
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{AltStack, ErrnoGuard, ThreadTimer};
 use nolock::rcu::ptr::{Flavor, Rcu, RcuPtr, Srcu};
 use nolock::{Gfp, GpStats, RCU_TASKS_TRACE, RcuCallback, RcuCookie, RcuHead, SrcuFast};
+use testkit::{AltStack, ErrnoGuard, ThreadTimer};
 
 // ------------------------------------------------------------------------------------------------------------
 // Parameters
@@ -132,7 +130,7 @@ impl Payload {
             magic: AtomicU64::new(MAGIC ^ generation),
             generation: AtomicU64::new(generation),
             st,
-            pat: core::array::from_fn(|i| AtomicU64::new(common::pattern_word(generation, i + 1))),
+            pat: core::array::from_fn(|i| AtomicU64::new(testkit::pattern_word(generation, i + 1))),
         }
     }
 }
@@ -472,7 +470,7 @@ thread_local! {
 }
 
 fn rand() -> u64 {
-    common::splitmix64(RNG.with(|r| r.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)))
+    testkit::splitmix64(RNG.with(|r| r.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)))
 }
 
 extern "C" fn on_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
@@ -510,7 +508,7 @@ fn new_obj(st: &State) -> Option<NonNull<TObj>> {
             pipe: AtomicU64::new(0),
             how: AtomicU64::new(0),
             head: RcuHead::new(),
-            pat: core::array::from_fn(|i| AtomicU64::new(common::pattern_word(generation, i + 1))),
+            pat: core::array::from_fn(|i| AtomicU64::new(testkit::pattern_word(generation, i + 1))),
         })
     };
     st.created.fetch_add(1, Ordering::Relaxed);
@@ -607,8 +605,8 @@ fn verify_raw(st: &State, o: &TObj, generation: u64) {
     }
     for (i, w) in o.pat.iter().enumerate() {
         let v = w.load(Ordering::Relaxed);
-        if v != common::pattern_word(generation, i + 1) {
-            st.error(Fault::Corrupt, addr, common::pattern_word(generation, i + 1), v);
+        if v != testkit::pattern_word(generation, i + 1) {
+            st.error(Fault::Corrupt, addr, testkit::pattern_word(generation, i + 1), v);
             break;
         }
     }
@@ -636,8 +634,8 @@ fn verify_payload(st: &State, v: &Payload, generation: u64) {
     }
     for (i, w) in v.pat.iter().enumerate() {
         let x = w.load(Ordering::Relaxed);
-        if x != common::pattern_word(generation, i + 1) {
-            st.error(Fault::Corrupt, addr, common::pattern_word(generation, i + 1), x);
+        if x != testkit::pattern_word(generation, i + 1) {
+            st.error(Fault::Corrupt, addr, testkit::pattern_word(generation, i + 1), x);
             break;
         }
     }
@@ -722,7 +720,7 @@ fn thread_read<T: Torture>(r: u64) {
     if !p.is_null() {
         check_raw(st, p, &st.reads_thread, || {
             if sleep {
-                common::sleep_wall(Duration::from_millis(1));
+                testkit::sleep_wall(Duration::from_millis(1));
                 st.sleeps.fetch_add(1, Ordering::Relaxed);
             } else {
                 spin((r >> 16) & 1023);
@@ -800,7 +798,7 @@ fn updater_step<T: Torture>(r: u64, polled: &mut Polled<T::Cookie>) {
 /// A torture thread: timers and an alternate signal stack, then reads (and updates) until `stop`.
 fn torture_thread<T: Torture>(me: usize, updater: bool, handler: fn(), progress: &AtomicU64) {
     let st = T::st();
-    RNG.with(|r| r.store(common::splitmix64(me as u64 * 7919 + 1), Ordering::Relaxed));
+    RNG.with(|r| r.store(testkit::splitmix64(me as u64 * 7919 + 1), Ordering::Relaxed));
     let alt = AltStack::new(256 << 10);
     WORK.with(|w| w.store(handler as usize, Ordering::Relaxed));
     let timers = SIGS.map(|sig| ThreadTimer::for_current_thread(sig, TIMER_PERIOD));
@@ -860,7 +858,7 @@ impl Watchdog {
                     if v == u64::MAX || v != l.0 {
                         *l = (v, Instant::now());
                     } else if l.1.elapsed() > Duration::from_secs(20) {
-                        common::raw_stderr(
+                        testkit::raw_stderr(
                             format!("rcu_torture {name}: thread {i} made no progress for 20 s (deadlock?)\n")
                                 .as_bytes(),
                         );
@@ -868,7 +866,7 @@ impl Watchdog {
                     }
                 }
                 if start.elapsed() > DEADLINE {
-                    common::raw_stderr(format!("rcu_torture {name}: ran past {DEADLINE:?}; aborting\n").as_bytes());
+                    testkit::raw_stderr(format!("rcu_torture {name}: ran past {DEADLINE:?}; aborting\n").as_bytes());
                     std::process::abort();
                 }
             }
@@ -1073,7 +1071,7 @@ fn assert_live_unchanged(live0: (u64, u64), what: &str) {
 
 fn install_handlers() {
     for sig in SIGS {
-        common::install_handler(sig, on_signal, libc::SA_ONSTACK);
+        testkit::install_handler(sig, on_signal, libc::SA_ONSTACK);
     }
 }
 
@@ -1101,19 +1099,19 @@ fn torture<T: Torture>() {
 
 #[test]
 fn torture_rcu() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     torture::<RcuT>();
 }
 
 #[test]
 fn torture_srcu_fast() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     torture::<SrcuT>();
 }
 
 #[test]
 fn torture_tasks_trace() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     torture::<TasksTraceT>();
 }
 
@@ -1124,7 +1122,7 @@ fn torture_tasks_trace() {
 /// drives all three domains' grace periods and callbacks together.
 #[test]
 fn torture_all_flavours_at_once() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     nolock::init();
     install_handlers();
@@ -1265,7 +1263,7 @@ fn check_intervals(readers: &[(u64, u64)], gps: &[(u64, u64)]) -> Verdict {
 }
 
 fn rcu_reader_thread(me: usize, progress: &AtomicU64) -> Vec<(u64, u64)> {
-    RNG.with(|r| r.store(common::splitmix64(me as u64 + 4242), Ordering::Relaxed));
+    RNG.with(|r| r.store(testkit::splitmix64(me as u64 + 4242), Ordering::Relaxed));
     let alt = AltStack::new(256 << 10);
     WORK.with(|w| w.store(implies_handler_work as fn() as usize, Ordering::Relaxed));
     let timers = SIGS.map(|sig| ThreadTimer::for_current_thread(sig, TIMER_PERIOD));
@@ -1327,7 +1325,7 @@ fn tt_sleeper(progress: &AtomicU64) {
 
 #[test]
 fn tasks_trace_implies_rcu_under_load() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     nolock::init();
     install_handlers();
@@ -1430,7 +1428,7 @@ fn repro_handler_work() {
 /// handlers) never did. (`tests/srcu_nesting_signal.rs` reproduces the same bug independently.)
 #[test]
 fn srcu_synchronize_with_same_thread_handler_readers() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     nolock::init();
     install_handlers();

@@ -14,8 +14,6 @@
 //! Hooks are global: the tests here are serialized, and the background worker is off (it would run the hook
 //! on its own thread, racing the end of a test).
 
-mod common;
-
 use std::alloc::Layout;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -108,7 +106,7 @@ fn stamp(p: *mut u8, size: usize) -> (usize, u64) {
     }
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     // SAFETY: a fresh object of at least `pattern_len(p)` bytes, 8-aligned.
-    unsafe { common::fill(p, pattern_len(p), seq) };
+    unsafe { testkit::fill(p, pattern_len(p), seq) };
     (p as usize, seq)
 }
 
@@ -116,7 +114,7 @@ fn stamp(p: *mut u8, size: usize) -> (usize, u64) {
 fn check(addr: usize, seq: u64) -> bool {
     let p = addr as *const u8;
     // SAFETY: a live object we own, stamped over `pattern_len(p)` bytes.
-    let ok = unsafe { common::check(p, pattern_len(p), Some(seq), u64::MAX) }.is_ok();
+    let ok = unsafe { testkit::check(p, pattern_len(p), Some(seq), u64::MAX) }.is_ok();
     if !ok {
         CORRUPT.fetch_add(1, Ordering::Relaxed);
     }
@@ -359,7 +357,7 @@ fn delta(after: &CacheStats, before: Option<&CacheStats>) -> (u64, u64, u64) {
 
 #[test]
 fn every_point_with_nested_alloc_and_free() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _serial = setup();
     for h in &HITS {
         h.store(0, Ordering::Relaxed);
@@ -444,7 +442,7 @@ fn every_point_with_nested_alloc_and_free() {
 /// code then gets them back through the drained deferred list. Nothing may be handed out twice.
 #[test]
 fn nested_frees_are_reused_not_duplicated() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _serial = setup();
     SPURIOUS.store(0, Ordering::Relaxed);
     CORRUPT.store(0, Ordering::Relaxed);

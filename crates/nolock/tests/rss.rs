@@ -6,8 +6,6 @@
 //! RSS is process-wide, so this file holds a single test. (`rss_worker.rs` checks the same without `trim`,
 //! through the background worker.)
 
-mod common;
-
 use nolock::{Gfp, kmalloc_nolock, try_kfree_nolock};
 
 const MIB: usize = 1 << 20;
@@ -51,7 +49,7 @@ fn rss() -> usize {
 
 #[test]
 fn rss_falls_after_free_and_trim() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let total: usize = WORKLOAD.iter().map(|&(s, n)| s * n).sum();
     // The bookkeeping vector, allocated and touched before the baseline so it does not count in the rise.
     let count: usize = WORKLOAD.iter().map(|&(_, n)| n).sum();

@@ -6,8 +6,6 @@
 //! allocated and freed by a thread that then exits (its exit hook returns its cached objects to their slabs).
 //! RSS is process-wide and the environment is set at the start, so this file holds a single test.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use nolock::{Gfp, kmalloc_nolock, try_kfree_nolock};
@@ -24,7 +22,7 @@ fn rss() -> usize {
 
 #[test]
 fn worker_gives_memory_back() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     // SAFETY: this is the first thing the test binary's only test does: no thread of this process reads or
     // writes the environment concurrently (the test harness's main thread is only waiting for this one).
     unsafe { std::env::set_var("NOLOCK_PURGE_INTERVAL_MS", "20") };

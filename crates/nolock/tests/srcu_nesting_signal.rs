@@ -18,8 +18,6 @@
 //! Ignored until fixed; run with
 //! `cargo test --release -p nolock-mm --test srcu_nesting_signal -- --ignored --nocapture`.
 
-mod common;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -29,7 +27,7 @@ static DOMAIN: SrcuFast = SrcuFast::new();
 static SECTIONS: AtomicU64 = AtomicU64::new(0);
 
 extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let _errno = common::ErrnoGuard::new();
+    let _errno = testkit::ErrnoGuard::new();
     // A complete read-side section of the domain the interrupted code may be checking.
     let g = DOMAIN.read_lock_fast();
     drop(g);
@@ -38,14 +36,14 @@ extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c
 
 #[test]
 fn synchronize_outside_section_does_not_panic_when_handlers_read() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     nolock::init();
     // Make sure this thread has its shard and the domain its table before the storm.
     drop(DOMAIN.read_lock_fast());
     DOMAIN.synchronize();
 
-    common::install_handler(libc::SIGUSR1, on_signal, 0);
-    let timer = common::ThreadTimer::for_current_thread(libc::SIGUSR1, Duration::from_micros(20));
+    testkit::install_handler(libc::SIGUSR1, on_signal, 0);
+    let timer = testkit::ThreadTimer::for_current_thread(libc::SIGUSR1, Duration::from_micros(20));
 
     let prev_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));

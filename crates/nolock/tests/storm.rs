@@ -13,16 +13,14 @@
 //!
 //! One test in this binary: the page accounting at the end is process-wide.
 
-mod common;
-
 use std::alloc::Layout;
 use std::cell::Cell;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{AltStack, Damage, ErrnoGuard, ThreadTimer};
 use nolock::{Gfp, KmemCache, kfree_nolock, kmalloc_nolock, ksize};
+use testkit::{AltStack, Damage, ErrnoGuard, ThreadTimer};
 
 /// Threads under the storm (more than the machine's cores).
 const THREADS: usize = 6;
@@ -108,7 +106,7 @@ thread_local! {
 }
 
 fn rand() -> u64 {
-    common::splitmix64(RNG.with(|r| r.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)))
+    testkit::splitmix64(RNG.with(|r| r.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)))
 }
 
 fn note_corruption(addr: usize, d: Damage) {
@@ -143,12 +141,12 @@ fn stamp(p: *mut u8, size: usize, zero: bool) -> Option<(usize, u64)> {
     }
     let len = pattern_len(p);
     // SAFETY: `p` is a fresh object of `ksize(p) >= len` bytes.
-    if zero && !unsafe { common::is_zeroed(p, len) } {
+    if zero && !unsafe { testkit::is_zeroed(p, len) } {
         note_corruption(addr, Damage { word: usize::MAX - 1, expected: 0, found: 1 });
     }
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     // SAFETY: as above; objects are at least 8-aligned.
-    unsafe { common::fill(p, len, seq) };
+    unsafe { testkit::fill(p, len, seq) };
     Some((addr, seq))
 }
 
@@ -156,7 +154,7 @@ fn stamp(p: *mut u8, size: usize, zero: bool) -> Option<(usize, u64)> {
 fn check_free(addr: usize, seq: Option<u64>) {
     let p = addr as *mut u8;
     // SAFETY: `p` is a live object we own, stamped over `pattern_len(p)` bytes.
-    if let Err(d) = unsafe { common::check(p, pattern_len(p), seq, SEQ.load(Ordering::Relaxed)) } {
+    if let Err(d) = unsafe { testkit::check(p, pattern_len(p), seq, SEQ.load(Ordering::Relaxed)) } {
         note_corruption(addr, d);
     }
     // SAFETY: our object, freed once, not used afterwards.
@@ -181,7 +179,7 @@ fn cache_roundtrip(r: u64) -> bool {
     };
     if r & 2 != 0 {
         // SAFETY: our object, checked and then freed once.
-        if let Err(d) = unsafe { common::check(p.as_ptr(), pattern_len(p.as_ptr()), Some(seq), u64::MAX) } {
+        if let Err(d) = unsafe { testkit::check(p.as_ptr(), pattern_len(p.as_ptr()), Some(seq), u64::MAX) } {
             note_corruption(addr, d);
         }
         // SAFETY: as above.
@@ -262,7 +260,7 @@ extern "C" fn on_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *m
 /// A storm thread: its own timer and signal stack, then random work until `STOP`.
 fn storm_thread(me: usize) {
     ME.with(|m| m.store(me, Ordering::Relaxed));
-    RNG.with(|r| r.store(common::splitmix64(me as u64 + 1), Ordering::Relaxed));
+    RNG.with(|r| r.store(testkit::splitmix64(me as u64 + 1), Ordering::Relaxed));
     // Handlers run on an alternate stack (SA_ONSTACK), big enough for MAX_NEST nested handlers; half the
     // threads get a small one, so nesting is also exercised close to the stack's end.
     let alt = AltStack::new(if me.is_multiple_of(2) { 256 << 10 } else { 64 << 10 });
@@ -377,7 +375,7 @@ fn watchdog() {
                 *l = (p, now);
             } else if now - l.1 > STALL {
                 let who = if i < THREADS { format!("storm thread {i}") } else { "the test's main thread".to_string() };
-                common::raw_stderr(
+                testkit::raw_stderr(
                     format!(
                         "storm watchdog: {who} made no progress for {STALL:?} (deadlock?); signals so far {}; \
                          aborting\n",
@@ -389,7 +387,7 @@ fn watchdog() {
             }
         }
         if now - started > Duration::from_secs(120) {
-            common::raw_stderr(b"storm watchdog: the test ran for 120 s; aborting\n");
+            testkit::raw_stderr(b"storm watchdog: the test ran for 120 s; aborting\n");
             std::process::abort();
         }
     }
@@ -401,12 +399,12 @@ fn main_step() {
 
 #[test]
 fn signal_storm() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     // No background worker: it shrinks caches and purges pages on its own schedule, and its passes would
     // race with the exact page accounting at the end. The storm itself needs no worker.
     nolock::Config::new().background(false).apply().expect("this test is the first nolock user in its binary");
     for sig in SIGS {
-        common::install_handler(sig, on_signal, libc::SA_ONSTACK);
+        testkit::install_handler(sig, on_signal, libc::SA_ONSTACK);
     }
     let cache = Box::new(KmemCache::new("storm-obj", Layout::new::<[u64; 6]>()).unwrap());
     CACHE.store(Box::into_raw(cache), Ordering::Release);

@@ -3,8 +3,6 @@
 //!
 //! The tests are serialized: they read process-wide counters.
 
-mod common;
-
 use std::alloc::Layout;
 use std::sync::Mutex;
 use std::sync::mpsc;
@@ -20,7 +18,7 @@ fn kmalloc_cached(name: &str) -> u64 {
 
 #[test]
 fn exiting_thread_returns_its_cached_objects() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cache = KmemCache::new("exit-obj", Layout::new::<[u64; 4]>()).unwrap();
     // kmalloc-256 is used by nothing else in this binary.
@@ -73,7 +71,7 @@ fn exiting_thread_returns_its_cached_objects() {
 
 #[test]
 fn more_threads_than_shards_one_after_another() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cache = KmemCache::new("exit-churn", Layout::new::<[u64; 2]>()).unwrap();
     let threads = MAX_SHARDS + 100;

@@ -10,13 +10,11 @@
 //! stamps, checks and frees objects of the class `trim` is draining. One test in this binary: the page
 //! accounting at the end is process-wide.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{ErrnoGuard, ThreadTimer};
 use nolock::{Gfp, kfree_nolock, kmalloc_nolock};
+use testkit::{ErrnoGuard, ThreadTimer};
 
 const SIG: libc::c_int = libc::SIGUSR1;
 const SIZE: usize = 64;
@@ -32,7 +30,7 @@ static STOP: AtomicBool = AtomicBool::new(false);
 
 fn check_free(addr: usize, seq: u64) {
     // SAFETY: a live object of SIZE bytes stamped with `seq`.
-    if unsafe { common::check(addr as *const u8, SIZE, Some(seq), u64::MAX) }.is_err() {
+    if unsafe { testkit::check(addr as *const u8, SIZE, Some(seq), u64::MAX) }.is_err() {
         CORRUPT.fetch_add(1, Ordering::Relaxed);
     }
     // SAFETY: our object, freed once.
@@ -46,7 +44,7 @@ fn alloc_stamped() -> Option<(usize, u64)> {
     };
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     // SAFETY: a fresh object of SIZE bytes.
-    unsafe { common::fill(p.as_ptr(), SIZE, seq) };
+    unsafe { testkit::fill(p.as_ptr(), SIZE, seq) };
     Some((p.as_ptr() as usize, seq))
 }
 
@@ -69,9 +67,9 @@ extern "C" fn on_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *m
 
 #[test]
 fn trim_interrupted_by_handlers_on_the_same_thread() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     nolock::Config::new().background(false).apply().expect("first nolock use in this binary");
-    common::install_handler(SIG, on_signal, 0);
+    testkit::install_handler(SIG, on_signal, 0);
     let timer = ThreadTimer::for_current_thread(SIG, Duration::from_micros(20));
     let start = Instant::now();
     let mut trims = 0u64;

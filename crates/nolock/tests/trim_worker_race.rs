@@ -8,8 +8,6 @@
 //! The test pauses the worker inside its shrink (a reentry hook at `PageFree` on the worker thread), runs
 //! `trim` meanwhile, lets the worker finish, and checks that no empty slab is left.
 
-mod common;
-
 use std::alloc::Layout;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -38,7 +36,7 @@ fn hook(at: Point) {
 
 #[test]
 fn trim_while_the_worker_shrinks_the_same_cache() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     nolock::init();
     assert!(nolock::worker_running(), "this test needs the background worker");
     let cache = KmemCache::new("trim-race-obj", Layout::new::<[u64; 8]>()).unwrap();

@@ -1,8 +1,6 @@
 //! Type-safe caches: constructors once per slab life, immediate reuse, slab pages held for a grace period,
 //! destructors once per object at release, fallback cache, destroy.
 
-mod common;
-
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::Mutex;
@@ -41,7 +39,7 @@ fn dtor(p: NonNull<u8>) {
 
 #[test]
 fn typesafe_by_rcu_lifecycle() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     nolock::init();
     let cache = KmemCache::builder("ts-rcu", Layout::new::<Obj>())
@@ -89,7 +87,7 @@ fn typesafe_by_rcu_lifecycle() {
 
 #[test]
 fn typesafe_by_srcu_fast_default_domain_and_fallback() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     nolock::init();
     let cache = KmemCache::builder("ts-srcu", Layout::new::<[u64; 4]>())

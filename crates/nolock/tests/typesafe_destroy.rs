@@ -18,8 +18,6 @@
 //! The tests take turns (a mutex): they check process-wide page accounting and page ownership, and install the
 //! global reentry hook.
 
-mod common;
-
 use std::alloc::Layout;
 use std::cell::Cell;
 use std::ptr::NonNull;
@@ -353,19 +351,19 @@ fn destroy_waits<const K: usize>(flavour: Flavour, name: &str) {
 
 #[test]
 fn destroy_waits_for_reader_and_pending_slabs_rcu() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     destroy_waits::<0>(Flavour::Rcu, "dw-rcu");
 }
 
 #[test]
 fn destroy_waits_for_reader_and_pending_slabs_static_srcu() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     destroy_waits::<1>(Flavour::StaticSrcu, "dw-srcu");
 }
 
 #[test]
 fn destroy_waits_for_reader_and_pending_slabs_tasks_trace() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     destroy_waits::<2>(Flavour::TasksTrace, "dw-trace");
 }
 
@@ -395,7 +393,7 @@ fn live_objects_report_child() {
 
 #[test]
 fn destroy_with_live_objects_reports_on_stderr() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
         .args(["--exact", "live_objects_report_child", "--nocapture", "--test-threads=1"])
         .env(LIVE_CHILD_ENV, "1")
@@ -411,7 +409,7 @@ fn destroy_with_live_objects_reports_on_stderr() {
 
 #[test]
 fn destroy_with_live_objects_keeps_them_valid_and_retires_the_slot() {
-    let _gate = common::reports_expected();
+    let _gate = testkit::reports_expected();
     let _s = serial();
     const K: usize = 3;
     let name = "dl-live";
@@ -487,7 +485,7 @@ fn destroy_with_live_objects_keeps_them_valid_and_retires_the_slot() {
 
 #[test]
 fn destroy_takes_back_other_threads_cached_objects() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _s = serial();
     const K: usize = 6;
     const THREADS: usize = 3;
@@ -551,7 +549,7 @@ fn destroy_takes_back_other_threads_cached_objects() {
 
 #[test]
 fn create_and_destroy_more_typesafe_caches_than_slots() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _s = serial();
     let base_pages = allocated_pages();
     let before = (counts(7), counts(4));
@@ -608,7 +606,7 @@ fn create_and_destroy_more_typesafe_caches_than_slots() {
 /// cache) in a loop. Every object is freed before destroy, so every destroy must report 0 live objects.
 #[test]
 fn destroy_while_another_thread_trims() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _s = serial();
     let stop = AtomicBool::new(false);
     let spurious = AtomicUsize::new(0);
@@ -659,7 +657,7 @@ fn destroy_while_another_thread_trims() {
 /// `cache::destroy` is the same for type-safe caches (the statistical test above uses them).
 #[test]
 fn destroy_racing_a_paused_shrink_of_the_same_cache() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _s = serial();
     // The pause needs the trimming thread to be the one that releases our empty slab (the worker's periodic pass
     // may get there first, or make trim skip the cache): retry the setup until it is.

@@ -23,18 +23,16 @@
 //!    object; after the barriers and `trim`, constructors equal destructors, the caches have left the
 //!    statistics, and the page allocator holds exactly the pages it held before the test.
 
-mod common;
-
 use std::alloc::Layout;
 use std::cell::Cell;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{AltStack, ErrnoGuard, ThreadTimer};
 use nolock::hooks::{Point, set_hook};
 use nolock::stats::{PageOwner, allocated_pages, page_owner, snapshot};
 use nolock::{Gfp, KmemCache, SlabFlags, SrcuFast, kfree_nolock};
+use testkit::{AltStack, ErrnoGuard, ThreadTimer};
 
 // ------------------------------------------------------------------------------------------------------------
 // Parameters
@@ -165,7 +163,7 @@ thread_local! {
 }
 
 fn rand() -> u64 {
-    common::splitmix64(RNG.with(|r| r.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)))
+    testkit::splitmix64(RNG.with(|r| r.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)))
 }
 
 fn note(kind: u64, addr: usize, expected: u64, found: u64) {
@@ -351,7 +349,7 @@ extern "C" fn on_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *m
 // ------------------------------------------------------------------------------------------------------------
 
 fn storm_thread(me: usize) {
-    RNG.with(|r| r.store(common::splitmix64(me as u64 + 77), Ordering::Relaxed));
+    RNG.with(|r| r.store(testkit::splitmix64(me as u64 + 77), Ordering::Relaxed));
     let alt = AltStack::new(256 << 10);
     let timers = SIGS.map(|sig| ThreadTimer::for_current_thread(sig, TIMER_PERIOD));
     READY.fetch_add(1, Ordering::Release);
@@ -428,7 +426,7 @@ fn watchdog() {
             if p == u64::MAX || p != l.0 {
                 *l = (p, now);
             } else if now - l.1 > STALL {
-                common::raw_stderr(
+                testkit::raw_stderr(
                     format!("typesafe_storm watchdog: progress counter {i} stuck for {STALL:?}; aborting\n").as_bytes(),
                 );
                 std::process::abort();
@@ -585,7 +583,7 @@ fn fallback_phase() {
 
 #[test]
 fn typesafe_caches_under_signal_storm() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     // No background worker (its passes would race the page accounting at the end); the grace-period worker
     // that type-safe caches need starts anyway.
     nolock::Config::new().background(false).apply().expect("this test is the first nolock user in its binary");
@@ -615,7 +613,7 @@ fn typesafe_caches_under_signal_storm() {
 
     // Phase 2.
     for sig in SIGS {
-        common::install_handler(sig, on_signal, libc::SA_ONSTACK);
+        testkit::install_handler(sig, on_signal, libc::SA_ONSTACK);
     }
     let dog = std::thread::spawn(watchdog);
     let threads: Vec<_> = (0..THREADS)

@@ -41,8 +41,6 @@
 //! that could still see the slab is inside). At the end, after `destroy`, every address has `ctors == dtors`, and
 //! the totals match.
 
-mod common;
-
 use std::alloc::Layout;
 use std::ptr::NonNull;
 use std::sync::Mutex;
@@ -718,19 +716,19 @@ fn torture<const K: usize>(flavour: Flavour, name: &str) {
 
 #[test]
 fn typesafe_by_rcu_torture() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     torture::<K_RCU>(Flavour::Rcu, "tt-rcu");
 }
 
 #[test]
 fn typesafe_by_srcu_fast_static_domain_torture() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     torture::<K_SRCU>(Flavour::StaticSrcu, "tt-srcu");
 }
 
 #[test]
 fn typesafe_by_srcu_fast_tasks_trace_torture() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     torture::<K_TRACE>(Flavour::TasksTrace, "tt-trace");
 }
 
@@ -739,7 +737,7 @@ fn typesafe_by_srcu_fast_tasks_trace_torture() {
 /// readers of every flavour are inside their sections.
 #[test]
 fn freed_objects_are_reused_at_once_even_inside_readers() {
-    let _reports = common::NoReports::new();
+    let _reports = testkit::NoReports::new();
     let _wd = Watchdog::new("typesafe reuse", Duration::from_secs(240));
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     nolock::init();
