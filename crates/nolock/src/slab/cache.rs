@@ -17,7 +17,7 @@
 //!   another route.
 //! - **alloc refill** (cold): the list is empty: pop a slab off the partial list and take *all* its free objects
 //!   with one CAS ([`SlabFreelist::take_all`]), or carve a new slab. The chain of objects is checked (one walk,
-//!   see "Free-list checks") and becomes the thread's list.
+//!   see "Free-list checks"), linked in address order if it was not, and becomes the thread's list.
 //! - **alloc shared** (cold): no usable thread list (no shard, or the list is busy because a signal handler
 //!   interrupted its owner): pop a slab off the partial list, take *one* object, put the slab back.
 //! - **free fast** ([`PerCpuCache::try_push`] via `free_to_list`, from `kfree_nolock` and
@@ -25,9 +25,10 @@
 //!   `high` mark from the list itself (copied there by the first full-path free), so a power-of-two class is
 //!   freed without touching the cache. A full list, a list not set up yet, or an object already at the head
 //!   (double free) goes, lock held, to `free_locked`, which sets the list up, flushes or refuses.
-//! - **flush** (cold): the list grew past `high`: check the whole list, then give the excess back to the slabs,
-//!   one CAS per run of objects that share a slab. A push that makes a full slab non-full lists it; one that
-//!   empties a slab counts an *empty event* so the worker knows to shrink the cache.
+//! - **flush** (cold): the list grew past `high`: check the whole list and, in the same walk, cut the excess
+//!   into runs of objects that share a slab; then give each run back to its slab with one CAS. A push that
+//!   makes a full slab non-full lists it; one that empties a slab counts an *empty event* so the worker knows
+//!   to shrink the cache.
 //! - **free deferred** (cold): the list is busy (a handler interrupted its owner): push on the list's deferred
 //!   `Llist`; the owner drains it into its list the moment it clears busy.
 //! - **free shared** (cold): no thread list: push straight onto the object's slab.
@@ -86,11 +87,22 @@
 //!
 //! # Free-list checks and hardened caches
 //!
-//! Free lists are walked, and so checked, on the slow paths only (`check_chain`: each link an object of the
-//! cache, no loop, the counted length; damage is cut out and reported, never followed): a flush checks the
-//! whole thread list, a refill the chain it takes, a deferred drain its chain, and a shrink verifies that a
-//! slab counting no object in use really has all of them on its list before it releases it (`verify_empty`).
-//! That is what catches a double free not at the head of a list (it makes the list loop). Hardened caches
+//! Free lists are walked, and so checked, on the slow paths only (each link an object of the cache, no loop, the
+//! counted length; damage is cut out and reported, never followed): a flush checks the whole thread list, a
+//! refill the chain it takes, a deferred drain its chain, and a shrink verifies that a slab counting no object
+//! in use really has all of them on its list before it releases it (`verify_empty`). That is what catches a
+//! double free not at the head of a list (it makes the list loop).
+//!
+//! Where the length is known (flush, refill, release), the walk is one pass that remembers nothing: it checks
+//! each link as it follows it and takes exactly the counted number of steps; the list must end there. A list
+//! that loops never ends, so the count bound is the loop check, and a list that ends there holds no object
+//! twice. The flush's walk also cuts the runs it gives back (`scan_flush`), the refill's notes which slots the
+//! chain holds (`chain_sound`). Only a list that fails is walked again, by `check_chain` (Brent's cycle finding
+//! and the exact place of the damage), which cuts and reports. These walks wait for memory, one link after the
+//! other, so they are helped along: the refill first asks for the link words of the whole slab at once
+//! (`prefetch_links`); a chain that wanders through its slab is then linked again in address order, which
+//! makes the lists built from it go through memory at a regular step; and a walk over such a stretch guesses
+//! each next link before loading it (`run_ahead`), so that its loads overlap. Hardened caches
 //! (`FLAG_HARDENED`) store links encoded ([`LinkCodec`]) with a per-cache key, never take the inline fast
 //! paths (the Info word marks their slabs non-plain, `alloc` tests the flag), check every link they pop, and
 //! refuse a free of an object whose link word decodes to a link (`free_hardened`). The full account of what
@@ -422,6 +434,171 @@ struct Walk {
     last: usize,
     /// What is wrong, if anything.
     damage: Damage,
+}
+
+/// A run of a flush: consecutive objects of the thread's list that share a slab (see `scan_flush`).
+#[derive(Clone, Copy, Debug, Default)]
+struct Run {
+    /// First object of the run (the one nearest the list's head).
+    first: usize,
+    /// Last object of the run.
+    last: usize,
+    /// Head page of their slab.
+    head: u32,
+    /// Objects in the run (at most the slab's capacity in a list found sound: it holds no object twice).
+    k: u32,
+}
+
+/// Runs a flush records while it checks the list; a flush that needs more groups the rest afterwards, as it
+/// goes (a second walk over that part only).
+const FLUSH_RUNS: usize = 16;
+
+/// What `scan_flush` found in a sound list.
+#[derive(Clone, Copy, Debug)]
+struct Scan {
+    /// Runs recorded, in list order: `runs[..nruns]`.
+    nruns: usize,
+    /// The object after the last one in a recorded run (0: the list ends there).
+    rest: usize,
+    /// Objects from `rest` on that are still to be given back (runs that did not fit in the buffer).
+    left: u32,
+}
+
+/// Largest slab, in objects, whose chain a refill links in address order (`relink_in_order`).
+const SORT_MAX: usize = 512;
+
+/// Slots of one slab of at most `SORT_MAX` objects, by index.
+#[derive(Clone, Debug)]
+struct SlotSet([u64; SORT_MAX / 64]);
+
+impl Default for SlotSet {
+    fn default() -> Self {
+        Self([0; SORT_MAX / 64])
+    }
+}
+
+impl SlotSet {
+    /// Add slot `i`.
+    #[inline(always)]
+    fn add(&mut self, i: u32) {
+        let i = i as usize % SORT_MAX;
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+
+    /// Add the `steps` slots `delta` bytes apart after `from`, the last of which is `to` (what a `run_ahead`
+    /// from `from` passed).
+    #[inline]
+    fn add_steps<const CODED: bool>(
+        &mut self,
+        sh: &Shape<CODED>,
+        base: usize,
+        from: usize,
+        to: usize,
+        delta: usize,
+        steps: u32,
+    ) {
+        let (a, b) = (sh.index(from.wrapping_sub(base)), sh.index(to.wrapping_sub(base)));
+        let (lo, hi) = if a < b { (a + 1, b) } else { (b, a.wrapping_sub(1)) };
+        if steps > 0 && hi.wrapping_sub(lo).wrapping_add(1) == steps && (hi as usize) < SORT_MAX {
+            // Neighbouring slots: whole words at a time.
+            let (lo, hi) = (lo as usize, hi as usize);
+            for w in lo / 64..=hi / 64 {
+                let from_bit = if w == lo / 64 { lo % 64 } else { 0 };
+                let to_bit = if w == hi / 64 { hi % 64 } else { 63 };
+                self.0[w] |= (u64::MAX >> (63 - to_bit)) & (u64::MAX << from_bit);
+            }
+            return;
+        }
+        let mut at = from;
+        for _ in 0..steps {
+            at = at.wrapping_add(delta);
+            self.add(sh.index(at.wrapping_sub(base)));
+        }
+    }
+}
+
+/// How a sound chain goes through its slab (`chain_sound`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    /// At one regular step (in address order, either way, or every other slot...).
+    Steady,
+    /// Otherwise.
+    Mixed,
+}
+
+/// The configuration a walk over free lists uses (`CacheInner::shape`); `CODED`: the links are encoded (a
+/// hardened cache), so that a plain cache's walk has no decoding in its loop.
+#[derive(Clone, Copy, Debug)]
+struct Shape<const CODED: bool> {
+    link_off: usize,
+    slab_bytes: usize,
+    limit: usize,
+    stride: usize,
+    recip: u64,
+    /// `stride_shift` of the configuration (0: the stride is not a power of two filling the slab).
+    shift: u32,
+    codec: LinkCodec,
+}
+
+impl<const CODED: bool> Shape<CODED> {
+    /// The decoded link of the free slot `slot`.
+    ///
+    /// # Safety
+    /// `slot` is a slot of this cache (arena memory, never unmapped) on a list the caller owns.
+    #[inline(always)]
+    unsafe fn load(&self, slot: usize) -> usize {
+        let at = slot + self.link_off;
+        // SAFETY: the link word is inside the slot, pointer-aligned (caller); free slots' link words are only
+        // accessed atomically.
+        let word = unsafe { &*(at as *const core::sync::atomic::AtomicUsize) }.load(Ordering::Relaxed);
+        if CODED { self.codec.decode(at, word) } else { word }
+    }
+
+    /// The index of the slot at offset `rel` from its slab's start.
+    #[inline(always)]
+    fn index(&self, rel: usize) -> u32 {
+        if self.shift != 0 { (rel >> self.shift) as u32 } else { ((rel as u64).wrapping_mul(self.recip) >> 32) as u32 }
+    }
+
+    /// Whether the offset `rel` (below the slab size) from a slab's start is exactly a slot start.
+    #[inline(always)]
+    fn slot_ok(&self, rel: usize) -> bool {
+        if self.shift != 0 {
+            return rel & ((1usize << self.shift) - 1) == 0;
+        }
+        let idx = ((rel as u64).wrapping_mul(self.recip) >> 32) as usize;
+        idx * self.stride == rel && rel < self.limit
+    }
+
+    /// Follow a list from `node` (a checked slot of the slab at `base`) for at most `max` steps while each link
+    /// is the slot `delta` bytes further and inside the slab: such a link needs no other check (`delta`, a
+    /// difference of two slots of the slab, keeps it a slot). Returns the last slot reached and the steps
+    /// taken; the caller checks the link that stopped it.
+    ///
+    /// Lists built by a run of frees usually hold the slots of a slab at a regular step, so the walk tells the
+    /// CPU where the next link is before the current one is loaded (`follow`), and the loads overlap.
+    #[inline(always)]
+    fn run_ahead(&self, base: usize, mut node: usize, delta: usize, max: u32) -> (usize, u32) {
+        // Steps that stay inside the slab's slots: no per-step range check.
+        let rel = (node - base) as u32;
+        let room = match delta as isize {
+            d if d > 0 => (self.limit as u32 - 1 - rel) / d as u32,
+            d if d < 0 => rel / d.unsigned_abs() as u32,
+            _ => max,
+        };
+        let max = max.min(room);
+        let mut steps = 0;
+        while steps < max {
+            let guess = node.wrapping_add(delta);
+            // SAFETY: `node` is a checked slot on the caller's list.
+            if unsafe { self.load(node) } != guess {
+                break;
+            }
+            node = follow(guess);
+            steps += 1;
+        }
+        (node, steps)
+    }
 }
 
 /// What the shrink may do with a slab that counted no object in use (`verify_empty`).
@@ -783,14 +960,262 @@ impl CacheInner {
     }
 
     /// A chain of `n` objects just taken from the slab at `head`, about to become a thread's list: check it
-    /// (see `check_chain`: every link an object of that slab, no loop, `n` long) and return what is sound.
+    /// (every link an object of that slab, no loop, `n` long: `chain_sound`, and `check_chain` to cut and report
+    /// damage) and return what is sound. A sound chain that wanders through the slab is linked again in address
+    /// order (slabs of at most `SORT_MAX` objects), so that the walks that follow go through it in order.
     #[inline]
     fn checked_chain(&self, g: &Global, head: u32, first: usize, n: u16) -> Option<(u32, usize, u16)> {
         if n == 0 {
             return None;
         }
+        let mut set = SlotSet::default();
+        let sort = usize::from(self.cfg().capacity) <= SORT_MAX;
+        match self.chain_sound(g, head, first, u32::from(n), sort.then_some(&mut set)) {
+            Some(Order::Steady) => return Some((head, first, n)),
+            Some(Order::Mixed) if sort => return Some((head, self.relink_in_order(g, head, &set), n)),
+            Some(Order::Mixed) => return Some((head, first, n)),
+            None => {}
+        }
         let (kept, _) = self.check_chain(g, first, Some(u32::from(n)), Some(head), self.codec());
         (kept > 0).then_some((head, first, kept as u16))
+    }
+
+    /// Link the free slots `set` of the slab at `head` (the caller's, just checked) in address order, the last
+    /// one ending the chain; returns the first. Later walks over them, the allocations' pops included, then go
+    /// through memory in order, which the CPU (and `run_ahead`) can run ahead on.
+    fn relink_in_order(&self, g: &Global, head: u32, set: &SlotSet) -> usize {
+        let geo = self.geometry(g, head);
+        let mut first = 0;
+        let mut prev = 0;
+        for (w, &word) in set.0.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let slot = geo.obj(w as u32 * 64 + bits.trailing_zeros());
+                if prev == 0 {
+                    first = slot;
+                } else {
+                    self.set_next(prev, slot);
+                }
+                prev = slot;
+                bits &= bits - 1;
+            }
+        }
+        self.set_next(prev, 0);
+        first
+    }
+
+    /// What a walk over free lists needs from the configuration, read once, so that its loop keeps it in
+    /// registers.
+    #[inline(always)]
+    fn shape<const CODED: bool>(&self) -> Shape<CODED> {
+        let c = self.cfg();
+        debug_assert_eq!(CODED, self.codec().is_hardened());
+        Shape {
+            link_off: c.link_off as usize,
+            slab_bytes: (c.slab_pages as usize) << PAGE_SHIFT,
+            limit: c.limit as usize,
+            stride: c.stride as usize,
+            recip: c.recip,
+            shift: c.stride_shift,
+            codec: self.codec(),
+        }
+    }
+
+    /// If `addr` is a slot of a live slab of this cache: that slab's start and head page (the descriptor lookup
+    /// of `is_slot`).
+    #[inline]
+    fn slot_slab(&self, g: &Global, addr: usize) -> Option<(usize, u32)> {
+        if !g.pages.contains(addr) {
+            return None;
+        }
+        let info = g.pages.info_of(addr);
+        if info.kind() != Kind::Slab || info.cache_id() != self.id() {
+            return None;
+        }
+        let base = g.pages.page_addr(info.head() as usize);
+        self.index_of(addr.wrapping_sub(base)).map(|_| (base, info.head()))
+    }
+
+    /// The check of a chain whose length is known, for the common case: whether the chain from `first` is
+    /// exactly `n` slots of the slab at `head` followed by the end (0). Reads only; one pass, no bookkeeping.
+    /// With `set`, also records which slots the chain holds. Returns `None` if not, otherwise whether the chain
+    /// goes through the slab at one regular step.
+    ///
+    /// The count bound is the loop check: a chain that loops never reaches 0, so it fails it; one that reaches
+    /// 0 after `n` steps visited no slot twice. `None` (damage, or another length) sends the caller to
+    /// `check_chain`, which walks again to find and cut the damage and report it.
+    ///
+    /// # Context
+    /// The owner of the chain; any context.
+    fn chain_sound(&self, g: &Global, head: u32, first: usize, n: u32, set: Option<&mut SlotSet>) -> Option<Order> {
+        if self.codec().is_hardened() {
+            self.chain_sound_in::<true>(g, head, first, n, set)
+        } else {
+            self.chain_sound_in::<false>(g, head, first, n, set)
+        }
+    }
+
+    /// `chain_sound` for a cache whose links are encoded (`CODED`) or not.
+    #[inline(never)]
+    fn chain_sound_in<const CODED: bool>(
+        &self,
+        g: &Global,
+        head: u32,
+        first: usize,
+        n: u32,
+        mut set: Option<&mut SlotSet>,
+    ) -> Option<Order> {
+        let sh = self.shape::<CODED>();
+        let base = g.pages.page_addr(head as usize);
+        let rel = first.wrapping_sub(base);
+        if n == 0 || rel >= sh.slab_bytes || !sh.slot_ok(rel) {
+            return None;
+        }
+        // The chain is in one slab: ask for the link words of all its slots at once rather than wait for one miss
+        // per link (unless most slots are in use, and not on the chain).
+        let capacity = u32::from(self.cfg().capacity);
+        if n.saturating_mul(4) >= capacity {
+            prefetch_links(base + sh.link_off, sh.stride, capacity);
+        }
+        if let Some(set) = set.as_deref_mut() {
+            set.add(sh.index(rel));
+        }
+        // `delta`: the step between the last two slots; `ahead`: the one before was the same; `step`: the first
+        // step (0: none yet), and `steady` whether every step so far was the same.
+        let (mut node, mut seen, mut delta, mut ahead) = (first, 1u32, 0usize, false);
+        let (mut step, mut steady) = (0usize, true);
+        while seen < n {
+            if ahead {
+                let (at, steps) = sh.run_ahead(base, node, delta, n - seen);
+                if let Some(set) = set.as_deref_mut() {
+                    set.add_steps(&sh, base, node, at, delta, steps);
+                }
+                node = at;
+                seen += steps;
+                if seen == n {
+                    break;
+                }
+            }
+            // SAFETY: `node` is a checked slot of this cache on the caller's chain.
+            let next = unsafe { sh.load(node) };
+            let rel = next.wrapping_sub(base);
+            if rel >= sh.slab_bytes || !sh.slot_ok(rel) {
+                return None;
+            }
+            if let Some(set) = set.as_deref_mut() {
+                set.add(sh.index(rel));
+            }
+            let d = next.wrapping_sub(node);
+            if step == 0 {
+                step = d;
+            }
+            steady &= d == step;
+            ahead = d == delta;
+            delta = d;
+            node = next;
+            seen += 1;
+        }
+        // SAFETY: as above.
+        (unsafe { sh.load(node) } == 0).then_some(if steady { Order::Steady } else { Order::Mixed })
+    }
+
+    /// A flush's check and grouping in one walk. Follows exactly `n` objects from `first` (the thread's list and
+    /// its count), checking each as it is reached (a slot of this cache) and that the last one ends the list,
+    /// and records the runs of the first `group` objects (at most `FLUSH_RUNS`; the rest of them are grouped
+    /// later). Reads only. `None`: the list is not sound — a damaged link, another length, or a loop (the count
+    /// bound catches it, as in `chain_sound`) — and the caller takes the diagnosing path (`check_chain`).
+    ///
+    /// # Context
+    /// The owner of the list (busy held); any context.
+    fn scan_flush(&self, g: &Global, first: usize, n: u32, group: u32, runs: &mut [Run; FLUSH_RUNS]) -> Option<Scan> {
+        if self.codec().is_hardened() {
+            self.scan_flush_in::<true>(g, first, n, group, runs)
+        } else {
+            self.scan_flush_in::<false>(g, first, n, group, runs)
+        }
+    }
+
+    /// `scan_flush` for a cache whose links are encoded (`CODED`) or not.
+    #[inline(never)]
+    fn scan_flush_in<const CODED: bool>(
+        &self,
+        g: &Global,
+        first: usize,
+        n: u32,
+        group: u32,
+        runs: &mut [Run; FLUSH_RUNS],
+    ) -> Option<Scan> {
+        let sh = self.shape::<CODED>();
+        if n == 0 {
+            return None;
+        }
+        let (mut base, head) = self.slot_slab(g, first)?;
+        // `node` is the `seen`-th object, checked; while `grouping`, it is the last one of `run`.
+        // `delta` and `ahead` as in `chain_sound`.
+        let (mut node, mut seen, mut delta, mut ahead) = (first, 1u32, 0usize, false);
+        let mut run = Run { first, last: first, head, k: 1 };
+        let mut scan = Scan { nruns: 0, rest: 0, left: 0 };
+        let mut grouping = group > 0;
+        loop {
+            let end = if grouping { group } else { n };
+            if ahead {
+                let (at, steps) = sh.run_ahead(base, node, delta, end - seen);
+                node = at;
+                seen += steps;
+                if grouping {
+                    run.last = node;
+                    run.k += steps;
+                }
+            }
+            if seen == end {
+                if !grouping {
+                    break;
+                }
+                grouping = false;
+                runs[scan.nruns] = run;
+                scan.nruns += 1;
+                // SAFETY: `node` is a checked slot of this cache on the caller's list.
+                scan.rest = unsafe { sh.load(node) };
+                if seen == n {
+                    break;
+                }
+                continue;
+            }
+            // SAFETY: as above.
+            let next = unsafe { sh.load(node) };
+            let rel = next.wrapping_sub(base);
+            if rel < sh.slab_bytes {
+                if !sh.slot_ok(rel) {
+                    return None;
+                }
+                let d = next.wrapping_sub(node);
+                ahead = d == delta;
+                delta = d;
+                if grouping {
+                    run.last = next;
+                    run.k += 1;
+                }
+            } else {
+                let (b, h) = self.slot_slab(g, next)?;
+                base = b;
+                (delta, ahead) = (0, false);
+                if grouping {
+                    runs[scan.nruns] = run;
+                    scan.nruns += 1;
+                    run = Run { first: next, last: next, head: h, k: 1 };
+                    if scan.nruns == FLUSH_RUNS {
+                        // The buffer is full: the run just started, and what follows it, are grouped later.
+                        grouping = false;
+                        scan.rest = next;
+                        scan.left = group - seen;
+                    }
+                }
+            }
+            node = next;
+            seen += 1;
+        }
+        // SAFETY: as above.
+        (unsafe { sh.load(node) } == 0).then_some(scan)
     }
 
     /// Walk the chain of free slots from `first`, whose links are stored through `codec`, checking that `first`
@@ -1334,13 +1759,42 @@ impl CacheInner {
 
     /// Give the objects of the thread's list back to their slabs, all but `keep` (from the head). Busy flag held.
     ///
-    /// The whole list is checked first (`check_chain`: every link a slot of this cache, no loop, as long as
-    /// counted), so that a double free or a damaged link found here is cut out before it reaches a slab.
+    /// The whole list is checked first (every link a slot of this cache, no loop, as long as counted), so that a
+    /// double free or a damaged link found here is cut out before it reaches a slab. A sound list is checked
+    /// and grouped into runs of one slab in the same walk (`scan_flush`); one that is not goes to
+    /// `flush_checked`, which finds the damage, cuts and reports it.
     #[cold]
     #[inline(never)]
     fn flush(&self, g: &Global, shard: &Shard, pc: &PerCpuCache, keep: u32) {
         hooks::point(Point::FreeFlush);
-        let slab_bytes = (self.cfg().slab_pages as usize) << PAGE_SHIFT;
+        let first = pc.freelist.load(Ordering::Relaxed);
+        let counted = pc.count.load(Ordering::Relaxed);
+        let mut runs = [Run::default(); FLUSH_RUNS];
+        match self.scan_flush(g, first, counted, counted.saturating_sub(keep), &mut runs) {
+            Some(scan) => {
+                let tag = shard.tag();
+                for (i, r) in runs[..scan.nruns].iter().enumerate() {
+                    let next = if i + 1 < scan.nruns { runs[i + 1].first } else { scan.rest };
+                    // Detach the run first: `push_run` rewrites the link of `last`.
+                    pc.freelist.store(next, Ordering::Relaxed);
+                    pc.count.store(pc.count.load(Ordering::Relaxed) - r.k, Ordering::Relaxed);
+                    self.push_run(g, r.head, r.first, r.last, r.k as u16, tag);
+                }
+                if scan.left > 0 {
+                    self.flush_runs(g, shard, pc, scan.rest, scan.left);
+                }
+            }
+            None if first == 0 && counted == 0 => {}
+            None => self.flush_checked(g, shard, pc, keep),
+        }
+        bump(&pc.flushes);
+    }
+
+    /// `flush` of a list `scan_flush` found unsound: check it with `check_chain` (which cuts the damage out and
+    /// reports it), then give back all but `keep`.
+    #[cold]
+    #[inline(never)]
+    fn flush_checked(&self, g: &Global, shard: &Shard, pc: &PerCpuCache, keep: u32) {
         let mut obj = pc.freelist.load(Ordering::Relaxed);
         let counted = pc.count.load(Ordering::Relaxed);
         let len = if obj != 0 {
@@ -1358,7 +1812,13 @@ impl CacheInner {
             }
             pc.count.store(len, Ordering::Relaxed);
         }
-        let mut left = len.saturating_sub(keep);
+        self.flush_runs(g, shard, pc, obj, len.saturating_sub(keep));
+    }
+
+    /// Give back `left` objects of the thread's list, from `obj` (its head), checked already: one push per run of
+    /// objects that share a slab.
+    fn flush_runs(&self, g: &Global, shard: &Shard, pc: &PerCpuCache, mut obj: usize, mut left: u32) {
+        let slab_bytes = (self.cfg().slab_pages as usize) << PAGE_SHIFT;
         while left > 0 && obj != 0 {
             let head = g.pages.info_of(obj).head();
             let base = g.pages.page_addr(head as usize);
@@ -1379,7 +1839,6 @@ impl CacheInner {
             self.push_run(g, head, first, last, k, shard.tag());
             obj = next;
         }
-        bump(&pc.flushes);
     }
 
     /// Push the chain `first ..= last` (`k` objects of the slab at `head`) onto the slab.
@@ -1589,8 +2048,7 @@ impl CacheInner {
         let geo = self.geometry(g, head);
         let d = g.pages.desc(head as usize);
         let first = state.head_enc().checked_sub(1).map_or(0, |i| geo.obj(i));
-        let w = self.walk_chain(g, first, Some(head), self.codec());
-        if w.damage == Damage::None && w.len == u32::from(geo.capacity) {
+        if first != 0 && self.chain_sound(g, head, first, u32::from(geo.capacity), None).is_some() {
             return Verified::Empty;
         }
         if d.slab.load() != state {
@@ -1830,6 +2288,47 @@ impl CacheStats {
         self.fallback_allocs += o.fallback_allocs;
         self.pending_slabs += o.pending_slabs;
     }
+}
+
+/// Cache lines `prefetch_links` asks for at most.
+const PREFETCH_MAX: usize = 128;
+
+/// Start loading the cache lines of `count` link words, `stride` bytes apart from `first` (one request per line,
+/// at most `PREFETCH_MAX`), so that the loads of a walk over them hit the cache instead of each waiting for its
+/// own miss. A hint only: it changes no memory and never faults (x86-64; elsewhere it does nothing).
+#[inline]
+fn prefetch_links(first: usize, stride: usize, count: u32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let step = stride.max(64);
+        let end = first + (stride * count as usize).min(step * PREFETCH_MAX);
+        let mut at = first;
+        while at < end {
+            // SAFETY: a prefetch is a hint: it reads nothing the program sees and never faults.
+            unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(at as *const i8) };
+            at += step;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (first, stride, count);
+}
+
+/// `guess`, which the caller has just compared equal to a link it loaded, as a value the compiler cannot replace
+/// with the loaded one: the CPU predicts the comparison and runs ahead with `guess` (computed from the previous
+/// address, not loaded), so that the loads of a walk overlap instead of each waiting for the one before. A wrong
+/// prediction costs one mispredicted branch.
+#[inline(always)]
+fn follow(guess: usize) -> usize {
+    #[cfg(all(not(miri), any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let mut v = guess;
+        // SAFETY: no instruction at all (a comment): it only hides from the compiler that `v` equals the loaded
+        // link, and touches no memory, stack or flags.
+        unsafe { core::arch::asm!("/* {0} */", inout(reg) v, options(pure, nomem, nostack, preserves_flags)) };
+        v
+    }
+    #[cfg(not(all(not(miri), any(target_arch = "x86_64", target_arch = "aarch64"))))]
+    guess
 }
 
 fn splitmix64(mut x: u64) -> u64 {
