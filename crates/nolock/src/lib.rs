@@ -62,6 +62,8 @@ pub mod sync;
 #[cfg(not(loom))]
 mod alloc;
 #[cfg(not(loom))]
+mod background;
+#[cfg(not(loom))]
 mod boxed;
 #[cfg(not(loom))]
 pub mod debug;
@@ -85,8 +87,6 @@ pub mod stats;
 mod sys;
 #[cfg(not(loom))]
 pub mod thread;
-#[cfg(not(loom))]
-mod worker;
 
 #[cfg(not(loom))]
 pub use alloc::NolockAlloc;
@@ -111,6 +111,12 @@ pub use slab::kmalloc::{
 pub use slab::{KmemCache, KmemCacheBuilder, SlabFlags, kmem_cache_alloc_nolock, kmem_cache_free_nolock};
 
 #[cfg(not(loom))]
+pub use rcu::classic::{
+    GpStats, RcuCookie, RcuReadGuard, call_rcu, call_rcu_nolock, cond_synchronize_rcu, get_state_synchronize_rcu,
+    poll_state_synchronize_rcu, rcu_barrier, rcu_read_lock, rcu_read_lock_held, rcu_stats, start_poll_synchronize_rcu,
+    synchronize_rcu,
+};
+#[cfg(not(loom))]
 pub use rcu::kfree::{kfree_rcu_nolock, kfree_srcu_fast_nolock};
 #[cfg(not(loom))]
 pub use rcu::srcu::{SrcuFast, SrcuFastGuard, call_srcu_fast_nolock};
@@ -118,12 +124,6 @@ pub use rcu::srcu::{SrcuFast, SrcuFastGuard, call_srcu_fast_nolock};
 pub use rcu::tasks_trace::{
     RCU_TASKS_TRACE, call_rcu_tasks_trace, rcu_barrier_tasks_trace, rcu_read_lock_tasks_trace,
     rcu_trace_implies_rcu_gp, synchronize_rcu_tasks_trace,
-};
-#[cfg(not(loom))]
-pub use rcu::tree::{
-    GpStats, RcuCookie, RcuReadGuard, call_rcu, call_rcu_nolock, cond_synchronize_rcu, get_state_synchronize_rcu,
-    poll_state_synchronize_rcu, rcu_barrier, rcu_read_lock, rcu_read_lock_held, rcu_stats, start_poll_synchronize_rcu,
-    synchronize_rcu,
 };
 #[cfg(not(loom))]
 pub use rcu::{RcuCallback, RcuHead};
@@ -146,8 +146,8 @@ pub fn init() {
 pub(crate) fn init_normal_context() {
     process::ensure_process_hooks();
     sys::membarrier::register();
-    worker::ensure_started();
-    rcu::worker::ensure_started();
+    background::ensure_started();
+    rcu::gp_worker::ensure_started();
 }
 
 /// What [`trim`] did.
@@ -186,10 +186,10 @@ pub fn trim() -> TrimReport {
         }
     }
     let mut r = TrimReport::default();
-    if worker::enter_critical() {
+    if background::enter_critical() {
         r.slabs_released = slab::cache::reclaim_empty_slabs_wait(g);
         r.pages_purged = g.pages.purge(false);
-        worker::leave_critical();
+        background::leave_critical();
     }
     r
 }
@@ -201,7 +201,7 @@ pub fn trim() -> TrimReport {
 /// Any context (one atomic load).
 #[cfg(not(loom))]
 pub fn worker_passes() -> u64 {
-    worker::passes()
+    background::passes()
 }
 
 /// Whether the background worker is running in this process.
@@ -210,5 +210,5 @@ pub fn worker_passes() -> u64 {
 /// Any context.
 #[cfg(not(loom))]
 pub fn worker_running() -> bool {
-    worker::is_running()
+    background::is_running()
 }

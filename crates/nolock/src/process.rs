@@ -13,7 +13,7 @@
 use core::sync::atomic::{AtomicU8, Ordering};
 
 extern "C" fn atfork_child() {
-    crate::worker::after_fork_child();
+    crate::background::after_fork_child();
     crate::rcu::kfree::after_fork_child();
     crate::slab::shard::after_fork_child();
     crate::thread::after_fork_child(crate::rcu::reset_slot);
@@ -38,8 +38,8 @@ pub(crate) fn ensure_process_hooks() {
     // SAFETY: registering plain extern "C" functions as the fork handlers.
     unsafe {
         libc::pthread_atfork(
-            Some(crate::worker::before_fork),
-            Some(crate::worker::after_fork_parent),
+            Some(crate::background::before_fork),
+            Some(crate::background::after_fork_parent),
             Some(atfork_child),
         )
     };

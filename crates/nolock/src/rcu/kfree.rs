@@ -256,7 +256,7 @@ impl Flavor {
     pub(crate) fn enqueue(self, head: NonNull<RcuHead>, func: usize) {
         // Any context, no system call: the worker polls the lists.
         let _ = match self {
-            Flavor::Rcu => super::tree::enqueue(head, func),
+            Flavor::Rcu => super::classic::enqueue(head, func),
             Flavor::Srcu(s) => s.enqueue(head, func),
         };
     }
@@ -270,14 +270,14 @@ impl Flavor {
 
     fn domain(self) -> &'static dyn super::Domain {
         match self {
-            Flavor::Rcu => super::tree::domain(),
+            Flavor::Rcu => super::classic::domain(),
             Flavor::Srcu(s) => s,
         }
     }
 
     fn core(self) -> &'static super::GpCore {
         match self {
-            Flavor::Rcu => super::tree::domain().core(),
+            Flavor::Rcu => super::classic::domain().core(),
             Flavor::Srcu(s) => s.core_ref(),
         }
     }

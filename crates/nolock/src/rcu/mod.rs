@@ -2,7 +2,7 @@
 //!
 //! # What is here
 //!
-//! - [`tree`]: **RCU**, one process-wide domain for non-sleepable readers. A reader writes only its own
+//! - [`classic`]: **RCU** ("classic", the kernel's name before tree RCU: nolock has no tree of nodes), one process-wide domain for non-sleepable readers. A reader writes only its own
 //!   thread's counter word (no fence, no atomic RMW); grace periods use the two-phase counter flip of
 //!   liburcu's membarrier flavour, ordered against readers with `membarrier(PRIVATE_EXPEDITED)`.
 //! - [`srcu`]: **SRCU-fast** domains for readers that may block or sleep. Readers increment per-thread
@@ -30,15 +30,15 @@
 //! callback onto every thread's list and wait for all of them; the worker runs a batch's markers after the
 //! rest of the batch, so each runs after every callback queued before it on its list.
 
+pub mod classic;
+pub(crate) mod gp_worker;
 pub mod kfree;
 pub mod ptr;
 pub(crate) mod seq;
 pub mod srcu;
 pub mod tasks_trace;
-pub mod tree;
-pub(crate) mod worker;
 
-pub use worker::IDLE_POLL_MAX;
+pub use gp_worker::IDLE_POLL_MAX;
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -63,7 +63,7 @@ pub fn barrier_mechanism() -> &'static str {
 /// Thread exit check (registered with `crate::thread`): a slot whose thread dies inside a read-side section
 /// (a leaked guard) must not be handed to a new thread; the orphan sweep or a fork clears it later.
 pub(crate) fn slot_may_be_reused(id: u32) -> bool {
-    let mut ok = tree::slot_may_be_reused(id);
+    let mut ok = classic::slot_may_be_reused(id);
     srcu::for_each_state(|s| ok &= !s.slot_in_section(id));
     ok
 }
@@ -71,7 +71,7 @@ pub(crate) fn slot_may_be_reused(id: u32) -> bool {
 /// The thread of slot `id` no longer exists (orphan sweep, fork child): close every section it left open, in
 /// every domain, as if it had left them now.
 pub(crate) fn reset_slot(id: u32) {
-    tree::reset_slot(id);
+    classic::reset_slot(id);
     srcu::for_each_state(|s| s.reset_slot(id));
 }
 
@@ -289,15 +289,15 @@ const THROTTLE_EVERY: u64 = 256;
 /// if `d`'s backlog is above [`BACKLOG_HIGH`], wait until the worker brings it below [`BACKLOG_LOW`].
 pub(crate) fn throttle(d: &dyn Domain, mine: u64) {
     // The worker itself (a callback that queues callbacks) never waits: it is the one that would have to run.
-    if !mine.is_multiple_of(THROTTLE_EVERY) || worker::on_worker_thread() {
+    if !mine.is_multiple_of(THROTTLE_EVERY) || gp_worker::on_worker_thread() {
         return;
     }
     let pending = || queued_total(d).saturating_sub(d.core().invoked.load(Ordering::Acquire));
     if pending() <= BACKLOG_HIGH {
         return;
     }
-    worker::ensure_started();
-    worker::kick();
+    gp_worker::ensure_started();
+    gp_worker::kick();
     let mut backoff = Backoff::new();
     while pending() > BACKLOG_LOW {
         backoff.wait();
@@ -315,9 +315,9 @@ pub(crate) struct Enqueued {
 /// After a normal-context enqueue (`call_rcu`, `call_srcu_fast`): wake the worker if the list was empty (the
 /// `*_nolock` variants never do: the worker polls), and apply the backlog throttle.
 pub(crate) fn after_normal_enqueue(d: &dyn Domain, e: Enqueued) {
-    if e.was_empty && !worker::on_worker_thread() {
-        worker::ensure_started();
-        worker::kick();
+    if e.was_empty && !gp_worker::on_worker_thread() {
+        gp_worker::ensure_started();
+        gp_worker::kick();
     }
     throttle(d, e.mine);
 }
@@ -410,17 +410,17 @@ pub(crate) fn barrier(d: &dyn Domain, what: &str) {
         let head = NonNull::from(&h.head);
         queue_on(list.unwrap_or(&d.core().overflow_cbs), head, func);
     }
-    if worker::on_worker_thread() {
+    if gp_worker::on_worker_thread() {
         let mut backoff = Backoff::new();
         // Acquire: pairs with the AcqRel decrement of the last marker: its callbacks' effects are visible.
         while remaining.load(Ordering::Acquire) != 0 {
-            worker::run_nested_pass();
+            gp_worker::run_nested_pass();
             backoff.wait();
         }
         return;
     }
-    worker::ensure_started();
-    worker::kick();
+    gp_worker::ensure_started();
+    gp_worker::kick();
     loop {
         // Acquire: as above.
         let r = remaining.load(Ordering::Acquire);
@@ -444,8 +444,8 @@ pub(crate) fn barrier(d: &dyn Domain, what: &str) {
 /// (The `kfree_rcu` rings and slots are repaired earlier, by `kfree::after_fork_child`, before the slab layer
 /// drains the shards of the threads that are gone.)
 pub(crate) fn after_fork_child() {
-    worker::after_fork_child();
-    tree::after_fork_child();
+    gp_worker::after_fork_child();
+    classic::after_fork_child();
     srcu::for_each_state(|s| s.after_fork_child());
     let fix = |d: &dyn Domain| {
         let mut left = 0u64;
@@ -458,7 +458,7 @@ pub(crate) fn after_fork_child() {
         // Release: pairs with the Acquire loads of `invoked` in the throttle.
         d.core().invoked.store(queued_total(d).wrapping_sub(left), Ordering::Release);
     };
-    fix(tree::domain());
+    fix(classic::domain());
     srcu::for_each_live(|s| fix(s));
 }
 

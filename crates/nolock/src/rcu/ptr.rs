@@ -25,8 +25,8 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
+use super::classic::RcuReadGuard;
 use super::srcu::{SrcuFast, SrcuFastGuard};
-use super::tree::RcuReadGuard;
 use super::{RcuCallback, RcuHead};
 use crate::page::Gfp;
 
@@ -61,7 +61,7 @@ impl Flavor for Rcu {
     type Guard<'g> = RcuReadGuard;
     unsafe fn retire(&self, head: NonNull<RcuHead>, func: RcuCallback) {
         // SAFETY: forwarded.
-        unsafe { super::tree::call_rcu_nolock(head, func) }
+        unsafe { super::classic::call_rcu_nolock(head, func) }
     }
     #[inline(always)]
     fn guards(&self, _guard: &RcuReadGuard) -> bool {

@@ -223,7 +223,7 @@ impl SrcuState {
         }
         self.core.after_fork_child(|c| {
             if self.implies_rcu.load(Ordering::Relaxed) != 0 {
-                let rcu = super::tree::domain().core();
+                let rcu = super::classic::domain().core();
                 let cookie = rcu.seq.snap();
                 rcu.request(cookie);
                 c.aux.store(cookie, Ordering::Relaxed);
@@ -237,7 +237,7 @@ impl SrcuState {
     /// Wait for a full grace period of this domain (normal context).
     pub(crate) fn synchronize(&'static self) {
         super::assert_not_held(self, "synchronize_srcu");
-        super::worker::ensure_started();
+        super::gp_worker::ensure_started();
         let cookie = self.core.seq.snap();
         super::wait_for_cookie(self, cookie);
     }
@@ -259,8 +259,8 @@ impl Domain for SrcuState {
                 if self.implies_rcu.load(Ordering::Relaxed) != 0 {
                     // Begin with a full RCU grace period: every RCU reader that began before this grace
                     // period started has ended before it can end.
-                    let c = super::tree::RCU.core().seq.snap();
-                    super::tree::RCU.core().request(c);
+                    let c = super::classic::RCU.core().seq.snap();
+                    super::classic::RCU.core().request(c);
                     core.aux.store(c, Ordering::Relaxed);
                     core.phase.store(WAIT_RCU, Ordering::Relaxed);
                 } else {
@@ -270,7 +270,7 @@ impl Domain for SrcuState {
                 Step::Progress
             }
             WAIT_RCU => {
-                let rcu = &super::tree::RCU;
+                let rcu = &super::classic::RCU;
                 let cookie = core.aux.load(Ordering::Relaxed);
                 if !rcu.core().seq.done(cookie) {
                     return match rcu.core().try_drive(|| rcu.step()) {
@@ -314,7 +314,7 @@ impl Domain for SrcuState {
         if crate::thread::current_if_any().is_some_and(|id| self.per_thread(id).reader.nesting() != 0) {
             return Some("a read-side section of the same SRCU domain");
         }
-        (self.implies_rcu.load(Ordering::Relaxed) != 0 && crate::rcu::tree::rcu_read_lock_held())
+        (self.implies_rcu.load(Ordering::Relaxed) != 0 && crate::rcu::classic::rcu_read_lock_held())
             .then_some("an RCU read-side critical section (Tasks Trace grace periods imply RCU grace periods)")
     }
 }
@@ -426,7 +426,7 @@ impl SrcuFast {
     /// Queue `func(head)` to run after a grace period of this domain (`call_srcu_fast_nolock`).
     ///
     /// # Safety
-    /// As [`crate::rcu::tree::call_rcu_nolock`].
+    /// As [`crate::rcu::classic::call_rcu_nolock`].
     ///
     /// # Context
     /// Any context: async-signal-safe, reentrant, lock-free. Never fails.
@@ -436,10 +436,10 @@ impl SrcuFast {
     }
 
     /// `call_srcu_fast` for normal contexts: [`call_srcu_fast_nolock`](Self::call_srcu_fast_nolock) with
-    /// backpressure (see [`crate::rcu::tree::call_rcu`]).
+    /// backpressure (see [`crate::rcu::classic::call_rcu`]).
     ///
     /// # Safety
-    /// As [`crate::rcu::tree::call_rcu_nolock`].
+    /// As [`crate::rcu::classic::call_rcu_nolock`].
     ///
     /// # Context
     /// Normal context only: may sleep while the backlog is high.
@@ -477,13 +477,13 @@ impl SrcuFast {
     /// [`start_poll_nolock`](Self::start_poll_nolock).
     pub fn start_poll(&self) -> u64 {
         let c = self.start_poll_nolock();
-        super::worker::ensure_started();
-        super::worker::kick();
+        super::gp_worker::ensure_started();
+        super::gp_worker::kick();
         c
     }
 
     /// [`start_poll`](Self::start_poll) for any context: records the request, makes no system call; the
-    /// grace-period worker picks it up (see [`crate::rcu::tree::start_poll_synchronize_rcu_nolock`] for when
+    /// grace-period worker picks it up (see [`crate::rcu::classic::start_poll_synchronize_rcu_nolock`] for when
     /// the worker runs).
     ///
     /// # Context
@@ -508,8 +508,8 @@ impl SrcuFast {
     ///
     /// # Context
     /// Any context (reads counters; O(threads)).
-    pub fn stats(&self) -> super::tree::GpStats {
-        super::tree::stats_of(self.state())
+    pub fn stats(&self) -> super::classic::GpStats {
+        super::classic::stats_of(self.state())
     }
 }
 

@@ -34,7 +34,7 @@ pub fn synchronize_rcu_tasks_trace() {
 /// Queue `func(head)` to run after a Tasks Trace grace period.
 ///
 /// # Safety
-/// As [`crate::rcu::tree::call_rcu_nolock`].
+/// As [`crate::rcu::classic::call_rcu_nolock`].
 ///
 /// # Context
 /// Any context: async-signal-safe, reentrant, lock-free.

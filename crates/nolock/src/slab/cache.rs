@@ -1855,7 +1855,7 @@ impl CacheInner {
                 if p.empty_now {
                     let events = self.counters.empty_events.fetch_add(1, Ordering::Relaxed) + 1;
                     if events.wrapping_sub(self.shrunk_at.load(Ordering::Relaxed)) == KICK_AFTER_EMPTY {
-                        crate::worker::request_pass();
+                        crate::background::request_pass();
                     }
                 }
                 let owner = d.owner.load(Ordering::Relaxed);
@@ -2479,7 +2479,7 @@ pub fn destroy(g: &Global, id: u16) -> DestroyReport {
     // that destructors have run and every page is back before the slot is freed.
     match c.cfg().typesafe {
         Typesafe::No => {}
-        Typesafe::Rcu => crate::rcu::tree::rcu_barrier(),
+        Typesafe::Rcu => crate::rcu::classic::rcu_barrier(),
         Typesafe::Srcu(s) => crate::rcu::barrier(s, "KmemCache::destroy"),
     }
     let st = c.stats(g);

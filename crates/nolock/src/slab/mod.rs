@@ -244,7 +244,7 @@ impl<'a> KmemCacheBuilder<'a> {
         if cfg.typesafe.is_typesafe() {
             // Type-safe objects stay readable after free: the link word must not sit on fields readers probe,
             // which is what `freeptr_offset` is for; poison would destroy them, so debug mode skips it.
-            crate::rcu::worker::ensure_started();
+            crate::rcu::gp_worker::ensure_started();
         }
         if self.fallback.unwrap_or(cfg.typesafe.is_typesafe()) {
             let mut fb = cfg;

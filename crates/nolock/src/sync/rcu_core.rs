@@ -1,6 +1,6 @@
 //! The counting core of the RCU domain: a reader's nesting/phase word and the global phase counter.
 //!
-//! Kept apart from `rcu::tree` so that the loom models run this exact code (see `srcu_core` for how loom
+//! Kept apart from `rcu::classic` so that the loom models run this exact code (see `srcu_core` for how loom
 //! stands in for `membarrier`).
 //!
 //! A reader word holds a nesting count in its low 32 bits and a phase in bit 32. The outermost
@@ -172,7 +172,7 @@ where
     while old_readers(gp, readers()) {
         wait();
     }
-    // Flip fences: scans before the flip, flip before the next scans (see `rcu::tree`).
+    // Flip fences: scans before the flip, flip before the next scans (see `rcu::classic`).
     super::atomic::fence(Ordering::SeqCst);
     gp.flip();
     super::atomic::fence(Ordering::SeqCst);

@@ -260,7 +260,7 @@ impl Domain for RcuDomain {
 /// otherwise). Not async-signal-safe.
 pub fn synchronize_rcu() {
     super::assert_not_held(&RCU, "synchronize_rcu");
-    super::worker::ensure_started();
+    super::gp_worker::ensure_started();
     let cookie = RCU.core.seq.snap();
     super::wait_for_cookie(&RCU, cookie);
 }
@@ -286,8 +286,8 @@ pub fn get_state_synchronize_rcu() -> RcuCookie {
 /// path use [`start_poll_synchronize_rcu_nolock`].
 pub fn start_poll_synchronize_rcu() -> RcuCookie {
     let c = start_poll_synchronize_rcu_nolock();
-    super::worker::ensure_started();
-    super::worker::kick();
+    super::gp_worker::ensure_started();
+    super::gp_worker::kick();
     c
 }
 
@@ -320,7 +320,7 @@ pub fn poll_state_synchronize_rcu(cookie: RcuCookie) -> bool {
 pub fn cond_synchronize_rcu(cookie: RcuCookie) {
     if !poll_state_synchronize_rcu(cookie) {
         super::assert_not_held(&RCU, "cond_synchronize_rcu");
-        super::worker::ensure_started();
+        super::gp_worker::ensure_started();
         super::wait_for_cookie(&RCU, cookie.0);
     }
 }

@@ -62,7 +62,7 @@ thread_local! {
 /// # Context
 /// Normal context only: spawns a thread.
 pub(crate) fn ensure_started() {
-    crate::worker::start_once(&RUNNING_PID, "nolock-rcu", run);
+    crate::background::start_once(&RUNNING_PID, "nolock-rcu", run);
 }
 
 /// Wake the worker now (one `futex` wake). Normal context only: `*_nolock` paths never call it.
@@ -110,7 +110,7 @@ struct WorkerState {
 const STEP_EVERY: u32 = 4096;
 
 fn domains() -> Vec<&'static dyn Domain> {
-    let mut v: Vec<&'static dyn Domain> = vec![super::tree::domain()];
+    let mut v: Vec<&'static dyn Domain> = vec![super::classic::domain()];
     super::srcu::for_each_live(|s| v.push(s));
     v
 }
