@@ -106,7 +106,7 @@ fn one_pass(pass: u64, purge: bool) {
     };
     // Outside the critical section: commits hold no pages in hand.
     g.pages.commit_ahead();
-    g.lock_shards_ahead();
+    g.slab.lock_ahead();
     if !enter_critical() {
         return;
     }
@@ -120,7 +120,7 @@ fn one_pass(pass: u64, purge: bool) {
         g.pages.purge(true);
     }
     if pass.is_multiple_of(10) {
-        crate::slab::shard::sweep_orphans(g);
+        crate::thread::sweep_orphans();
     }
     leave_critical();
 }

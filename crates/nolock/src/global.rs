@@ -1,6 +1,9 @@
-//! Process-wide state: the arena, the cache table, the shard pool, and run-time configuration.
+//! Process-wide state: the page allocator over the arena, the slab layer's tables, and run-time configuration.
 //!
-//! All of it lives in memory nolock maps itself, reached through one `AtomicPtr`. Initialisation is lock-free
+//! All of it lives in memory nolock maps itself, reached through one `AtomicPtr`. This module knows nothing of
+//! caches or per-thread lists: it holds the slab layer's [`SlabTables`] without looking inside (the slab layer
+//! maps them, creates the kmalloc caches in them before the state is published, and adds its accessors, such as
+//! `g.cache(id)`, in `slab::tables`). Initialisation is lock-free
 //! so that the first nolock call may happen anywhere, even in a signal handler that interrupted another first
 //! call on the same thread: every initialiser maps and fills a complete instance, then tries to publish it with
 //! one CAS; a loser unmaps its own copy and uses the winner's. Nothing waits.
@@ -12,19 +15,12 @@
 //! and names `NOLOCK_ARENA_SIZE`, once per process; allocations then fail (a global allocator's caller aborts
 //! with Rust's "memory allocation of N bytes failed").
 
-use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use core::time::Duration;
 
 use crate::page::{MAX_ARENA_SIZE, MIN_ARENA_SIZE, MapError, PageAllocator};
-use crate::slab::cache::CacheInner;
-use crate::slab::shard::Shard;
-use crate::sync::tagged::TaggedStack;
+use crate::slab::SlabTables;
 
-/// Maximum number of caches (the kmalloc classes included) alive at once.
-pub const MAX_CACHES: usize = 256;
-/// Maximum number of threads with their own per-thread caches at once; further threads use the shared path.
-pub const MAX_SHARDS: usize = 1024;
 /// Default arena size: 16 GiB of address space (reserved, not committed).
 pub const DEFAULT_ARENA_SIZE: usize = 16 << 30;
 /// Default interval of the background worker's purge.
@@ -39,47 +35,14 @@ pub const SLOW_FAULT: u8 = 2;
 pub(crate) struct Global {
     /// The page allocator over the arena.
     pub pages: PageAllocator,
-    caches: NonNull<CacheInner>,
-    shards: NonNull<Shard>,
-    /// Shards never handed out yet start here.
-    pub next_shard: AtomicU32,
-    /// Shards given back by exited threads.
-    pub free_shards: TaggedStack,
-    /// Cache ids never used yet start here.
-    pub next_cache: AtomicU32,
+    /// The slab layer's cache and per-thread tables (opaque here).
+    pub slab: SlabTables,
     /// `SLOW_DEBUG`: new kmalloc allocations come from the debug caches; `SLOW_FAULT`: some fault injection is
     /// configured. Zero keeps the allocation fast paths on their shortest route (one load and branch).
     pub slow_flags: AtomicU8,
     /// The settings this state was built with.
     pub settings: Settings,
-    /// Under `MCL_FUTURE` (see [`map_tables_unlocked`]): shard entries below this are locked in memory.
-    shards_locked: AtomicU32,
     meta_len: usize,
-}
-
-/// Shard entries locked at initialisation under `MCL_FUTURE`, and kept locked ahead of the shards in use.
-const LOCKED_SHARDS_AHEAD: u32 = 16;
-
-/// Map the cache and thread tables when `mlockall(MCL_FUTURE)` is in effect. Mapped plainly, all of the
-/// thread table (`MAX_SHARDS` entries) would be faulted in and locked at once; instead map it without access,
-/// unlock that, make it readable and writable (which faults nothing in), and lock only the global state, the
-/// cache table and the first [`LOCKED_SHARDS_AHEAD`] shard entries. The worker locks more as threads arrive
-/// ([`Global::lock_shards_ahead`]); until then a new thread's entry is faulted in by its first use, unlocked.
-///
-/// Async-signal-safe (`mmap`, `munlock`, `mprotect`, `mlock`).
-fn map_tables_unlocked(layout: &MetaLayout) -> Result<*mut u8, i32> {
-    let meta = crate::sys::mmap_none(layout.total)?;
-    // SAFETY: our fresh reservation of `layout.total` bytes, which nothing uses yet.
-    unsafe {
-        crate::sys::munlock(meta, layout.total);
-        if let Err(e) = crate::sys::mprotect_rw(meta, layout.total) {
-            crate::sys::munmap(meta, layout.total);
-            return Err(e);
-        }
-        // Best effort: over RLIMIT_MEMLOCK the tables still work, faulted in on first use.
-        let _ = crate::sys::mlock(meta, layout.shard_end(LOCKED_SHARDS_AHEAD as usize));
-    }
-    Ok(meta)
 }
 
 /// Settings resolved at initialisation: each from the [`Config`] given to the initialiser, else from
@@ -96,12 +59,6 @@ pub(crate) struct Settings {
     /// Commit the arena as it is used (system calls on the allocation slow path) instead of all at once.
     pub lazy_commit: bool,
 }
-
-// SAFETY: all shared fields are atomics or point at memory accessed only through atomics or under the per-cache
-// protocols documented in `slab`.
-unsafe impl Send for Global {}
-// SAFETY: see above.
-unsafe impl Sync for Global {}
 
 static GLOBAL: AtomicPtr<Global> = AtomicPtr::new(core::ptr::null_mut());
 
@@ -153,30 +110,6 @@ pub fn get_if_init() -> Option<&'static Global> {
     (!p.is_null()).then(|| unsafe { &*p })
 }
 
-fn round_up(x: usize, to: usize) -> usize {
-    x.div_ceil(to) * to
-}
-
-struct MetaLayout {
-    caches: usize,
-    shards: usize,
-    total: usize,
-}
-
-impl MetaLayout {
-    fn new() -> Self {
-        let caches = round_up(core::mem::size_of::<Global>(), 4096);
-        let shards = round_up(caches + MAX_CACHES * core::mem::size_of::<CacheInner>(), 4096);
-        let total = round_up(shards + MAX_SHARDS * core::mem::size_of::<Shard>(), 4096);
-        Self { caches, shards, total }
-    }
-
-    /// Bytes from the start of the tables to the end of shard entry `n - 1`, rounded up to a page.
-    fn shard_end(&self, n: usize) -> usize {
-        round_up(self.shards + n.min(MAX_SHARDS) * core::mem::size_of::<Shard>(), 4096).min(self.total)
-    }
-}
-
 #[cold]
 fn init(over: Option<&Config>) -> Option<&'static Global> {
     // The first call may be in a signal handler: leave the interrupted code's errno as it was.
@@ -193,37 +126,42 @@ fn init(over: Option<&Config>) -> Option<&'static Global> {
         // The kernel refused: fall back to committing as the arena is used.
         crate::sys::write_stderr(b"nolock: could not commit the arena at once; committing it as it is used\n");
     }
-    let layout = MetaLayout::new();
-    let lock = pages.locks_commits();
-    let meta = match if lock { map_tables_unlocked(&layout) } else { crate::sys::mmap_reserve_err(layout.total) } {
-        Ok(m) => m,
-        Err(errno) => {
-            report_reserve_failure(&settings, MapError { what: "cache and thread tables", bytes: layout.total, errno });
+    let slab = match SlabTables::map(pages.locks_commits()) {
+        Ok(t) => t,
+        Err(e) => {
+            report_reserve_failure(&settings, e);
             // SAFETY: `pages` was never shared.
             unsafe { pages.unmap() };
             return None;
         }
     };
+    let meta_len = core::mem::size_of::<Global>().next_multiple_of(4096);
+    let meta = match crate::sys::mmap_reserve_err(meta_len) {
+        Ok(m) => m,
+        Err(errno) => {
+            report_reserve_failure(&settings, MapError { what: "global state", bytes: meta_len, errno });
+            // SAFETY: neither was ever shared.
+            unsafe {
+                pages.unmap();
+                slab.unmap();
+            }
+            return None;
+        }
+    };
     let g = meta.cast::<Global>();
-    // SAFETY: `meta` is a fresh, page-aligned, zeroed mapping big enough for the layout; the cache and shard
-    // tables are valid when zeroed.
+    // SAFETY: `meta` is a fresh, page-aligned mapping big enough for a Global.
     unsafe {
         g.write(Global {
             pages,
-            caches: NonNull::new_unchecked(meta.add(layout.caches).cast()),
-            shards: NonNull::new_unchecked(meta.add(layout.shards).cast()),
-            next_shard: AtomicU32::new(0),
-            free_shards: TaggedStack::new(),
-            next_cache: AtomicU32::new(0),
+            slab,
             slow_flags: AtomicU8::new(if settings.debug { SLOW_DEBUG } else { 0 }),
             settings,
-            shards_locked: AtomicU32::new(if lock { LOCKED_SHARDS_AHEAD } else { 0 }),
-            meta_len: layout.total,
+            meta_len,
         });
     }
     // SAFETY: just written; not yet shared.
     let gr = unsafe { &*g };
-    crate::slab::kmalloc::create_kmalloc_caches(gr);
+    SlabTables::create_kmalloc_caches(gr);
     // AcqRel: Release publishes the fully built state; Acquire on failure reads the winner's.
     match GLOBAL.compare_exchange(core::ptr::null_mut(), g, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => {
@@ -245,6 +183,7 @@ fn init(over: Option<&Config>) -> Option<&'static Global> {
                 let ours = g.read();
                 let len = ours.meta_len;
                 ours.pages.unmap();
+                ours.slab.unmap();
                 crate::sys::munmap(meta, len);
                 Some(&*winner)
             }
@@ -450,28 +389,6 @@ pub(crate) fn settings() -> Settings {
 }
 
 impl Global {
-    /// The cache with id `id`.
-    #[inline]
-    pub(crate) fn cache(&self, id: u16) -> &CacheInner {
-        debug_assert!((id as usize) < MAX_CACHES);
-        // SAFETY: the table has MAX_CACHES entries living as long as `self`; zeroed entries are valid.
-        unsafe { &*self.caches.as_ptr().add(id as usize) }
-    }
-
-    /// The shard with id `id`.
-    #[inline]
-    pub fn shard(&self, id: u32) -> &Shard {
-        debug_assert!((id as usize) < MAX_SHARDS);
-        // SAFETY: the table has MAX_SHARDS entries living as long as `self`; zeroed entries are valid.
-        unsafe { &*self.shards.as_ptr().add(id as usize) }
-    }
-
-    /// Shards handed out so far (an upper bound for scans).
-    #[inline]
-    pub fn shard_count(&self) -> u32 {
-        self.next_shard.load(Ordering::Acquire).min(MAX_SHARDS as u32)
-    }
-
     /// Whether kmalloc debug mode is on.
     #[inline]
     pub fn kmalloc_debug(&self) -> bool {
@@ -484,40 +401,10 @@ impl Global {
         self.slow_flags.load(Ordering::Relaxed) & SLOW_FAULT != 0
     }
 
-    /// Under `MCL_FUTURE` (see [`map_tables_unlocked`]): lock the shard entries of the threads that arrived
-    /// since the last call, and [`LOCKED_SHARDS_AHEAD`] more.
-    ///
-    /// # Context
-    /// Normal context (the background worker): `mlock`.
-    pub fn lock_shards_ahead(&self) {
-        let locked = self.shards_locked.load(Ordering::Relaxed);
-        if locked == 0 {
-            return;
-        }
-        let want = (self.next_shard.load(Ordering::Relaxed) + LOCKED_SHARDS_AHEAD).min(MAX_SHARDS as u32);
-        if want <= locked {
-            return;
-        }
-        let layout = MetaLayout::new();
-        let base = self as *const Global as usize;
-        let (from, to) = (layout.shard_end(locked as usize), layout.shard_end(want as usize));
-        // SAFETY: `[base + from, base + to)` is page aligned and inside the tables mapping this Global heads
-        // (it lives at the start of that mapping); locking changes no contents.
-        if to <= from || unsafe { crate::sys::mlock((base + from) as *mut u8, to - from) }.is_ok() {
-            self.shards_locked.store(want, Ordering::Relaxed);
-        }
-    }
-
     /// In a child of `fork` (the atfork child handler): memory locks are not inherited; stop locking.
     pub fn after_fork_child(&self) {
         self.pages.after_fork_child();
-        self.shards_locked.store(0, Ordering::Relaxed);
-    }
-
-    /// Cache ids used so far (an upper bound for scans).
-    #[inline]
-    pub fn cache_count(&self) -> u16 {
-        self.next_cache.load(Ordering::Acquire).min(MAX_CACHES as u32) as u16
+        self.slab.after_fork_child();
     }
 }
 

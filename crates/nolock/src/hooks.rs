@@ -27,8 +27,6 @@ pub enum Point {
     FreeFlush,
     /// Draining the deferred list, busy flag held.
     DeferredDrain,
-    /// Claiming a shard for a thread, before it is published in the thread-local pointer.
-    ShardClaim,
     /// Page allocator, before searching the bitmap.
     PageAlloc,
     /// Page allocator, before clearing bitmap bits.

@@ -95,13 +95,18 @@ pub use boxed::NBox;
 #[cfg(not(loom))]
 pub use debug::{FaultInjection, FreeError, FreeErrorKind};
 #[cfg(not(loom))]
-pub use global::{Config, ConfigError, DEFAULT_ARENA_SIZE, MAX_CACHES, MAX_SHARDS};
+pub use global::{Config, ConfigError, DEFAULT_ARENA_SIZE};
 #[cfg(not(loom))]
 pub use page::{
     Gfp, MAX_ORDER, PagesError, PrefaultError, alloc_pages_nolock, free_pages_nolock, prefault, try_free_pages_nolock,
 };
 #[cfg(not(loom))]
-pub use slab::cache::{CacheError, CacheName, CacheStats, DestroyReport};
+pub use slab::cache::{CacheError, CacheName, CacheStats, DestroyReport, MAX_CACHES};
+
+/// Maximum number of threads with their own per-thread caches at once: the thread slots
+/// ([`thread::MAX_THREADS`]). Further threads use the (slower, still lock-free) shared path.
+#[cfg(not(loom))]
+pub const MAX_SHARDS: usize = thread::MAX_THREADS;
 #[cfg(not(loom))]
 pub use slab::kmalloc::{
     KMALLOC_MAX_CACHE_SIZE, KMALLOC_SIZES, ZERO_SIZE_LIMIT, ZERO_SIZE_PTR, kfree_nolock, kmalloc_layout_nolock,
@@ -171,17 +176,17 @@ pub fn trim() -> TrimReport {
     let Some(g) = global::get() else {
         return TrimReport::default();
     };
-    if let Some(s) = slab::shard::current_if_any() {
+    if let Some(s) = slab::thread_cache::current_if_any() {
         for id in 0..g.cache_count() {
-            let (pc, c) = (s.pc(id), g.cache(id));
+            let (tc, c) = (s.list(id), g.cache(id));
             // Under the list's lock, like any owner operation: a signal handler that lands in the middle finds
             // it busy and defers; what it deferred is drained by the next round.
             while c.is_active()
-                && (pc.count.load(core::sync::atomic::Ordering::Relaxed) != 0 || !pc.deferred.is_empty())
-                && pc.lock.try_lock() == sync::local_lock::TryLock::Locked
+                && (tc.count.load(core::sync::atomic::Ordering::Relaxed) != 0 || !tc.deferred.is_empty())
+                && tc.lock.try_lock() == sync::local_lock::TryLock::Locked
             {
-                c.drain_pc(g, s, pc);
-                pc.lock.unlock();
+                c.drain_list(g, s, tc);
+                tc.lock.unlock();
             }
         }
     }

@@ -15,8 +15,9 @@ use core::sync::atomic::{AtomicU8, Ordering};
 extern "C" fn atfork_child() {
     crate::background::after_fork_child();
     crate::rcu::kfree::after_fork_child();
-    crate::slab::shard::after_fork_child();
-    crate::thread::after_fork_child(crate::rcu::reset_slot);
+    // Every layer's `reset` for the slots of the threads that are gone, in registration order: the slab layer
+    // hands their objects back and queues their pointer blocks, then RCU closes their read-side sections.
+    crate::thread::after_fork_child();
     crate::rcu::after_fork_child();
 }
 
@@ -30,11 +31,12 @@ pub(crate) fn ensure_process_hooks() {
     if PROCESS_HOOKS.swap(1, Ordering::AcqRel) != 0 {
         return;
     }
-    // The slot key first: its destructor runs before the shard's in each round, which does not matter for
-    // correctness (each layer's exit work stands alone) but keeps the order stable.
+    // The layers that keep per-thread state, in the order their exit and reset hooks run: the slab layer first
+    // (handing a thread's objects and pointer blocks back may queue RCU callbacks), then RCU (whose exit hook
+    // keeps a slot whose thread left a read-side section open out of circulation).
+    crate::thread::register_layer(&crate::slab::SLOT_HOOKS);
+    crate::thread::register_layer(&crate::rcu::SLOT_HOOKS);
     crate::thread::ensure_exit_key();
-    crate::thread::register_exit_check(crate::rcu::slot_may_be_reused);
-    crate::slab::shard::ensure_exit_key();
     // SAFETY: registering plain extern "C" functions as the fork handlers.
     unsafe {
         libc::pthread_atfork(

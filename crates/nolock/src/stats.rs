@@ -112,10 +112,11 @@ pub fn page_owner(ptr: *const u8) -> PageOwner {
     }
 }
 
-/// Whether the calling thread has its own per-thread caches (a shard) right now.
+/// Whether the calling thread has its own per-thread caches right now: whether it holds a thread slot
+/// (`crate::thread`), which its first nolock call claims.
 ///
 /// # Context
-/// Any context.
+/// Any context (one thread-local load).
 pub fn thread_has_shard() -> bool {
-    crate::slab::shard::current_if_any().is_some()
+    crate::thread::has_slot()
 }

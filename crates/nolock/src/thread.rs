@@ -2,9 +2,11 @@
 //!
 //! A slot is an index below [`MAX_THREADS`] that one thread owns at a time. Each layer that keeps per-thread
 //! state keeps it in a table of its own, indexed by slot (the kernel's per-CPU data: every subsystem has its
-//! own); this module knows nothing of what those tables hold. The slot table is a `static` (zeroed memory is a
-//! table of free slots), so claiming a slot needs no `mmap` and no arena: it works from the very first
-//! instruction of a process, in a signal handler, and when nothing else could be mapped.
+//! own): RCU's reader words and callback lists in `rcu`, the object lists and `kfree_rcu` pointer-block slots
+//! in `slab`. This module knows nothing of what those tables hold, and imports nothing above `sync`, `sys` and
+//! `hooks`. The slot table is a `static` (zeroed memory is a table of free slots), so claiming a slot needs no
+//! `mmap` and no arena: it works from the very first instruction of a process, in a signal handler, and when
+//! nothing else could be mapped.
 //!
 //! # Life cycle
 //!
@@ -12,18 +14,25 @@
 //!   advances the slot's claim generation, and publishes it in the thread-local `CURRENT` with a CAS, so a
 //!   signal handler that raced the claim on the same thread wins and the interrupted claim gives its slot back
 //!   instead of overwriting (and leaking) the handler's. It also sets a pthread key for the thread (glibc's
-//!   first 32 keys need no allocation, so this is async-signal-safe there).
+//!   first 32 keys need no allocation, so this is async-signal-safe there). Every layer finds the slot's entry
+//!   of its table zeroed, or as the slot's previous owner's exit (or `reset`) left it: empty.
 //! - **exit**: the key's destructor marks the thread as exited (later calls on it, from other thread-local
-//!   destructors, get no slot and take the layers' shared paths), asks every registered *exit check* whether
-//!   the slot may be handed out again (a layer says no while the dying thread still has state in flight, for
-//!   example an RCU read-side section that was never closed), and releases it.
+//!   destructors or from a signal handler that lands in the destructor, get no slot and take the layers' shared
+//!   paths), then calls every layer's `exit` hook ([`SlotHooks`]): each hands back what the thread keeps in it
+//!   (the slab layer drains the thread's object lists and pointer blocks) and says whether the slot may be
+//!   handed out again (RCU says no while a read-side section was never closed). The slot is released, or kept
+//!   out of circulation until an orphan sweep or a fork finds its thread gone.
 //! - **orphans** ([`sweep_orphans`]): a slot whose thread died without its destructor (glibc gave no
-//!   first-level key) is found by `tgkill(pid, tid, 0)` failing with `ESRCH`; the sweep claims it with a CAS on
-//!   the state word that includes the generation, so it can never take a slot that was released and claimed
-//!   again while it looked (ABA).
+//!   first-level key), or that was kept out of circulation at exit, is found by `tgkill(pid, tid, 0)` failing
+//!   with `ESRCH`; the sweep claims it with a CAS on the state word that includes the generation, so it can
+//!   never take a slot that was released and claimed again while it looked (ABA), calls every layer's `reset`
+//!   hook and releases it.
 //! - **fork** ([`after_fork_child`]): in the child only the forking thread exists. Every other owned slot is
-//!   handed to the layers' reset functions (they clear what the dead threads left: reader words, counter
-//!   imbalances) and made free.
+//!   handed to every layer's `reset` hook (they clear what the dead threads left: reader words, counter
+//!   imbalances, object lists) and made free.
+//!
+//! The hooks are registered by the composition root (`process`) before `main`; this module calls them in the
+//! order they were registered.
 //!
 //! # Ordering
 //!
@@ -31,7 +40,7 @@
 //! store of the new state pairs with the `Acquire` load of a sweeper, which then reads this owner's
 //! `owner_tid`. The free stack is a [`TaggedStack`] (ABA-safe, its own Release/Acquire pairs).
 
-use core::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, Ordering};
 
 use crate::sync::tagged::TaggedStack;
 
@@ -160,37 +169,66 @@ fn release(id: u32) {
 }
 
 // -------------------------------------------------------------------------------------------------------------
-// Exit checks: each layer may keep a dying thread's slot out of circulation
+// Layer hooks: what each layer does with its per-thread state when a slot's thread goes away
 // -------------------------------------------------------------------------------------------------------------
 
-const MAX_EXIT_CHECKS: usize = 4;
-static EXIT_CHECKS: [AtomicUsize; MAX_EXIT_CHECKS] = [const { AtomicUsize::new(0) }; MAX_EXIT_CHECKS];
+/// What a layer does with the state it keeps for a slot when the slot's thread goes away. Each layer that keeps
+/// per-thread state registers one with [`register_layer`]; the composition root (`process`) does so before any
+/// nolock path runs. This module calls them and knows nothing of what they clear.
+#[derive(Debug)]
+pub(crate) struct SlotHooks {
+    /// Called on the exiting thread, from its exit destructor, after the thread stopped counting as having a
+    /// slot (its later calls, and a signal handler that lands inside this hook, take the layers' shared paths):
+    /// hand back what the thread keeps in the layer. Returns whether the slot may be handed out again now; false
+    /// keeps it out of circulation until an orphan sweep or a fork finds the thread gone and calls `reset`.
+    pub exit: fn(u32) -> bool,
+    /// The slot's thread no longer exists (orphan sweep, fork child): clear what it left, whatever state it
+    /// stopped in. When every layer's `reset` has returned, the slot is free for a new thread.
+    pub reset: fn(u32),
+}
 
-/// Register `check(slot)`, asked when a thread exits whether its slot may be handed out again (false: the
-/// slot stays out of circulation until an orphan sweep or a fork finds it). Idempotent.
+const MAX_LAYERS: usize = 4;
+static LAYERS: [AtomicPtr<SlotHooks>; MAX_LAYERS] = [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_LAYERS];
+
+/// Register a layer's slot hooks (idempotent). Layers are called in the order they registered.
 ///
 /// # Context
-/// Any context; meant for process initialisation.
-pub fn register_exit_check(check: fn(u32) -> bool) {
-    let f = check as usize;
-    for c in &EXIT_CHECKS {
-        // AcqRel: publishes the function to the Acquire loads in `may_release`.
-        match c.compare_exchange(0, f, Ordering::AcqRel, Ordering::Acquire) {
+/// Any context; meant for process initialisation (`process`), before any thread exits.
+pub(crate) fn register_layer(hooks: &'static SlotHooks) {
+    let h = hooks as *const SlotHooks as *mut SlotHooks;
+    for l in &LAYERS {
+        // AcqRel: publishes the hooks to the Acquire loads in `for_each_layer`.
+        match l.compare_exchange(core::ptr::null_mut(), h, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => return,
-            Err(cur) if cur == f => return,
+            Err(cur) if cur == h => return,
             Err(_) => {}
         }
     }
-    crate::sys::write_stderr(b"nolock: too many thread exit checks registered\n");
+    crate::sys::write_stderr(b"nolock: too many layers registered slot hooks\n");
 }
 
-fn may_release(id: u32) -> bool {
-    EXIT_CHECKS.iter().all(|c| {
-        // Acquire: pairs with the AcqRel CAS in `register_exit_check` that published the function.
-        let f = c.load(Ordering::Acquire);
-        // SAFETY: only `fn(u32) -> bool` values are stored, by `register_exit_check`.
-        f == 0 || unsafe { core::mem::transmute::<usize, fn(u32) -> bool>(f) }(id)
-    })
+fn for_each_layer(mut f: impl FnMut(&'static SlotHooks)) {
+    for l in &LAYERS {
+        // Acquire: pairs with the AcqRel CAS in `register_layer` that published the hooks.
+        let h = l.load(Ordering::Acquire);
+        if !h.is_null() {
+            // SAFETY: only `&'static SlotHooks` are stored, by `register_layer`.
+            f(unsafe { &*h });
+        }
+    }
+}
+
+/// Every layer's `exit` hook, all of them (none is skipped because another said no); whether all agree that the
+/// slot may be handed out again.
+fn exit_layers(id: u32) -> bool {
+    let mut ok = true;
+    for_each_layer(|h| ok &= (h.exit)(id));
+    ok
+}
+
+/// Every layer's `reset` hook.
+fn reset_layers(id: u32) {
+    for_each_layer(|h| (h.reset)(id));
 }
 
 // -------------------------------------------------------------------------------------------------------------
@@ -242,7 +280,7 @@ extern "C" fn slot_exit(p: *mut libc::c_void) {
     CURRENT.with(|c| c.store(EXITED, Ordering::Relaxed));
     crate::sync::signal_fence();
     let id = p as usize as u32 - 1;
-    if may_release(id) {
+    if exit_layers(id) {
         release(id);
     } else {
         let s = &SLOTS[id as usize];
@@ -257,11 +295,12 @@ extern "C" fn slot_exit(p: *mut libc::c_void) {
 // -------------------------------------------------------------------------------------------------------------
 
 /// Give back the slots whose owner thread no longer exists (or was kept out of circulation at exit and is now
-/// dead): `reset(slot)` first clears what the dead thread left in each layer. Returns how many.
+/// dead): every layer's `reset` first clears what the dead thread left. Returns how many.
 ///
 /// # Context
-/// Normal context: one `tgkill(pid, tid, 0)` per owned slot.
-pub fn sweep_orphans(reset: impl Fn(u32)) -> usize {
+/// Normal context: one `tgkill(pid, tid, 0)` per owned slot; the layers' `reset` hooks may take bounded time
+/// (the slab layer hands the dead thread's cached objects back).
+pub(crate) fn sweep_orphans() -> usize {
     let mut n = 0;
     for id in 0..count() {
         let s = &SLOTS[id as usize];
@@ -279,7 +318,7 @@ pub fn sweep_orphans(reset: impl Fn(u32)) -> usize {
         // The owner of generation `w` is gone for good (ESRCH): nobody else can touch the slot. Take it, unless
         // it was released and claimed again meanwhile (the generation moved on).
         if s.state.compare_exchange(w, with_state(w, STATE_SWEEPING), Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            reset(id);
+            reset_layers(id);
             release(id);
             n += 1;
         }
@@ -288,11 +327,11 @@ pub fn sweep_orphans(reset: impl Fn(u32)) -> usize {
 }
 
 /// In a fork child: every slot but the calling thread's belongs to a thread that does not exist here. Call
-/// `reset(slot)` for each (the layers clear what those threads left) and make them free.
+/// every layer's `reset` for each (the layers clear what those threads left) and make them free.
 ///
 /// # Context
 /// The atfork child handler (the process has one thread).
-pub fn after_fork_child(reset: impl Fn(u32)) {
+pub(crate) fn after_fork_child() {
     let me = current_if_any();
     if let Some(me) = me {
         SLOTS[me as usize].owner_tid.store(crate::sys::gettid(), Ordering::Relaxed);
@@ -305,7 +344,7 @@ pub fn after_fork_child(reset: impl Fn(u32)) {
         }
         let s = &SLOTS[id as usize];
         if s.state.load(Ordering::Relaxed) & STATE_MASK != STATE_FREE {
-            reset(id);
+            reset_layers(id);
         }
         release(id);
     }

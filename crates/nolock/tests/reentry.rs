@@ -8,7 +8,7 @@
 //! also frees objects that the test allocated beforehand ("victims"), of the class the outer operation works on.
 //!
 //! The driver then reaches every point: refills from fresh slabs, flushes of overfull lists, deferred drains,
-//! large runs, a fresh thread's shard claim, and the shared path at depth zero (an allocation from a pthread
+//! large runs, a fresh thread's slot claim, and the shared path at depth zero (an allocation from a pthread
 //! key destructor that runs after nolock's own exit destructor). Every object must stay distinct and intact.
 //!
 //! Hooks are global: the tests here are serialized, and the background worker is off (it would run the hook
@@ -51,7 +51,7 @@ const POINTS: [Point; 10] = [
     Point::FreeFast,
     Point::FreeFlush,
     Point::DeferredDrain,
-    Point::ShardClaim,
+    Point::ThreadClaim,
     Point::PageAlloc,
     Point::PageFree,
 ];
@@ -369,7 +369,7 @@ fn every_point_with_nested_alloc_and_free() {
     HOOK_CACHE.store(&cache as *const KmemCache as *mut KmemCache, Ordering::Release);
     let hook_guard = HookGuard::install();
 
-    // A fresh thread: its first call claims a shard (the hook's nested calls claim one first), then every class
+    // A fresh thread: its first call claims a slot (the hook's nested calls claim one first), then every class
     // and the cache go through refill, new slabs, flush and deferred drains.
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -377,7 +377,7 @@ fn every_point_with_nested_alloc_and_free() {
             if let Some((a, s)) = alloc(100) {
                 check_free(a, s);
             }
-            assert!(nolock::stats::thread_has_shard(), "the thread has a shard after its first call");
+            assert!(nolock::stats::thread_has_shard(), "the thread has a slot after its first call");
             for &size in &KMALLOC_SIZES {
                 churn(size, None, 600);
             }

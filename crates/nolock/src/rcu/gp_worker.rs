@@ -134,7 +134,7 @@ fn run() {
         let seen = WORK.load(Ordering::Acquire);
         let (busy, progress) = pass();
         if last_sweep.elapsed() >= SWEEP_EVERY {
-            crate::thread::sweep_orphans(super::reset_slot);
+            crate::thread::sweep_orphans();
             last_sweep = std::time::Instant::now();
         }
         let timeout = if busy {

@@ -38,8 +38,8 @@ use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use super::RcuHead;
 use super::srcu::{SrcuFast, SrcuState};
 use crate::page::Gfp;
-use crate::slab::shard::{self, Shard};
 use crate::sync::local_lock::{LocalTryLock, TryLock};
+use crate::thread::MAX_THREADS;
 
 /// Bytes per pointer block.
 const BLOCK_BYTES: usize = 4096;
@@ -231,6 +231,15 @@ pub(crate) struct KfreeSlot {
     block: AtomicUsize,
 }
 
+/// The per-thread table of block slots, indexed by thread slot: `[RCU, SRCU-fast]` for each. Zeroed memory is
+/// a table of empty, unlocked slots.
+static SLOTS: [[KfreeSlot; 2]; MAX_THREADS] = [const {
+    [
+        KfreeSlot { lock: LocalTryLock::new(), block: AtomicUsize::new(0) },
+        KfreeSlot { lock: LocalTryLock::new(), block: AtomicUsize::new(0) },
+    ]
+}; MAX_THREADS];
+
 /// Which grace period a block waits for.
 #[derive(Clone, Copy)]
 pub(crate) enum Flavor {
@@ -405,8 +414,8 @@ fn retire(ptr: *mut u8, head: NonNull<RcuHead>, flavor: Flavor) {
     if ptr.is_null() {
         return;
     }
-    if let Some(s) = crate::global::get().and_then(shard::current)
-        && retire_in_block(s, ptr, flavor)
+    if let Some(me) = crate::thread::current()
+        && retire_in_block(&SLOTS[me as usize], ptr, flavor)
     {
         return;
     }
@@ -418,8 +427,8 @@ fn retire(ptr: *mut u8, head: NonNull<RcuHead>, flavor: Flavor) {
     flavor.enqueue(head, off + 1);
 }
 
-fn retire_in_block(s: &Shard, ptr: *mut u8, flavor: Flavor) -> bool {
-    let slot = &s.kfree[flavor.slot_index()];
+fn retire_in_block(mine: &[KfreeSlot; 2], ptr: *mut u8, flavor: Flavor) -> bool {
+    let slot = &mine[flavor.slot_index()];
     if slot.lock.try_lock() != TryLock::Locked {
         return false;
     }
@@ -515,7 +524,7 @@ pub(crate) fn age_blocks() {
     }
 }
 
-/// Claim and queue the blocks in slot `slot` of every shard, optionally only those of domain `tag` and those
+/// Claim and queue the blocks in slot `slot` (0: RCU, 1: SRCU-fast) of every thread, optionally only those of domain `tag` and those
 /// created at or before epoch `older`.
 ///
 /// Who else may touch a slot meanwhile, and why each pairing is safe:
@@ -527,17 +536,16 @@ pub(crate) fn age_blocks() {
 ///   (`try_claim` is a CAS), so only one stealer at a time is inside a slot. A stealer that finds the slot
 ///   claimed by another waits for that claim to end and looks again, when it must see the block gone
 ///   (barriers); the aging tick just skips it.
-/// - **the owner's thread exit** (`drain_shard`): it takes the slot's lock like any owner operation, so it
+/// - **the owner's thread exit** (`drain_slot`): it takes the slot's lock like any owner operation, so it
 ///   finds a claimed slot `Claimed` and leaves the block to the stealer.
 /// - **a fork**: a stealer that is gone leaves its claim behind; `after_fork_child` clears it.
 ///
 /// The block itself is taken with a `swap`, so even a path that broke these rules could not queue it twice.
 fn steal_blocks(slot: usize, tag: Option<usize>, older: Option<u32>) {
-    let Some(g) = crate::global::get_if_init() else { return };
-    let n = g.shard_count();
-    let wanted = |s: &Shard| {
+    let n = crate::thread::count();
+    let wanted = |i: u32| {
         // Acquire: pairs with the Release store of the block in `retire_in_block`, so the header is readable.
-        let b = s.kfree[slot].block.load(Ordering::Acquire);
+        let b = SLOTS[i as usize][slot].block.load(Ordering::Acquire);
         if b == 0 {
             return false;
         }
@@ -548,12 +556,12 @@ fn steal_blocks(slot: usize, tag: Option<usize>, older: Option<u32>) {
     };
     // A barrier (a `tag`) must not return while a block it wants sits in a slot another stealer holds.
     let must_see_all = tag.is_some();
-    let mut todo: Vec<u32> = (0..n).filter(|&i| wanted(g.shard(i))).collect();
+    let mut todo: Vec<u32> = (0..n).filter(|&i| wanted(i)).collect();
     while !todo.is_empty() {
         let mut claimed = Vec::new();
         let mut busy = Vec::new();
         for &i in &todo {
-            if g.shard(i).kfree[slot].lock.try_claim() {
+            if SLOTS[i as usize][slot].lock.try_claim() {
                 claimed.push(i);
             } else if must_see_all {
                 busy.push(i);
@@ -564,7 +572,7 @@ fn steal_blocks(slot: usize, tag: Option<usize>, older: Option<u32>) {
             crate::sys::membarrier::heavy_barrier();
         }
         for i in claimed {
-            let st = &g.shard(i).kfree[slot];
+            let st = &SLOTS[i as usize][slot];
             if st.lock.wait_unlocked(100_000) {
                 crate::hooks::point(crate::hooks::Point::KfreeSteal);
                 // AcqRel: Acquire pairs with the owner's Release store of the block (its header is visible);
@@ -588,19 +596,31 @@ fn steal_blocks(slot: usize, tag: Option<usize>, older: Option<u32>) {
         }
         // Another stealer holds these slots: wait for it to finish, then look again.
         std::thread::yield_now();
-        todo = busy.into_iter().filter(|&i| wanted(g.shard(i))).collect();
+        todo = busy.into_iter().filter(|&i| wanted(i)).collect();
     }
 }
 
-/// A thread is exiting (or its shard is drained): queue its blocks. The caller is the shard's owner (its exit
-/// destructor) or has exclusive use of it (orphan sweep, fork child). Each slot is taken under its lock, like
-/// any owner operation: a slot a stealer has claimed is left to the stealer (see `steal_blocks`), and a slot
-/// whose lock a dead context left set is leaked, never touched.
-pub(crate) fn drain_shard(s: &Shard) {
-    for (i, slot) in s.kfree.iter().enumerate() {
+/// A thread is going away: queue the blocks of its slot `me`. On its own exit (`dead` false) each block slot is
+/// taken under its lock, like any owner operation: a slot a stealer has claimed is left to the stealer (see
+/// `steal_blocks`), and a slot whose lock is still set (a signal handler left by `longjmp`) is left alone and
+/// makes the result false. When the thread no longer exists (`dead`: orphan sweep, fork child), a lock it left
+/// set is cleared as its own unlock would have: what the slot holds is a consistent partial block (a block is
+/// published in its slot only once its header is written, `count` is written after the pointer it counts, and a
+/// slot never holds a block that is already queued), so it is queued like any other.
+pub(crate) fn drain_slot(me: u32, dead: bool) -> bool {
+    let mut all = true;
+    for (i, slot) in SLOTS[me as usize].iter().enumerate() {
         crate::hooks::point(crate::hooks::Point::KfreeExit);
-        if slot.lock.try_lock() != TryLock::Locked {
-            continue;
+        if dead && slot.lock.is_locked() {
+            slot.lock.unlock();
+        }
+        match slot.lock.try_lock() {
+            TryLock::Locked => {}
+            TryLock::Claimed => continue,
+            TryLock::Busy => {
+                all = false;
+                continue;
+            }
         }
         // AcqRel: Acquire pairs with the owner's Release store of the block (its header is visible); we hold
         // the slot's lock, so nobody else takes it.
@@ -612,25 +632,21 @@ pub(crate) fn drain_shard(s: &Shard) {
             queue_block(b, Flavor::of_tag(i, tag));
         }
     }
+    all
 }
 
-/// In a fork child, before the slab shards of the threads that are gone are drained (which queues their
-/// blocks): repair the rings (see [`BlockRing::after_fork_child`]), clear the claims that stealers which are
-/// gone left on the `kfree_rcu` slots, and clear the busy flag of every slot but the forking thread's own.
+/// In a fork child, before the slots of the threads that are gone are reset (which queues their blocks, see
+/// [`drain_slot`]): repair the rings (see [`BlockRing::after_fork_child`]), clear the claims that stealers
+/// which are gone left on the block slots, and clear the busy flag of every slot but the forking thread's own.
 /// Such a flag was set by a thread that was inside `retire_in_block` at the fork and no longer exists; left
-/// set, every barrier and aging tick of the child would wait for it in vain. What the slot holds is then a
-/// consistent partial block (a block is published in its slot only once its header is written, `count` is
-/// written after the pointer it counts, and a slot never holds a block that is already queued), so the drain
-/// queues it like any other.
+/// set, every barrier and aging tick of the child would wait for it in vain.
 pub(crate) fn after_fork_child() {
     RCU_RING.after_fork_child();
     super::srcu::for_each_state(|s| s.block_ring().after_fork_child());
-    let Some(g) = crate::global::get_if_init() else { return };
-    let mine = shard::current_if_any();
-    for i in 0..g.shard_count() {
-        let s = g.shard(i);
-        let own = mine.is_some_and(|m| core::ptr::eq(m, s));
-        for slot in &s.kfree {
+    let mine = crate::thread::current_if_any();
+    for i in 0..crate::thread::count() {
+        let own = mine == Some(i);
+        for slot in &SLOTS[i as usize] {
             if own {
                 // A signal handler may have forked from inside this thread's own `retire_in_block`: that call
                 // continues in the child and unlocks; only a stale claim is cleared.
@@ -642,8 +658,7 @@ pub(crate) fn after_fork_child() {
     }
 }
 
-/// Whether any shard holds a partial block (for the worker's aging tick).
+/// Whether any thread holds a partial block (for the worker's aging tick).
 pub(crate) fn any_blocks() -> bool {
-    let Some(g) = crate::global::get_if_init() else { return false };
-    (0..g.shard_count()).any(|i| g.shard(i).kfree.iter().any(|s| s.block.load(Ordering::Relaxed) != 0))
+    (0..crate::thread::count()).any(|i| SLOTS[i as usize].iter().any(|s| s.block.load(Ordering::Relaxed) != 0))
 }

@@ -60,9 +60,13 @@ pub fn barrier_mechanism() -> &'static str {
     }
 }
 
-/// Thread exit check (registered with `crate::thread`): a slot whose thread dies inside a read-side section
-/// (a leaked guard) must not be handed to a new thread; the orphan sweep or a fork clears it later.
-pub(crate) fn slot_may_be_reused(id: u32) -> bool {
+/// What RCU does when a slot's thread goes away (registered with `crate::thread` by `process`).
+pub(crate) static SLOT_HOOKS: crate::thread::SlotHooks =
+    crate::thread::SlotHooks { exit: slot_may_be_reused, reset: reset_slot };
+
+/// Thread exit: a slot whose thread dies inside a read-side section (a leaked guard) must not be handed to a new
+/// thread; the orphan sweep or a fork clears it later.
+fn slot_may_be_reused(id: u32) -> bool {
     let mut ok = classic::slot_may_be_reused(id);
     srcu::for_each_state(|s| ok &= !s.slot_in_section(id));
     ok
@@ -70,7 +74,7 @@ pub(crate) fn slot_may_be_reused(id: u32) -> bool {
 
 /// The thread of slot `id` no longer exists (orphan sweep, fork child): close every section it left open, in
 /// every domain, as if it had left them now.
-pub(crate) fn reset_slot(id: u32) {
+fn reset_slot(id: u32) {
     classic::reset_slot(id);
     srcu::for_each_state(|s| s.reset_slot(id));
 }

@@ -6,21 +6,21 @@
 //! Each slab's state word (free-list head index, in-use count, flags) lives in the descriptor of its first page
 //! ([`SlabFreelist`]). Slabs with free objects are on the cache's *partial list*: two [`TaggedStack`]s of head
 //! page numbers, one that pushes go to and one a shrink drains (see "Shrinking"). Each thread has, per cache, a
-//! private list of free objects ([`PerCpuCache`], see `shard`).
+//! private list of free objects ([`ThreadCache`], see `t`).
 //!
 //! # Paths
 //!
-//! - **alloc fast** ([`PerCpuCache::try_pop`], from `alloc` and `kmalloc`): pop the thread's list under its busy
+//! - **alloc fast** ([`ThreadCache::try_pop`], from `alloc` and `kmalloc`): pop the thread's list under its busy
 //!   flag, ~25 instructions with no call, no saved register and no touch of the cache itself. Each other
 //!   outcome is one tail call: an empty list goes to refill with the lock still held; a busy or claimed list,
-//!   or a thread without a shard yet, goes to the full path (`alloc_local`), which claims a shard or takes
+//!   or a thread without a t yet, goes to the full path (`alloc_local`), which claims a t or takes
 //!   another route.
 //! - **alloc refill** (cold): the list is empty: pop a slab off the partial list and take *all* its free objects
 //!   with one CAS ([`SlabFreelist::take_all`]), or carve a new slab. The chain of objects is checked (one walk,
 //!   see "Free-list checks"), linked in address order if it was not, and becomes the thread's list.
-//! - **alloc shared** (cold): no usable thread list (no shard, or the list is busy because a signal handler
+//! - **alloc shared** (cold): no usable thread list (no t, or the list is busy because a signal handler
 //!   interrupted its owner): pop a slab off the partial list, take *one* object, put the slab back.
-//! - **free fast** ([`PerCpuCache::try_push`] via `free_to_list`, from `kfree_nolock` and
+//! - **free fast** ([`ThreadCache::try_push`] via `free_to_list`, from `kfree_nolock` and
 //!   `KmemCache::free_nolock`): push on the thread's list under its busy flag. It reads the link offset and
 //!   `high` mark from the list itself (copied there by the first full-path free), so a power-of-two class is
 //!   freed without touching the cache. A full list, a list not set up yet, or an object already at the head
@@ -118,9 +118,9 @@ use core::cell::UnsafeCell;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use super::shard::{self, PerCpuCache, Pop, Push, Shard, bump};
+use super::thread_cache::{self, Pop, Push, ThreadCache, ThreadCaches, bump};
 use crate::debug::{self, FreeError, FreeErrorKind};
-use crate::global::{self, Global, MAX_CACHES};
+use crate::global::{self, Global};
 use crate::hooks::{self, Point};
 use crate::page::Gfp;
 use crate::page::desc::{Info, Kind};
@@ -142,6 +142,8 @@ const KICK_AFTER_EMPTY: u64 = 64;
 /// Looks a rescue repeats while a shrink keeps moving slabs under it.
 const RESCUE_LOOKS: usize = 64;
 
+/// Maximum number of caches (the kmalloc classes included) alive at once.
+pub const MAX_CACHES: usize = 256;
 /// Largest object a `KmemCache` can hold.
 pub const MAX_OBJECT_SIZE: usize = 1 << 20;
 /// Largest alignment a `KmemCache` object can ask for.
@@ -741,12 +743,12 @@ impl CacheInner {
     pub fn alloc(&self, g: &'static Global, id: u16, flags: Gfp) -> Option<NonNull<u8>> {
         if !g.fault_active()
             && self.cfg().flags & FLAG_HARDENED == 0
-            && let Some(shard) = shard::current_if_any()
+            && let Some(t) = thread_cache::current_if_any()
         {
-            match shard.pc(id).try_pop(self.cfg().link_off as usize) {
+            match t.list(id).try_pop(self.cfg().link_off as usize) {
                 Pop::Obj(slot) => return Some(self.finish_alloc(slot, flags)),
-                Pop::ObjDrain(slot) => return self.drain_then_finish(g, shard, id, slot, flags),
-                Pop::Empty => return self.refill_then_finish(g, shard, id, flags),
+                Pop::ObjDrain(slot) => return self.drain_then_finish(g, t, id, slot, flags),
+                Pop::Empty => return self.refill_then_finish(g, t, id, flags),
                 Pop::Busy => {}
             }
         }
@@ -759,20 +761,20 @@ impl CacheInner {
     pub fn drain_then_finish(
         &self,
         g: &Global,
-        shard: &Shard,
+        t: &ThreadCaches,
         id: u16,
         slot: usize,
         flags: Gfp,
     ) -> Option<NonNull<u8>> {
-        self.drain_deferred(g, shard, shard.pc(id));
+        self.drain_deferred(g, t, t.list(id));
         Some(self.finish_alloc(slot, flags))
     }
 
     /// A fast-path pop found the list empty and holds its lock: refill, unlock, finish the object.
     #[cold]
     #[inline(never)]
-    pub fn refill_then_finish(&self, g: &Global, shard: &Shard, id: u16, flags: Gfp) -> Option<NonNull<u8>> {
-        let slot = self.refill_and_unlock(g, shard, shard.pc(id))?;
+    pub fn refill_then_finish(&self, g: &Global, t: &ThreadCaches, id: u16, flags: Gfp) -> Option<NonNull<u8>> {
+        let slot = self.refill_and_unlock(g, t, t.list(id))?;
         Some(self.finish_alloc(slot, flags))
     }
 
@@ -836,30 +838,30 @@ impl CacheInner {
         }
     }
 
-    /// Pop a slot from the calling thread's list (claiming a shard on the thread's first call, refilling an
+    /// Pop a slot from the calling thread's list (claiming a t on the thread's first call, refilling an
     /// empty list). `id` is this cache's id and `link_off` its link offset (passed in so that callers that know
     /// it as a constant save a load).
     #[inline(always)]
     pub fn alloc_local(&self, g: &'static Global, id: u16, link_off: usize) -> Got {
         debug_assert_eq!(link_off, self.cfg().link_off as usize);
-        let Some(shard) = shard::current(g) else {
+        let Some(t) = thread_cache::current(g) else {
             return match self.alloc_shared(g) {
                 Some(s) => Got::Obj(s),
                 None => Got::Oom,
             };
         };
-        let pc = shard.pc(id);
+        let tc = t.list(id);
         if self.cfg().flags & FLAG_HARDENED != 0 {
-            return self.alloc_local_hardened(g, shard, pc);
+            return self.alloc_local_hardened(g, t, tc);
         }
-        match pc.try_pop(link_off) {
+        match tc.try_pop(link_off) {
             Pop::Obj(slot) => Got::Obj(slot),
             Pop::ObjDrain(slot) => {
-                self.drain_deferred(g, shard, pc);
+                self.drain_deferred(g, t, tc);
                 Got::Obj(slot)
             }
             Pop::Busy => Got::Busy,
-            Pop::Empty => self.refill_and_unlock(g, shard, pc).map_or(Got::Oom, Got::Obj),
+            Pop::Empty => self.refill_and_unlock(g, t, tc).map_or(Got::Oom, Got::Obj),
         }
     }
 
@@ -868,41 +870,41 @@ impl CacheInner {
     /// and the list is refilled).
     #[cold]
     #[inline(never)]
-    fn alloc_local_hardened(&self, g: &Global, shard: &Shard, pc: &PerCpuCache) -> Got {
-        if pc.lock.try_lock() != TryLock::Locked {
+    fn alloc_local_hardened(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache) -> Got {
+        if tc.lock.try_lock() != TryLock::Locked {
             return Got::Busy;
         }
-        let head = pc.freelist.load(Ordering::Relaxed);
+        let head = tc.freelist.load(Ordering::Relaxed);
         if head != 0 {
             hooks::point(Point::AllocFast);
             let next = self.next_of(head);
             if next == 0 || self.is_slot(g, next, None) {
-                pc.freelist.store(next, Ordering::Relaxed);
-                pc.count.store(pc.count.load(Ordering::Relaxed).wrapping_sub(1), Ordering::Relaxed);
-                bump(&pc.alloc_fast);
-                pc.lock.unlock();
-                if !pc.deferred.is_empty() {
-                    self.drain_deferred(g, shard, pc);
+                tc.freelist.store(next, Ordering::Relaxed);
+                tc.count.store(tc.count.load(Ordering::Relaxed).wrapping_sub(1), Ordering::Relaxed);
+                bump(&tc.alloc_fast);
+                tc.lock.unlock();
+                if !tc.deferred.is_empty() {
+                    self.drain_deferred(g, t, tc);
                 }
                 return Got::Obj(head);
             }
-            pc.freelist.store(0, Ordering::Relaxed);
-            pc.count.store(0, Ordering::Relaxed);
+            tc.freelist.store(0, Ordering::Relaxed);
+            tc.count.store(0, Ordering::Relaxed);
             self.report_corrupt(head, next);
         }
-        self.refill_and_unlock(g, shard, pc).map_or(Got::Oom, Got::Obj)
+        self.refill_and_unlock(g, t, tc).map_or(Got::Oom, Got::Obj)
     }
 
     /// The thread's list is empty and the caller holds its lock: refill it, unlock, drain what nested contexts
     /// deferred meanwhile. Returns the first object, or `None` when out of memory.
     #[cold]
     #[inline(never)]
-    fn refill_and_unlock(&self, g: &Global, shard: &Shard, pc: &PerCpuCache) -> Option<usize> {
+    fn refill_and_unlock(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache) -> Option<usize> {
         hooks::point(Point::AllocFast);
-        let slot = self.refill(g, shard, pc);
-        pc.lock.unlock();
-        if !pc.deferred.is_empty() {
-            self.drain_deferred(g, shard, pc);
+        let slot = self.refill(g, t, tc);
+        tc.lock.unlock();
+        if !tc.deferred.is_empty() {
+            self.drain_deferred(g, t, tc);
         }
         (slot != 0).then_some(slot)
     }
@@ -910,7 +912,7 @@ impl CacheInner {
     /// The thread's list is empty: refill it from a partial slab or a new one. Busy flag held.
     #[cold]
     #[inline(never)]
-    fn refill(&self, g: &Global, shard: &Shard, pc: &PerCpuCache) -> usize {
+    fn refill(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache) -> usize {
         let (head, first, n) = match self.take_partial(g) {
             Some(t) => t,
             None => match self.new_slab(g) {
@@ -924,11 +926,11 @@ impl CacheInner {
                 },
             },
         };
-        g.pages.desc(head as usize).owner.store(shard.tag(), Ordering::Relaxed);
+        g.pages.desc(head as usize).owner.store(thread_cache::tag(g, t), Ordering::Relaxed);
         hooks::point(Point::AllocRefill);
-        pc.freelist.store(self.next_of(first), Ordering::Relaxed);
-        pc.count.store(u32::from(n) - 1, Ordering::Relaxed);
-        bump(&pc.alloc_refill);
+        tc.freelist.store(self.next_of(first), Ordering::Relaxed);
+        tc.count.store(u32::from(n) - 1, Ordering::Relaxed);
+        bump(&tc.alloc_refill);
         first
     }
 
@@ -1563,8 +1565,8 @@ impl CacheInner {
         if self.cfg().flags & FLAG_HARDENED != 0 {
             return self.free_hardened(g, id, slot);
         }
-        match shard::current(g) {
-            Some(shard) => self.free_to_list(g, shard, id, slot, false),
+        match thread_cache::current(g) {
+            Some(t) => self.free_to_list(g, t, id, slot, false),
             None => {
                 self.free_shared(g, slot);
                 true
@@ -1574,7 +1576,7 @@ impl CacheInner {
 
     /// The free fast path shared by `kfree_nolock` (`only: None`) and `KmemCache::free_nolock` (`only: Some(id)`):
     /// if `addr` is exactly an object of a plain (non-debug) cache, of cache `only` if given, and the calling
-    /// thread has a shard, free it through the thread's list and return true. Otherwise do nothing and return
+    /// thread has a t, free it through the thread's list and return true. Otherwise do nothing and return
     /// false: the caller takes its full path, which validates and reports.
     ///
     /// # Context
@@ -1585,42 +1587,42 @@ impl CacheInner {
             && let info = g.pages.info_of(addr)
             && info.is_plain_slab()
             && only.is_none_or(|id| id == info.cache_id())
-            && let Some(shard) = shard::current_if_any()
+            && let Some(t) = thread_cache::current_if_any()
         {
             let id = info.cache_id();
             let c = g.cache(id);
             if let Some(slot) = c.plain_slot(g, addr, info) {
-                c.free_to_list(g, shard, id, slot, true);
+                c.free_to_list(g, t, id, slot, true);
                 return true;
             }
         }
         false
     }
 
-    /// Free a validated slot through the list `id` of `shard` (the calling thread's): the fast push, or one
+    /// Free a validated slot through the list `id` of `t` (the calling thread's): the fast push, or one
     /// call for each other case. With `report`, a double free is reported here rather than left to the caller
     /// (so that the free fast paths end in tail calls). Returns false for a double free.
     ///
     /// # Context
-    /// Any context, on the thread that owns `shard`.
+    /// Any context, on the thread that owns `t`.
     #[inline(always)]
-    pub fn free_to_list(&self, g: &Global, shard: &Shard, id: u16, slot: usize, report: bool) -> bool {
-        let pc = shard.pc(id);
-        match pc.try_push(slot) {
+    pub fn free_to_list(&self, g: &Global, t: &ThreadCaches, id: u16, slot: usize, report: bool) -> bool {
+        let tc = t.list(id);
+        match tc.try_push(slot) {
             Push::Done => true,
             Push::DoneDrain => {
-                self.drain_deferred(g, shard, pc);
+                self.drain_deferred(g, t, tc);
                 true
             }
             Push::Busy => {
-                self.free_deferred(pc, slot);
+                self.free_deferred(tc, slot);
                 true
             }
             Push::Claimed => {
                 self.free_shared(g, slot);
                 true
             }
-            Push::Locked => self.free_locked(g, shard, pc, slot, report),
+            Push::Locked => self.free_locked(g, t, tc, slot, report),
         }
     }
 
@@ -1628,30 +1630,30 @@ impl CacheInner {
     /// free, refuse a double free, push, flush past `high`, unlock, drain what nested contexts deferred.
     #[cold]
     #[inline(never)]
-    fn free_locked(&self, g: &Global, shard: &Shard, pc: &PerCpuCache, slot: usize, report: bool) -> bool {
+    fn free_locked(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache, slot: usize, report: bool) -> bool {
         hooks::point(Point::FreeFast);
         let c = self.cfg();
-        if pc.high.load(Ordering::Relaxed) == 0 {
+        if tc.high.load(Ordering::Relaxed) == 0 {
             // First full-path free on this list since the cache id was set up: give the fast path its copy.
-            pc.link_off.store(c.link_off, Ordering::Relaxed);
-            pc.high.store(c.high, Ordering::Relaxed);
+            tc.link_off.store(c.link_off, Ordering::Relaxed);
+            tc.high.store(c.high, Ordering::Relaxed);
         }
-        let head = pc.freelist.load(Ordering::Relaxed);
+        let head = tc.freelist.load(Ordering::Relaxed);
         if head == slot {
-            pc.lock.unlock();
+            tc.lock.unlock();
             if report {
                 debug::report(&self.double_free(slot + c.obj_off as usize));
             }
             return false;
         }
-        let count = pc.count.load(Ordering::Relaxed) + 1;
-        pc.push_locked(slot, head, count, c.link_off as usize);
+        let count = tc.count.load(Ordering::Relaxed) + 1;
+        tc.push_locked(slot, head, count, c.link_off as usize);
         if count > c.high {
-            self.flush(g, shard, pc, c.high / 2);
+            self.flush(g, t, tc, c.high / 2);
         }
-        pc.lock.unlock();
-        if !pc.deferred.is_empty() {
-            self.drain_deferred(g, shard, pc);
+        tc.lock.unlock();
+        if !tc.deferred.is_empty() {
+            self.drain_deferred(g, t, tc);
         }
         true
     }
@@ -1668,15 +1670,15 @@ impl CacheInner {
         if now == 0 || self.is_slot(g, now, None) {
             return false;
         }
-        let Some(shard) = shard::current(g) else {
+        let Some(t) = thread_cache::current(g) else {
             self.free_shared(g, slot);
             return true;
         };
-        let pc = shard.pc(id);
-        match pc.lock.try_lock() {
+        let tc = t.list(id);
+        match tc.lock.try_lock() {
             TryLock::Locked => {}
             TryLock::Busy => {
-                self.free_deferred(pc, slot);
+                self.free_deferred(tc, slot);
                 return true;
             }
             TryLock::Claimed => {
@@ -1686,17 +1688,17 @@ impl CacheInner {
         }
         hooks::point(Point::FreeFast);
         let c = self.cfg();
-        let count = pc.count.load(Ordering::Relaxed) + 1;
-        self.set_next(slot, pc.freelist.load(Ordering::Relaxed));
-        pc.freelist.store(slot, Ordering::Relaxed);
-        pc.count.store(count, Ordering::Relaxed);
-        bump(&pc.free_fast);
+        let count = tc.count.load(Ordering::Relaxed) + 1;
+        self.set_next(slot, tc.freelist.load(Ordering::Relaxed));
+        tc.freelist.store(slot, Ordering::Relaxed);
+        tc.count.store(count, Ordering::Relaxed);
+        bump(&tc.free_fast);
         if count > c.high {
-            self.flush(g, shard, pc, c.high / 2);
+            self.flush(g, t, tc, c.high / 2);
         }
-        pc.lock.unlock();
-        if !pc.deferred.is_empty() {
-            self.drain_deferred(g, shard, pc);
+        tc.lock.unlock();
+        if !tc.deferred.is_empty() {
+            self.drain_deferred(g, t, tc);
         }
         true
     }
@@ -1743,9 +1745,9 @@ impl CacheInner {
     /// The list is busy: leave the object on the deferred list for the owner.
     #[cold]
     #[inline(never)]
-    fn free_deferred(&self, pc: &PerCpuCache, slot: usize) {
+    fn free_deferred(&self, tc: &ThreadCache, slot: usize) {
         self.counters.deferred.fetch_add(1, Ordering::Relaxed);
-        pc.deferred.push(slot, self.link(slot));
+        tc.deferred.push(slot, self.link(slot));
     }
 
     /// Push one object straight onto its slab.
@@ -1765,38 +1767,38 @@ impl CacheInner {
     /// `flush_checked`, which finds the damage, cuts and reports it.
     #[cold]
     #[inline(never)]
-    fn flush(&self, g: &Global, shard: &Shard, pc: &PerCpuCache, keep: u32) {
+    fn flush(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache, keep: u32) {
         hooks::point(Point::FreeFlush);
-        let first = pc.freelist.load(Ordering::Relaxed);
-        let counted = pc.count.load(Ordering::Relaxed);
+        let first = tc.freelist.load(Ordering::Relaxed);
+        let counted = tc.count.load(Ordering::Relaxed);
         let mut runs = [Run::default(); FLUSH_RUNS];
         match self.scan_flush(g, first, counted, counted.saturating_sub(keep), &mut runs) {
             Some(scan) => {
-                let tag = shard.tag();
+                let tag = thread_cache::tag(g, t);
                 for (i, r) in runs[..scan.nruns].iter().enumerate() {
                     let next = if i + 1 < scan.nruns { runs[i + 1].first } else { scan.rest };
                     // Detach the run first: `push_run` rewrites the link of `last`.
-                    pc.freelist.store(next, Ordering::Relaxed);
-                    pc.count.store(pc.count.load(Ordering::Relaxed) - r.k, Ordering::Relaxed);
+                    tc.freelist.store(next, Ordering::Relaxed);
+                    tc.count.store(tc.count.load(Ordering::Relaxed) - r.k, Ordering::Relaxed);
                     self.push_run(g, r.head, r.first, r.last, r.k as u16, tag);
                 }
                 if scan.left > 0 {
-                    self.flush_runs(g, shard, pc, scan.rest, scan.left);
+                    self.flush_runs(g, t, tc, scan.rest, scan.left);
                 }
             }
             None if first == 0 && counted == 0 => {}
-            None => self.flush_checked(g, shard, pc, keep),
+            None => self.flush_checked(g, t, tc, keep),
         }
-        bump(&pc.flushes);
+        bump(&tc.flushes);
     }
 
     /// `flush` of a list `scan_flush` found unsound: check it with `check_chain` (which cuts the damage out and
     /// reports it), then give back all but `keep`.
     #[cold]
     #[inline(never)]
-    fn flush_checked(&self, g: &Global, shard: &Shard, pc: &PerCpuCache, keep: u32) {
-        let mut obj = pc.freelist.load(Ordering::Relaxed);
-        let counted = pc.count.load(Ordering::Relaxed);
+    fn flush_checked(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache, keep: u32) {
+        let mut obj = tc.freelist.load(Ordering::Relaxed);
+        let counted = tc.count.load(Ordering::Relaxed);
         let len = if obj != 0 {
             self.check_chain(g, obj, Some(counted), None, self.codec()).0
         } else {
@@ -1807,17 +1809,17 @@ impl CacheInner {
         };
         if len != counted {
             if len == 0 {
-                pc.freelist.store(0, Ordering::Relaxed);
+                tc.freelist.store(0, Ordering::Relaxed);
                 obj = 0;
             }
-            pc.count.store(len, Ordering::Relaxed);
+            tc.count.store(len, Ordering::Relaxed);
         }
-        self.flush_runs(g, shard, pc, obj, len.saturating_sub(keep));
+        self.flush_runs(g, t, tc, obj, len.saturating_sub(keep));
     }
 
     /// Give back `left` objects of the thread's list, from `obj` (its head), checked already: one push per run of
     /// objects that share a slab.
-    fn flush_runs(&self, g: &Global, shard: &Shard, pc: &PerCpuCache, mut obj: usize, mut left: u32) {
+    fn flush_runs(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache, mut obj: usize, mut left: u32) {
         let slab_bytes = (self.cfg().slab_pages as usize) << PAGE_SHIFT;
         while left > 0 && obj != 0 {
             let head = g.pages.info_of(obj).head();
@@ -1834,9 +1836,9 @@ impl CacheInner {
                 left -= 1;
             }
             // Detach the run first: `push_run` rewrites the link of `last`.
-            pc.freelist.store(next, Ordering::Relaxed);
-            pc.count.store(pc.count.load(Ordering::Relaxed) - u32::from(k), Ordering::Relaxed);
-            self.push_run(g, head, first, last, k, shard.tag());
+            tc.freelist.store(next, Ordering::Relaxed);
+            tc.count.store(tc.count.load(Ordering::Relaxed) - u32::from(k), Ordering::Relaxed);
+            self.push_run(g, head, first, last, k, thread_cache::tag(g, t));
             obj = next;
         }
     }
@@ -1879,18 +1881,18 @@ impl CacheInner {
     /// Move frees deferred by nested contexts onto the thread's list. Called right after clearing busy.
     #[cold]
     #[inline(never)]
-    fn drain_deferred(&self, g: &Global, shard: &Shard, pc: &PerCpuCache) {
+    fn drain_deferred(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache) {
         loop {
-            let locked = match pc.lock.try_lock() {
+            let locked = match tc.lock.try_lock() {
                 // A nested context holds it and will drain when it unlocks.
                 TryLock::Busy => return,
                 TryLock::Locked => true,
                 TryLock::Claimed => false,
             };
-            let chain = pc.deferred.take_all();
+            let chain = tc.deferred.take_all();
             if chain == 0 || !locked {
                 if locked {
-                    pc.lock.unlock();
+                    tc.lock.unlock();
                 }
                 // A claimed list: return the deferred objects straight to their slabs (checked like any chain;
                 // the deferred list's links are plain, written by `Llist`).
@@ -1901,18 +1903,18 @@ impl CacheInner {
                     self.free_shared(g, obj);
                     obj = next;
                 }
-                if pc.deferred.is_empty() {
+                if tc.deferred.is_empty() {
                     return;
                 }
                 continue;
             }
             hooks::point(Point::DeferredDrain);
-            let count = self.splice(g, pc, chain);
+            let count = self.splice(g, tc, chain);
             if count > self.cfg().high {
-                self.flush(g, shard, pc, self.cfg().high / 2);
+                self.flush(g, t, tc, self.cfg().high / 2);
             }
-            pc.lock.unlock();
-            if pc.deferred.is_empty() {
+            tc.lock.unlock();
+            if tc.deferred.is_empty() {
                 return;
             }
         }
@@ -1921,11 +1923,11 @@ impl CacheInner {
     /// Put a chain taken from the deferred list (non-empty, linked through plain link words by `Llist`) in
     /// front of the thread's list; returns the list's new length. The chain is checked on the way (a loop —
     /// an object freed twice while the list was busy — or a damaged link is cut out), and a hardened cache's
-    /// links are encoded. The caller has exclusive use of `pc`.
-    fn splice(&self, g: &Global, pc: &PerCpuCache, chain: usize) -> u32 {
+    /// links are encoded. The caller has exclusive use of `tc`.
+    fn splice(&self, g: &Global, tc: &ThreadCache, chain: usize) -> u32 {
         let (n, tail) = self.check_chain(g, chain, None, None, LinkCodec::PLAIN);
         if n == 0 {
-            return pc.count.load(Ordering::Relaxed);
+            return tc.count.load(Ordering::Relaxed);
         }
         if self.codec().is_hardened() {
             let mut obj = chain;
@@ -1935,23 +1937,23 @@ impl CacheInner {
                 obj = next;
             }
         }
-        self.set_next(tail, pc.freelist.load(Ordering::Relaxed));
-        pc.freelist.store(chain, Ordering::Relaxed);
-        let count = pc.count.load(Ordering::Relaxed) + n;
-        pc.count.store(count, Ordering::Relaxed);
+        self.set_next(tail, tc.freelist.load(Ordering::Relaxed));
+        tc.freelist.store(chain, Ordering::Relaxed);
+        let count = tc.count.load(Ordering::Relaxed) + n;
+        tc.count.store(count, Ordering::Relaxed);
         count
     }
 
     /// Return everything in a thread list (and its deferred list) to the slabs. The caller has exclusive use
-    /// of `pc` (its owner is this thread at a safe point, or gone, or the list is claimed and quiescent); the
+    /// of `tc` (its owner is this thread at a safe point, or gone, or the list is claimed and quiescent); the
     /// lock flags are left as they were.
-    pub fn drain_pc(&self, g: &Global, shard: &Shard, pc: &PerCpuCache) {
-        let deferred = pc.deferred.take_all();
+    pub fn drain_list(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache) {
+        let deferred = tc.deferred.take_all();
         if deferred != 0 {
-            self.splice(g, pc, deferred);
+            self.splice(g, tc, deferred);
         }
-        if pc.count.load(Ordering::Relaxed) != 0 || pc.freelist.load(Ordering::Relaxed) != 0 {
-            self.flush(g, shard, pc, 0);
+        if tc.count.load(Ordering::Relaxed) != 0 || tc.freelist.load(Ordering::Relaxed) != 0 {
+            self.flush(g, t, tc, 0);
         }
     }
 
@@ -2115,13 +2117,13 @@ impl CacheInner {
             debug: c.flags & FLAG_DEBUG != 0,
             ..CacheStats::default()
         };
-        for i in 0..g.shard_count() {
-            let pc = g.shard(i).pc(id);
-            s.alloc_fast += pc.alloc_fast.load(Ordering::Relaxed);
-            s.alloc_refill += pc.alloc_refill.load(Ordering::Relaxed);
-            s.free_fast += pc.free_fast.load(Ordering::Relaxed);
-            s.flushes += pc.flushes.load(Ordering::Relaxed);
-            s.cached_objects += u64::from(pc.count.load(Ordering::Relaxed));
+        for i in 0..crate::thread::count() {
+            let tc = g.slab.thread(i).list(id);
+            s.alloc_fast += tc.alloc_fast.load(Ordering::Relaxed);
+            s.alloc_refill += tc.alloc_refill.load(Ordering::Relaxed);
+            s.free_fast += tc.free_fast.load(Ordering::Relaxed);
+            s.flushes += tc.flushes.load(Ordering::Relaxed);
+            s.cached_objects += u64::from(tc.count.load(Ordering::Relaxed));
         }
         let k = &self.counters;
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -2395,7 +2397,7 @@ pub fn create(g: &Global, cfg: CacheConfig) -> Result<u16, CacheError> {
     let id = match id {
         Some(i) => i,
         None => loop {
-            let i = g.next_cache.load(Ordering::Acquire);
+            let i = g.slab.next_cache.load(Ordering::Acquire);
             if i as usize >= MAX_CACHES {
                 return Err(CacheError::TooManyCaches);
             }
@@ -2403,14 +2405,14 @@ pub fn create(g: &Global, cfg: CacheConfig) -> Result<u16, CacheError> {
             // then move the counter past it; a loser helps move the counter and retries.
             let c = g.cache(i as u16);
             let won = c.state.compare_exchange(STATE_FREE, STATE_CREATING, Ordering::AcqRel, Ordering::Relaxed).is_ok();
-            let _ = g.next_cache.compare_exchange(i, i + 1, Ordering::AcqRel, Ordering::Acquire);
+            let _ = g.slab.next_cache.compare_exchange(i, i + 1, Ordering::AcqRel, Ordering::Acquire);
             if won {
                 break i as u16;
             }
         },
     };
     let c = g.cache(id);
-    shard::reset_all(g, id);
+    thread_cache::reset_all(g, id);
     let mut cfg = cfg;
     if cfg.flags & (FLAG_KMALLOC | FLAG_DEBUG) == FLAG_KMALLOC && debug::hardened_default() {
         // Hardened kmalloc classes: their fast paths, which follow plain links, are turned off.
@@ -2471,7 +2473,7 @@ pub struct DestroyReport {
 /// slot is never reused. Blocks (normal context).
 pub fn destroy(g: &Global, id: u16) -> DestroyReport {
     let c = g.cache(id);
-    shard::claim_and_drain_all(g, id);
+    thread_cache::claim_and_drain_all(g, id);
     // Wait for a shrink in progress (trim on another thread, the worker, an out-of-pages reclaim) rather than
     // skip: otherwise slabs it holds would be counted as still in use.
     let released = c.shrink_wait(g, 0);

@@ -18,7 +18,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::cache::{self, CacheConfig, CacheInner, FLAG_DEBUG, FLAG_KMALLOC, Got};
-use super::shard::{self, Pop};
+use super::thread_cache::{self, Pop};
 use crate::debug::{self, FreeError, FreeErrorKind};
 use crate::global::{self, Global};
 use crate::page::Gfp;
@@ -245,15 +245,15 @@ fn shrink_large_in_place(g: &Global, head: usize, npages: usize, keep: usize) {
 fn kmalloc_class(class: usize, align: impl FnOnce() -> usize, flags: Gfp) -> Option<NonNull<u8>> {
     if let Some(g) = global::get_if_init()
         && g.slow_flags.load(Ordering::Relaxed) == 0
-        && let Some(shard) = shard::current_if_any()
+        && let Some(t) = thread_cache::current_if_any()
     {
         // Plain caches have ids 0..13, no debug layout (the slot is the object) and their link word at offset 0.
         let id = class as u16;
-        match shard.pc(id).try_pop(0) {
+        match t.list(id).try_pop(0) {
             Pop::Obj(slot) => return Some(kmalloc_finish(slot, class, flags)),
             // A plain class's `finish_alloc` is `kmalloc_finish`.
-            Pop::ObjDrain(slot) => return g.cache(id).drain_then_finish(g, shard, id, slot, flags),
-            Pop::Empty => return g.cache(id).refill_then_finish(g, shard, id, flags),
+            Pop::ObjDrain(slot) => return g.cache(id).drain_then_finish(g, t, id, slot, flags),
+            Pop::Empty => return g.cache(id).refill_then_finish(g, t, id, flags),
             Pop::Busy => {}
         }
     }

@@ -34,7 +34,11 @@
 
 pub(crate) mod cache;
 pub mod kmalloc;
-pub(crate) mod shard;
+pub(crate) mod tables;
+pub(crate) mod thread_cache;
+
+pub(crate) use tables::SlabTables;
+pub(crate) use thread_cache::SLOT_HOOKS;
 
 use core::alloc::Layout;
 use core::ptr::NonNull;
