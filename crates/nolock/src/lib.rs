@@ -122,8 +122,6 @@ pub use rcu::classic::{
     synchronize_rcu,
 };
 #[cfg(not(loom))]
-pub use rcu::kfree::{kfree_rcu_nolock, kfree_srcu_fast_nolock};
-#[cfg(not(loom))]
 pub use rcu::srcu::{SrcuFast, SrcuFastGuard, call_srcu_fast_nolock};
 #[cfg(not(loom))]
 pub use rcu::tasks_trace::{
@@ -131,7 +129,9 @@ pub use rcu::tasks_trace::{
     rcu_trace_implies_rcu_gp, synchronize_rcu_tasks_trace,
 };
 #[cfg(not(loom))]
-pub use rcu::{RcuCallback, RcuHead};
+pub use rcu::{GracePeriod, RcuCallback, RcuHead};
+#[cfg(not(loom))]
+pub use slab::kfree_rcu::{kfree_rcu_nolock, kfree_srcu_fast_nolock};
 
 /// Set up nolock from a normal context: map the arena, register the thread-exit and fork hooks, register the
 /// membarrier, and start the background worker (unless disabled by [`Config::background`] or

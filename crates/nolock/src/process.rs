@@ -14,7 +14,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 extern "C" fn atfork_child() {
     crate::background::after_fork_child();
-    crate::rcu::kfree::after_fork_child();
+    crate::slab::kfree_rcu::after_fork_child();
     // Every layer's `reset` for the slots of the threads that are gone, in registration order: the slab layer
     // hands their objects back and queues their pointer blocks, then RCU closes their read-side sections.
     crate::thread::after_fork_child();
@@ -37,6 +37,9 @@ pub(crate) fn ensure_process_hooks() {
     crate::thread::register_layer(&crate::slab::SLOT_HOOKS);
     crate::thread::register_layer(&crate::rcu::SLOT_HOOKS);
     crate::thread::ensure_exit_key();
+    // The slab layer's `kfree_rcu` pointer blocks: the grace-period worker frees and ages them, barriers flush
+    // them, through this hook.
+    crate::rcu::register_client(&crate::slab::kfree_rcu::GP_CLIENT);
     // SAFETY: registering plain extern "C" functions as the fork handlers.
     unsafe {
         libc::pthread_atfork(

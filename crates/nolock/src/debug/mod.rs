@@ -226,8 +226,10 @@ pub(crate) fn report_stuck_shard(shard: u32, cache: CacheName) {
 #[cold]
 pub(crate) fn report_kfree_rcu_offset(ptr: usize, off: usize) {
     emit(format_args!(
-        "kfree_rcu_nolock({ptr:#x}): the rcu_head is {off} bytes into the object (it must be within the first \
-         64 KiB) and no pointer block was available; the object is leaked instead of freed too early"
+        "kfree_rcu_nolock({ptr:#x}): no pointer block was available and the rcu_head, {} bytes from the pointer, is \
+         not inside the object it starts (or the pointer is no nolock object); the object is leaked instead of \
+         freed too early",
+        off as isize
     ));
 }
 
@@ -414,7 +416,7 @@ pub(crate) fn on_free(c: &CacheInner, addr: usize, slot: usize) -> Result<(), Fr
 /// Type-safe caches are not poisoned: readers may still probe a freed object's fields (kernel slub_debug makes
 /// the same exception for `SLAB_TYPESAFE_BY_RCU`).
 fn poisons(c: &CacheInner) -> bool {
-    !c.cfg().typesafe.is_typesafe()
+    c.cfg().typesafe.is_none()
 }
 
 // -------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 //! atomic RMW. A signal handler that interrupts any of these steps runs whole read-side sections of its own,
 //! which bring the word back to the value they found: the interrupted load-then-store is still correct
 //! (DESIGN.md §4, the "restore before return" pattern). The table is a `static`: a reader needs neither the
-//! arena nor a slab shard, and works when nothing could be mapped.
+//! arena nor the slab layer, and works when nothing could be mapped.
 //!
 //! A thread without a slot (past its exit destructor, beyond `MAX_THREADS`) counts **every** section, nested
 //! or not, in one of two global per-phase counters with a `SeqCst` atomic RMW, and its guard remembers which
@@ -340,12 +340,12 @@ pub fn cond_synchronize_rcu(cookie: RcuCookie) {
 /// fails.
 #[inline]
 pub unsafe fn call_rcu_nolock(head: NonNull<RcuHead>, func: RcuCallback) {
-    enqueue(head, func as usize);
+    enqueue(head, func);
 }
 
-/// Queue a head with a raw callback value (a function, or a kfree offset). Any context, no system call.
+/// Queue a head with its callback. Any context, no system call.
 #[inline]
-pub(crate) fn enqueue(head: NonNull<RcuHead>, func: usize) -> super::Enqueued {
+pub(crate) fn enqueue(head: NonNull<RcuHead>, func: RcuCallback) -> super::Enqueued {
     if let Some(id) = crate::thread::current() {
         let me = &READERS[id as usize];
         let was_empty = super::queue_on(&me.cbs, head, func);
@@ -369,7 +369,7 @@ pub(crate) fn enqueue(head: NonNull<RcuHead>, func: usize) -> super::Enqueued {
 /// # Context
 /// Normal context only: may sleep while the backlog is high. Not async-signal-safe.
 pub unsafe fn call_rcu(head: NonNull<RcuHead>, func: RcuCallback) {
-    let e = enqueue(head, func as usize);
+    let e = enqueue(head, func);
     super::after_normal_enqueue(&RCU, e);
 }
 
@@ -379,9 +379,7 @@ pub unsafe fn call_rcu(head: NonNull<RcuHead>, func: RcuCallback) {
 /// # Context
 /// Normal context only: blocks.
 pub fn rcu_barrier() {
-    super::assert_not_held(&RCU, "rcu_barrier");
-    super::kfree::flush_blocks(super::kfree::Flavor::Rcu);
-    super::barrier(&RCU, "rcu_barrier");
+    super::GracePeriod::RCU.barrier("rcu_barrier");
 }
 
 /// Statistics of a grace-period domain.

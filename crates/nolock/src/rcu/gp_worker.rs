@@ -1,5 +1,6 @@
 //! The grace-period worker: one thread that collects callbacks, drives grace periods for them, invokes them in
-//! batches, and ages `kfree_rcu` pointer blocks.
+//! batches, and does the same for the registered [`GpClient`](super::GpClient)'s batches (the slab layer's
+//! `kfree_rcu` pointer blocks): frees those that are ready, and ages partial ones out.
 //!
 //! Started from a normal context (`nolock::init`, `synchronize_*`, barriers, `call_rcu`).
 //!
@@ -41,7 +42,7 @@ use super::{Domain, Step};
 static RUNNING_PID: AtomicI32 = AtomicI32::new(0);
 static WORK: AtomicU32 = AtomicU32::new(0);
 
-/// Milliseconds between two aging ticks of `kfree_rcu` pointer blocks.
+/// Time between two aging ticks of the client's partial batches (`kfree_rcu` pointer blocks).
 const AGE_TICK: Duration = Duration::from_millis(5);
 
 /// The longest the worker sleeps between two looks at the callback lists when it has nothing to do.
@@ -148,7 +149,7 @@ fn run() {
         } else {
             let t = idle_poll;
             idle_poll = (idle_poll * 2).min(IDLE_POLL_MAX);
-            if super::kfree::any_blocks() { t.min(AGE_TICK) } else { t }
+            if holds_partial() { t.min(AGE_TICK) } else { t }
         };
         crate::sys::futex_wait(&WORK, seen, Some(timeout));
     }
@@ -166,18 +167,26 @@ fn pass() -> (bool, u64) {
         busy |= service(d);
         progress = progress.wrapping_add(d.core().seq.get()).wrapping_add(d.core().invoked.load(Ordering::Relaxed));
     }
-    // Free the pointer blocks whose grace period is over (the rings' consumers of last resort).
-    busy |= super::kfree::free_done_blocks_everywhere();
-    if super::kfree::any_blocks() {
-        let now = std::time::Instant::now();
-        let due = LAST_AGE.with(|l| l.get().is_none_or(|t| now.duration_since(t) >= AGE_TICK));
-        if due {
-            super::kfree::age_blocks();
-            LAST_AGE.with(|l| l.set(Some(now)));
+    // The registered client's batches (the slab layer's `kfree_rcu` pointer blocks): free those whose grace
+    // period is over (the worker is their consumer of last resort), and age partial ones out.
+    if let Some(c) = super::client() {
+        busy |= (c.reclaim)();
+        if (c.holds_partial)() {
+            let now = std::time::Instant::now();
+            let due = LAST_AGE.with(|l| l.get().is_none_or(|t| now.duration_since(t) >= AGE_TICK));
+            if due {
+                (c.age)();
+                LAST_AGE.with(|l| l.set(Some(now)));
+            }
+            busy = true;
         }
-        busy = true;
     }
     (busy, progress)
+}
+
+/// Whether the registered client holds partial batches (they are aged out every [`AGE_TICK`]).
+fn holds_partial() -> bool {
+    super::client().is_some_and(|c| (c.holds_partial)())
 }
 
 /// On the worker thread, from inside a callback: run one pass of the worker loop (see the module

@@ -1,4 +1,4 @@
-//! Reclamation from any context: RCU, SRCU-fast, RCU Tasks Trace, `call_rcu`, `kfree_rcu_nolock`.
+//! Reclamation from any context: RCU, SRCU-fast, RCU Tasks Trace, `call_rcu_nolock`, grace-period cookies.
 //!
 //! # What is here
 //!
@@ -10,9 +10,19 @@
 //!   periods do the kernel's scan–flip–scan with `membarrier` where SRCU-fast relies on RCU.
 //! - [`tasks_trace`]: **RCU Tasks Trace** as one global SRCU-fast domain whose grace period begins with a full
 //!   RCU grace period, so it is guaranteed to imply one.
-//! - [`kfree`]: `kfree_rcu_nolock` / `kfree_srcu_fast_nolock`, batched in per-thread pointer blocks.
 //! - [`ptr`]: typed wrappers: [`RcuPtr`](ptr::RcuPtr), an atomic pointer whose replaced values are freed after
 //!   a grace period, usable from signal handlers.
+//!
+//! "Which grace period" is one type, [`GracePeriod`]: RCU's, or one SRCU-fast domain's (Tasks Trace is one).
+//! The layers above name grace periods with it: `kfree_rcu` pointer blocks and type-safe caches in the slab
+//! layer, `RcuPtr`'s flavours here.
+//!
+//! `kfree_rcu_nolock` and `kfree_srcu_fast_nolock` belong to the slab layer (`slab::kfree_rcu`), as in the
+//! kernel since its 2025 slab series: they batch pointers in pointer blocks the slab layer allocates and frees.
+//! This layer offers them what any user gets — callbacks ([`RcuCallback`]), cookies and the "is this cookie
+//! done" check ([`GracePeriod`]) — and one hook: the layer that batches work for grace periods registers a
+//! [`GpClient`] (through `process`), which the grace-period worker asks to free what is ready and to age
+//! partial batches, and barriers ask to flush. This layer never calls the slab layer by name.
 //!
 //! # Shared machinery (this file)
 //!
@@ -32,7 +42,6 @@
 
 pub mod classic;
 pub(crate) mod gp_worker;
-pub mod kfree;
 pub mod ptr;
 pub(crate) mod seq;
 pub mod srcu;
@@ -41,11 +50,12 @@ pub mod tasks_trace;
 pub use gp_worker::IDLE_POLL_MAX;
 
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use core::time::Duration;
 
 use crate::sync::llist::Llist;
 use seq::GpSeq;
+use srcu::{SrcuFast, SrcuState};
 
 /// The mechanism grace periods use to order readers: `"membarrier-private-expedited"`, `"membarrier-global"`
 /// or `"mprotect"` (the fallbacks; `NOLOCK_MEMBARRIER=global|mprotect` forces one, for tests).
@@ -99,10 +109,6 @@ impl RcuHead {
 /// has ended, with the head it was queued with.
 pub type RcuCallback = unsafe fn(NonNull<RcuHead>);
 
-/// `func` values below this are not functions but "kfree the object whose head is at offset `func - 1`"
-/// (the kernel's `kvfree_rcu` offset trick): the head must be within the object's first 64 KiB.
-pub(crate) const KFREE_OFFSET_LIMIT: usize = crate::slab::kmalloc::ZERO_SIZE_LIMIT;
-
 /// Run one callback.
 ///
 /// # Safety
@@ -110,24 +116,220 @@ pub(crate) const KFREE_OFFSET_LIMIT: usize = crate::slab::kmalloc::ZERO_SIZE_LIM
 pub(crate) unsafe fn invoke(head: usize) {
     // SAFETY: the head is live until its callback has run (caller).
     let func = unsafe { &*(head as *const RcuHead) }.func.load(Ordering::Relaxed);
-    if func < KFREE_OFFSET_LIMIT {
-        // SAFETY: `head - (func - 1)` is the object that kfree_*_rcu_nolock retired.
-        unsafe { crate::kfree_nolock((head - (func - 1)) as *mut u8) };
-    } else {
-        // SAFETY: `func` was stored from an `RcuCallback` by `queue_on`.
-        let f: RcuCallback = unsafe { core::mem::transmute::<usize, RcuCallback>(func) };
-        // SAFETY: arena or caller memory, non-null by construction.
-        unsafe { f(NonNull::new_unchecked(head as *mut RcuHead)) };
+    // SAFETY: `func` was stored from an `RcuCallback` by `queue_on`.
+    let f: RcuCallback = unsafe { core::mem::transmute::<usize, RcuCallback>(func) };
+    // SAFETY: arena or caller memory, non-null by construction.
+    unsafe { f(NonNull::new_unchecked(head as *mut RcuHead)) };
+}
+
+/// Push `head` with callback `func` onto `list`. Returns whether the list was empty before.
+#[inline]
+pub(crate) fn queue_on(list: &Llist, head: NonNull<RcuHead>, func: RcuCallback) -> bool {
+    // SAFETY: the caller hands the head over until its callback runs.
+    let h = unsafe { head.as_ref() };
+    h.func.store(func as usize, Ordering::Relaxed);
+    list.push(head.as_ptr() as usize, &h.next)
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// Which grace period
+// -------------------------------------------------------------------------------------------------------------
+
+/// Which grace period something waits for: RCU's, or the grace period of one SRCU-fast domain (RCU Tasks Trace
+/// is one: [`tasks_trace::RCU_TASKS_TRACE`]). Every layer names grace periods with this one type: the
+/// `kfree_rcu` pointer blocks, type-safe caches (`SlabFlags::TYPESAFE_BY_*`), and `RcuPtr`'s flavours
+/// ([`ptr::Flavor::grace_period`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct GracePeriod(Gp);
+
+#[derive(Clone, Copy)]
+enum Gp {
+    Rcu,
+    /// The domain's table: its identity (tables are never unmapped; a dropped domain's table is reused by the
+    /// next domain, after its barrier).
+    Srcu(&'static SrcuState),
+}
+
+impl PartialEq for Gp {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Gp::Rcu, Gp::Rcu) => true,
+            (Gp::Srcu(a), Gp::Srcu(b)) => core::ptr::eq(*a, *b),
+            _ => false,
+        }
     }
 }
 
-/// Push `head` with callback value `func` onto `list`. Returns whether the list was empty before.
-#[inline]
-pub(crate) fn queue_on(list: &Llist, head: NonNull<RcuHead>, func: usize) -> bool {
-    // SAFETY: the caller hands the head over until its callback runs.
-    let h = unsafe { head.as_ref() };
-    h.func.store(func, Ordering::Relaxed);
-    list.push(head.as_ptr() as usize, &h.next)
+impl Eq for Gp {}
+
+impl core::fmt::Debug for GracePeriod {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Gp::Rcu => f.write_str("GracePeriod::RCU"),
+            Gp::Srcu(s) => write!(f, "GracePeriod::srcu_fast({:p})", s),
+        }
+    }
+}
+
+impl GracePeriod {
+    /// RCU's grace period: every RCU read-side critical section that began before it has ended.
+    pub const RCU: GracePeriod = GracePeriod(Gp::Rcu);
+
+    /// The grace period of the SRCU-fast domain `domain`: every read-side section of that domain that began
+    /// before it has ended (for [`tasks_trace::RCU_TASKS_TRACE`], every RCU section too).
+    ///
+    /// # Context
+    /// Any context (one atomic load; the first use of a domain attaches its table, see
+    /// [`SrcuFast::read_lock_fast`]).
+    pub fn srcu_fast(domain: &SrcuFast) -> Self {
+        Self::of_state(domain.state())
+    }
+
+    pub(crate) fn of_state(s: &'static SrcuState) -> Self {
+        GracePeriod(Gp::Srcu(s))
+    }
+
+    /// Whether this is RCU's grace period.
+    #[inline]
+    pub(crate) fn is_rcu(self) -> bool {
+        matches!(self.0, Gp::Rcu)
+    }
+
+    /// A number that names this grace period's domain: 0 for RCU, the domain's table address for an SRCU-fast
+    /// domain. [`from_id`](Self::from_id) turns it back.
+    #[inline]
+    pub(crate) fn id(self) -> usize {
+        match self.0 {
+            Gp::Rcu => 0,
+            Gp::Srcu(s) => s as *const SrcuState as usize,
+        }
+    }
+
+    /// The grace period [`id`](Self::id) named.
+    ///
+    /// # Safety
+    /// `id` was returned by `id()`.
+    #[inline]
+    pub(crate) unsafe fn from_id(id: usize) -> Self {
+        if id == 0 {
+            Self::RCU
+        } else {
+            // SAFETY: an SRCU id is the address of a table, and tables are never unmapped (caller).
+            Self::of_state(unsafe { &*(id as *const SrcuState) })
+        }
+    }
+
+    fn domain(self) -> &'static dyn Domain {
+        match self.0 {
+            Gp::Rcu => classic::domain(),
+            Gp::Srcu(s) => s,
+        }
+    }
+
+    /// Queue `func(head)` to run after a grace period of this kind (`call_rcu_nolock`,
+    /// `call_srcu_fast_nolock`).
+    ///
+    /// # Safety
+    /// As [`classic::call_rcu_nolock`].
+    ///
+    /// # Context
+    /// Any context: async-signal-safe, lock-free, no system call (the worker polls).
+    #[inline]
+    pub(crate) unsafe fn call(self, head: NonNull<RcuHead>, func: RcuCallback) {
+        let _ = match self.0 {
+            Gp::Rcu => classic::enqueue(head, func),
+            Gp::Srcu(s) => s.enqueue(head, func),
+        };
+    }
+
+    /// A cookie that [`done`](Self::done) says is over once a full grace period has elapsed after this call
+    /// (`get_state_synchronize_rcu`). Any context (one full fence, one load).
+    #[inline]
+    pub(crate) fn snap(self) -> u64 {
+        self.domain().core().seq.snap()
+    }
+
+    /// Ask for the grace period `cookie` names, so that the worker drives it. Any context (one atomic max).
+    #[inline]
+    pub(crate) fn request(self, cookie: u64) {
+        self.domain().core().request(cookie);
+    }
+
+    /// Whether the grace period `cookie` names is over (`poll_state_synchronize_rcu`). Any context (one load).
+    #[inline]
+    pub(crate) fn done(self, cookie: u64) -> bool {
+        self.domain().core().seq.done(cookie)
+    }
+
+    /// Block until the grace period `cookie` names is over, driving grace periods as needed
+    /// (`cond_synchronize_rcu`). Normal context only.
+    pub(crate) fn wait(self, cookie: u64) {
+        wait_for_cookie(self.domain(), cookie);
+    }
+
+    /// Wait until every callback queued for this grace period before the call has run (not the batches of the
+    /// [`GpClient`]). `what` names the caller in the panic of a thread that would wait for itself. Normal context
+    /// only: blocks.
+    pub(crate) fn callback_barrier(self, what: &str) {
+        barrier(self.domain(), what);
+    }
+
+    /// Wait until everything queued for this grace period before the call has run: callbacks, and the batches of
+    /// the registered [`GpClient`] (`rcu_barrier`, `srcu_barrier`). `what` names the caller in the panic of a
+    /// thread that would wait for itself. Normal context only: blocks.
+    pub(crate) fn barrier(self, what: &str) {
+        let d = self.domain();
+        assert_not_held(d, what);
+        if let Some(c) = client() {
+            (c.flush)(self);
+        }
+        barrier(d, what);
+    }
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// The one hook for a layer above: batches of its own that wait for grace periods
+// -------------------------------------------------------------------------------------------------------------
+
+/// What a layer that batches work for grace periods of its own (the slab layer's `kfree_rcu` pointer blocks)
+/// asks of the grace-period worker and of barriers. Registered once, by the composition root (`process`); this
+/// layer calls it without knowing what the batches are.
+#[derive(Debug)]
+pub(crate) struct GpClient {
+    /// The worker, after each pass: free what waits for grace periods that are over. Returns whether anything
+    /// still waits (the worker then keeps driving grace periods).
+    pub reclaim: fn() -> bool,
+    /// Whether partial batches wait to be aged out (the worker then wakes at least every aging tick).
+    pub holds_partial: fn() -> bool,
+    /// The worker, every aging tick: push out partial batches that waited two ticks.
+    pub age: fn(),
+    /// A barrier of this grace period, before it entrains its callbacks: push out every partial batch for it and
+    /// wait until everything queued for it before the call is done. Normal context; blocks.
+    pub flush: fn(GracePeriod),
+}
+
+static CLIENT: AtomicPtr<GpClient> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Register the layer above's [`GpClient`] (one; a second registration of the same is a no-op).
+///
+/// # Context
+/// Any context; meant for process initialisation (`process`).
+pub(crate) fn register_client(c: &'static GpClient) {
+    // Release: publishes the hooks to the Acquire load in `client`.
+    let _ = CLIENT.compare_exchange(
+        core::ptr::null_mut(),
+        c as *const GpClient as *mut GpClient,
+        Ordering::Release,
+        Ordering::Relaxed,
+    );
+}
+
+/// The registered client, if any.
+pub(crate) fn client() -> Option<&'static GpClient> {
+    // Acquire: pairs with the Release CAS in `register_client`.
+    let p = CLIENT.load(Ordering::Acquire);
+    // SAFETY: only `&'static GpClient` values are stored, by `register_client`.
+    (!p.is_null()).then(|| unsafe { &*p })
 }
 
 /// The next head in a (worker-owned) chain.
@@ -398,19 +600,19 @@ unsafe fn barrier_done(head: NonNull<RcuHead>) {
 /// (inside a callback) it runs the worker's passes itself until its markers have run.
 pub(crate) fn barrier(d: &dyn Domain, what: &str) {
     assert_not_held(d, what);
-    let shards = crate::thread::count();
+    let slots = crate::thread::count();
     let remaining = AtomicU32::new(0);
-    let mut heads: Vec<BarrierHead> = Vec::with_capacity(shards as usize + 1);
-    for _ in 0..=shards {
+    let mut heads: Vec<BarrierHead> = Vec::with_capacity(slots as usize + 1);
+    for _ in 0..=slots {
         heads.push(BarrierHead { head: RcuHead::new(), remaining: &remaining });
     }
     // Count them all before any can run; markers count as queued callbacks like any other. Release: pairs with
     // the AcqRel decrement in `barrier_done`.
-    remaining.store(shards + 1, Ordering::Release);
-    d.core().overflow_queued.fetch_add(u64::from(shards) + 1, Ordering::Relaxed);
-    let func = barrier_done as RcuCallback as usize;
+    remaining.store(slots + 1, Ordering::Release);
+    d.core().overflow_queued.fetch_add(u64::from(slots) + 1, Ordering::Relaxed);
+    let func: RcuCallback = barrier_done;
     for (i, h) in heads.iter().enumerate() {
-        let list = if (i as u32) < shards { d.slot_cbs(i as u32) } else { None };
+        let list = if (i as u32) < slots { d.slot_cbs(i as u32) } else { None };
         let head = NonNull::from(&h.head);
         queue_on(list.unwrap_or(&d.core().overflow_cbs), head, func);
     }
@@ -445,8 +647,8 @@ pub(crate) fn barrier(d: &dyn Domain, what: &str) {
 /// - Callbacks the worker had taken are lost with it; `invoked` is set so that the backlog counts only what is
 ///   still queued, and the backlog throttle does not wait for callbacks that will never run.
 ///
-/// (The `kfree_rcu` rings and slots are repaired earlier, by `kfree::after_fork_child`, before the slab layer
-/// drains the shards of the threads that are gone.)
+/// (The `kfree_rcu` rings and slots are repaired earlier, by the slab layer's `kfree_rcu::after_fork_child`,
+/// before the slots of the threads that are gone are reset.)
 pub(crate) fn after_fork_child() {
     gp_worker::after_fork_child();
     classic::after_fork_child();

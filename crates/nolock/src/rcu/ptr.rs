@@ -27,7 +27,7 @@ use core::sync::atomic::{AtomicPtr, Ordering};
 
 use super::classic::RcuReadGuard;
 use super::srcu::{SrcuFast, SrcuFastGuard};
-use super::{RcuCallback, RcuHead};
+use super::{GracePeriod, RcuHead};
 use crate::page::Gfp;
 
 mod sealed {
@@ -38,18 +38,22 @@ mod sealed {
     impl Sealed for super::Srcu {}
 }
 
-/// A grace-period flavour for typed wrappers: which read guard protects loads, and how old values are
-/// retired. Sealed: implemented by [`Rcu`] and [`Srcu`] only.
+/// A grace-period flavour for typed wrappers: which read guard protects loads, and which [`GracePeriod`] old
+/// values wait for. Sealed: implemented by [`Rcu`] and [`Srcu`] only.
 pub trait Flavor: sealed::Sealed {
     /// The read-side guard whose lifetime bounds loaded references.
     type Guard<'g>;
-    /// Queue `func(head)` after a grace period of this flavour. Any context.
+    /// The grace period replaced values wait for before they are dropped and freed.
     ///
-    /// # Safety
-    /// As `call_rcu_nolock`.
-    unsafe fn retire(&self, head: NonNull<RcuHead>, func: RcuCallback);
+    /// # Context
+    /// Any context (for [`Srcu`], the first use of its domain attaches its table, see
+    /// [`SrcuFast::read_lock_fast`]).
+    fn grace_period(&self) -> GracePeriod;
     /// Whether `guard` is a read-side section of *this* flavour's domain (so it protects loads of a pointer of
     /// this flavour).
+    ///
+    /// # Context
+    /// Any context (a comparison).
     fn guards(&self, guard: &Self::Guard<'_>) -> bool;
 }
 
@@ -59,9 +63,9 @@ pub struct Rcu;
 
 impl Flavor for Rcu {
     type Guard<'g> = RcuReadGuard;
-    unsafe fn retire(&self, head: NonNull<RcuHead>, func: RcuCallback) {
-        // SAFETY: forwarded.
-        unsafe { super::classic::call_rcu_nolock(head, func) }
+    #[inline]
+    fn grace_period(&self) -> GracePeriod {
+        GracePeriod::RCU
     }
     #[inline(always)]
     fn guards(&self, _guard: &RcuReadGuard) -> bool {
@@ -75,9 +79,9 @@ pub struct Srcu(pub &'static SrcuFast);
 
 impl Flavor for Srcu {
     type Guard<'g> = SrcuFastGuard<'g>;
-    unsafe fn retire(&self, head: NonNull<RcuHead>, func: RcuCallback) {
-        // SAFETY: forwarded.
-        unsafe { self.0.call_srcu_fast_nolock(head, func) }
+    #[inline]
+    fn grace_period(&self) -> GracePeriod {
+        GracePeriod::srcu_fast(self.0)
     }
     #[inline(always)]
     fn guards(&self, guard: &SrcuFastGuard<'_>) -> bool {
@@ -193,7 +197,7 @@ impl<T: Send + Sync, F: Flavor> RcuPtr<T, F> {
     fn retire(&self, old: *mut Node<T>) {
         if let Some(old) = NonNull::new(old) {
             // SAFETY: `old` is unlinked; its head is ours to queue and `drop_node::<T>` matches its type.
-            unsafe { self.flavor.retire(old.cast::<RcuHead>(), drop_node::<T>) };
+            unsafe { self.flavor.grace_period().call(old.cast::<RcuHead>(), drop_node::<T>) };
         }
     }
 }

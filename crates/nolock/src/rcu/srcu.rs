@@ -73,8 +73,6 @@ pub(crate) struct SrcuState {
     next: AtomicPtr<SrcuState>,
     /// Counters shared by readers that have no slot.
     overflow: SrcuReader,
-    /// `kfree_srcu_fast_nolock` blocks waiting for their grace period.
-    blocks: super::kfree::BlockRing,
     per_thread: [SrcuPerThread; MAX_THREADS],
 }
 
@@ -90,7 +88,6 @@ impl SrcuState {
             live: AtomicU32::new(STATE_FREE),
             next: AtomicPtr::new(core::ptr::null_mut()),
             overflow: SrcuReader::new(),
-            blocks: super::kfree::BlockRing::new(),
             per_thread: [const {
                 SrcuPerThread { reader: SrcuReader::new(), cbs: Llist::new(), queued: LocalCounter::new() }
             }; MAX_THREADS],
@@ -184,23 +181,13 @@ impl SrcuState {
         self.per_thread(id).reader.nesting() != 0
     }
 
-    /// The ring of `kfree_srcu_fast_nolock` blocks waiting for this domain's grace period.
-    pub(crate) fn block_ring(&self) -> &super::kfree::BlockRing {
-        &self.blocks
-    }
-
-    /// The domain's grace-period core.
-    pub(crate) fn core_ref(&self) -> &GpCore {
-        &self.core
-    }
-
     /// Every reader's counters: one per thread slot handed out so far, plus the shared ones.
     fn readers(&self) -> impl Iterator<Item = &SrcuReader> {
         (0..crate::thread::count()).map(|i| &self.per_thread(i).reader).chain(core::iter::once(&self.overflow))
     }
 
-    /// Queue a callback value on the calling thread's list in this domain. Any context, no system call.
-    pub(crate) fn enqueue(&self, head: NonNull<RcuHead>, func: usize) -> super::Enqueued {
+    /// Queue a callback on the calling thread's list in this domain. Any context, no system call.
+    pub(crate) fn enqueue(&self, head: NonNull<RcuHead>, func: RcuCallback) -> super::Enqueued {
         if let Some(id) = crate::thread::current() {
             let pt = self.per_thread(id);
             let was_empty = super::queue_on(&pt.cbs, head, func);
@@ -432,7 +419,7 @@ impl SrcuFast {
     /// Any context: async-signal-safe, reentrant, lock-free. Never fails.
     #[inline]
     pub unsafe fn call_srcu_fast_nolock(&self, head: NonNull<RcuHead>, func: RcuCallback) {
-        self.state().enqueue(head, func as usize);
+        self.state().enqueue(head, func);
     }
 
     /// `call_srcu_fast` for normal contexts: [`call_srcu_fast_nolock`](Self::call_srcu_fast_nolock) with
@@ -445,7 +432,7 @@ impl SrcuFast {
     /// Normal context only: may sleep while the backlog is high.
     pub unsafe fn call_srcu_fast(&self, head: NonNull<RcuHead>, func: RcuCallback) {
         let st = self.state();
-        let e = st.enqueue(head, func as usize);
+        let e = st.enqueue(head, func);
         super::after_normal_enqueue(st, e);
     }
 
@@ -454,10 +441,7 @@ impl SrcuFast {
     /// # Context
     /// Normal context only: blocks.
     pub fn barrier(&self) {
-        let st = self.state();
-        super::assert_not_held(st, "srcu_barrier");
-        super::kfree::flush_blocks(super::kfree::Flavor::Srcu(st));
-        super::barrier(st, "srcu_barrier");
+        super::GracePeriod::of_state(self.state()).barrier("srcu_barrier");
     }
 
     /// Grace-period cookie (`get_state_synchronize_srcu`); see [`poll`](Self::poll). Any context.

@@ -124,6 +124,7 @@ use crate::global::{self, Global};
 use crate::hooks::{self, Point};
 use crate::page::Gfp;
 use crate::page::desc::{Info, Kind};
+use crate::rcu::GracePeriod;
 use crate::sync::local_lock::TryLock;
 use crate::sync::slab_freelist::{Geometry, LISTED, LinkCodec, PushError, State};
 use crate::sync::tagged::TaggedStack;
@@ -217,8 +218,9 @@ pub(crate) struct CacheConfig {
     pub flags: u32,
     /// Name, for reports and statistics.
     pub name: CacheName,
-    /// Type-safe reuse: how empty slabs wait before their pages go back.
-    pub typesafe: Typesafe,
+    /// Type-safe reuse (`SLAB_TYPESAFE_BY_*`): the grace period an empty slab waits for before its pages go
+    /// back (`None`: it goes back at once, and freed objects may be reused as anything).
+    pub typesafe: Option<GracePeriod>,
     /// Constructor run on each object when its slab is set up (`fn(NonNull<u8>)` as an address; 0: none).
     pub ctor: usize,
     /// Destructor run on each object when its slab is really released (0: none).
@@ -232,36 +234,8 @@ pub(crate) struct CacheConfig {
     pub key: usize,
 }
 
-impl core::fmt::Debug for Typesafe {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(match self {
-            Typesafe::No => "No",
-            Typesafe::Rcu => "Rcu",
-            Typesafe::Srcu(_) => "SrcuFast",
-        })
-    }
-}
-
-impl Typesafe {
-    /// Whether slab release waits for a grace period.
-    pub fn is_typesafe(&self) -> bool {
-        !matches!(self, Typesafe::No)
-    }
-}
-
 /// No fallback cache.
 pub const NO_FALLBACK: u16 = u16::MAX;
-
-/// Whether (and after which grace period) a cache's empty slabs may go back to the page allocator.
-#[derive(Clone, Copy)]
-pub(crate) enum Typesafe {
-    /// At once: freed objects may be reused as anything.
-    No,
-    /// After an RCU grace period (`SLAB_TYPESAFE_BY_RCU`).
-    Rcu,
-    /// After a grace period of this SRCU-fast domain (`SLAB_TYPESAFE_BY_SRCU_FAST`).
-    Srcu(&'static crate::rcu::srcu::SrcuState),
-}
 
 impl CacheConfig {
     /// Compute the layout of a cache. `size` is the usable object size, `freeptr` the link offset inside the
@@ -300,7 +274,7 @@ impl CacheConfig {
             limit: (capacity * stride) as u32,
             flags,
             name: CacheName::new(name),
-            typesafe: Typesafe::No,
+            typesafe: None,
             ctor: 0,
             dtor: 0,
             fallback: NO_FALLBACK,
@@ -2076,13 +2050,12 @@ impl CacheInner {
     /// Give a dead slab's pages back: at once, or for a type-safe cache after a grace period (the slab's page
     /// descriptor doubles as its `rcu_head`, as `struct slab` does in the kernel).
     fn release_slab(&self, g: &Global, head: u32) {
-        let via = match self.cfg().typesafe {
-            Typesafe::No => return self.free_slab_now(g, head),
-            Typesafe::Rcu => crate::rcu::kfree::Flavor::Rcu,
-            Typesafe::Srcu(s) => crate::rcu::kfree::Flavor::Srcu(s),
+        let Some(gp) = self.cfg().typesafe else {
+            return self.free_slab_now(g, head);
         };
         self.counters.pending_slabs.fetch_add(1, Ordering::Relaxed);
-        via.enqueue(g.pages.desc(head as usize).rcu_head(), typesafe_slab_gp_done as crate::rcu::RcuCallback as usize);
+        // SAFETY: the dead slab's descriptor fields that make up the head are unused until the callback runs.
+        unsafe { gp.call(g.pages.desc(head as usize).rcu_head(), typesafe_slab_gp_done) };
     }
 
     /// Run the destructors of a dead slab and give its pages back.
@@ -2479,10 +2452,8 @@ pub fn destroy(g: &Global, id: u16) -> DestroyReport {
     let released = c.shrink_wait(g, 0);
     // Type-safe caches: wait for the grace periods of the slabs just queued (and of any queued earlier), so
     // that destructors have run and every page is back before the slot is freed.
-    match c.cfg().typesafe {
-        Typesafe::No => {}
-        Typesafe::Rcu => crate::rcu::classic::rcu_barrier(),
-        Typesafe::Srcu(s) => crate::rcu::barrier(s, "KmemCache::destroy"),
+    if let Some(gp) = c.cfg().typesafe {
+        gp.callback_barrier("KmemCache::destroy");
     }
     let st = c.stats(g);
     let live = st.allocs.saturating_sub(st.frees);

@@ -498,6 +498,47 @@ pub fn ksize(ptr: *const u8) -> usize {
     }
 }
 
+/// The start of the nolock object whose memory holds `addr`: the object of a slab slot (between its start and
+/// its usable size), or the first page of a large run. `None` when `addr` lies in no object: outside the arena,
+/// in a free page or a slab's red zone or tail, in an `alloc_pages_nolock` run.
+///
+/// A large run's descriptors name it only on its first page (the others read as free), so an address further
+/// in is found by walking back page by page to that first page: as many steps as pages lie between them.
+///
+/// # Context
+/// Any context; O(1) for slab objects, O(pages) into a large run.
+pub(crate) fn object_containing(g: &Global, addr: usize) -> Option<usize> {
+    if !g.pages.contains(addr) {
+        return None;
+    }
+    let info = g.pages.info_of(addr);
+    match info.kind() {
+        Kind::Slab => {
+            let cfg = g.cache(info.cache_id()).cfg();
+            let base = g.pages.page_addr(info.head() as usize);
+            let idx = (addr - base) / cfg.stride as usize;
+            let obj = base + idx * cfg.stride as usize + cfg.obj_off as usize;
+            (idx < usize::from(cfg.capacity) && addr.wrapping_sub(obj) < cfg.size as usize).then_some(obj)
+        }
+        Kind::Large | Kind::Free => {
+            let page = g.pages.page_of(addr);
+            let mut p = page;
+            loop {
+                let i = g.pages.desc(p).info();
+                match i.kind() {
+                    Kind::Large if i.head() as usize == p => {
+                        let n = g.pages.desc(p).npages.load(Ordering::Relaxed) as usize;
+                        return (page < p + n).then(|| g.pages.page_addr(p));
+                    }
+                    Kind::Free if p > 0 => p -= 1,
+                    _ => return None,
+                }
+            }
+        }
+        Kind::Pages => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

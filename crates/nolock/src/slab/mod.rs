@@ -33,6 +33,7 @@
 //! RCU and Tasks Trace readers run against writers that insert and delete the same keys.
 
 pub(crate) mod cache;
+pub mod kfree_rcu;
 pub mod kmalloc;
 pub(crate) mod tables;
 pub(crate) mod thread_cache;
@@ -48,10 +49,11 @@ use crate::debug::{self, FaultInjection, FreeError, FreeErrorKind};
 use crate::global::Global;
 use crate::page::Gfp;
 use crate::page::desc::Kind;
+use crate::rcu::GracePeriod;
 use crate::rcu::srcu::SrcuFast;
 use cache::{
     CacheConfig, CacheError, CacheName, CacheStats, DestroyReport, FLAG_DEBUG, FLAG_HARDENED, MAX_ALIGN,
-    MAX_OBJECT_SIZE, NO_FALLBACK, Typesafe,
+    MAX_OBJECT_SIZE, NO_FALLBACK,
 };
 
 /// A cache of fixed-size objects (the kernel's `struct kmem_cache`), allocated and freed from any context.
@@ -237,20 +239,20 @@ impl<'a> KmemCacheBuilder<'a> {
         let flags = if debug { FLAG_DEBUG } else { 0 } | if hardened { FLAG_HARDENED } else { 0 };
         let mut cfg = CacheConfig::new(self.name, size, align, self.freeptr_offset, flags);
         cfg.typesafe = if self.flags.contains(SlabFlags::TYPESAFE_BY_SRCU_FAST) {
-            Typesafe::Srcu(self.srcu.unwrap_or(&crate::rcu::tasks_trace::RCU_TASKS_TRACE).state())
+            Some(GracePeriod::srcu_fast(self.srcu.unwrap_or(&crate::rcu::tasks_trace::RCU_TASKS_TRACE)))
         } else if self.flags.contains(SlabFlags::TYPESAFE_BY_RCU) {
-            Typesafe::Rcu
+            Some(GracePeriod::RCU)
         } else {
-            Typesafe::No
+            None
         };
         cfg.ctor = self.ctor.map_or(0, |f| f as usize);
         cfg.dtor = self.dtor.map_or(0, |f| f as usize);
-        if cfg.typesafe.is_typesafe() {
+        if cfg.typesafe.is_some() {
             // Type-safe objects stay readable after free: the link word must not sit on fields readers probe,
             // which is what `freeptr_offset` is for; poison would destroy them, so debug mode skips it.
             crate::rcu::gp_worker::ensure_started();
         }
-        if self.fallback.unwrap_or(cfg.typesafe.is_typesafe()) {
+        if self.fallback.unwrap_or(cfg.typesafe.is_some()) {
             let mut fb = cfg;
             let mut name = crate::sys::StackBuf::<32>::new();
             let _ = core::fmt::Write::write_fmt(&mut name, format_args!("{}-fb", self.name));

@@ -262,14 +262,14 @@ fn slot_exit(slot: u32) -> bool {
     // where `crate::thread` gives them no slot: the shared path.
     MINE.with(|m| m.store(core::ptr::null_mut(), Ordering::Relaxed));
     crate::sync::signal_fence();
-    let blocks = crate::rcu::kfree::drain_slot(slot, false);
+    let blocks = super::kfree_rcu::drain_slot(slot, false);
     let lists = global::get_if_init().is_none_or(|g| drain_lists(g, slot, false));
     blocks && lists
 }
 
 /// The slot's thread no longer exists: hand back what it left, whatever state it stopped in.
 fn slot_reset(slot: u32) {
-    crate::rcu::kfree::drain_slot(slot, true);
+    super::kfree_rcu::drain_slot(slot, true);
     if let Some(g) = global::get_if_init() {
         drain_lists(g, slot, true);
     }

@@ -1,43 +1,51 @@
 //! `kfree_rcu_nolock` and `kfree_srcu_fast_nolock`: free an object after a grace period, from any context.
 //!
+//! This is the slab layer's: the pointer blocks come from `kmalloc_nolock` and go back to it, and the objects
+//! they hold are freed with `kfree_nolock` (the kernel moved `kvfree_rcu` into its slab allocator in its 2025
+//! slab series for the same reason). The RCU layer only gives it what any user gets: callbacks, grace-period
+//! cookies ([`GracePeriod`]) and their "is this one done" check. The grace-period worker frees ready blocks and
+//! ages partial ones through the [`GpClient`] hooks registered by `process` ([`GP_CLIENT`]).
+//!
 //! # Batching
 //!
 //! Like the kernel's `kvfree_rcu`, pointers are collected in per-thread *pointer blocks* (4 KiB, allocated with
-//! `kmalloc_nolock`, 508 pointers each). A full block is queued as one callback that frees all its pointers; the
-//! object's own [`RcuHead`] is not touched, so retiring a cold object does not pull it into the cache. Each
-//! thread has one block for RCU and one for SRCU-fast (tagged with its domain; retiring into another domain
-//! queues the current block first).
+//! `kmalloc_nolock`, 508 pointers each). A full block is freed as one unit after its grace period; the object's
+//! own [`RcuHead`] is not touched, so retiring a cold object does not pull it into the cache. Each thread has one
+//! block for RCU and one for SRCU-fast (tagged with its domain; retiring into another domain queues the current
+//! block first), in this file's own table indexed by thread slot.
 //!
 //! The block is per-thread state guarded by a [`LocalTryLock`]. When it cannot be used — a signal handler
 //! interrupted the owner inside this code, the block is claimed by the worker, or no block can be allocated —
-//! the object goes through its own head instead: the callback value encodes "kfree the object at `head - off`"
-//! (the kernel's offset trick; the head must lie in the object's first 64 KiB). So retiring never fails.
+//! the object goes through its own head instead: a grace-period callback (`free_by_head`) that finds the object
+//! the head lies in through the page descriptors and frees it. The head may lie anywhere inside the object; one
+//! that does not (or a pointer that is no nolock object) is reported at once and the object is leaked, never
+//! freed too early. So retiring never fails.
 //!
 //! # Freeing, and keeping a retire flood bounded
 //!
 //! A full block does not go through the callback machinery: it is stamped with the cookie of the grace period
 //! it needs and put, in order, on its domain's *block ring* (a bounded multi-producer multi-consumer ring,
-//! `BlockRing`). Whoever finds the oldest block's grace period over may take it and free its pointers: the
-//! grace-period worker after each pass, and — the backpressure — every thread that fills a block of its own
-//! frees up to two ready blocks on the spot (bounded work: at most 1016 `kfree`s) and, when blocks wait, tries
-//! one non-blocking step of the grace period itself. So the threads that retire memory also free it, in
+//! `BlockRing`; RCU's is static, each SRCU-fast domain's is allocated on its first full block). Whoever finds
+//! the oldest block's grace period over may take it and free its pointers: the grace-period worker after each
+//! pass, and — the backpressure — every thread that fills a block of its own frees up to two ready blocks on
+//! the spot (bounded work: at most 1016 `kfree`s). So the threads that retire memory also free it, in
 //! proportion, and a `kfree_rcu_nolock` flood does not depend on the worker getting CPU. (Only if a ring is
-//! full does a block fall back to a grace-period callback run by the worker.)
+//! full, or could not be allocated, does a block fall back to a grace-period callback run by the worker.)
 //!
 //! # Getting partial blocks out
 //!
 //! A block that is not full would wait forever on an idle thread, so the grace-period worker *ages* blocks:
 //! every few milliseconds it claims the blocks that are at least two ticks old (claim, `membarrier`, wait for
 //! the owner to leave its critical section — the [`LocalTryLock`] protocol) and queues them. Barriers
-//! (`rcu_barrier`, `srcu_barrier`) do the same for every block of their flavour before entraining, and a
-//! thread's exit queues its own blocks.
+//! (`rcu_barrier`, `srcu_barrier`) do the same for every block of their grace period before entraining, and a
+//! thread's exit (the slab layer's slot hooks) queues its own blocks.
 
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use super::RcuHead;
-use super::srcu::{SrcuFast, SrcuState};
 use crate::page::Gfp;
+use crate::rcu::srcu::SrcuFast;
+use crate::rcu::{GpClient, GracePeriod, RcuHead};
 use crate::sync::local_lock::{LocalTryLock, TryLock};
 use crate::thread::MAX_THREADS;
 
@@ -223,6 +231,89 @@ impl Default for BlockRing {
 /// The RCU domain's block ring.
 static RCU_RING: BlockRing = BlockRing::new();
 
+/// SRCU-fast domains whose blocks can have a ring; the blocks of further domains take the callback fallback.
+const SRCU_RINGS: usize = 64;
+
+/// Rings for the first SRCU-fast domains, in the executable's zero-initialised data (what the first four
+/// domains' tables held before the rings moved here); further domains' rings are allocated from the arena.
+const STATIC_RINGS: usize = 4;
+static STATIC_RING_POOL: [BlockRing; STATIC_RINGS] = [const { BlockRing::new() }; STATIC_RINGS];
+static STATIC_RINGS_USED: AtomicU32 = AtomicU32::new(0);
+
+/// An SRCU-fast domain's ring: the domain's [`GracePeriod::id`] (0: entry unused) and the ring, set by the
+/// thread that claimed the entry (null: not yet, or no memory then: that domain's blocks take the callback
+/// fallback). Neither is ever cleared: a domain's table outlives it and is reused by a later domain, which
+/// inherits the ring (empty after the old domain's final barrier) with it.
+struct DomainRing {
+    domain: AtomicUsize,
+    ring: AtomicPtr<BlockRing>,
+}
+
+static DOMAIN_RINGS: [DomainRing; SRCU_RINGS] =
+    [const { DomainRing { domain: AtomicUsize::new(0), ring: AtomicPtr::new(core::ptr::null_mut()) } }; SRCU_RINGS];
+
+/// The ring of `gp`'s blocks, if it has one; with `create`, an SRCU-fast domain that has no entry yet gets one
+/// and its ring (a static one, or an arena allocation; none if the arena is out of memory or every entry is
+/// taken).
+///
+/// # Context
+/// Any context: lock-free; `create` may allocate with `kmalloc_nolock`.
+fn ring_of(gp: GracePeriod, create: bool) -> Option<&'static BlockRing> {
+    if gp.is_rcu() {
+        return Some(&RCU_RING);
+    }
+    let id = gp.id();
+    // Acquire: pairs with the Release store of the ring below (a ring seen is initialised).
+    let found = |e: &DomainRing| (e.domain.load(Ordering::Acquire) == id).then(|| e.ring.load(Ordering::Acquire));
+    if let Some(r) = DOMAIN_RINGS.iter().find_map(found) {
+        // SAFETY: rings are never freed (null: none).
+        return unsafe { r.as_ref() };
+    }
+    if !create {
+        return None;
+    }
+    for e in &DOMAIN_RINGS {
+        // AcqRel: one claimer per entry; only the claimer sets the ring, so none is ever made twice.
+        match e.domain.compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {}
+            // Another context claimed this domain's entry a moment ago and may still be setting its ring.
+            // SAFETY: as above.
+            Err(cur) if cur == id => return unsafe { e.ring.load(Ordering::Acquire).as_ref() },
+            Err(_) => continue,
+        }
+        let n = STATIC_RINGS_USED.fetch_add(1, Ordering::Relaxed) as usize;
+        let ring: *mut BlockRing = if n < STATIC_RINGS {
+            &STATIC_RING_POOL[n] as *const BlockRing as *mut BlockRing
+        } else {
+            crate::kmalloc_nolock(core::mem::size_of::<BlockRing>(), Gfp::ZERO)?.as_ptr().cast()
+        };
+        // Release: publishes the (zeroed: empty) ring to the Acquire loads above.
+        e.ring.store(ring, Ordering::Release);
+        // SAFETY: static, or ours from the arena and never freed.
+        return Some(unsafe { &*ring });
+    }
+    None
+}
+
+/// Every ring there is, with its grace period.
+fn for_each_ring(mut f: impl FnMut(GracePeriod, &'static BlockRing)) {
+    f(GracePeriod::RCU, &RCU_RING);
+    for e in &DOMAIN_RINGS {
+        let id = e.domain.load(Ordering::Acquire);
+        // Acquire: as in `ring_of`.
+        let r = e.ring.load(Ordering::Acquire);
+        if id != 0 && !r.is_null() {
+            // SAFETY: entries hold `GracePeriod::id` values; rings are never freed.
+            f(unsafe { GracePeriod::from_id(id) }, unsafe { &*r });
+        }
+    }
+}
+
+/// Which of a thread's two block slots holds blocks of `gp`: 0 for RCU, 1 for SRCU-fast domains.
+fn slot_index(gp: GracePeriod) -> usize {
+    usize::from(!gp.is_rcu())
+}
+
 /// One per-thread block slot.
 #[derive(Debug, Default)]
 pub(crate) struct KfreeSlot {
@@ -239,67 +330,6 @@ static SLOTS: [[KfreeSlot; 2]; MAX_THREADS] = [const {
         KfreeSlot { lock: LocalTryLock::new(), block: AtomicUsize::new(0) },
     ]
 }; MAX_THREADS];
-
-/// Which grace period a block waits for.
-#[derive(Clone, Copy)]
-pub(crate) enum Flavor {
-    Rcu,
-    Srcu(&'static SrcuState),
-}
-
-impl Flavor {
-    fn slot_index(self) -> usize {
-        match self {
-            Flavor::Rcu => 0,
-            Flavor::Srcu(_) => 1,
-        }
-    }
-
-    fn domain_tag(self) -> usize {
-        match self {
-            Flavor::Rcu => 0,
-            Flavor::Srcu(s) => s as *const SrcuState as usize,
-        }
-    }
-
-    pub(crate) fn enqueue(self, head: NonNull<RcuHead>, func: usize) {
-        // Any context, no system call: the worker polls the lists.
-        let _ = match self {
-            Flavor::Rcu => super::classic::enqueue(head, func),
-            Flavor::Srcu(s) => s.enqueue(head, func),
-        };
-    }
-
-    fn ring(self) -> &'static BlockRing {
-        match self {
-            Flavor::Rcu => &RCU_RING,
-            Flavor::Srcu(s) => s.block_ring(),
-        }
-    }
-
-    fn domain(self) -> &'static dyn super::Domain {
-        match self {
-            Flavor::Rcu => super::classic::domain(),
-            Flavor::Srcu(s) => s,
-        }
-    }
-
-    fn core(self) -> &'static super::GpCore {
-        match self {
-            Flavor::Rcu => super::classic::domain().core(),
-            Flavor::Srcu(s) => s.core_ref(),
-        }
-    }
-
-    fn of_tag(slot: usize, tag: usize) -> Self {
-        if slot == 0 {
-            Flavor::Rcu
-        } else {
-            // SAFETY: SRCU tags are pointers to never-unmapped states.
-            Flavor::Srcu(unsafe { &*(tag as *const SrcuState) })
-        }
-    }
-}
 
 /// Free every pointer of a block, then the block.
 ///
@@ -326,48 +356,43 @@ unsafe fn block_gp_done(head: NonNull<RcuHead>) {
     unsafe { free_block(head.as_ptr() as usize) };
 }
 
-/// Free up to `max` blocks of `flavor` whose grace period is over; returns how many. Any context (bounded
-/// by `max` blocks of 508 frees each).
-fn free_done_blocks(flavor: Flavor, max: usize) -> usize {
-    let core = flavor.core();
+/// Free up to `max` blocks of `ring` (of `gp`) whose grace period is over; returns how many. Any context
+/// (bounded by `max` blocks of 508 frees each).
+fn free_done_blocks(gp: GracePeriod, ring: &BlockRing, max: usize) -> usize {
     let mut n = 0;
     while n < max {
-        let Some(t) = flavor.ring().pop_done(|c| core.seq.done(c)) else { break };
+        let Some(t) = ring.pop_done(|c| gp.done(c)) else { break };
         // SAFETY: taken off the ring: ours, and its grace period has ended.
         unsafe { free_block(t.block) };
-        flavor.ring().release(t.pos);
+        ring.release(t.pos);
         n += 1;
     }
     n
 }
 
-/// The worker's share: free every block whose grace period is over, in every domain. Returns whether blocks
-/// still wait (the worker keeps driving their grace periods).
-pub(crate) fn free_done_blocks_everywhere() -> bool {
+/// The worker's share ([`GpClient::reclaim`]): free every block whose grace period is over, in every domain.
+/// Returns whether blocks still wait (the worker keeps driving their grace periods).
+fn free_done_blocks_everywhere() -> bool {
     let mut waiting = false;
-    let mut one = |f: Flavor| {
-        free_done_blocks(f, usize::MAX);
-        waiting |= !f.ring().is_empty();
-    };
-    one(Flavor::Rcu);
-    super::srcu::for_each_live(|s| one(Flavor::Srcu(s)));
+    for_each_ring(|gp, ring| {
+        free_done_blocks(gp, ring, usize::MAX);
+        waiting |= !ring.is_empty();
+    });
     waiting
 }
 
-/// For a barrier: wait until every block queued on `flavor`'s ring before this call is entirely freed —
-/// driving its grace period, and freeing blocks here when nobody else does — and no longer: blocks queued
-/// after the call began are not waited for, so a barrier ends under a steady retire flood too. Normal context
-/// (blocks).
-pub(crate) fn finish_blocks(flavor: Flavor, d: &dyn super::Domain) {
-    let ring = flavor.ring();
+/// For a barrier: wait until every block queued on `gp`'s ring before this call is entirely freed — driving
+/// its grace period, and freeing blocks here when nobody else does — and no longer: blocks queued after the
+/// call began are not waited for, so a barrier ends under a steady retire flood too. Normal context (blocks).
+fn finish_blocks(gp: GracePeriod) {
+    let Some(ring) = ring_of(gp, false) else { return };
     let end = ring.tail.load(Ordering::Acquire);
     if ring.head.load(Ordering::Relaxed) != end {
         // Every block before `end` took its cookie before now, so a grace period that starts after now covers
         // them all.
-        let cookie = flavor.core().seq.snap();
-        super::wait_for_cookie(d, cookie);
+        gp.wait(gp.snap());
         crate::hooks::point(crate::hooks::Point::KfreeBarrier);
-        let done = |c| flavor.core().seq.done(c);
+        let done = |c| gp.done(c);
         while (ring.head.load(Ordering::Relaxed).wrapping_sub(end) as isize) < 0 {
             match ring.pop_done(done) {
                 Some(t) => {
@@ -387,48 +412,62 @@ pub(crate) fn finish_blocks(flavor: Flavor, d: &dyn super::Domain) {
     }
 }
 
-fn queue_block(b: usize, flavor: Flavor) {
-    let core = flavor.core();
-    let cookie = core.seq.snap();
-    core.request(cookie);
-    if flavor.ring().push(b, cookie) {
+fn queue_block(b: usize, gp: GracePeriod) {
+    let cookie = gp.snap();
+    gp.request(cookie);
+    if ring_of(gp, true).is_some_and(|r| r.push(b, cookie)) {
         return; // the worker polls the rings; no wake-up (no system call on this path)
     }
-    // The ring is full: let the worker free the block after the grace period.
+    // The ring is full (or the domain has none): let the worker free the block after the grace period.
     // SAFETY: `b` is a block owned by the caller, handed over to the callback.
     let head = unsafe { NonNull::new_unchecked(b as *mut RcuHead) };
-    flavor.enqueue(head, block_gp_done as super::RcuCallback as usize);
+    // SAFETY: the block stays untouched until its callback frees it.
+    unsafe { gp.call(head, block_gp_done) };
 }
 
 /// Backpressure, after filling a block: free up to [`HELP_BLOCKS`] blocks whose grace period is over. (It does
 /// not drive the grace period: that needs `membarrier`, a system call that a `*_nolock` path must not make. The
 /// worker drives it.)
-fn help(flavor: Flavor) {
-    if !flavor.ring().is_empty() {
-        free_done_blocks(flavor, HELP_BLOCKS);
+fn help(gp: GracePeriod) {
+    if let Some(ring) = ring_of(gp, false)
+        && !ring.is_empty()
+    {
+        free_done_blocks(gp, ring, HELP_BLOCKS);
     }
 }
 
-fn retire(ptr: *mut u8, head: NonNull<RcuHead>, flavor: Flavor) {
-    let off = (head.as_ptr() as usize).wrapping_sub(ptr as usize);
-    if ptr.is_null() {
-        return;
+fn retire(ptr: *mut u8, head: NonNull<RcuHead>, gp: GracePeriod) {
+    if (ptr as usize) < super::kmalloc::ZERO_SIZE_LIMIT {
+        return; // null, ZERO_SIZE_PTR: nothing to free (as `kfree_nolock`)
     }
     if let Some(me) = crate::thread::current()
-        && retire_in_block(&SLOTS[me as usize], ptr, flavor)
+        && retire_in_block(&SLOTS[me as usize], ptr, gp)
     {
         return;
     }
-    if off + 1 >= super::KFREE_OFFSET_LIMIT {
-        // Cannot encode the offset: report, and keep the object alive (leak) rather than free it too early.
+    // Through the object's own head. The callback finds the object from the head, so check now that the head
+    // lies inside the object `ptr` starts: otherwise report, and keep the object alive (leak) rather than free
+    // the wrong memory, or free it too early.
+    let off = (head.as_ptr() as usize).wrapping_sub(ptr as usize);
+    if off >= super::kmalloc::ksize(ptr) {
         crate::debug::report_kfree_rcu_offset(ptr as usize, off);
         return;
     }
-    flavor.enqueue(head, off + 1);
+    // SAFETY: the head is inside the object, which nobody touches until the callback frees it (caller).
+    unsafe { gp.call(head, free_by_head) };
 }
 
-fn retire_in_block(mine: &[KfreeSlot; 2], ptr: *mut u8, flavor: Flavor) -> bool {
-    let slot = &mine[flavor.slot_index()];
+/// Grace-period callback of an object retired through its own head: free the object the head lies in.
+unsafe fn free_by_head(head: NonNull<RcuHead>) {
+    let obj = crate::global::get_if_init().and_then(|g| super::kmalloc::object_containing(g, head.as_ptr() as usize));
+    if let Some(obj) = obj {
+        // SAFETY: `retire` checked that the head lies inside this object, which it retired.
+        unsafe { crate::kfree_nolock(obj as *mut u8) };
+    }
+}
+
+fn retire_in_block(mine: &[KfreeSlot; 2], ptr: *mut u8, gp: GracePeriod) -> bool {
+    let slot = &mine[slot_index(gp)];
     if slot.lock.try_lock() != TryLock::Locked {
         return false;
     }
@@ -436,11 +475,12 @@ fn retire_in_block(mine: &[KfreeSlot; 2], ptr: *mut u8, flavor: Flavor) -> bool 
     if b != 0 {
         // SAFETY: the slot's block is ours while we hold the lock.
         let hdr = unsafe { &*(b as *const BlockHeader) };
-        if hdr.domain != flavor.domain_tag() {
+        if hdr.domain != gp.id() {
             // Empty the slot before queueing: a slot never holds a block that is already queued, so whoever
             // finds it abandoned (a fork child, where this thread no longer exists) may queue what it holds.
             slot.block.store(0, Ordering::Relaxed);
-            queue_block(b, Flavor::of_tag(flavor.slot_index(), hdr.domain));
+            // SAFETY: block headers hold `GracePeriod::id` values.
+            queue_block(b, unsafe { GracePeriod::from_id(hdr.domain) });
             b = 0;
         }
     }
@@ -454,7 +494,7 @@ fn retire_in_block(mine: &[KfreeSlot; 2], ptr: *mut u8, flavor: Flavor) -> bool 
                         head: RcuHead::new(),
                         count: 0,
                         epoch: EPOCH.load(Ordering::Relaxed),
-                        domain: flavor.domain_tag(),
+                        domain: gp.id(),
                     })
                 };
                 // Release: pairs with the Acquire pre-check in `steal_blocks`, which reads the header.
@@ -476,17 +516,19 @@ fn retire_in_block(mine: &[KfreeSlot; 2], ptr: *mut u8, flavor: Flavor) -> bool 
     };
     if full {
         slot.block.store(0, Ordering::Relaxed);
-        queue_block(b, flavor);
+        queue_block(b, gp);
     }
     slot.lock.unlock();
     if full {
-        help(flavor);
+        help(gp);
     }
     true
 }
 
 /// Free `ptr` (from `kmalloc_nolock` or a `KmemCache`) after an RCU grace period (`kfree_rcu`). `head` is an
-/// [`RcuHead`] inside the object, within its first 64 KiB; it is used only when no pointer block is available.
+/// [`RcuHead`] inside the object (anywhere in it); it is used only when no pointer block is available. A head
+/// outside the object, or a `ptr` that is no nolock object, is reported and the object is leaked, never freed
+/// too early.
 ///
 /// # Safety
 /// `ptr` must be a live nolock object that nobody frees otherwise; readers may keep using it until the grace
@@ -495,7 +537,7 @@ fn retire_in_block(mine: &[KfreeSlot; 2], ptr: *mut u8, flavor: Flavor) -> bool 
 /// # Context
 /// Any context: async-signal-safe, reentrant, lock-free. Never fails and never loses the object.
 pub unsafe fn kfree_rcu_nolock(ptr: *mut u8, head: NonNull<RcuHead>) {
-    retire(ptr, head, Flavor::Rcu);
+    retire(ptr, head, GracePeriod::RCU);
 }
 
 /// Free `ptr` after a grace period of the SRCU-fast `domain` (`kfree_srcu_fast_nolock`).
@@ -506,25 +548,30 @@ pub unsafe fn kfree_rcu_nolock(ptr: *mut u8, head: NonNull<RcuHead>) {
 /// # Context
 /// Any context: async-signal-safe, reentrant, lock-free. Never fails.
 pub unsafe fn kfree_srcu_fast_nolock(domain: &SrcuFast, ptr: *mut u8, head: NonNull<RcuHead>) {
-    retire(ptr, head, Flavor::Srcu(domain.state()));
+    retire(ptr, head, GracePeriod::srcu_fast(domain));
 }
 
-/// Queue every partial block of `flavor` (an SRCU flavour: only blocks of that domain), then wait for their
-/// grace periods and free every block of the flavour's ring. For barriers. Normal context.
-pub(crate) fn flush_blocks(flavor: Flavor) {
-    steal_blocks(flavor.slot_index(), Some(flavor.domain_tag()), None);
-    finish_blocks(flavor, flavor.domain());
+/// What the grace-period worker and barriers do for the blocks (registered with the RCU layer by `process`).
+pub(crate) static GP_CLIENT: GpClient =
+    GpClient { reclaim: free_done_blocks_everywhere, holds_partial: any_blocks, age: age_blocks, flush: flush_blocks };
+
+/// [`GpClient::flush`]: queue every partial block of `gp` (only blocks of that very domain), then wait for their
+/// grace periods and free every block of `gp`'s ring queued before the call. For barriers. Normal context.
+fn flush_blocks(gp: GracePeriod) {
+    steal_blocks(slot_index(gp), Some(gp.id()), None);
+    finish_blocks(gp);
 }
 
-/// Advance the aging clock; queue blocks at least two ticks old. Called by the worker every few ms.
-pub(crate) fn age_blocks() {
+/// [`GpClient::age`]: advance the aging clock; queue blocks at least two ticks old. Called by the worker every
+/// few ms.
+fn age_blocks() {
     let now = EPOCH.fetch_add(1, Ordering::Relaxed) + 1;
-    for slot in 0..2 {
-        steal_blocks(slot, None, Some(now.wrapping_sub(2)));
+    for which in 0..2 {
+        steal_blocks(which, None, Some(now.wrapping_sub(2)));
     }
 }
 
-/// Claim and queue the blocks in slot `slot` (0: RCU, 1: SRCU-fast) of every thread, optionally only those of domain `tag` and those
+/// Claim and queue the blocks in block slot `which` (0: RCU, 1: SRCU-fast) of every thread, optionally only those of domain `tag` and those
 /// created at or before epoch `older`.
 ///
 /// Who else may touch a slot meanwhile, and why each pairing is safe:
@@ -538,14 +585,16 @@ pub(crate) fn age_blocks() {
 ///   (barriers); the aging tick just skips it.
 /// - **the owner's thread exit** (`drain_slot`): it takes the slot's lock like any owner operation, so it
 ///   finds a claimed slot `Claimed` and leaves the block to the stealer.
+/// - **the reset of a thread that is gone** (`drain_slot` from the orphan sweep or a fork child): like the
+///   owner's exit, under the lock; a claimed slot is left to the stealer.
 /// - **a fork**: a stealer that is gone leaves its claim behind; `after_fork_child` clears it.
 ///
 /// The block itself is taken with a `swap`, so even a path that broke these rules could not queue it twice.
-fn steal_blocks(slot: usize, tag: Option<usize>, older: Option<u32>) {
+fn steal_blocks(which: usize, tag: Option<usize>, older: Option<u32>) {
     let n = crate::thread::count();
     let wanted = |i: u32| {
         // Acquire: pairs with the Release store of the block in `retire_in_block`, so the header is readable.
-        let b = SLOTS[i as usize][slot].block.load(Ordering::Acquire);
+        let b = SLOTS[i as usize][which].block.load(Ordering::Acquire);
         if b == 0 {
             return false;
         }
@@ -561,7 +610,7 @@ fn steal_blocks(slot: usize, tag: Option<usize>, older: Option<u32>) {
         let mut claimed = Vec::new();
         let mut busy = Vec::new();
         for &i in &todo {
-            if SLOTS[i as usize][slot].lock.try_claim() {
+            if SLOTS[i as usize][which].lock.try_claim() {
                 claimed.push(i);
             } else if must_see_all {
                 busy.push(i);
@@ -572,7 +621,7 @@ fn steal_blocks(slot: usize, tag: Option<usize>, older: Option<u32>) {
             crate::sys::membarrier::heavy_barrier();
         }
         for i in claimed {
-            let st = &SLOTS[i as usize][slot];
+            let st = &SLOTS[i as usize][which];
             if st.lock.wait_unlocked(100_000) {
                 crate::hooks::point(crate::hooks::Point::KfreeSteal);
                 // AcqRel: Acquire pairs with the owner's Release store of the block (its header is visible);
@@ -582,7 +631,8 @@ fn steal_blocks(slot: usize, tag: Option<usize>, older: Option<u32>) {
                     // SAFETY: claimed and quiescent: the block is ours.
                     let hdr = unsafe { &*(b as *const BlockHeader) };
                     if tag.is_none_or(|t| t == hdr.domain) {
-                        queue_block(b, Flavor::of_tag(slot, hdr.domain));
+                        // SAFETY: block headers hold `GracePeriod::id` values.
+                        queue_block(b, unsafe { GracePeriod::from_id(hdr.domain) });
                     } else {
                         // Release: pairs with the Acquire loads of the slot in `retire_in_block` and `wanted`: put back.
                         st.block.store(b, Ordering::Release); // another domain's: put it back
@@ -609,7 +659,7 @@ fn steal_blocks(slot: usize, tag: Option<usize>, older: Option<u32>) {
 /// slot never holds a block that is already queued), so it is queued like any other.
 pub(crate) fn drain_slot(me: u32, dead: bool) -> bool {
     let mut all = true;
-    for (i, slot) in SLOTS[me as usize].iter().enumerate() {
+    for slot in &SLOTS[me as usize] {
         crate::hooks::point(crate::hooks::Point::KfreeExit);
         if dead && slot.lock.is_locked() {
             slot.lock.unlock();
@@ -628,8 +678,9 @@ pub(crate) fn drain_slot(me: u32, dead: bool) -> bool {
         slot.lock.unlock();
         if b != 0 {
             // SAFETY: the block is ours now.
-            let tag = unsafe { &*(b as *const BlockHeader) }.domain;
-            queue_block(b, Flavor::of_tag(i, tag));
+            let id = unsafe { &*(b as *const BlockHeader) }.domain;
+            // SAFETY: block headers hold `GracePeriod::id` values.
+            queue_block(b, unsafe { GracePeriod::from_id(id) });
         }
     }
     all
@@ -641,8 +692,7 @@ pub(crate) fn drain_slot(me: u32, dead: bool) -> bool {
 /// Such a flag was set by a thread that was inside `retire_in_block` at the fork and no longer exists; left
 /// set, every barrier and aging tick of the child would wait for it in vain.
 pub(crate) fn after_fork_child() {
-    RCU_RING.after_fork_child();
-    super::srcu::for_each_state(|s| s.block_ring().after_fork_child());
+    for_each_ring(|_, ring| ring.after_fork_child());
     let mine = crate::thread::current_if_any();
     for i in 0..crate::thread::count() {
         let own = mine == Some(i);
@@ -658,7 +708,7 @@ pub(crate) fn after_fork_child() {
     }
 }
 
-/// Whether any thread holds a partial block (for the worker's aging tick).
-pub(crate) fn any_blocks() -> bool {
+/// [`GpClient::holds_partial`]: whether any thread holds a partial block (for the worker's aging tick).
+fn any_blocks() -> bool {
     (0..crate::thread::count()).any(|i| SLOTS[i as usize].iter().any(|s| s.block.load(Ordering::Relaxed) != 0))
 }
