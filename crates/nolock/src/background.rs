@@ -5,7 +5,8 @@
 //! - purges pages that stayed free and dirty for a whole interval (`madvise(MADV_DONTNEED)`), unless the purge
 //!   is turned off (`Config::purge_interval(None)`, `NOLOCK_PURGE=never`, `NOLOCK_PURGE_INTERVAL_MS=0`),
 //! - commits arena memory ahead of need, so that allocations do not have to (see [`crate::page`]),
-//! - drains the shards of threads that died without running their exit destructor.
+//! - sweeps the thread slots of threads that died without running their exit destructor (every layer hands
+//!   back what they left: the slab layer their cached objects).
 //!
 //! A pass runs every purge interval (100 ms by default; every 100 ms when the purge is off).
 //!

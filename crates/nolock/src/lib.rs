@@ -45,8 +45,10 @@
 //!   call; each layer keeps its per-thread state in its own table indexed by slot.
 //! - [`page`]: the arena and `alloc_pages_nolock` — lock-free bitmap allocation, page descriptors, returning
 //!   memory to the OS off the nolock path.
-//! - [`slab`]: `KmemCache`, kmalloc size classes, per-thread shards, `kmalloc_nolock` / `kfree_nolock`.
-//! - [`rcu`]: RCU, SRCU-fast, Tasks Trace, `call_rcu_nolock`, `kfree_rcu_nolock`, the grace-period worker.
+//! - [`slab`]: `KmemCache`, kmalloc size classes, per-thread caches, `kmalloc_nolock` / `kfree_nolock`,
+//!   `kfree_rcu_nolock` (its pointer blocks are slab objects).
+//! - [`rcu`]: RCU, SRCU-fast, Tasks Trace, `call_rcu_nolock`, grace-period cookies ([`GracePeriod`]), the
+//!   grace-period worker.
 //! - [`debug`]: red zones, poison, double-free and bad-pointer reports, fault injection.
 //! - [`NBox`]: safe owners; [`NolockAlloc`]: a `GlobalAlloc`.
 //! - [`sync`]: the lock-free building blocks (llist, tagged stack, slab free-list word), loom-checked.
@@ -143,16 +145,7 @@ pub use slab::kfree_rcu::{kfree_rcu_nolock, kfree_srcu_fast_nolock};
 #[cfg(not(loom))]
 pub fn init() {
     let _ = global::get();
-    init_normal_context();
-}
-
-/// Work that needs a normal context, done at the first opportunity (idempotent).
-#[cfg(not(loom))]
-pub(crate) fn init_normal_context() {
-    process::ensure_process_hooks();
-    sys::membarrier::register();
-    background::ensure_started();
-    rcu::gp_worker::ensure_started();
+    process::init_normal_context();
 }
 
 /// What [`trim`] did.
@@ -173,30 +166,7 @@ pub struct TrimReport {
 /// Normal context only: makes `madvise` system calls. Runs concurrently with allocations on other threads.
 #[cfg(not(loom))]
 pub fn trim() -> TrimReport {
-    let Some(g) = global::get() else {
-        return TrimReport::default();
-    };
-    if let Some(s) = slab::thread_cache::current_if_any() {
-        for id in 0..g.cache_count() {
-            let (tc, c) = (s.list(id), g.cache(id));
-            // Under the list's lock, like any owner operation: a signal handler that lands in the middle finds
-            // it busy and defers; what it deferred is drained by the next round.
-            while c.is_active()
-                && (tc.count.load(core::sync::atomic::Ordering::Relaxed) != 0 || !tc.deferred.is_empty())
-                && tc.lock.try_lock() == sync::local_lock::TryLock::Locked
-            {
-                c.drain_list(g, s, tc);
-                tc.lock.unlock();
-            }
-        }
-    }
-    let mut r = TrimReport::default();
-    if background::enter_critical() {
-        r.slabs_released = slab::cache::reclaim_empty_slabs_wait(g);
-        r.pages_purged = g.pages.purge(false);
-        background::leave_critical();
-    }
-    r
+    process::trim()
 }
 
 /// Passes the background worker has completed in this process (each shrinks caches, purges pages that stayed

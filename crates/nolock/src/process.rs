@@ -1,16 +1,53 @@
-//! The composition root: what belongs to the whole process rather than to one layer.
+//! The composition root: what belongs to the whole process rather than to one layer, and the wiring between
+//! layers that must not know each other.
 //!
 //! - **Process hooks**, registered before `main` by an `.init_array` constructor (and again, idempotently, by
-//!   [`crate::init`]): the thread-exit keys of the per-thread slots and of the slab shards, the RCU exit check,
-//!   and the `pthread_atfork` handlers. Registering them from a normal context, before any nolock path runs,
-//!   means no nolock path ever has to.
+//!   [`crate::init`]): the layers' slot hooks with `thread` (the slab layer's, then RCU's: what each does with
+//!   a slot when its thread exits, dies or is lost in a fork), the thread-exit key, the slab layer's
+//!   `kfree_rcu` hook with the RCU layer ([`crate::rcu::GpClient`]: the grace-period worker frees and ages
+//!   pointer blocks, barriers flush them, without the RCU layer naming the slab layer), and the
+//!   `pthread_atfork` handlers. Registering them from a normal context, before any nolock path runs, means no
+//!   nolock path ever has to.
+//! - **Normal-context initialisation** ([`init_normal_context`], from [`crate::init`] and cache creation): the
+//!   hooks, the membarrier registration, the two workers.
+//! - **`trim`**: this thread's cached objects back to their slabs, every cache's empty slabs released, free
+//!   pages purged, inside the background worker's fork-excluding critical section.
 //! - **Fork**: the child handler brings every layer back to a consistent state with one thread, bottom up:
-//!   the background workers are marked gone, the `kfree_rcu` rings and slots are repaired, the slab shards of
-//!   dead threads are drained (their pointer blocks queued), then the per-thread
-//!   slots of dead threads are closed in every RCU domain and freed, and the grace-period machinery is reset
-//!   (see `rcu::after_fork_child`).
+//!   the background workers are marked gone, the `kfree_rcu` rings and block-slot claims are repaired, then
+//!   every slot of a thread that is gone goes through every layer's `reset` (the slab layer hands its objects
+//!   back and queues its pointer blocks, RCU closes its sections in every domain) and is freed, and the
+//!   grace-period machinery is reset (see `rcu::after_fork_child`).
 
 use core::sync::atomic::{AtomicU8, Ordering};
+
+/// Work that needs a normal context, done at the first opportunity (idempotent).
+///
+/// # Context
+/// Normal context: may register fork handlers, make `membarrier` system calls and spawn the workers.
+pub(crate) fn init_normal_context() {
+    ensure_process_hooks();
+    crate::sys::membarrier::register();
+    crate::background::ensure_started();
+    crate::rcu::gp_worker::ensure_started();
+}
+
+/// [`crate::trim`]: give memory back now.
+///
+/// # Context
+/// Normal context only: `madvise` system calls; waits for a shrink in progress on another thread.
+pub(crate) fn trim() -> crate::TrimReport {
+    let Some(g) = crate::global::get() else {
+        return crate::TrimReport::default();
+    };
+    crate::slab::thread_cache::drain_current(g);
+    let mut r = crate::TrimReport::default();
+    if crate::background::enter_critical() {
+        r.slabs_released = crate::slab::shrink::reclaim_empty_slabs_wait(g);
+        r.pages_purged = g.pages.purge(false);
+        crate::background::leave_critical();
+    }
+    r
+}
 
 extern "C" fn atfork_child() {
     crate::background::after_fork_child();

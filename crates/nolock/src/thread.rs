@@ -18,16 +18,16 @@
 //!   of its table zeroed, or as the slot's previous owner's exit (or `reset`) left it: empty.
 //! - **exit**: the key's destructor marks the thread as exited (later calls on it, from other thread-local
 //!   destructors or from a signal handler that lands in the destructor, get no slot and take the layers' shared
-//!   paths), then calls every layer's `exit` hook ([`SlotHooks`]): each hands back what the thread keeps in it
+//!   paths), then calls every layer's `exit` hook (`SlotHooks`): each hands back what the thread keeps in it
 //!   (the slab layer drains the thread's object lists and pointer blocks) and says whether the slot may be
 //!   handed out again (RCU says no while a read-side section was never closed). The slot is released, or kept
 //!   out of circulation until an orphan sweep or a fork finds its thread gone.
-//! - **orphans** ([`sweep_orphans`]): a slot whose thread died without its destructor (glibc gave no
+//! - **orphans** (`sweep_orphans`): a slot whose thread died without its destructor (glibc gave no
 //!   first-level key), or that was kept out of circulation at exit, is found by `tgkill(pid, tid, 0)` failing
 //!   with `ESRCH`; the sweep claims it with a CAS on the state word that includes the generation, so it can
 //!   never take a slot that was released and claimed again while it looked (ABA), calls every layer's `reset`
 //!   hook and releases it.
-//! - **fork** ([`after_fork_child`]): in the child only the forking thread exists. Every other owned slot is
+//! - **fork** (`after_fork_child`): in the child only the forking thread exists. Every other owned slot is
 //!   handed to every layer's `reset` hook (they clear what the dead threads left: reader words, counter
 //!   imbalances, object lists) and made free.
 //!

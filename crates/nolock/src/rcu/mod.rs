@@ -21,7 +21,7 @@
 //! kernel since its 2025 slab series: they batch pointers in pointer blocks the slab layer allocates and frees.
 //! This layer offers them what any user gets — callbacks ([`RcuCallback`]), cookies and the "is this cookie
 //! done" check ([`GracePeriod`]) — and one hook: the layer that batches work for grace periods registers a
-//! [`GpClient`] (through `process`), which the grace-period worker asks to free what is ready and to age
+//! `GpClient` (through `process`), which the grace-period worker asks to free what is ready and to age
 //! partial batches, and barriers ask to flush. This layer never calls the slab layer by name.
 //!
 //! # Shared machinery (this file)

@@ -4,7 +4,7 @@
 //! they hold are freed with `kfree_nolock` (the kernel moved `kvfree_rcu` into its slab allocator in its 2025
 //! slab series for the same reason). The RCU layer only gives it what any user gets: callbacks, grace-period
 //! cookies ([`GracePeriod`]) and their "is this one done" check. The grace-period worker frees ready blocks and
-//! ages partial ones through the [`GpClient`] hooks registered by `process` ([`GP_CLIENT`]).
+//! ages partial ones through the `GpClient` hooks registered by `process` (`GP_CLIENT`).
 //!
 //! # Batching
 //!

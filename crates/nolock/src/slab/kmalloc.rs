@@ -17,8 +17,8 @@ use core::alloc::Layout;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use super::cache::{self, CacheConfig, CacheInner, FLAG_DEBUG, FLAG_KMALLOC, Got};
-use super::thread_cache::{self, Pop};
+use super::alloc::{Got, alloc_fast};
+use super::cache::{self, CacheConfig, CacheInner, FLAG_DEBUG, FLAG_KMALLOC};
 use crate::debug::{self, FreeError, FreeErrorKind};
 use crate::global::{self, Global};
 use crate::page::Gfp;
@@ -238,24 +238,19 @@ fn shrink_large_in_place(g: &Global, head: usize, npages: usize, keep: usize) {
     LARGE_PAGES.fetch_sub((npages - keep) as u64, Ordering::Relaxed);
 }
 
-/// The fast path: a pop from the thread's list of the class, nothing else. Every other case (first use, debug
-/// mode, fault injection, a thread's first call, a busy, claimed or empty list) ends in one tail call to
-/// [`kmalloc_class_full`], so the fast path saves no registers. `align` is only evaluated off the fast path.
+/// The fast path: the slab layer's one allocation fast path ([`alloc_fast`]) on the class's list, nothing else.
+/// Every other case (debug mode, fault injection, a thread's first call, a busy or claimed list) ends in one
+/// tail call to [`kmalloc_class_full`], so the fast path saves no registers. `align` is only evaluated off the
+/// fast path.
 #[inline(always)]
 fn kmalloc_class(class: usize, align: impl FnOnce() -> usize, flags: Gfp) -> Option<NonNull<u8>> {
+    // Plain caches have ids 0..13, no debug layout (the slot is the object) and their link word at offset 0, so
+    // a plain class's `finish_alloc` is `kmalloc_finish`.
     if let Some(g) = global::get_if_init()
         && g.slow_flags.load(Ordering::Relaxed) == 0
-        && let Some(t) = thread_cache::current_if_any()
+        && let Some(r) = alloc_fast(g, class as u16, 0, flags, |slot| kmalloc_finish(slot, class, flags))
     {
-        // Plain caches have ids 0..13, no debug layout (the slot is the object) and their link word at offset 0.
-        let id = class as u16;
-        match t.list(id).try_pop(0) {
-            Pop::Obj(slot) => return Some(kmalloc_finish(slot, class, flags)),
-            // A plain class's `finish_alloc` is `kmalloc_finish`.
-            Pop::ObjDrain(slot) => return g.cache(id).drain_then_finish(g, t, id, slot, flags),
-            Pop::Empty => return g.cache(id).refill_then_finish(g, t, id, flags),
-            Pop::Busy => {}
-        }
+        return r;
     }
     kmalloc_class_full(class, align(), flags)
 }
@@ -353,7 +348,7 @@ fn kmalloc_large(g: &Global, size: usize, align: usize, flags: Gfp) -> Option<No
     let first = match g.pages.alloc_run(npages, align_pages) {
         Some(f) => f,
         None => {
-            cache::reclaim_empty_slabs(g);
+            super::shrink::reclaim_empty_slabs(g);
             match g.pages.alloc_run(npages, align_pages) {
                 Some(f) => f,
                 None => {

@@ -1,9 +1,23 @@
-//! The slab layer: `KmemCache`, the kmalloc size classes, and per-thread caches (shards).
+//! The slab layer: `KmemCache`, the kmalloc size classes, per-thread caches, and `kfree_rcu`.
 //!
-//! - `cache`: one cache's slabs, partial list and the alloc/free paths (fast, refill, flush, deferred,
-//!   shared); cache creation and destruction.
-//! - `shard`: per-thread lists guarded by busy flags; claiming, thread exit, orphans, fork.
+//! - `alloc`: the allocation fast path at the top (one for kmalloc and `KmemCache`), then refill, the shared
+//!   path, new slabs.
+//! - `free`: the free fast path at the top (one for `kfree_nolock` and `KmemCache`), then validation, flush,
+//!   deferred frees, the shared path.
+//! - `shrink`: releasing empty slabs, the rescue of an allocation that finds no memory, type-safe release.
+//! - `checks`: the free-list checks the slow paths share.
+//! - `cache`: a cache's configuration and table slot, creation, destruction, statistics.
+//! - `thread_cache`: the per-thread table (one `ThreadCache` per cache id for every thread slot) and what the
+//!   layer does when a slot's thread exits, dies or is lost in a fork.
+//! - [`kfree_rcu`]: `kfree_rcu_nolock` / `kfree_srcu_fast_nolock`: per-thread pointer blocks, their rings, the
+//!   per-object fallback callback.
 //! - [`kmalloc`]: size classes, "try the next bucket", large allocations, `kfree_nolock` by address.
+//! - `tables`: the cache and per-thread tables, in one mapping this layer owns (the global state holds it
+//!   opaquely).
+//!
+//! Below it: `page` (slabs are page runs, page descriptors map any address to its slab), `thread` (slots),
+//! `rcu` (grace periods, for `kfree_rcu` and type-safe caches), `sync`, `sys`. Nothing below imports it but the
+//! global state (which holds its tables) and `debug` (which checks its objects).
 //!
 //! This file holds the public `KmemCache` handle.
 //!
@@ -32,9 +46,13 @@
 //! (`cargo run --release -p nolock-mm --example typesafe_hash`): a hash table with nulls-terminated buckets whose
 //! RCU and Tasks Trace readers run against writers that insert and delete the same keys.
 
+pub(crate) mod alloc;
 pub(crate) mod cache;
+pub(crate) mod checks;
+pub(crate) mod free;
 pub mod kfree_rcu;
 pub mod kmalloc;
+pub(crate) mod shrink;
 pub(crate) mod tables;
 pub(crate) mod thread_cache;
 
@@ -233,7 +251,7 @@ impl<'a> KmemCacheBuilder<'a> {
             return Err(CacheError::BadFreeptrOffset);
         }
         let g = cache::global_or_err()?;
-        crate::init_normal_context();
+        crate::process::init_normal_context();
         let debug = self.debug.unwrap_or_else(|| g.kmalloc_debug());
         let hardened = self.hardened.unwrap_or_else(debug::hardened_default);
         let flags = if debug { FLAG_DEBUG } else { 0 } | if hardened { FLAG_HARDENED } else { 0 };
@@ -333,7 +351,7 @@ impl KmemCache {
     /// Any context: async-signal-safe, reentrant, never blocks; never fails for a valid object.
     #[inline]
     pub unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
-        // The fast path (see `cache`): an object of this very cache, not in debug mode, pushed on the thread's
+        // The fast path (see `free`): an object of this very cache, not in debug mode, pushed on the thread's
         // list. Everything else, the fallback cache's objects included, takes the full path.
         if cache::CacheInner::free_fast(self.g, ptr.as_ptr() as usize, Some(self.id)) {
             return;

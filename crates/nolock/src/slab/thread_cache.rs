@@ -44,7 +44,6 @@ use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 
 use super::cache::MAX_CACHES;
 use crate::global::{self, Global};
-use crate::hooks::{self, Point};
 use crate::sync::llist::Llist;
 use crate::sync::local_lock::{LocalTryLock, TryLock};
 
@@ -81,106 +80,6 @@ pub struct ThreadCache {
 }
 
 const _: () = assert!(core::mem::size_of::<ThreadCache>() == 64, "one cache line per list");
-
-/// Outcome of [`ThreadCache::try_pop`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[must_use]
-pub enum Pop {
-    /// An object; the lock is released.
-    Obj(usize),
-    /// An object, and frees deferred by a nested context are waiting: the caller drains them (off the fast
-    /// path). The lock is released.
-    ObjDrain(usize),
-    /// The lock could not be taken: a context this one interrupted holds it, or another thread claimed the list.
-    Busy,
-    /// The list is empty. **The caller holds the lock**: it refills the list (or fails) and unlocks.
-    Empty,
-}
-
-/// Outcome of [`ThreadCache::try_push`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[must_use]
-pub enum Push {
-    /// Pushed; the lock is released.
-    Done,
-    /// Pushed, and frees deferred by a nested context are waiting: the caller drains them. The lock is released.
-    DoneDrain,
-    /// A context this one interrupted holds the lock: the caller defers the free.
-    Busy,
-    /// Another thread claimed the list: the caller frees straight to the slab.
-    Claimed,
-    /// Not pushed: the list would pass its `high` mark, is not set up yet, or starts with this very object (a
-    /// double free). **The caller holds the lock**: it finishes the free on the full path and unlocks.
-    Locked,
-}
-
-impl ThreadCache {
-    /// Allocation fast path: take the lock and pop the first object of the list, whose link words sit at
-    /// `link_off`.
-    ///
-    /// Straight-line code with no calls, so that the callers' other cases can be tail calls and the fast path
-    /// saves no registers.
-    ///
-    /// # Context
-    /// The owning thread and its signal handlers: async-signal-safe, never blocks.
-    #[inline(always)]
-    pub fn try_pop(&self, link_off: usize) -> Pop {
-        if self.lock.try_lock() != TryLock::Locked {
-            return Pop::Busy;
-        }
-        let head = self.freelist.load(Ordering::Relaxed);
-        if head == 0 {
-            return Pop::Empty;
-        }
-        hooks::point(Point::AllocFast);
-        // SAFETY: `head` is a free object on our list (busy held); its link word is at `link_off`.
-        let link = unsafe { &*((head + link_off) as *const AtomicUsize) };
-        self.freelist.store(link.load(Ordering::Relaxed), Ordering::Relaxed);
-        self.count.store(self.count.load(Ordering::Relaxed).wrapping_sub(1), Ordering::Relaxed);
-        bump(&self.alloc_fast);
-        self.lock.unlock();
-        if self.deferred.is_empty() { Pop::Obj(head) } else { Pop::ObjDrain(head) }
-    }
-
-    /// Free fast path: take the lock and push `slot` (a validated object of this list's cache) unless the list
-    /// would pass its `high` mark, is not set up yet, or already starts with `slot`.
-    ///
-    /// # Context
-    /// The owning thread and its signal handlers: async-signal-safe, never blocks.
-    #[inline(always)]
-    pub fn try_push(&self, slot: usize) -> Push {
-        match self.lock.try_lock() {
-            TryLock::Locked => {}
-            TryLock::Busy => return Push::Busy,
-            TryLock::Claimed => return Push::Claimed,
-        }
-        let head = self.freelist.load(Ordering::Relaxed);
-        let count = self.count.load(Ordering::Relaxed) + 1;
-        if head == slot || count > self.high.load(Ordering::Relaxed) {
-            return Push::Locked;
-        }
-        hooks::point(Point::FreeFast);
-        // `high != 0`, so `link_off` is the cache's.
-        self.push_locked(slot, head, count, self.link_off.load(Ordering::Relaxed) as usize);
-        self.lock.unlock();
-        if self.deferred.is_empty() { Push::Done } else { Push::DoneDrain }
-    }
-
-    /// Put `slot` in front of the list, whose first object is `head`; the list then holds `count` objects.
-    ///
-    /// # Context
-    /// The holder of the lock.
-    #[inline(always)]
-    pub fn push_locked(&self, slot: usize, head: usize, count: u32, link_off: usize) {
-        // SAFETY: `slot` is a validated object of this list's cache given up by the caller; `link_off` is in
-        // bounds and pointer-aligned.
-        let link = unsafe { &*((slot + link_off) as *const AtomicUsize) };
-        link.store(head, Ordering::Relaxed);
-        self.freelist.store(slot, Ordering::Relaxed);
-        self.count.store(count, Ordering::Relaxed);
-        bump(&self.free_fast);
-    }
-}
 
 /// Increment a counter that only the busy-flag holder writes (a plain load and store, no lock prefix).
 #[inline(always)]
@@ -244,6 +143,26 @@ pub fn current(g: &'static Global) -> Option<&'static ThreadCaches> {
 #[inline]
 pub fn tag(g: &Global, t: &ThreadCaches) -> u32 {
     g.slab.slot_of(t) + 1
+}
+
+/// Return every object of the calling thread's lists to its slab (`trim`). Each list under its lock, like any
+/// owner operation: a signal handler that lands in the middle finds it busy and defers; what it deferred is
+/// drained by the next round.
+///
+/// # Context
+/// Normal context (reentrant: a handler that lands in it keeps off the list being drained).
+pub(crate) fn drain_current(g: &Global) {
+    let Some(me) = current_if_any() else { return };
+    for id in 0..g.cache_count() {
+        let (tc, c) = (me.list(id), g.cache(id));
+        while c.is_active()
+            && (tc.count.load(Ordering::Relaxed) != 0 || !tc.deferred.is_empty())
+            && tc.lock.try_lock() == TryLock::Locked
+        {
+            c.drain_list(g, me, tc);
+            tc.lock.unlock();
+        }
+    }
 }
 
 // -------------------------------------------------------------------------------------------------------------
