@@ -76,9 +76,13 @@ mod hooks;
 #[cfg(not(loom))]
 pub mod page;
 #[cfg(not(loom))]
+mod pages;
+#[cfg(not(loom))]
 mod process;
 #[cfg(not(loom))]
 pub mod rcu;
+#[cfg(not(loom))]
+mod report;
 #[cfg(not(loom))]
 pub mod slab;
 #[cfg(not(loom))]
@@ -97,9 +101,9 @@ pub use debug::{FaultInjection, FreeError, FreeErrorKind};
 #[cfg(not(loom))]
 pub use global::{Config, ConfigError, DEFAULT_ARENA_SIZE, MAX_CACHES, MAX_SHARDS};
 #[cfg(not(loom))]
-pub use page::{
-    Gfp, MAX_ORDER, PagesError, PrefaultError, alloc_pages_nolock, free_pages_nolock, prefault, try_free_pages_nolock,
-};
+pub use page::{Gfp, PagesError, PrefaultError};
+#[cfg(not(loom))]
+pub use pages::{MAX_ORDER, alloc_pages_nolock, free_pages_nolock, prefault, try_free_pages_nolock};
 #[cfg(not(loom))]
 pub use slab::cache::{CacheError, CacheName, CacheStats, DestroyReport};
 #[cfg(not(loom))]

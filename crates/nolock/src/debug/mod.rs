@@ -78,12 +78,9 @@
 //! handler), naming the pointer, what is wrong and the cache, and is counted. Nothing is freed or changed by a
 //! refused free. The `try_*` variants of the free functions return the error instead of printing it.
 
-use core::fmt::Write as _;
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use crate::page::PagesError;
 use crate::slab::cache::{CacheInner, CacheName};
-use crate::sys::StackBuf;
 
 /// What is wrong with a pointer given to a free function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,45 +169,13 @@ impl core::fmt::Display for FreeError {
 
 impl std::error::Error for FreeError {}
 
-static REPORTS: AtomicU64 = AtomicU64::new(0);
-static QUIET: AtomicBool = AtomicBool::new(false);
-
-/// Number of problems reported so far (refused frees and debug-mode findings), process-wide.
-///
-/// # Context
-/// Any context (one atomic load).
-pub fn reports() -> u64 {
-    REPORTS.load(Ordering::Relaxed)
-}
-
-/// Stop (or resume) printing reports on standard error; they are still counted. For tests that provoke them.
-///
-/// # Context
-/// Any context (one atomic store).
-pub fn set_quiet(quiet: bool) {
-    QUIET.store(quiet, Ordering::Relaxed);
-}
-
-fn emit(args: core::fmt::Arguments<'_>) {
-    REPORTS.fetch_add(1, Ordering::Relaxed);
-    if QUIET.load(Ordering::Relaxed) {
-        return;
-    }
-    let mut b = StackBuf::<384>::new();
-    let _ = b.write_fmt(format_args!("nolock: {args}\n"));
-    crate::sys::write_stderr(b.as_bytes());
-}
+use crate::report::emit;
+pub use crate::report::{reports, set_quiet};
 
 /// Report a refused free on standard error (async-signal-safe).
 #[cold]
 pub(crate) fn report(e: &FreeError) {
     emit(format_args!("invalid free: {e}; nothing was freed"));
-}
-
-/// Report a refused `free_pages_nolock`.
-#[cold]
-pub(crate) fn report_pages_error(ptr: usize, order: u32, e: PagesError) {
-    emit(format_args!("invalid free_pages_nolock({ptr:#x}, order {order}): {e}; nothing was freed"));
 }
 
 /// Report a thread list that stayed busy while a cache was being destroyed.

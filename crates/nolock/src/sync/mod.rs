@@ -60,6 +60,7 @@ pub mod local_counter;
 pub mod local_lock;
 pub mod page_bitmap;
 pub mod rcu_core;
+pub mod rcu_head;
 pub mod slab_freelist;
 pub mod srcu_core;
 pub mod tagged;
