@@ -21,7 +21,7 @@ pub const MAX_ORDER: u32 = 20;
 /// Any context: async-signal-safe, reentrant (a signal handler may call it while it runs on the same thread),
 /// never blocks, never takes a lock, never allocates. The very first nolock call reserves the arena with
 /// `mmap`; later calls make no system call, except `mprotect` (and `mlock` under `mlockall(MCL_FUTURE)`) when
-/// the memory committed ahead of need is used up (see the [module documentation](self)).
+/// the memory committed ahead of need is used up (see the [page module documentation](crate::page)).
 pub fn alloc_pages_nolock(order: u32, flags: Gfp) -> Option<NonNull<u8>> {
     if order > MAX_ORDER {
         return None;
