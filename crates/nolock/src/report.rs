@@ -11,17 +11,11 @@ static REPORTS: AtomicU64 = AtomicU64::new(0);
 static QUIET: AtomicBool = AtomicBool::new(false);
 
 /// Number of problems reported so far (refused frees and debug-mode findings), process-wide.
-///
-/// # Context
-/// Any context (one atomic load).
 pub fn reports() -> u64 {
     REPORTS.load(Ordering::Relaxed)
 }
 
 /// Stop (or resume) printing reports on standard error; they are still counted. For tests that provoke them.
-///
-/// # Context
-/// Any context (one atomic store).
 pub fn set_quiet(quiet: bool) {
     QUIET.store(quiet, Ordering::Relaxed);
 }

@@ -34,9 +34,6 @@ impl Snapshot {
     }
 
     /// The counters of the cache named `name`.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn cache(&self, name: &str) -> Option<&CacheStats> {
         self.caches.iter().find(|c| c.name.as_str() == name)
     }
@@ -113,9 +110,6 @@ pub fn page_owner(ptr: *const u8) -> PageOwner {
 }
 
 /// Whether the calling thread has its own per-thread caches (a shard) right now.
-///
-/// # Context
-/// Any context.
 pub fn thread_has_shard() -> bool {
     crate::slab::shard::current_if_any().is_some()
 }

@@ -102,9 +102,6 @@ pub fn current_if_any() -> Option<u32> {
 }
 
 /// Slots handed out so far: every slot id in use is below this (an upper bound for scans).
-///
-/// # Context
-/// Any context (one load).
 #[inline]
 pub fn count() -> u32 {
     // Acquire: pairs with the AcqRel `fetch_add` in `claim`, so a scanner that counts slot `i` also sees the
@@ -312,9 +309,6 @@ pub fn after_fork_child(reset: impl Fn(u32)) {
 }
 
 /// Whether slot `id` is owned by a live thread or kept out of circulation (for tests and statistics).
-///
-/// # Context
-/// Any context (one load).
 pub fn is_in_use(id: u32) -> bool {
     SLOTS[id as usize].state.load(Ordering::Acquire) & STATE_MASK != STATE_FREE
 }

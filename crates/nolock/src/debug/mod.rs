@@ -125,17 +125,11 @@ pub struct FreeError {
 
 impl FreeError {
     /// An error about `ptr`.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn new(kind: FreeErrorKind, ptr: usize) -> Self {
         Self { kind, ptr, cache: None }
     }
 
     /// Name the cache.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn in_cache(mut self, name: CacheName) -> Self {
         self.cache = Some(name);
         self
@@ -398,9 +392,6 @@ static HARDENED_DEFAULT: AtomicU8 = AtomicU8::new(TRI_UNSET);
 /// Make hardened mode the default (or not) for caches created from now on: `KmemCache`s built without an
 /// explicit choice and — if called before nolock's first use, when they are created — the kmalloc classes.
 /// Without a call, `NOLOCK_HARDENED=1` in the environment turns it on.
-///
-/// # Context
-/// Any context (one atomic store).
 pub fn set_hardened_default(on: bool) {
     HARDENED_DEFAULT.store(if on { TRI_ON } else { TRI_OFF }, Ordering::Relaxed);
 }
@@ -418,9 +409,6 @@ pub fn hardened_default() -> bool {
 }
 
 /// Whether the kmalloc classes are hardened (decided when nolock started).
-///
-/// # Context
-/// Any context (one atomic load).
 pub fn kmalloc_hardened() -> bool {
     crate::global::get_if_init().is_some_and(|g| g.slow_flags.load(Ordering::Relaxed) & SLOW_HARDENED != 0)
 }
@@ -468,9 +456,6 @@ pub fn set_enabled(on: bool) {
 }
 
 /// Whether kmalloc debug mode is on.
-///
-/// # Context
-/// Any context.
 pub fn enabled() -> bool {
     crate::global::get().is_some_and(|g| g.kmalloc_debug())
 }
@@ -506,9 +491,6 @@ pub(crate) fn set_fault(c: &CacheInner, f: FaultInjection) {
 }
 
 /// Configure fault injection on every kmalloc cache (plain and debug).
-///
-/// # Context
-/// Any context.
 pub fn set_kmalloc_fault_injection(f: FaultInjection) {
     if let Some(g) = crate::global::get() {
         for id in crate::slab::kmalloc::all_kmalloc_ids() {

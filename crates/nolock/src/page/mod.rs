@@ -861,9 +861,6 @@ impl PageAllocator {
 
     /// `alloc_pages_nolock` on this arena: a run of `2^order` pages (order ≤ `MAX_ORDER`, checked by the
     /// caller), marked as a pages run in its descriptor, zeroed with [`Gfp::ZERO`].
-    ///
-    /// # Context
-    /// Any context: lock-free, async-signal-safe, reentrant.
     pub fn alloc_pages(&self, order: u32, flags: Gfp) -> Option<NonNull<u8>> {
         let n = 1usize << order;
         let first = self.alloc_run(n, n.min(WORD_PAGES))?;
@@ -882,9 +879,6 @@ impl PageAllocator {
     ///
     /// # Safety
     /// If the pointer passes the checks, the pages must not be used afterwards.
-    ///
-    /// # Context
-    /// Any context: lock-free, async-signal-safe, reentrant.
     pub unsafe fn try_free_pages(&self, ptr: NonNull<u8>, order: u32) -> Result<(), PagesError> {
         let addr = ptr.as_ptr() as usize;
         if !self.contains(addr) {

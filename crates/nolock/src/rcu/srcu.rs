@@ -497,9 +497,6 @@ impl SrcuFast {
     }
 
     /// Whether the grace period named by `cookie` has elapsed (`poll_state_synchronize_srcu`). Any context.
-    ///
-    /// # Context
-    /// Any context (one atomic load).
     pub fn poll(&self, cookie: u64) -> bool {
         self.state().core.seq.done(cookie)
     }
@@ -559,9 +556,6 @@ pub struct SrcuFastGuard<'d> {
 
 impl SrcuFastGuard<'_> {
     /// Whether this guard is a section of `domain`.
-    ///
-    /// # Context
-    /// Any context (a pointer comparison).
     #[inline]
     pub fn is_of(&self, domain: &SrcuFast) -> bool {
         core::ptr::eq(self.domain, domain)
@@ -595,9 +589,6 @@ impl core::fmt::Debug for SrcuFastGuard<'_> {
 ///
 /// # Safety
 /// As [`SrcuFast::call_srcu_fast_nolock`].
-///
-/// # Context
-/// Any context.
 #[inline]
 pub unsafe fn call_srcu_fast_nolock(domain: &SrcuFast, head: NonNull<RcuHead>, func: RcuCallback) {
     // SAFETY: forwarded.

@@ -67,9 +67,6 @@ pub mod tagged;
 
 /// Order this thread's memory accesses against a signal handler that interrupts it (the C `atomic_signal_fence`).
 /// Costs nothing at run time: it only stops the compiler from moving accesses across it.
-///
-/// # Context
-/// Any context (a plain computation or one load).
 #[inline(always)]
 pub fn signal_fence() {
     core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);

@@ -18,9 +18,6 @@ pub struct RcuHead {
 impl RcuHead {
     super::loom_const_fn! {
         /// An unused head.
-        ///
-        /// # Context
-        /// Any context (a plain computation).
         pub fn new() -> Self {
             Self { next: AtomicUsize::new(0), func: AtomicUsize::new(0) }
         }
