@@ -190,12 +190,6 @@ pub(crate) fn report_kfree_rcu_offset(ptr: usize, off: usize) {
     ));
 }
 
-/// Report a grace-period callback that panicked (the worker carries on).
-#[cold]
-pub(crate) fn report_callback_panic(head: usize) {
-    emit(format_args!("a grace-period callback (rcu_head {head:#x}) panicked; the grace-period worker carries on"));
-}
-
 /// Report a cache destroyed while objects were still allocated.
 #[cold]
 pub(crate) fn report_destroy_live(cache: CacheName, live: u64, slabs: u64) {
