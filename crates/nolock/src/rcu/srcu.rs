@@ -585,7 +585,7 @@ impl core::fmt::Debug for SrcuFastGuard<'_> {
     }
 }
 
-/// `call_srcu_fast_nolock` as a free function.
+/// Alias of [`SrcuFast::call_srcu_fast_nolock`], with the kernel's argument order (domain first). Same rules.
 ///
 /// # Safety
 /// As [`SrcuFast::call_srcu_fast_nolock`].
