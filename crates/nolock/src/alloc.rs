@@ -41,9 +41,6 @@ pub struct NolockAlloc {
 
 impl NolockAlloc {
     /// An allocator with every setting from the environment or its default.
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     pub const fn new() -> Self {
         Self { cfg: Config::new() }
     }
@@ -51,9 +48,6 @@ impl NolockAlloc {
     /// An allocator that initialises nolock with `cfg` (settings not given in `cfg` come from the environment
     /// or their default). `cfg` is used only if this allocator's first allocation is what initialises nolock;
     /// an arena size out of range is clamped into it, with a message on standard error.
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     pub const fn with_config(cfg: Config) -> Self {
         Self { cfg }
     }

@@ -43,28 +43,7 @@ pub fn passes() -> u64 {
 /// Normal context only: spawns a thread.
 pub fn ensure_started() {
     if global::background_enabled() {
-        start_once(&RUNNING_PID, "nolock-worker", run);
-    }
-}
-
-/// Spawn `run` as thread `name` unless `running` already holds this process's pid. One starter wins; a pid
-/// left from before a `fork` counts as "not running" (the thread does not exist in the child).
-///
-/// # Context
-/// Normal context only: spawns a thread.
-pub(crate) fn start_once(running: &AtomicI32, name: &str, run: fn()) {
-    let pid = crate::sys::getpid();
-    let cur = running.load(Ordering::Acquire);
-    if cur == pid {
-        return;
-    }
-    // AcqRel: one starter per process.
-    if running.compare_exchange(cur, pid, Ordering::AcqRel, Ordering::Acquire).is_err() {
-        return;
-    }
-    if std::thread::Builder::new().name(name.into()).spawn(run).is_err() {
-        // Release: pairs with the Acquire load in `start_once`/`is_running`: the start failed, another may try.
-        running.store(0, Ordering::Release);
+        crate::sys::start_once(&RUNNING_PID, "nolock-worker", run);
     }
 }
 

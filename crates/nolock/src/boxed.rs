@@ -65,18 +65,12 @@ impl<T> NBox<T> {
     }
 
     /// Zeroed, uninitialised memory for a `T`.
-    ///
-    /// # Context
-    /// Any context.
     pub fn try_new_zeroed() -> Option<NBox<MaybeUninit<T>>> {
         let p = alloc_for(Layout::new::<T>(), Gfp::ZERO)?;
         Some(NBox { ptr: p.cast(), _owns: PhantomData })
     }
 
     /// Take the value out and free the memory.
-    ///
-    /// # Context
-    /// Any context.
     pub fn into_inner(b: Self) -> T {
         let b = ManuallyDrop::new(b);
         // SAFETY: we own a valid T; it is read once and the memory is freed without dropping it again.
@@ -92,9 +86,6 @@ impl<T> NBox<MaybeUninit<T>> {
     ///
     /// # Safety
     /// The memory must hold a valid `T`.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub unsafe fn assume_init(self) -> NBox<T> {
         let b = ManuallyDrop::new(self);
         NBox { ptr: b.ptr.cast(), _owns: PhantomData }
@@ -103,9 +94,6 @@ impl<T> NBox<MaybeUninit<T>> {
 
 impl<T: Copy> NBox<[T]> {
     /// Copy a slice into nolock memory.
-    ///
-    /// # Context
-    /// Any context.
     pub fn try_from_slice(src: &[T]) -> Option<Self> {
         let layout = Layout::for_value(src);
         let p = alloc_for(layout, Gfp::NONE)?.cast::<T>();
@@ -151,9 +139,6 @@ impl<T> NBox<[T]> {
 
 impl NBox<[u8]> {
     /// `len` zero bytes.
-    ///
-    /// # Context
-    /// Any context.
     pub fn try_zeroed_bytes(len: usize) -> Option<Self> {
         let p = alloc_for(Layout::array::<u8>(len).ok()?, Gfp::ZERO)?;
         Some(Self { ptr: NonNull::slice_from_raw_parts(p, len), _owns: PhantomData })
@@ -162,9 +147,6 @@ impl NBox<[u8]> {
 
 impl NBox<str> {
     /// Copy a string into nolock memory.
-    ///
-    /// # Context
-    /// Any context.
     pub fn try_from_str(s: &str) -> Option<Self> {
         let bytes = NBox::<[u8]>::try_from_slice(s.as_bytes())?;
         let raw = NBox::into_raw(bytes);
@@ -176,9 +158,6 @@ impl NBox<str> {
 
 impl<T: ?Sized> NBox<T> {
     /// Give up ownership without freeing; see [`NBox::from_raw`].
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn into_raw(b: Self) -> NonNull<T> {
         ManuallyDrop::new(b).ptr
     }
@@ -187,26 +166,17 @@ impl<T: ?Sized> NBox<T> {
     ///
     /// # Safety
     /// `ptr` must come from `NBox::into_raw` of the same type and not be owned by anything else.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub unsafe fn from_raw(ptr: NonNull<T>) -> Self {
         Self { ptr, _owns: PhantomData }
     }
 
     /// Leak the box, returning a reference that lives forever.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn leak<'a>(b: Self) -> &'a mut T {
         // SAFETY: the memory is never freed after this.
         unsafe { &mut *NBox::into_raw(b).as_ptr() }
     }
 
     /// The raw pointer, still owned by the box.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn as_ptr(b: &Self) -> *const T {
         b.ptr.as_ptr()
     }

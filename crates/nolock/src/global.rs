@@ -465,9 +465,6 @@ pub struct Config {
 
 impl Config {
     /// Nothing set: every setting comes from the environment or its default.
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     pub const fn new() -> Self {
         Self {
             arena_size: None,
@@ -482,27 +479,18 @@ impl Config {
     /// Size of the virtual-memory arena that every allocation comes from: reserved address space, committed as
     /// it is used. 256 KiB to 8 TiB; it caps the heap. [`Config::apply`] refuses other sizes;
     /// [`NolockAlloc::with_config`](crate::NolockAlloc::with_config) clamps them into range with a message.
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     pub const fn arena_size(mut self, bytes: usize) -> Self {
         self.arena_size = Some(bytes);
         self
     }
 
     /// Start with the kmalloc debug caches on (see [`crate::debug`]); can still be switched at run time.
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     pub const fn debug(mut self, on: bool) -> Self {
         self.debug = Some(on);
         self
     }
 
     /// Whether [`crate::init`] starts the background worker that returns free memory to the OS.
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     pub const fn background(mut self, on: bool) -> Self {
         self.background = Some(on);
         self
@@ -512,9 +500,6 @@ impl Config {
     /// (`madvise(MADV_DONTNEED)`). `None` (or a zero interval): never — memory then returns to the OS only
     /// through [`crate::trim`], and freed pages are never faulted in again, which is what a real-time program
     /// wants. The worker still releases empty slabs to the page allocator.
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     pub const fn purge_interval(mut self, every: Option<Duration>) -> Self {
         self.purge_interval = Some(every);
         self
@@ -522,9 +507,6 @@ impl Config {
 
     /// Prefault this many bytes at initialisation, as [`crate::prefault`] does (the first nolock call, whatever
     /// its context, then takes as long as faulting them in).
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     pub const fn prefault(mut self, bytes: usize) -> Self {
         self.prefault = Some(bytes);
         self
@@ -539,9 +521,6 @@ impl Config {
     /// `mlockall(MCL_FUTURE)` commits are always made as the arena is used (committing all of it would lock
     /// all of it): real-time programs call [`crate::prefault`] for their working set. Environment:
     /// `NOLOCK_COMMIT=lazy`.
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     pub const fn lazy_commit(mut self, on: bool) -> Self {
         self.lazy_commit = Some(on);
         self

@@ -30,7 +30,18 @@
 //! 4. frees never fail and never lose an object: a free that cannot be done now is deferred;
 //! 5. a thread's very first call may be in a signal handler.
 //!
-//! Each public function documents its context rules in a `# Context` section.
+//! ## Context rules: the default and the exceptions
+//!
+//! **Unless its documentation has a `# Context` section, a public function may be called from any context**:
+//! any thread, a signal handler that interrupted any instruction of this library on the same thread, a thread
+//! holding arbitrary locks. It is async-signal-safe and reentrant, never blocks, takes no lock, does not
+//! allocate through the global allocator and makes no system call (it is a computation, a load, or lock-free
+//! atomic operations).
+//!
+//! A function that departs from that in any way has a `# Context` section that says how: normal context only
+//! (`synchronize_*`, barriers, cache creation and destroy, `init`, `trim`, `prefault`), may block or sleep,
+//! makes system calls (and which), may be called only by the owning thread (the per-thread counters and
+//! busy flags in `sync`), or is reentrant only under conditions.
 //!
 //! Limits worth knowing: per-thread state lives in `const`-initialised thread-locals, which need no allocation
 //! when nolock is linked into the executable (the usual case); built into a `cdylib` that is `dlopen`ed, the
@@ -78,9 +89,13 @@ mod hooks;
 #[cfg(not(loom))]
 pub mod page;
 #[cfg(not(loom))]
+mod pages;
+#[cfg(not(loom))]
 mod process;
 #[cfg(not(loom))]
 pub mod rcu;
+#[cfg(not(loom))]
+mod report;
 #[cfg(not(loom))]
 pub mod slab;
 #[cfg(not(loom))]
@@ -99,9 +114,9 @@ pub use debug::{FaultInjection, FreeError, FreeErrorKind};
 #[cfg(not(loom))]
 pub use global::{Config, ConfigError, DEFAULT_ARENA_SIZE};
 #[cfg(not(loom))]
-pub use page::{
-    Gfp, MAX_ORDER, PagesError, PrefaultError, alloc_pages_nolock, free_pages_nolock, prefault, try_free_pages_nolock,
-};
+pub use page::{Gfp, PagesError, PrefaultError};
+#[cfg(not(loom))]
+pub use pages::{MAX_ORDER, alloc_pages_nolock, free_pages_nolock, prefault, try_free_pages_nolock};
 #[cfg(not(loom))]
 pub use slab::cache::{CacheError, CacheName, CacheStats, DestroyReport, MAX_CACHES};
 
@@ -171,18 +186,12 @@ pub fn trim() -> TrimReport {
 
 /// Passes the background worker has completed in this process (each shrinks caches, purges pages that stayed
 /// free for an interval unless the purge is off, and commits memory ahead of need).
-///
-/// # Context
-/// Any context (one atomic load).
 #[cfg(not(loom))]
 pub fn worker_passes() -> u64 {
     background::passes()
 }
 
 /// Whether the background worker is running in this process.
-///
-/// # Context
-/// Any context.
 #[cfg(not(loom))]
 pub fn worker_running() -> bool {
     background::is_running()

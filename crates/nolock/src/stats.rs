@@ -34,9 +34,6 @@ impl Snapshot {
     }
 
     /// The counters of the cache named `name`.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn cache(&self, name: &str) -> Option<&CacheStats> {
         self.caches.iter().find(|c| c.name.as_str() == name)
     }
@@ -114,9 +111,6 @@ pub fn page_owner(ptr: *const u8) -> PageOwner {
 
 /// Whether the calling thread has its own per-thread caches right now: whether it holds a thread slot
 /// (`crate::thread`), which its first nolock call claims.
-///
-/// # Context
-/// Any context (one thread-local load).
 pub fn thread_has_shard() -> bool {
     crate::thread::has_slot()
 }

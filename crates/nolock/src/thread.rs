@@ -111,9 +111,6 @@ pub fn current_if_any() -> Option<u32> {
 }
 
 /// Slots handed out so far: every slot id in use is below this (an upper bound for scans).
-///
-/// # Context
-/// Any context (one load).
 #[inline]
 pub fn count() -> u32 {
     // Acquire: pairs with the AcqRel `fetch_add` in `claim`, so a scanner that counts slot `i` also sees the
@@ -351,9 +348,6 @@ pub(crate) fn after_fork_child() {
 }
 
 /// Whether slot `id` is owned by a live thread or kept out of circulation (for tests and statistics).
-///
-/// # Context
-/// Any context (one load).
 pub fn is_in_use(id: u32) -> bool {
     SLOTS[id as usize].state.load(Ordering::Acquire) & STATE_MASK != STATE_FREE
 }

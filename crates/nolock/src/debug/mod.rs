@@ -78,12 +78,9 @@
 //! handler), naming the pointer, what is wrong and the cache, and is counted. Nothing is freed or changed by a
 //! refused free. The `try_*` variants of the free functions return the error instead of printing it.
 
-use core::fmt::Write as _;
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use crate::page::PagesError;
 use crate::slab::cache::{CacheInner, CacheName};
-use crate::sys::StackBuf;
 
 /// What is wrong with a pointer given to a free function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,17 +125,11 @@ pub struct FreeError {
 
 impl FreeError {
     /// An error about `ptr`.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn new(kind: FreeErrorKind, ptr: usize) -> Self {
         Self { kind, ptr, cache: None }
     }
 
     /// Name the cache.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn in_cache(mut self, name: CacheName) -> Self {
         self.cache = Some(name);
         self
@@ -172,45 +163,13 @@ impl core::fmt::Display for FreeError {
 
 impl std::error::Error for FreeError {}
 
-static REPORTS: AtomicU64 = AtomicU64::new(0);
-static QUIET: AtomicBool = AtomicBool::new(false);
-
-/// Number of problems reported so far (refused frees and debug-mode findings), process-wide.
-///
-/// # Context
-/// Any context (one atomic load).
-pub fn reports() -> u64 {
-    REPORTS.load(Ordering::Relaxed)
-}
-
-/// Stop (or resume) printing reports on standard error; they are still counted. For tests that provoke them.
-///
-/// # Context
-/// Any context (one atomic store).
-pub fn set_quiet(quiet: bool) {
-    QUIET.store(quiet, Ordering::Relaxed);
-}
-
-fn emit(args: core::fmt::Arguments<'_>) {
-    REPORTS.fetch_add(1, Ordering::Relaxed);
-    if QUIET.load(Ordering::Relaxed) {
-        return;
-    }
-    let mut b = StackBuf::<384>::new();
-    let _ = b.write_fmt(format_args!("nolock: {args}\n"));
-    crate::sys::write_stderr(b.as_bytes());
-}
+use crate::report::emit;
+pub use crate::report::{reports, set_quiet};
 
 /// Report a refused free on standard error (async-signal-safe).
 #[cold]
 pub(crate) fn report(e: &FreeError) {
     emit(format_args!("invalid free: {e}; nothing was freed"));
-}
-
-/// Report a refused `free_pages_nolock`.
-#[cold]
-pub(crate) fn report_pages_error(ptr: usize, order: u32, e: PagesError) {
-    emit(format_args!("invalid free_pages_nolock({ptr:#x}, order {order}): {e}; nothing was freed"));
 }
 
 /// Report a thread list that stayed busy while a cache was being destroyed.
@@ -231,12 +190,6 @@ pub(crate) fn report_kfree_rcu_offset(ptr: usize, off: usize) {
          freed too early",
         off as isize
     ));
-}
-
-/// Report a grace-period callback that panicked (the worker carries on).
-#[cold]
-pub(crate) fn report_callback_panic(head: usize) {
-    emit(format_args!("a grace-period callback (rcu_head {head:#x}) panicked; the grace-period worker carries on"));
 }
 
 /// Report a cache destroyed while objects were still allocated.
@@ -435,9 +388,6 @@ static HARDENED_DEFAULT: AtomicU8 = AtomicU8::new(TRI_UNSET);
 /// Make hardened mode the default (or not) for caches created from now on: `KmemCache`s built without an
 /// explicit choice and — if called before nolock's first use, when they are created — the kmalloc classes.
 /// Without a call, `NOLOCK_HARDENED=1` in the environment turns it on.
-///
-/// # Context
-/// Any context (one atomic store).
 pub fn set_hardened_default(on: bool) {
     HARDENED_DEFAULT.store(if on { TRI_ON } else { TRI_OFF }, Ordering::Relaxed);
 }
@@ -455,9 +405,6 @@ pub fn hardened_default() -> bool {
 }
 
 /// Whether the kmalloc classes are hardened (decided when nolock started).
-///
-/// # Context
-/// Any context (one atomic load).
 pub fn kmalloc_hardened() -> bool {
     crate::global::get_if_init().is_some_and(|g| g.slow_flags.load(Ordering::Relaxed) & SLOW_HARDENED != 0)
 }
@@ -505,9 +452,6 @@ pub fn set_enabled(on: bool) {
 }
 
 /// Whether kmalloc debug mode is on.
-///
-/// # Context
-/// Any context.
 pub fn enabled() -> bool {
     crate::global::get().is_some_and(|g| g.kmalloc_debug())
 }
@@ -543,9 +487,6 @@ pub(crate) fn set_fault(c: &CacheInner, f: FaultInjection) {
 }
 
 /// Configure fault injection on every kmalloc cache (plain and debug).
-///
-/// # Context
-/// Any context.
 pub fn set_kmalloc_fault_injection(f: FaultInjection) {
     if let Some(g) = crate::global::get() {
         for id in crate::slab::kmalloc::all_kmalloc_ids() {

@@ -114,7 +114,7 @@ impl PageDesc {
     /// The descriptor's last 16 bytes (`next`, `owner`, `npages`) as an `rcu_head`: only while the page is the
     /// head of a dead slab waiting for a grace period, when nothing else uses those fields (the kernel's
     /// `struct slab` overlays its `rcu_head` the same way).
-    pub fn rcu_head(&self) -> core::ptr::NonNull<crate::rcu::RcuHead> {
+    pub fn rcu_head(&self) -> core::ptr::NonNull<crate::sync::rcu_head::RcuHead> {
         core::ptr::NonNull::from(&self.next).cast()
     }
 

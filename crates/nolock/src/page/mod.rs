@@ -64,7 +64,7 @@
 //!
 //! Never blocks on user space, never allocates: bounded work over atomics, plus the commit described above
 //! when the committed reserve runs out. It fails only when no free run of the requested shape exists in the
-//! arena (or the kernel refuses to commit more). The purger, and the fallback of [`prefault`]
+//! arena (or the kernel refuses to commit more). The purger, and the fallback of [`prefault`](crate::prefault)
 //! on kernels without `MADV_POPULATE_WRITE`, hold at most one word's worth of pages (up to 64) for the length
 //! of one system call or one word's page touches, which is the only way a racing allocation can miss pages
 //! that are free.
@@ -859,6 +859,54 @@ impl PageAllocator {
     // Free
     // ---------------------------------------------------------------------------------------------------------
 
+    /// `alloc_pages_nolock` on this arena: a run of `2^order` pages (order ≤ `MAX_ORDER`, checked by the
+    /// caller), marked as a pages run in its descriptor, zeroed with [`Gfp::ZERO`].
+    pub fn alloc_pages(&self, order: u32, flags: Gfp) -> Option<NonNull<u8>> {
+        let n = 1usize << order;
+        let first = self.alloc_run(n, n.min(WORD_PAGES))?;
+        let d = self.desc(first);
+        d.npages.store(n as u64, Ordering::Relaxed);
+        d.set_info(Info::new(Kind::Pages, 0, first as u32));
+        if flags.contains(Gfp::ZERO) {
+            // SAFETY: we own the run just claimed.
+            unsafe { self.zero_dirty(first, n) };
+        }
+        NonNull::new(self.page_addr(first) as *mut u8)
+    }
+
+    /// `try_free_pages_nolock` on this arena: validate the pointer and the order, claim the run by flipping
+    /// its descriptor (a racing double free loses there), free it.
+    ///
+    /// # Safety
+    /// If the pointer passes the checks, the pages must not be used afterwards.
+    pub unsafe fn try_free_pages(&self, ptr: NonNull<u8>, order: u32) -> Result<(), PagesError> {
+        let addr = ptr.as_ptr() as usize;
+        if !self.contains(addr) {
+            return Err(PagesError::Foreign);
+        }
+        if !addr.is_multiple_of(PAGE_SIZE) {
+            return Err(PagesError::NotAllocated);
+        }
+        let page = self.page_of(addr);
+        let d = self.desc(page);
+        let info = d.info();
+        if info.kind() != Kind::Pages || info.head() as usize != page {
+            return Err(PagesError::NotAllocated);
+        }
+        let n = d.npages.load(Ordering::Relaxed) as usize;
+        if n != 1usize << order.min(63) {
+            return Err(PagesError::WrongOrder { allocated: n.trailing_zeros() });
+        }
+        // AcqRel: claim the right to free; Acquire pairs with the Release `set_info` of the allocation.
+        let free = Info::new(Kind::Free, 0, 0).0;
+        if d.info.compare_exchange(info.0, free, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return Err(PagesError::NotAllocated);
+        }
+        // SAFETY: the run is ours (validated and claimed above) and the caller gives it up.
+        unsafe { self.free_run(page, n) };
+        Ok(())
+    }
+
     /// Free the run of `npages` pages starting at page `first`. Lock-free; any context.
     ///
     /// # Safety
@@ -1058,63 +1106,12 @@ fn align_mask(align: usize) -> u64 {
 // Public API
 // -------------------------------------------------------------------------------------------------------------
 
-/// Largest order [`alloc_pages_nolock`] accepts (2^20 pages = 4 GiB).
-pub const MAX_ORDER: u32 = 20;
-
-/// Allocate `2^order` contiguous pages, aligned to their size up to 256 KiB (runs of more than 64 pages are
-/// aligned to 256 KiB). With [`Gfp::ZERO`] the pages are zeroed (only pages that were used before are written).
-///
-/// Returns `None` only when the arena has no free run of that size (the arena's size is set by
-/// [`crate::Config`] or `NOLOCK_ARENA_SIZE`), or when `order > MAX_ORDER`.
-///
-/// # Context
-/// Any context: async-signal-safe, reentrant (a signal handler may call it while it runs on the same thread),
-/// never blocks, never takes a lock, never allocates. The very first nolock call reserves the arena with
-/// `mmap`; later calls make no system call, except `mprotect` (and `mlock` under `mlockall(MCL_FUTURE)`) when
-/// the memory committed ahead of need is used up (see the [module documentation](self)).
-pub fn alloc_pages_nolock(order: u32, flags: Gfp) -> Option<NonNull<u8>> {
-    if order > MAX_ORDER {
-        return None;
-    }
-    let g = crate::global::get()?;
-    let n = 1usize << order;
-    let first = g.pages.alloc_run(n, n.min(WORD_PAGES))?;
-    let d = g.pages.desc(first);
-    d.npages.store(n as u64, Ordering::Relaxed);
-    d.set_info(Info::new(Kind::Pages, 0, first as u32));
-    if flags.contains(Gfp::ZERO) {
-        // SAFETY: we own the run just claimed.
-        unsafe { g.pages.zero_dirty(first, n) };
-    }
-    NonNull::new(g.pages.page_addr(first) as *mut u8)
-}
-
-/// Commit and fault in the pages nolock uses now and `bytes` more, so that allocations of up to about `bytes`
-/// (beyond what is in use) make no page fault and no system call: the real-time set-up step after
-/// `mlockall`, or instead of it. Pages stay resident until they are allocated, freed and then purged (turn
-/// the purge off with [`crate::Config::purge_interval`] or `NOLOCK_PURGE=never` to keep them).
-///
-/// Uses `MADV_POPULATE_WRITE` (Linux 5.14); on older kernels it claims the free pages a word at a time and
-/// writes to them. Pages already in use are faulted in too, without touching their contents.
-///
-/// # Errors
-/// [`PrefaultError::ArenaTooSmall`] if the arena ends first (all of it is prefaulted then);
-/// [`PrefaultError::Kernel`] if the kernel refuses (for example over `RLIMIT_MEMLOCK` under `mlockall`);
-/// [`PrefaultError::Unavailable`] if nolock could not be initialised.
-///
-/// # Context
-/// Normal context only: system calls that take long (every page faulted in is zero-filled). Initialises
-/// nolock if needed. Safe to run while other threads allocate.
-pub fn prefault(bytes: usize) -> Result<(), PrefaultError> {
-    crate::global::get().ok_or(PrefaultError::Unavailable)?.pages.prefault(bytes)
-}
-
-/// Why [`try_free_pages_nolock`] refused a pointer. Nothing was freed.
+/// Why [`try_free_pages_nolock`](crate::try_free_pages_nolock) refused a pointer. Nothing was freed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PagesError {
     /// The address is not inside nolock's arena.
     Foreign,
-    /// The address is not the first page of a run from [`alloc_pages_nolock`] (or that run was already freed).
+    /// The address is not the first page of a run from [`alloc_pages_nolock`](crate::alloc_pages_nolock) (or that run was already freed).
     NotAllocated,
     /// The run was allocated with another order.
     WrongOrder {
@@ -1134,56 +1131,6 @@ impl core::fmt::Display for PagesError {
                 write!(f, "run was allocated with order {allocated}")
             }
         }
-    }
-}
-
-/// Free pages from [`alloc_pages_nolock`], checking the pointer and the order first.
-///
-/// # Safety
-/// If the pointer passes the checks, the pages must not be used afterwards.
-///
-/// # Context
-/// Any context: async-signal-safe, reentrant, lock-free, never blocks.
-pub unsafe fn try_free_pages_nolock(ptr: NonNull<u8>, order: u32) -> Result<(), PagesError> {
-    let g = crate::global::get().ok_or(PagesError::Foreign)?;
-    let addr = ptr.as_ptr() as usize;
-    if !g.pages.contains(addr) {
-        return Err(PagesError::Foreign);
-    }
-    if !addr.is_multiple_of(PAGE_SIZE) {
-        return Err(PagesError::NotAllocated);
-    }
-    let page = g.pages.page_of(addr);
-    let d = g.pages.desc(page);
-    let info = d.info();
-    if info.kind() != Kind::Pages || info.head() as usize != page {
-        return Err(PagesError::NotAllocated);
-    }
-    let n = d.npages.load(Ordering::Relaxed) as usize;
-    if n != 1usize << order.min(63) {
-        return Err(PagesError::WrongOrder { allocated: n.trailing_zeros() });
-    }
-    // Claim the right to free by flipping the descriptor; a racing double free loses here.
-    if d.info.compare_exchange(info.0, Info::new(Kind::Free, 0, 0).0, Ordering::AcqRel, Ordering::Acquire).is_err() {
-        return Err(PagesError::NotAllocated);
-    }
-    // SAFETY: the run is ours (validated and claimed above) and the caller gives it up.
-    unsafe { g.pages.free_run(page, n) };
-    Ok(())
-}
-
-/// Free `2^order` pages from [`alloc_pages_nolock`]. A bad pointer or order is reported on standard error (raw
-/// `write`, no allocation) and counted; nothing is freed then.
-///
-/// # Safety
-/// The pages must not be used afterwards.
-///
-/// # Context
-/// Any context: async-signal-safe, reentrant, lock-free, never blocks. Never fails for a valid pointer.
-pub unsafe fn free_pages_nolock(ptr: NonNull<u8>, order: u32) {
-    // SAFETY: forwarded.
-    if let Err(e) = unsafe { try_free_pages_nolock(ptr, order) } {
-        crate::debug::report_pages_error(ptr.as_ptr() as usize, order, e);
     }
 }
 

@@ -271,9 +271,6 @@ pub struct RcuCookie(pub(crate) u64);
 
 /// Snapshot the grace-period state: [`poll_state_synchronize_rcu`] on the result becomes true once a full
 /// grace period has elapsed after this call. Does not start one.
-///
-/// # Context
-/// Any context (one atomic load).
 pub fn get_state_synchronize_rcu() -> RcuCookie {
     RcuCookie(RCU.core.seq.snap())
 }
@@ -306,9 +303,6 @@ pub fn start_poll_synchronize_rcu_nolock() -> RcuCookie {
 }
 
 /// Whether the grace period named by `cookie` has elapsed.
-///
-/// # Context
-/// Any context (one atomic load).
 pub fn poll_state_synchronize_rcu(cookie: RcuCookie) -> bool {
     RCU.core.seq.done(cookie.0)
 }
@@ -408,9 +402,6 @@ pub(crate) fn stats_of(d: &dyn Domain) -> GpStats {
 }
 
 /// Statistics of the RCU domain.
-///
-/// # Context
-/// Any context.
 pub fn rcu_stats() -> GpStats {
     stats_of(&RCU)
 }

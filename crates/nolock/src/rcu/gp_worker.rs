@@ -63,7 +63,7 @@ thread_local! {
 /// # Context
 /// Normal context only: spawns a thread.
 pub(crate) fn ensure_started() {
-    crate::background::start_once(&RUNNING_PID, "nolock-rcu", run);
+    crate::sys::start_once(&RUNNING_PID, "nolock-rcu", run);
 }
 
 /// Wake the worker now (one `futex` wake). Normal context only: `*_nolock` paths never call it.
@@ -317,6 +317,8 @@ fn invoke_guarded(h: usize) {
     // SAFETY: `h` was queued with a valid callback and its grace period has ended.
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { super::invoke(h) }));
     if r.is_err() {
-        crate::debug::report_callback_panic(h);
+        crate::report::emit(format_args!(
+            "a grace-period callback (rcu_head {h:#x}) panicked; the grace-period worker carries on"
+        ));
     }
 }

@@ -50,7 +50,7 @@ pub mod tasks_trace;
 pub use gp_worker::IDLE_POLL_MAX;
 
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use core::time::Duration;
 
 use crate::sync::llist::Llist;
@@ -89,21 +89,7 @@ fn reset_slot(id: u32) {
     srcu::for_each_state(|s| s.reset_slot(id));
 }
 
-/// The callback link embedded in an object retired through `call_rcu_nolock` and friends (the kernel's
-/// `struct rcu_head`). 16 bytes; it must stay valid until the callback runs.
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct RcuHead {
-    next: AtomicUsize,
-    func: AtomicUsize,
-}
-
-impl RcuHead {
-    /// An unused head.
-    pub const fn new() -> Self {
-        Self { next: AtomicUsize::new(0), func: AtomicUsize::new(0) }
-    }
-}
+pub use crate::sync::rcu_head::RcuHead;
 
 /// A grace-period callback: runs on the grace-period worker thread (a normal context) once the grace period
 /// has ended, with the head it was queued with.

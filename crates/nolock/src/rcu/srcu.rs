@@ -481,9 +481,6 @@ impl SrcuFast {
     }
 
     /// Whether the grace period named by `cookie` has elapsed (`poll_state_synchronize_srcu`). Any context.
-    ///
-    /// # Context
-    /// Any context (one atomic load).
     pub fn poll(&self, cookie: u64) -> bool {
         self.state().core.seq.done(cookie)
     }
@@ -543,9 +540,6 @@ pub struct SrcuFastGuard<'d> {
 
 impl SrcuFastGuard<'_> {
     /// Whether this guard is a section of `domain`.
-    ///
-    /// # Context
-    /// Any context (a pointer comparison).
     #[inline]
     pub fn is_of(&self, domain: &SrcuFast) -> bool {
         core::ptr::eq(self.domain, domain)
@@ -575,13 +569,10 @@ impl core::fmt::Debug for SrcuFastGuard<'_> {
     }
 }
 
-/// `call_srcu_fast_nolock` as a free function.
+/// Alias of [`SrcuFast::call_srcu_fast_nolock`], with the kernel's argument order (domain first). Same rules.
 ///
 /// # Safety
 /// As [`SrcuFast::call_srcu_fast_nolock`].
-///
-/// # Context
-/// Any context.
 #[inline]
 pub unsafe fn call_srcu_fast_nolock(domain: &SrcuFast, head: NonNull<RcuHead>, func: RcuCallback) {
     // SAFETY: forwarded.

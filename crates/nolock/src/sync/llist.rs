@@ -17,18 +17,12 @@ pub struct Llist {
 impl Llist {
     super::loom_const_fn! {
         /// An empty list.
-        ///
-        /// # Context
-        /// Any context (a plain computation or one load).
         pub fn new() -> Self {
             Self { head: AtomicUsize::new(0) }
         }
     }
 
     /// Whether the list looks empty right now (a hint: another context may push at any moment).
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline]
     pub fn is_empty(&self) -> bool {
         self.head.load(Ordering::Relaxed) == 0
@@ -38,9 +32,6 @@ impl Llist {
     /// `last`. Returns true when the list was empty before, the moment to kick whoever drains it.
     ///
     /// Async-signal-safe and reentrant.
-    ///
-    /// # Context
-    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
     #[inline]
     pub fn push_chain(&self, first: usize, last_link: &AtomicUsize) -> bool {
         debug_assert_ne!(first, 0);
@@ -56,9 +47,6 @@ impl Llist {
     }
 
     /// Push one node whose link word is `link`. Returns true when the list was empty before.
-    ///
-    /// # Context
-    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
     #[inline]
     pub fn push(&self, node: usize, link: &AtomicUsize) -> bool {
         self.push_chain(node, link)
@@ -66,9 +54,6 @@ impl Llist {
 
     /// Take every node pushed so far; returns the most recently pushed node (0 when empty). Follow the chain
     /// through the nodes' link words until 0.
-    ///
-    /// # Context
-    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
     #[inline]
     pub fn take_all(&self) -> usize {
         if self.is_empty() {

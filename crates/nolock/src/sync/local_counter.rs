@@ -26,9 +26,6 @@ pub struct LocalCounter(AtomicU64);
 impl LocalCounter {
     super::loom_const_fn! {
         /// A counter starting at zero.
-        ///
-        /// # Context
-        /// Any context (a plain computation or one load).
         pub fn new() -> Self {
             Self(AtomicU64::new(0))
         }
@@ -86,9 +83,6 @@ impl LocalCounter {
     }
 
     /// The current value.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)

@@ -46,9 +46,6 @@ pub enum TryLock {
 impl LocalTryLock {
     super::loom_const_fn! {
         /// An unlocked, unclaimed flag pair.
-        ///
-        /// # Context
-        /// Any context (a plain computation or one load).
         pub fn new() -> Self {
             Self { busy: AtomicU8::new(0), claimed: AtomicU8::new(0) }
         }
@@ -88,9 +85,6 @@ impl LocalTryLock {
     }
 
     /// Whether some context holds the lock right now.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline]
     pub fn is_locked(&self) -> bool {
         self.busy.load(Ordering::Acquire) != 0

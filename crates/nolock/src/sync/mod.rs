@@ -60,15 +60,13 @@ pub mod local_counter;
 pub mod local_lock;
 pub mod page_bitmap;
 pub mod rcu_core;
+pub mod rcu_head;
 pub mod slab_freelist;
 pub mod srcu_core;
 pub mod tagged;
 
 /// Order this thread's memory accesses against a signal handler that interrupts it (the C `atomic_signal_fence`).
 /// Costs nothing at run time: it only stops the compiler from moving accesses across it.
-///
-/// # Context
-/// Any context (a plain computation or one load).
 #[inline(always)]
 pub fn signal_fence() {
     core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);

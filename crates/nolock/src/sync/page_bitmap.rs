@@ -22,9 +22,6 @@
 use super::atomic::{AtomicU64, Ordering};
 
 /// A claim filled allocation word `word` (whose summary bit is `bit` in `summary`): clear the bit, then re-check.
-///
-/// # Context
-/// Any context: lock-free, async-signal-safe, reentrant.
 #[inline]
 pub fn note_full(summary: &AtomicU64, bit: u64, word: &AtomicU64) {
     // AcqRel (A): pairs with the AcqRel `fetch_or` (B) in `note_free`; whichever is second sees the other's word.
@@ -37,9 +34,6 @@ pub fn note_full(summary: &AtomicU64, bit: u64, word: &AtomicU64) {
 }
 
 /// Pages of the allocation word whose summary bit is `bit` were freed (its bits cleared, `Release`): set the bit.
-///
-/// # Context
-/// Any context: lock-free, async-signal-safe, reentrant.
 #[inline]
 pub fn note_free(summary: &AtomicU64, bit: u64) {
     // AcqRel (B): pairs with (A) in `note_full`.

@@ -23,9 +23,6 @@ pub struct RcuGpCtr(AtomicU64);
 impl RcuGpCtr {
     super::loom_const_fn! {
         /// Phase 0, count 1.
-        ///
-        /// # Context
-        /// Any context (a plain computation or one load).
         pub fn new() -> Self {
             Self(AtomicU64::new(1))
         }
@@ -40,26 +37,17 @@ impl RcuGpCtr {
     }
 
     /// The current value.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 
     /// The phase (0 or 1) that readers entering now take.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn phase(&self) -> usize {
         ((self.get() & PHASE) >> 32) as usize
     }
 
     /// Whether `word` is inside a section begun in the phase opposite to the current one.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn is_old(&self, word: u64) -> bool {
         word & NEST_MASK != 0 && (word ^ self.get()) & PHASE != 0
     }
@@ -79,9 +67,6 @@ pub struct RcuReaderWord(AtomicU64);
 impl RcuReaderWord {
     super::loom_const_fn! {
         /// Outside any section.
-        ///
-        /// # Context
-        /// Any context (a plain computation or one load).
         pub fn new() -> Self {
             Self(AtomicU64::new(0))
         }
@@ -111,18 +96,12 @@ impl RcuReaderWord {
     }
 
     /// The raw word (for grace-period scans).
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline]
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 
     /// Whether the owner is inside a section.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn nested(&self) -> bool {
         self.get() & NEST_MASK != 0
     }
@@ -136,26 +115,17 @@ impl RcuReaderWord {
     }
 
     /// Phase of a word.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn phase_of(word: u64) -> usize {
         ((word & PHASE) >> 32) as usize
     }
 
     /// Whether `word` is an outermost section (nesting 1).
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn is_outermost(word: u64) -> bool {
         word & NEST_MASK == 1
     }
 }
 
 /// Whether any of `readers` is inside a section begun in the phase opposite to `gp`'s.
-///
-/// # Context
-/// Any context: lock-free, async-signal-safe, reentrant; never blocks.
 pub fn old_readers<'a>(gp: &RcuGpCtr, mut readers: impl Iterator<Item = &'a RcuReaderWord>) -> bool {
     readers.any(|r| gp.is_old(r.get()))
 }

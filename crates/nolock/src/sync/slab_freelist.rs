@@ -65,36 +65,24 @@ impl LinkCodec {
     pub const PLAIN: LinkCodec = LinkCodec { key: 0 };
 
     /// Encoded links with `key` (0 means plain).
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     #[inline(always)]
     pub const fn new(key: usize) -> Self {
         Self { key }
     }
 
     /// Whether links are encoded.
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     #[inline(always)]
     pub fn is_hardened(self) -> bool {
         self.key != 0
     }
 
     /// The word to store at `link_addr` for the link value `v` (an object address or 0).
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     #[inline(always)]
     pub fn encode(self, link_addr: usize, v: usize) -> usize {
         if self.key == 0 { v } else { v ^ self.key ^ link_addr.swap_bytes() }
     }
 
     /// The link value stored as `stored` at `link_addr`.
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     #[inline(always)]
     pub fn decode(self, link_addr: usize, stored: usize) -> usize {
         self.encode(link_addr, stored)
@@ -116,18 +104,12 @@ pub struct Geometry {
 
 impl Geometry {
     /// Address of object `idx`.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn obj(&self, idx: u32) -> usize {
         self.base + idx as usize * self.stride
     }
 
     /// The index of the object at `addr`, if `addr` is exactly an object of this slab.
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     #[inline]
     pub fn index_of(&self, addr: usize) -> Option<u32> {
         let rel = addr.wrapping_sub(self.base);
@@ -140,9 +122,6 @@ impl Geometry {
     /// # Safety
     /// `obj` must be an object of this slab that the caller may treat as free (on a free list it controls, or
     /// one it is about to push), and the slab's memory must stay mapped for `'a`.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub unsafe fn link<'a>(&self, obj: usize) -> &'a AtomicUsize {
         // SAFETY: `obj + link_off` is inside the object and pointer-aligned (the cache guarantees both); the memory
@@ -154,9 +133,6 @@ impl Geometry {
     ///
     /// # Safety
     /// As [`link`](Self::link).
-    ///
-    /// # Context
-    /// Any context (one load).
     #[inline(always)]
     pub unsafe fn next_of(&self, codec: LinkCodec, obj: usize) -> usize {
         // SAFETY: forwarded.
@@ -171,9 +147,6 @@ pub struct State(pub u64);
 
 impl State {
     /// Build a state word (tag 0). `head_enc` is at most 65 535.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn new(head_enc: u32, used: u16, flags: u16) -> Self {
         debug_assert!(u64::from(head_enc) <= HEAD_MASK && u64::from(flags) <= FLAGS_MASK);
@@ -184,33 +157,21 @@ impl State {
         )
     }
     /// Head index + 1, or 0 when the list is empty.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn head_enc(self) -> u32 {
         (self.0 & HEAD_MASK) as u32
     }
     /// Objects not on the free list.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn used(self) -> u16 {
         (self.0 >> USED_SHIFT) as u16
     }
     /// `LISTED` / `DEAD`.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn flags(self) -> u16 {
         ((self.0 >> FLAGS_SHIFT) & FLAGS_MASK) as u16
     }
     /// The ABA tag.
-    ///
-    /// # Context
-    /// Any context (a plain computation).
     #[inline(always)]
     pub fn tag(self) -> u32 {
         (self.0 >> TAG_SHIFT) as u32
@@ -268,17 +229,11 @@ pub struct SlabFreelist {
 
 impl SlabFreelist {
     /// A fresh state word.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn new(state: State) -> Self {
         Self { state: AtomicU64::new(state.0) }
     }
 
     /// Current state (a snapshot).
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline]
     pub fn load(&self) -> State {
         State(self.state.load(Ordering::Acquire))
@@ -302,9 +257,6 @@ impl SlabFreelist {
     ///
     /// # Safety
     /// The objects belong to this slab, are in use (counted in `used`), and the caller gives them up.
-    ///
-    /// # Context
-    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
     #[inline]
     pub unsafe fn push_chain(&self, g: &Geometry, first_idx: u32, last: usize, n: u16) -> Result<Pushed, PushError> {
         // SAFETY: forwarded.
@@ -315,9 +267,6 @@ impl SlabFreelist {
     ///
     /// # Safety
     /// As [`push_chain`](Self::push_chain).
-    ///
-    /// # Context
-    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
     #[inline]
     pub unsafe fn push_chain_coded(
         &self,
@@ -386,9 +335,6 @@ impl SlabFreelist {
     /// Take every free object of a slab whose take right someone else may hold; the flags are left as they are
     /// (the holder or the next one keeps the listing protocol). A dead slab gives nothing. Returns the first
     /// object (0 if none) and how many there are.
-    ///
-    /// # Context
-    /// Any context: lock-free, async-signal-safe, reentrant.
     #[inline]
     pub fn steal_all(&self, g: &Geometry) -> (usize, u16) {
         let mut old = State(self.state.load(Ordering::Acquire));
@@ -434,9 +380,6 @@ impl SlabFreelist {
     /// Take one free object of a slab whose take right someone else may hold, leaving the flags alone (even
     /// when the list becomes empty). Checks and cuts like [`pop_one_coded`](Self::pop_one_coded). A dead slab
     /// gives nothing.
-    ///
-    /// # Context
-    /// Any context: lock-free, async-signal-safe, reentrant.
     #[inline]
     pub fn pop_any(&self, g: &Geometry, codec: LinkCodec) -> Result<Option<usize>, Corrupt> {
         self.pop_inner(g, codec, false).map(|o| o.map(|(obj, _)| obj))

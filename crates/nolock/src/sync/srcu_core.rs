@@ -24,9 +24,6 @@ pub struct SrcuReader {
 impl SrcuReader {
     super::loom_const_fn! {
         /// Counters at zero.
-        ///
-        /// # Context
-        /// Any context (a plain computation).
         pub fn new() -> Self {
             Self { lock: [LocalCounter::new(), LocalCounter::new()], unlock: [LocalCounter::new(), LocalCounter::new()] }
         }
@@ -69,18 +66,12 @@ impl SrcuReader {
     }
 
     /// The unlock counter of `idx` (for guards that increment it later).
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn unlock_counter(&self, idx: usize) -> &LocalCounter {
         &self.unlock[idx]
     }
 
     /// Sections entered and not left, both indexes (meaningful for the owning thread).
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn nesting(&self) -> u64 {
         // A signal handler may run whole sections between our loads. Each of its sections is complete before we
         // resume, so if the lock sum is the same before and after reading the unlock sum, no section began (and
@@ -123,27 +114,18 @@ pub struct SrcuIndex(AtomicU64);
 impl SrcuIndex {
     super::loom_const_fn! {
         /// Index 0.
-        ///
-        /// # Context
-        /// Any context (a plain computation).
         pub fn new() -> Self {
             Self(AtomicU64::new(0))
         }
     }
 
     /// The index a new reader uses.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline(always)]
     pub fn current(&self) -> usize {
         (self.0.load(Ordering::Relaxed) & 1) as usize
     }
 
     /// The other index.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline]
     pub fn other(&self) -> usize {
         self.current() ^ 1

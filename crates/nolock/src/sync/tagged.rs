@@ -37,18 +37,12 @@ fn next_tag(word: u64) -> u64 {
 impl TaggedStack {
     super::loom_const_fn! {
         /// An empty stack.
-        ///
-        /// # Context
-        /// Any context (a plain computation or one load).
         pub fn new() -> Self {
             Self { head: AtomicU64::new(0) }
         }
     }
 
     /// Whether the stack looks empty right now.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     #[inline]
     pub fn is_empty(&self) -> bool {
         self.head.load(Ordering::Relaxed) as u32 == 0
@@ -56,9 +50,6 @@ impl TaggedStack {
 
     /// Push the chain `first ..= last`, already linked through their link words; `last_link` is `last`'s link.
     /// Async-signal-safe and reentrant.
-    ///
-    /// # Context
-    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
     #[inline]
     pub fn push_chain(&self, first: u32, last_link: &AtomicU32) {
         debug_assert!(first < u32::MAX);
@@ -75,9 +66,6 @@ impl TaggedStack {
     }
 
     /// Push `idx`, whose link word is `link`. Async-signal-safe and reentrant.
-    ///
-    /// # Context
-    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
     #[inline]
     pub fn push(&self, idx: u32, link: &AtomicU32) {
         self.push_chain(idx, link)
@@ -85,9 +73,6 @@ impl TaggedStack {
 
     /// Pop the most recently pushed index. `next_of(i)` returns the link word of index `i`.
     /// Async-signal-safe and reentrant.
-    ///
-    /// # Context
-    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
     #[inline]
     pub fn pop<'a>(&self, next_of: impl Fn(u32) -> &'a AtomicU32) -> Option<u32> {
         // Acquire: pairs with the Release CAS of the push that published the head, so its link is visible.
@@ -121,9 +106,6 @@ impl TaggedStack {
 
     /// Pop the top of the stack only if it is `expect`: true if this call took `expect` off the stack. Lets a
     /// caller announce which node it is about to take before it takes it (see the cache shrink).
-    ///
-    /// # Context
-    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
     #[inline]
     pub fn pop_if<'a>(&self, expect: u32, next_of: impl Fn(u32) -> &'a AtomicU32) -> bool {
         // Acquire: as in `pop`.
@@ -144,9 +126,6 @@ impl TaggedStack {
     }
 
     /// Take the whole stack; returns its top index, or `None` when empty. The rest follows through the links.
-    ///
-    /// # Context
-    /// Any context: lock-free, async-signal-safe, reentrant; never blocks.
     #[inline]
     pub fn take_all(&self) -> Option<u32> {
         let mut cur = self.head.load(Ordering::Acquire);
@@ -166,9 +145,6 @@ impl TaggedStack {
 }
 
 /// Decode a link word: `Some(index)` or `None` at the end of a chain.
-///
-/// # Context
-/// Any context (a plain computation or one load).
 #[inline]
 pub fn decode_link(v: u32) -> Option<u32> {
     v.checked_sub(1)

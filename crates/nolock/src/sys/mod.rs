@@ -7,7 +7,7 @@
 
 use core::ffi::CStr;
 use core::fmt;
-use core::sync::atomic::AtomicU32;
+use core::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use core::time::Duration;
 
 pub mod membarrier;
@@ -399,6 +399,27 @@ fn parse_u64(digits: &[u8]) -> Option<u64> {
         }
         acc.checked_mul(10)?.checked_add(u64::from(b - b'0'))
     })
+}
+
+/// Spawn `run` as thread `name` unless `running` already holds this process's pid. One starter wins; a pid
+/// left from before a `fork` counts as "not running" (the thread does not exist in the child).
+///
+/// # Context
+/// Normal context only: spawns a thread.
+pub fn start_once(running: &AtomicI32, name: &str, run: fn()) {
+    let pid = getpid();
+    let cur = running.load(Ordering::Acquire);
+    if cur == pid {
+        return;
+    }
+    // AcqRel: one starter per process.
+    if running.compare_exchange(cur, pid, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        return;
+    }
+    if std::thread::Builder::new().name(name.into()).spawn(run).is_err() {
+        // Release: pairs with the Acquire load in `start_once`/`is_running`: the start failed, another may try.
+        running.store(0, Ordering::Release);
+    }
 }
 
 #[cfg(test)]
