@@ -1,0 +1,1 @@
+//! `HashMap`: a byte-oriented BPF hash map (work in progress; see issue 9).
