@@ -50,8 +50,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nolock::rcu::ptr::{RcuPtr, Srcu};
 use nolock::rcu::srcu::SrcuFast;
+use nolock::rcu_ptr::{RcuPtr, Srcu};
 use nolock::{Gfp, RcuHead, kfree_rcu_nolock, kfree_srcu_fast_nolock, kmalloc_nolock, rcu_read_lock};
 use testkit::{Rng, pattern_word, sleep_wall};
 
@@ -497,7 +497,7 @@ fn updater(w: &Worker, t: &Thread<'_>) {
 }
 
 /// Publish a new `Obj` in `p`; the old value is retired by `publish`.
-fn publish<F: nolock::rcu::ptr::Flavor>(p: &RcuPtr<Obj, F>, tag: u64, flav: Flav) -> bool {
+fn publish<F: nolock::rcu_ptr::Flavor>(p: &RcuPtr<Obj, F>, tag: u64, flav: Flav) -> bool {
     match p.publish(Obj::new(tag)) {
         Ok(()) => true,
         Err(obj) => {

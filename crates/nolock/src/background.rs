@@ -11,7 +11,7 @@
 //! A pass runs every purge interval (100 ms by default; every 100 ms when the purge is off).
 //!
 //! `*_nolock` paths never depend on it for correctness: it only gives memory back to the OS. Asking it for an
-//! early pass ([`request_pass`], from free paths) is one atomic increment and no system call: the worker
+//! early pass (`slab::shrink::request_shrink`, from free paths) is one atomic increment and no system call: the worker
 //! notices before it sleeps again, or at the end of its interval.
 //!
 //! Fork: the worker does not exist in a child; the atfork child handler marks it stopped and the next normal
@@ -22,9 +22,9 @@ use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use core::time::Duration;
 
 use crate::global;
+use crate::slab::shrink::SHRINK_WANTED;
 
 static RUNNING_PID: AtomicI32 = AtomicI32::new(0);
-static WAKE: AtomicU32 = AtomicU32::new(0);
 static IN_CRITICAL: AtomicU32 = AtomicU32::new(0);
 static FORK_PENDING: AtomicBool = AtomicBool::new(false);
 static PASSES: AtomicU64 = AtomicU64::new(0);
@@ -52,31 +52,20 @@ pub fn is_running() -> bool {
     RUNNING_PID.load(Ordering::Acquire) == crate::sys::getpid()
 }
 
-/// Ask the worker for an early pass (a cache has empty slabs to shrink). Called from free paths, so it makes
-/// no system call: it only changes the word the worker sleeps on. A worker about to sleep then passes at once
-/// (its `futex` wait finds the word changed); one already asleep passes at the end of its interval.
-///
-/// # Context
-/// Any context: async-signal-safe, one atomic increment, no system call.
-pub fn request_pass() {
-    // Release: pairs with the Acquire load of `WAKE` at the top of the worker's loop.
-    WAKE.fetch_add(1, Ordering::Release);
-}
-
 fn run() {
     let purge = global::settings().purge_interval;
     let every = purge.unwrap_or(global::DEFAULT_PURGE_INTERVAL);
     let mut pass: u64 = 0;
     loop {
-        // Acquire: pairs with the Release increment in `request_pass`.
-        let seen = WAKE.load(Ordering::Acquire);
+        // Acquire: pairs with the Release increment in `slab::shrink::request_shrink`.
+        let seen = SHRINK_WANTED.load(Ordering::Acquire);
         if RUNNING_PID.load(Ordering::Acquire) != crate::sys::getpid() {
             return;
         }
         one_pass(pass, purge.is_some());
         pass += 1;
         PASSES.fetch_add(1, Ordering::Relaxed);
-        crate::sys::futex_wait(&WAKE, seen, Some(every));
+        crate::sys::futex_wait(&SHRINK_WANTED, seen, Some(every));
     }
 }
 
@@ -84,18 +73,23 @@ fn one_pass(pass: u64, purge: bool) {
     let Some(g) = global::get_if_init() else {
         return;
     };
+    let slab = crate::slab::tables::state_if_init();
     // Outside the critical section: commits hold no pages in hand.
     g.pages.commit_ahead();
-    g.slab.lock_ahead();
+    if let Some(s) = slab {
+        s.slab.lock_ahead();
+    }
     if !enter_critical() {
         return;
     }
-    crate::slab::cache::for_each_cache(g, |c| {
-        let events = c.counters.empty_events.load(Ordering::Relaxed);
-        if events != c.shrunk_at.load(Ordering::Relaxed) {
-            c.shrink(g, KEEP_EMPTY_SLABS);
-        }
-    });
+    if let Some(s) = slab {
+        crate::slab::cache::for_each_cache(s, |c| {
+            let events = c.counters.empty_events.load(Ordering::Relaxed);
+            if events != c.shrunk_at.load(Ordering::Relaxed) {
+                c.shrink(s, KEEP_EMPTY_SLABS);
+            }
+        });
+    }
     if purge {
         g.pages.purge(true);
     }
@@ -142,6 +136,9 @@ pub fn after_fork_child() {
     IN_CRITICAL.store(0, Ordering::SeqCst);
     RUNNING_PID.store(0, Ordering::Release);
     if let Some(g) = global::get_if_init() {
-        g.after_fork_child();
+        g.pages.after_fork_child();
+    }
+    if let Some(s) = crate::slab::tables::state_if_init() {
+        s.slab.after_fork_child();
     }
 }

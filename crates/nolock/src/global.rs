@@ -1,9 +1,8 @@
-//! Process-wide state: the page allocator over the arena, the slab layer's tables, and run-time configuration.
+//! Process-wide state of the page layer: the page allocator over the arena, and run-time configuration.
 //!
-//! All of it lives in memory nolock maps itself, reached through one `AtomicPtr`. This module knows nothing of
-//! caches or per-thread lists: it holds the slab layer's [`SlabTables`] without looking inside (the slab layer
-//! maps them, creates the kmalloc caches in them before the state is published, and adds its accessors, such as
-//! `g.cache(id)`, in `slab::tables`). Initialisation is lock-free
+//! It lives in memory nolock maps itself, reached through one `AtomicPtr`. This module knows nothing of slabs,
+//! caches or per-thread lists: the slab layer builds its own state over this one (`slab::tables`).
+//! Initialisation is lock-free
 //! so that the first nolock call may happen anywhere, even in a signal handler that interrupted another first
 //! call on the same thread: every initialiser maps and fills a complete instance, then tries to publish it with
 //! one CAS; a loser unmaps its own copy and uses the winner's. Nothing waits.
@@ -19,27 +18,16 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU64, AtomicUsize
 use core::time::Duration;
 
 use crate::page::{MAX_ARENA_SIZE, MIN_ARENA_SIZE, MapError, PageAllocator};
-use crate::slab::SlabTables;
 
 /// Default arena size: 16 GiB of address space (reserved, not committed).
 pub const DEFAULT_ARENA_SIZE: usize = 16 << 30;
 /// Default interval of the background worker's purge.
 pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_millis(100);
 
-/// `Global::slow_flags`: kmalloc debug mode is on.
-pub const SLOW_DEBUG: u8 = 1;
-/// `Global::slow_flags`: fault injection is configured somewhere.
-pub const SLOW_FAULT: u8 = 2;
-
 /// The global state. See the module documentation.
 pub(crate) struct Global {
     /// The page allocator over the arena.
     pub pages: PageAllocator,
-    /// The slab layer's cache and per-thread tables (opaque here).
-    pub slab: SlabTables,
-    /// `SLOW_DEBUG`: new kmalloc allocations come from the debug caches; `SLOW_FAULT`: some fault injection is
-    /// configured. Zero keeps the allocation fast paths on their shortest route (one load and branch).
-    pub slow_flags: AtomicU8,
     /// The settings this state was built with.
     pub settings: Settings,
     meta_len: usize,
@@ -126,42 +114,23 @@ fn init(over: Option<&Config>) -> Option<&'static Global> {
         // The kernel refused: fall back to committing as the arena is used.
         crate::sys::write_stderr(b"nolock: could not commit the arena at once; committing it as it is used\n");
     }
-    let slab = match SlabTables::map(pages.locks_commits()) {
-        Ok(t) => t,
-        Err(e) => {
-            report_reserve_failure(&settings, e);
-            // SAFETY: `pages` was never shared.
-            unsafe { pages.unmap() };
-            return None;
-        }
-    };
     let meta_len = core::mem::size_of::<Global>().next_multiple_of(4096);
     let meta = match crate::sys::mmap_reserve_err(meta_len) {
         Ok(m) => m,
         Err(errno) => {
             report_reserve_failure(&settings, MapError { what: "global state", bytes: meta_len, errno });
-            // SAFETY: neither was ever shared.
-            unsafe {
-                pages.unmap();
-                slab.unmap();
-            }
+            // SAFETY: never shared.
+            unsafe { pages.unmap() };
             return None;
         }
     };
     let g = meta.cast::<Global>();
     // SAFETY: `meta` is a fresh, page-aligned mapping big enough for a Global.
     unsafe {
-        g.write(Global {
-            pages,
-            slab,
-            slow_flags: AtomicU8::new(if settings.debug { SLOW_DEBUG } else { 0 }),
-            settings,
-            meta_len,
-        });
+        g.write(Global { pages, settings, meta_len });
     }
     // SAFETY: just written; not yet shared.
     let gr = unsafe { &*g };
-    SlabTables::create_kmalloc_caches(gr);
     // AcqRel: Release publishes the fully built state; Acquire on failure reads the winner's.
     match GLOBAL.compare_exchange(core::ptr::null_mut(), g, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => {
@@ -183,7 +152,6 @@ fn init(over: Option<&Config>) -> Option<&'static Global> {
                 let ours = g.read();
                 let len = ours.meta_len;
                 ours.pages.unmap();
-                ours.slab.unmap();
                 crate::sys::munmap(meta, len);
                 Some(&*winner)
             }
@@ -388,24 +356,10 @@ pub(crate) fn settings() -> Settings {
     }
 }
 
-impl Global {
-    /// Whether kmalloc debug mode is on.
-    #[inline]
-    pub fn kmalloc_debug(&self) -> bool {
-        self.slow_flags.load(Ordering::Relaxed) & SLOW_DEBUG != 0
-    }
-
-    /// Whether fault injection may be on for some cache.
-    #[inline(always)]
-    pub fn fault_active(&self) -> bool {
-        self.slow_flags.load(Ordering::Relaxed) & SLOW_FAULT != 0
-    }
-
-    /// In a child of `fork` (the atfork child handler): memory locks are not inherited; stop locking.
-    pub fn after_fork_child(&self) {
-        self.pages.after_fork_child();
-        self.slab.after_fork_child();
-    }
+/// A mapping for state above this layer failed (the slab layer's tables): say why, as for the arena.
+#[cold]
+pub(crate) fn report_map_failure(e: MapError) {
+    report_reserve_failure(&settings(), e);
 }
 
 /// Why a [`Config`] could not be applied.

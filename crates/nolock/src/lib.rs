@@ -79,8 +79,6 @@ mod background;
 #[cfg(not(loom))]
 mod boxed;
 #[cfg(not(loom))]
-pub mod debug;
-#[cfg(not(loom))]
 mod global;
 #[cfg(all(not(loom), feature = "test-hooks"))]
 pub mod hooks;
@@ -94,6 +92,8 @@ mod pages;
 mod process;
 #[cfg(not(loom))]
 pub mod rcu;
+#[cfg(not(loom))]
+pub mod rcu_ptr;
 #[cfg(not(loom))]
 mod report;
 #[cfg(not(loom))]
@@ -110,15 +110,19 @@ pub use alloc::NolockAlloc;
 #[cfg(not(loom))]
 pub use boxed::NBox;
 #[cfg(not(loom))]
-pub use debug::{FaultInjection, FreeError, FreeErrorKind};
-#[cfg(not(loom))]
 pub use global::{Config, ConfigError, DEFAULT_ARENA_SIZE};
 #[cfg(not(loom))]
 pub use page::{Gfp, PagesError, PrefaultError};
 #[cfg(not(loom))]
 pub use pages::{MAX_ORDER, alloc_pages_nolock, free_pages_nolock, prefault, try_free_pages_nolock};
 #[cfg(not(loom))]
+pub use rcu_ptr::RcuPtr;
+#[cfg(not(loom))]
 pub use slab::cache::{CacheError, CacheName, CacheStats, DestroyReport, MAX_CACHES};
+#[cfg(not(loom))]
+pub use slab::debug;
+#[cfg(not(loom))]
+pub use slab::debug::{FaultInjection, FreeError, FreeErrorKind};
 
 /// Maximum number of threads with their own per-thread caches at once: the thread slots
 /// ([`thread::MAX_THREADS`]). Further threads use the (slower, still lock-free) shared path.

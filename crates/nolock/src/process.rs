@@ -36,14 +36,14 @@ pub(crate) fn init_normal_context() {
 /// # Context
 /// Normal context only: `madvise` system calls; waits for a shrink in progress on another thread.
 pub(crate) fn trim() -> crate::TrimReport {
-    let Some(g) = crate::global::get() else {
+    let Some(s) = crate::slab::tables::state() else {
         return crate::TrimReport::default();
     };
-    crate::slab::thread_cache::drain_current(g);
+    crate::slab::thread_cache::drain_current(s);
     let mut r = crate::TrimReport::default();
     if crate::background::enter_critical() {
-        r.slabs_released = crate::slab::shrink::reclaim_empty_slabs_wait(g);
-        r.pages_purged = g.pages.purge(false);
+        r.slabs_released = crate::slab::shrink::reclaim_empty_slabs_wait(s);
+        r.pages_purged = s.pages.purge(false);
         crate::background::leave_critical();
     }
     r
@@ -77,6 +77,8 @@ pub(crate) fn ensure_process_hooks() {
     // The slab layer's `kfree_rcu` pointer blocks: the grace-period worker frees and ages them, barriers flush
     // them, through this hook.
     crate::rcu::register_client(&crate::slab::kfree_rcu::GP_CLIENT);
+    // Cache creation is a normal context: it starts what `init` starts.
+    crate::slab::set_normal_context_init(init_normal_context);
     // SAFETY: registering plain extern "C" functions as the fork handlers.
     unsafe {
         libc::pthread_atfork(

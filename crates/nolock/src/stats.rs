@@ -44,7 +44,7 @@ impl Snapshot {
 /// # Context
 /// Normal context: allocates the result with the global allocator and reads `/proc`.
 pub fn snapshot() -> Snapshot {
-    let Some(g) = crate::global::get() else {
+    let Some(g) = crate::slab::tables::state() else {
         return Snapshot::default();
     };
     let mut caches = Vec::new();
@@ -54,7 +54,7 @@ pub fn snapshot() -> Snapshot {
         large: kmalloc::large_stats(),
         pages: g.pages.stats(),
         resident_bytes: crate::sys::resident_bytes(),
-        reports: crate::debug::reports(),
+        reports: crate::slab::debug::reports(),
     }
 }
 
@@ -103,7 +103,11 @@ pub fn page_owner(ptr: *const u8) -> PageOwner {
     let info = g.pages.info_of(addr);
     match info.kind() {
         Kind::Free => PageOwner::Free,
-        Kind::Slab => PageOwner::Slab(g.cache(info.cache_id()).name()),
+        // A slab page exists only once the slab layer's state does.
+        Kind::Slab => PageOwner::Slab(
+            crate::slab::tables::state_if_init()
+                .map_or(crate::CacheName::new("?"), |s| s.cache(info.cache_id()).name()),
+        ),
         Kind::Large => PageOwner::Large,
         Kind::Pages => PageOwner::Pages,
     }

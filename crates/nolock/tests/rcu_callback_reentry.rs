@@ -16,8 +16,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nolock::rcu::ptr::RcuPtr;
 use nolock::rcu::srcu::SrcuFast;
+use nolock::rcu_ptr::RcuPtr;
 use nolock::{Gfp, KmemCache, RcuHead, SlabFlags};
 
 static SERIAL: Mutex<()> = Mutex::new(());

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use nolock::hooks::{Point, set_hook};
-use nolock::rcu::ptr::{RcuPtr, Srcu};
 use nolock::rcu::srcu::SrcuFast;
+use nolock::rcu_ptr::{RcuPtr, Srcu};
 use nolock::{Gfp, RcuHead};
 
 static SERIAL: Mutex<()> = Mutex::new(());

@@ -54,7 +54,7 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use nolock::rcu::ptr::{Flavor, Rcu, RcuPtr, Srcu};
+use nolock::rcu_ptr::{Flavor, Rcu, RcuPtr, Srcu};
 use nolock::{Gfp, GpStats, RCU_TASKS_TRACE, RcuCallback, RcuCookie, RcuHead, SrcuFast};
 use testkit::{AltStack, ErrnoGuard, ThreadTimer};
 

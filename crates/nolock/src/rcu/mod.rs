@@ -10,8 +10,9 @@
 //!   periods do the kernel's scan–flip–scan with `membarrier` where SRCU-fast relies on RCU.
 //! - [`tasks_trace`]: **RCU Tasks Trace** as one global SRCU-fast domain whose grace period begins with a full
 //!   RCU grace period, so it is guaranteed to imply one.
-//! - [`ptr`]: typed wrappers: [`RcuPtr`](ptr::RcuPtr), an atomic pointer whose replaced values are freed after
-//!   a grace period, usable from signal handlers.
+//!
+//! The typed wrapper `RcuPtr` (an atomic pointer whose replaced values are freed after a grace period) is a
+//! client of this layer and of the slab layer, so it lives above both, in `crate::rcu_ptr`.
 //!
 //! "Which grace period" is one type, [`GracePeriod`]: RCU's, or one SRCU-fast domain's (Tasks Trace is one).
 //! The layers above name grace periods with it: `kfree_rcu` pointer blocks and type-safe caches in the slab
@@ -42,7 +43,6 @@
 
 pub mod classic;
 pub(crate) mod gp_worker;
-pub mod ptr;
 pub(crate) mod seq;
 pub mod srcu;
 pub mod tasks_trace;
@@ -124,7 +124,7 @@ pub(crate) fn queue_on(list: &Llist, head: NonNull<RcuHead>, func: RcuCallback) 
 /// Which grace period something waits for: RCU's, or the grace period of one SRCU-fast domain (RCU Tasks Trace
 /// is one: [`tasks_trace::RCU_TASKS_TRACE`]). Every layer names grace periods with this one type: the
 /// `kfree_rcu` pointer blocks, type-safe caches (`SlabFlags::TYPESAFE_BY_*`), and `RcuPtr`'s flavours
-/// ([`ptr::Flavor::grace_period`]).
+/// (`rcu_ptr::Flavor::grace_period`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct GracePeriod(Gp);
 

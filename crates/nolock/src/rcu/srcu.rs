@@ -527,7 +527,7 @@ thread_local! {
 
 /// Proof of being inside a read-side section of an SRCU-fast domain; dropping it leaves the section.
 ///
-/// It remembers its domain: [`RcuPtr`](super::ptr::RcuPtr) checks it, so a guard of one domain can never
+/// It remembers its domain: `RcuPtr` checks it, so a guard of one domain can never
 /// protect a load from a pointer of another.
 #[must_use = "the read-side section ends when the guard is dropped"]
 pub struct SrcuFastGuard<'d> {

@@ -35,9 +35,9 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use super::cache::{CacheInner, FLAG_DEBUG, FLAG_HARDENED, NO_FALLBACK};
 use super::checks::{Shape, prefetch_links};
+use super::debug;
+use super::tables::SlabState;
 use super::thread_cache::{self, ThreadCache, ThreadCaches, bump};
-use crate::debug;
-use crate::global::Global;
 use crate::hooks::{self, Point};
 use crate::page::Gfp;
 use crate::page::desc::Info;
@@ -97,7 +97,7 @@ impl ThreadCache {
 /// Any context: async-signal-safe, reentrant, never blocks.
 #[inline(always)]
 pub(crate) fn alloc_fast(
-    g: &Global,
+    g: &SlabState,
     id: u16,
     link_off: usize,
     flags: Gfp,
@@ -125,7 +125,7 @@ pub enum Got {
 impl CacheInner {
     /// Allocate one object. Never returns `Busy`: a busy thread list sends the allocation down the shared path.
     #[inline(always)]
-    pub fn alloc(&self, g: &'static Global, id: u16, flags: Gfp) -> Option<NonNull<u8>> {
+    pub fn alloc(&self, g: &'static SlabState, id: u16, flags: Gfp) -> Option<NonNull<u8>> {
         if !g.fault_active()
             && self.cfg().flags & FLAG_HARDENED == 0
             && let Some(r) =
@@ -157,7 +157,7 @@ impl CacheInner {
     #[inline(never)]
     pub fn drain_then_finish(
         &self,
-        g: &Global,
+        g: &SlabState,
         t: &ThreadCaches,
         id: u16,
         slot: usize,
@@ -170,14 +170,14 @@ impl CacheInner {
     /// A fast-path pop found the list empty and holds its lock: refill, unlock, finish the object.
     #[cold]
     #[inline(never)]
-    pub fn refill_then_finish(&self, g: &Global, t: &ThreadCaches, id: u16, flags: Gfp) -> Option<NonNull<u8>> {
+    pub fn refill_then_finish(&self, g: &SlabState, t: &ThreadCaches, id: u16, flags: Gfp) -> Option<NonNull<u8>> {
         let slot = self.refill_and_unlock(g, t, t.list(id))?;
         Some(self.finish_alloc(slot, flags))
     }
 
     /// The full allocation path: fault injection, a thread's first call, busy, claimed and empty lists.
     #[inline(never)]
-    pub(super) fn alloc_full(&self, g: &'static Global, id: u16, flags: Gfp) -> Option<NonNull<u8>> {
+    pub(super) fn alloc_full(&self, g: &'static SlabState, id: u16, flags: Gfp) -> Option<NonNull<u8>> {
         if g.fault_active() && self.inject_fault() {
             return None;
         }
@@ -193,7 +193,7 @@ impl CacheInner {
     /// fallback cache, whose list is almost certainly free, else from the shared slab lists.
     #[cold]
     #[inline(never)]
-    pub(super) fn alloc_busy(&self, g: &'static Global, flags: Gfp) -> Option<NonNull<u8>> {
+    pub(super) fn alloc_busy(&self, g: &'static SlabState, flags: Gfp) -> Option<NonNull<u8>> {
         let fb = self.cfg().fallback;
         if fb != NO_FALLBACK {
             let f = g.cache(fb);
@@ -223,7 +223,7 @@ impl CacheInner {
     /// empty list). `id` is this cache's id and `link_off` its link offset (passed in so that callers that know
     /// it as a constant save a load).
     #[inline(always)]
-    pub fn alloc_local(&self, g: &'static Global, id: u16, link_off: usize) -> Got {
+    pub fn alloc_local(&self, g: &'static SlabState, id: u16, link_off: usize) -> Got {
         debug_assert_eq!(link_off, self.cfg().link_off as usize);
         let Some(t) = thread_cache::current(g) else {
             return match self.alloc_shared(g) {
@@ -251,7 +251,7 @@ impl CacheInner {
     /// and the list is refilled).
     #[cold]
     #[inline(never)]
-    pub(super) fn alloc_local_hardened(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache) -> Got {
+    pub(super) fn alloc_local_hardened(&self, g: &SlabState, t: &ThreadCaches, tc: &ThreadCache) -> Got {
         if tc.lock.try_lock() != TryLock::Locked {
             return Got::Busy;
         }
@@ -280,7 +280,7 @@ impl CacheInner {
     /// deferred meanwhile. Returns the first object, or `None` when out of memory.
     #[cold]
     #[inline(never)]
-    pub(super) fn refill_and_unlock(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache) -> Option<usize> {
+    pub(super) fn refill_and_unlock(&self, g: &SlabState, t: &ThreadCaches, tc: &ThreadCache) -> Option<usize> {
         hooks::point(Point::AllocFast);
         let slot = self.refill(g, t, tc);
         tc.lock.unlock();
@@ -293,7 +293,7 @@ impl CacheInner {
     /// The thread's list is empty: refill it from a partial slab or a new one. Busy flag held.
     #[cold]
     #[inline(never)]
-    pub(super) fn refill(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache) -> usize {
+    pub(super) fn refill(&self, g: &SlabState, t: &ThreadCaches, tc: &ThreadCache) -> usize {
         let (head, first, n) = match self.take_partial(g) {
             Some(t) => t,
             None => match self.new_slab(g) {
@@ -316,7 +316,7 @@ impl CacheInner {
     }
 
     /// Pop a partial slab and take all its free objects: (head page, first object, count), checked.
-    pub(super) fn take_partial(&self, g: &Global) -> Option<(u32, usize, u16)> {
+    pub(super) fn take_partial(&self, g: &SlabState) -> Option<(u32, usize, u16)> {
         while let Some(head) = self.list_pop(g) {
             let geo = self.geometry(g, head);
             let (first, n) = g.pages.desc(head as usize).slab.take_all(&geo);
@@ -332,7 +332,7 @@ impl CacheInner {
     /// damage) and return what is sound. A sound chain that wanders through the slab is linked again in address
     /// order (slabs of at most `SORT_MAX` objects), so that the walks that follow go through it in order.
     #[inline]
-    pub(super) fn checked_chain(&self, g: &Global, head: u32, first: usize, n: u16) -> Option<(u32, usize, u16)> {
+    pub(super) fn checked_chain(&self, g: &SlabState, head: u32, first: usize, n: u16) -> Option<(u32, usize, u16)> {
         if n == 0 {
             return None;
         }
@@ -361,7 +361,7 @@ impl CacheInner {
     /// The owner of the chain; any context.
     pub(super) fn chain_sound(
         &self,
-        g: &Global,
+        g: &SlabState,
         head: u32,
         first: usize,
         n: u32,
@@ -378,7 +378,7 @@ impl CacheInner {
     #[inline(never)]
     pub(super) fn chain_sound_in<const CODED: bool>(
         &self,
-        g: &Global,
+        g: &SlabState,
         head: u32,
         first: usize,
         n: u32,
@@ -441,7 +441,7 @@ impl CacheInner {
     /// Link the free slots `set` of the slab at `head` (the caller's, just checked) in address order, the last
     /// one ending the chain; returns the first. Later walks over them, the allocations' pops included, then go
     /// through memory in order, which the CPU (and `run_ahead`) can run ahead on.
-    pub(super) fn relink_in_order(&self, g: &Global, head: u32, set: &SlotSet) -> usize {
+    pub(super) fn relink_in_order(&self, g: &SlabState, head: u32, set: &SlotSet) -> usize {
         let geo = self.geometry(g, head);
         let mut first = 0;
         let mut prev = 0;
@@ -465,13 +465,13 @@ impl CacheInner {
     /// Allocate without a thread list: one object from a partial slab, or a new slab. Any context.
     #[cold]
     #[inline(never)]
-    pub fn alloc_shared(&self, g: &Global) -> Option<usize> {
+    pub fn alloc_shared(&self, g: &SlabState) -> Option<usize> {
         let slot = self.alloc_shared_inner(g)?;
         self.counters.shared_allocs.fetch_add(1, Ordering::Relaxed);
         Some(slot)
     }
 
-    pub(super) fn alloc_shared_inner(&self, g: &Global) -> Option<usize> {
+    pub(super) fn alloc_shared_inner(&self, g: &SlabState) -> Option<usize> {
         if let Some((_, slot)) = self.pop_partial_one(g) {
             return Some(slot);
         }
@@ -497,7 +497,7 @@ impl CacheInner {
     }
 
     /// Pop a partial slab, take one object, put the slab back unless it is now empty: (head page, object).
-    pub(super) fn pop_partial_one(&self, g: &Global) -> Option<(u32, usize)> {
+    pub(super) fn pop_partial_one(&self, g: &SlabState) -> Option<(u32, usize)> {
         while let Some(head) = self.list_pop(g) {
             hooks::point(Point::AllocShared);
             let d = g.pages.desc(head as usize);
@@ -517,7 +517,7 @@ impl CacheInner {
     }
 
     /// Carve a new slab; all its objects are in use by the caller as one chain from the returned first slot.
-    pub(super) fn new_slab(&self, g: &Global) -> Option<(u32, usize)> {
+    pub(super) fn new_slab(&self, g: &SlabState) -> Option<(u32, usize)> {
         let c = *self.cfg();
         let pages = c.slab_pages as usize;
         let head = match g.pages.alloc_run(pages, c.slab_align()) {

@@ -45,9 +45,9 @@ use core::cell::UnsafeCell;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+use super::debug;
+use super::tables::{self, SlabState};
 use super::thread_cache;
-use crate::debug;
-use crate::global::{self, Global};
 use crate::page::desc::Kind;
 use crate::rcu::GracePeriod;
 use crate::sync::slab_freelist::{Geometry, LinkCodec};
@@ -81,9 +81,6 @@ pub struct CacheName {
 
 impl CacheName {
     /// Store `s`, cut to 31 bytes at a character boundary.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn new(s: &str) -> Self {
         let mut end = s.len().min(31);
         while !s.is_char_boundary(end) {
@@ -95,9 +92,6 @@ impl CacheName {
     }
 
     /// The name.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn as_str(&self) -> &str {
         core::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("?")
     }
@@ -162,9 +156,6 @@ pub const NO_FALLBACK: u16 = u16::MAX;
 impl CacheConfig {
     /// Compute the layout of a cache. `size` is the usable object size, `freeptr` the link offset inside the
     /// object (non-debug caches only).
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn new(name: &str, size: usize, align: usize, freeptr: usize, flags: u32) -> Self {
         let align = align.max(8);
         let osz = size.max(8).next_multiple_of(8);
@@ -351,7 +342,7 @@ impl CacheInner {
     }
 
     #[inline(always)]
-    pub(super) fn geometry(&self, g: &Global, head: u32) -> Geometry {
+    pub(super) fn geometry(&self, g: &SlabState, head: u32) -> Geometry {
         let c = self.cfg();
         Geometry {
             base: g.pages.page_addr(head as usize),
@@ -391,7 +382,7 @@ impl CacheInner {
 
     /// Whether `addr` is exactly a slot of a live slab of this cache (of the slab at `slab` if given): what every
     /// link of a free list must be.
-    pub(super) fn is_slot(&self, g: &Global, addr: usize, slab: Option<u32>) -> bool {
+    pub(super) fn is_slot(&self, g: &SlabState, addr: usize, slab: Option<u32>) -> bool {
         if let Some(head) = slab {
             return self.index_of(addr.wrapping_sub(g.pages.page_addr(head as usize))).is_some();
         }
@@ -414,21 +405,21 @@ impl CacheInner {
 
     /// Put a slab whose `LISTED` flag the caller set (or holds) on the partial list pushes go to.
     #[inline]
-    pub(super) fn list_push(&self, g: &Global, head: u32) {
+    pub(super) fn list_push(&self, g: &SlabState, head: u32) {
         let i = self.active.load(Ordering::Relaxed) as usize & 1;
         self.partial[i].push(head, &g.pages.desc(head as usize).next);
     }
 
     /// Pop a slab off the partial lists (the one pushes go to first), taking its take right.
     #[inline]
-    pub(super) fn list_pop(&self, g: &Global) -> Option<u32> {
+    pub(super) fn list_pop(&self, g: &SlabState) -> Option<u32> {
         let i = self.active.load(Ordering::Relaxed) as usize & 1;
         let next_of = |i: u32| &g.pages.desc(i as usize).next;
         self.partial[i].pop(next_of).or_else(|| self.partial[i ^ 1].pop(next_of))
     }
 
     /// A snapshot of this cache's statistics (sums the per-thread counters).
-    pub fn stats(&self, g: &Global) -> CacheStats {
+    pub fn stats(&self, g: &SlabState) -> CacheStats {
         let c = self.cfg();
         let id = self.id();
         let mut s = CacheStats {
@@ -561,25 +552,16 @@ impl Default for CacheStats {
 
 impl CacheStats {
     /// Allocations that did not come from the thread's list.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn alloc_slow(&self) -> u64 {
         self.alloc_refill + self.shared_allocs
     }
 
     /// Frees that did not go onto the thread's list directly.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn free_slow(&self) -> u64 {
         self.deferred_frees + self.shared_frees
     }
 
     /// Add another cache's counters (for totals).
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn add(&mut self, o: &CacheStats) {
         self.allocs += o.allocs;
         self.frees += o.frees;
@@ -639,7 +621,7 @@ impl core::fmt::Display for CacheError {
 impl std::error::Error for CacheError {}
 
 /// Reserve a free cache slot and publish a cache with `cfg` in it. Returns its id.
-pub fn create(g: &Global, cfg: CacheConfig) -> Result<u16, CacheError> {
+pub fn create(g: &SlabState, cfg: CacheConfig) -> Result<u16, CacheError> {
     // Reuse a destroyed slot first, then a fresh one.
     let mut id = None;
     for i in 0..g.cache_count() {
@@ -652,6 +634,8 @@ pub fn create(g: &Global, cfg: CacheConfig) -> Result<u16, CacheError> {
     let id = match id {
         Some(i) => i,
         None => loop {
+            // Acquire: pairs with the AcqRel advance below by another creator (and the Acquire of scanners in
+            // `cache_count`): a slot below the counter has had its state claimed.
             let i = g.slab.next_cache.load(Ordering::Acquire);
             if i as usize >= MAX_CACHES {
                 return Err(CacheError::TooManyCaches);
@@ -726,7 +710,7 @@ pub struct DestroyReport {
 /// Destroy cache `id`: take back every thread's cached objects, release every slab, free the slot. If objects
 /// are still allocated, their slabs are left alone (nothing is corrupted), the problem is reported, and the
 /// slot is never reused. Blocks (normal context).
-pub fn destroy(g: &Global, id: u16) -> DestroyReport {
+pub fn destroy(g: &SlabState, id: u16) -> DestroyReport {
     let c = g.cache(id);
     thread_cache::claim_and_drain_all(g, id);
     // Wait for a shrink in progress (trim on another thread, the worker, an out-of-pages reclaim) rather than
@@ -742,15 +726,18 @@ pub fn destroy(g: &Global, id: u16) -> DestroyReport {
     let slabs_left = c.nr_slabs.load(Ordering::Relaxed);
     if slabs_left != 0 || live != 0 {
         debug::report_destroy_live(c.name(), live, slabs_left);
+        // Release: pairs with the Acquire in `is_active` (stats, scans) (a stale handle sees the
+        // cache gone after everything destroy did).
         c.state.store(STATE_LEAKED, Ordering::Release);
     } else {
+        // Release: pairs with the AcqRel CAS of a creator that reuses the slot (it sees the slot emptied).
         c.state.store(STATE_FREE, Ordering::Release);
     }
     DestroyReport { slabs_released: released, live_objects: live.max(u64::from(slabs_left != 0)) }
 }
 
 /// Run `f` on every live cache.
-pub fn for_each_cache(g: &Global, mut f: impl FnMut(&CacheInner)) {
+pub fn for_each_cache(g: &SlabState, mut f: impl FnMut(&CacheInner)) {
     for id in 0..g.cache_count() {
         let c = g.cache(id);
         if c.is_active() {
@@ -760,8 +747,8 @@ pub fn for_each_cache(g: &Global, mut f: impl FnMut(&CacheInner)) {
 }
 
 /// Ensure the global state exists (helper for public constructors).
-pub fn global_or_err() -> Result<&'static Global, CacheError> {
-    global::get().ok_or(CacheError::NoArena)
+pub fn global_or_err() -> Result<&'static SlabState, CacheError> {
+    tables::state().ok_or(CacheError::NoArena)
 }
 
 #[cfg(test)]

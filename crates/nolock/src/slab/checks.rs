@@ -33,8 +33,8 @@
 use core::sync::atomic::Ordering;
 
 use super::cache::CacheInner;
-use crate::debug;
-use crate::global::Global;
+use super::debug;
+use super::tables::SlabState;
 use crate::page::desc::Kind;
 use crate::sync::slab_freelist::LinkCodec;
 use crate::sys::PAGE_SHIFT;
@@ -158,7 +158,7 @@ impl CacheInner {
     /// If `addr` is a slot of a live slab of this cache: that slab's start and head page (the descriptor lookup
     /// of `is_slot`).
     #[inline]
-    pub(super) fn slot_slab(&self, g: &Global, addr: usize) -> Option<(usize, u32)> {
+    pub(super) fn slot_slab(&self, g: &SlabState, addr: usize) -> Option<(usize, u32)> {
         if !g.pages.contains(addr) {
             return None;
         }
@@ -177,7 +177,7 @@ impl CacheInner {
     /// # Context
     /// Any context; the chain should be the caller's (a probe of a chain others may change gives no
     /// guarantee, and its caller re-checks that nothing changed before it believes damage).
-    pub(super) fn walk_chain(&self, g: &Global, first: usize, slab: Option<u32>, codec: LinkCodec) -> Walk {
+    pub(super) fn walk_chain(&self, g: &SlabState, first: usize, slab: Option<u32>, codec: LinkCodec) -> Walk {
         let link_off = self.cfg().link_off as usize;
         let slab_bytes = (self.cfg().slab_pages as usize) << PAGE_SHIFT;
         let next_of = |slot: usize| codec.decode(slot + link_off, self.link(slot).load(Ordering::Relaxed));
@@ -235,7 +235,7 @@ impl CacheInner {
     #[inline(never)]
     pub(super) fn check_chain(
         &self,
-        g: &Global,
+        g: &SlabState,
         first: usize,
         expect: Option<u32>,
         slab: Option<u32>,

@@ -31,9 +31,9 @@
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use super::cache::{CacheInner, FLAG_DEBUG, FLAG_HARDENED};
+use super::debug::{self, FreeError, FreeErrorKind};
+use super::tables::SlabState;
 use super::thread_cache::{self, ThreadCache, ThreadCaches, bump};
-use crate::debug::{self, FreeError, FreeErrorKind};
-use crate::global::Global;
 use crate::hooks::{self, Point};
 use crate::page::desc::Info;
 use crate::sync::local_lock::TryLock;
@@ -107,7 +107,7 @@ impl CacheInner {
     /// # Context
     /// Any context: async-signal-safe, reentrant, never blocks.
     #[inline(always)]
-    pub fn free_fast(g: &Global, addr: usize, only: Option<u16>) -> bool {
+    pub fn free_fast(g: &SlabState, addr: usize, only: Option<u16>) -> bool {
         if g.pages.contains(addr)
             && let info = g.pages.info_of(addr)
             && info.is_plain_slab()
@@ -131,7 +131,7 @@ impl CacheInner {
     /// # Context
     /// Any context, on the thread that owns `t`.
     #[inline(always)]
-    pub fn free_to_list(&self, g: &Global, t: &ThreadCaches, id: u16, slot: usize, report: bool) -> bool {
+    pub fn free_to_list(&self, g: &SlabState, t: &ThreadCaches, id: u16, slot: usize, report: bool) -> bool {
         let tc = t.list(id);
         match tc.try_push(slot) {
             Push::Done => true,
@@ -153,7 +153,7 @@ impl CacheInner {
 
     /// The free fast path's check for a non-debug cache: `addr` is exactly a slot of the slab at `info.head()`.
     #[inline(always)]
-    pub fn plain_slot(&self, g: &Global, addr: usize, info: Info) -> Option<usize> {
+    pub fn plain_slot(&self, g: &SlabState, addr: usize, info: Info) -> Option<usize> {
         let shift = info.stride_shift();
         if shift != 0 {
             // Power-of-two stride, slab aligned to it, no tail: one mask test, no load from the cache.
@@ -169,7 +169,7 @@ impl CacheInner {
     #[inline(never)]
     pub(super) fn free_locked(
         &self,
-        g: &Global,
+        g: &SlabState,
         t: &ThreadCaches,
         tc: &ThreadCache,
         slot: usize,
@@ -204,7 +204,7 @@ impl CacheInner {
 
     /// Validate `addr` (an object of this cache, id `id`, on the slab `info` describes) and free it; a refused
     /// free is counted in `bad_frees` and returned. Any context.
-    pub fn free_checked(&self, g: &'static Global, id: u16, addr: usize, info: Info) -> Result<(), FreeError> {
+    pub fn free_checked(&self, g: &'static SlabState, id: u16, addr: usize, info: Info) -> Result<(), FreeError> {
         match self.validate(g, addr, info) {
             Ok(slot) if self.free_slot(g, id, slot) => Ok(()),
             Ok(_) => Err(self.double_free(addr)),
@@ -218,7 +218,7 @@ impl CacheInner {
     /// Check that `addr` is an allocated object of this cache, whose slab head page is `info.head()`.
     /// Returns its slot.
     #[inline(always)]
-    pub fn validate(&self, g: &Global, addr: usize, info: Info) -> Result<usize, FreeError> {
+    pub fn validate(&self, g: &SlabState, addr: usize, info: Info) -> Result<usize, FreeError> {
         let c = self.cfg();
         let base = g.pages.page_addr(info.head() as usize);
         let rel = addr.wrapping_sub(base).wrapping_sub(c.obj_off as usize);
@@ -233,7 +233,7 @@ impl CacheInner {
     }
 
     #[cold]
-    pub(super) fn interior_error(&self, g: &Global, addr: usize, info: Info) -> FreeError {
+    pub(super) fn interior_error(&self, g: &SlabState, addr: usize, info: Info) -> FreeError {
         let c = self.cfg();
         let base = g.pages.page_addr(info.head() as usize);
         let off = addr - base;
@@ -246,7 +246,7 @@ impl CacheInner {
     /// Free a validated slot. `id` is this cache's id. Any context. Returns false (freeing nothing) when the
     /// slot is already the head of this thread's list: the cheap double-free check SLUB also makes.
     #[inline(never)]
-    pub fn free_slot(&self, g: &'static Global, id: u16, slot: usize) -> bool {
+    pub fn free_slot(&self, g: &'static SlabState, id: u16, slot: usize) -> bool {
         if self.cfg().flags & FLAG_HARDENED != 0 {
             return self.free_hardened(g, id, slot);
         }
@@ -266,7 +266,7 @@ impl CacheInner {
     /// same detours as the plain path (deferred, shared).
     #[cold]
     #[inline(never)]
-    pub(super) fn free_hardened(&self, g: &'static Global, id: u16, slot: usize) -> bool {
+    pub(super) fn free_hardened(&self, g: &'static SlabState, id: u16, slot: usize) -> bool {
         let now = self.next_of(slot);
         if now == 0 || self.is_slot(g, now, None) {
             return false;
@@ -322,7 +322,7 @@ impl CacheInner {
     /// Push one object straight onto its slab.
     #[cold]
     #[inline(never)]
-    pub fn free_shared(&self, g: &Global, slot: usize) {
+    pub fn free_shared(&self, g: &SlabState, slot: usize) {
         self.counters.shared_frees.fetch_add(1, Ordering::Relaxed);
         let head = g.pages.info_of(slot).head();
         self.push_run(g, head, slot, slot, 1, 0);
@@ -336,7 +336,7 @@ impl CacheInner {
     /// `flush_checked`, which finds the damage, cuts and reports it.
     #[cold]
     #[inline(never)]
-    pub(super) fn flush(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache, keep: u32) {
+    pub(super) fn flush(&self, g: &SlabState, t: &ThreadCaches, tc: &ThreadCache, keep: u32) {
         hooks::point(Point::FreeFlush);
         let first = tc.freelist.load(Ordering::Relaxed);
         let counted = tc.count.load(Ordering::Relaxed);
@@ -371,7 +371,7 @@ impl CacheInner {
     /// The owner of the list (busy held); any context.
     pub(super) fn scan_flush(
         &self,
-        g: &Global,
+        g: &SlabState,
         first: usize,
         n: u32,
         group: u32,
@@ -388,7 +388,7 @@ impl CacheInner {
     #[inline(never)]
     pub(super) fn scan_flush_in<const CODED: bool>(
         &self,
-        g: &Global,
+        g: &SlabState,
         first: usize,
         n: u32,
         group: u32,
@@ -471,7 +471,7 @@ impl CacheInner {
     /// reports it), then give back all but `keep`.
     #[cold]
     #[inline(never)]
-    pub(super) fn flush_checked(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache, keep: u32) {
+    pub(super) fn flush_checked(&self, g: &SlabState, t: &ThreadCaches, tc: &ThreadCache, keep: u32) {
         let mut obj = tc.freelist.load(Ordering::Relaxed);
         let counted = tc.count.load(Ordering::Relaxed);
         let len = if obj != 0 {
@@ -494,7 +494,7 @@ impl CacheInner {
 
     /// Give back `left` objects of the thread's list, from `obj` (its head), checked already: one push per run of
     /// objects that share a slab.
-    pub(super) fn flush_runs(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache, mut obj: usize, mut left: u32) {
+    pub(super) fn flush_runs(&self, g: &SlabState, t: &ThreadCaches, tc: &ThreadCache, mut obj: usize, mut left: u32) {
         let slab_bytes = (self.cfg().slab_pages as usize) << PAGE_SHIFT;
         while left > 0 && obj != 0 {
             let head = g.pages.info_of(obj).head();
@@ -519,7 +519,7 @@ impl CacheInner {
     }
 
     /// Push the chain `first ..= last` (`k` objects of the slab at `head`) onto the slab.
-    pub(super) fn push_run(&self, g: &Global, head: u32, first: usize, last: usize, k: u16, owner_tag: u32) {
+    pub(super) fn push_run(&self, g: &SlabState, head: u32, first: usize, last: usize, k: u16, owner_tag: u32) {
         let d = g.pages.desc(head as usize);
         let geo = self.geometry(g, head);
         let idx = ((first - geo.base) / geo.stride) as u32;
@@ -532,7 +532,7 @@ impl CacheInner {
                 if p.empty_now {
                     let events = self.counters.empty_events.fetch_add(1, Ordering::Relaxed) + 1;
                     if events.wrapping_sub(self.shrunk_at.load(Ordering::Relaxed)) == KICK_AFTER_EMPTY {
-                        crate::background::request_pass();
+                        super::shrink::request_shrink();
                     }
                 }
                 let owner = d.owner.load(Ordering::Relaxed);
@@ -556,7 +556,7 @@ impl CacheInner {
     /// Move frees deferred by nested contexts onto the thread's list. Called right after clearing busy.
     #[cold]
     #[inline(never)]
-    pub(super) fn drain_deferred(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache) {
+    pub(super) fn drain_deferred(&self, g: &SlabState, t: &ThreadCaches, tc: &ThreadCache) {
         loop {
             let locked = match tc.lock.try_lock() {
                 // A nested context holds it and will drain when it unlocks.
@@ -599,7 +599,7 @@ impl CacheInner {
     /// front of the thread's list; returns the list's new length. The chain is checked on the way (a loop —
     /// an object freed twice while the list was busy — or a damaged link is cut out), and a hardened cache's
     /// links are encoded. The caller has exclusive use of `tc`.
-    pub(super) fn splice(&self, g: &Global, tc: &ThreadCache, chain: usize) -> u32 {
+    pub(super) fn splice(&self, g: &SlabState, tc: &ThreadCache, chain: usize) -> u32 {
         let (n, tail) = self.check_chain(g, chain, None, None, LinkCodec::PLAIN);
         if n == 0 {
             return tc.count.load(Ordering::Relaxed);
@@ -622,7 +622,7 @@ impl CacheInner {
     /// Return everything in a thread list (and its deferred list) to the slabs. The caller has exclusive use
     /// of `tc` (its owner is this thread at a safe point, or gone, or the list is claimed and quiescent); the
     /// lock flags are left as they were.
-    pub fn drain_list(&self, g: &Global, t: &ThreadCaches, tc: &ThreadCache) {
+    pub fn drain_list(&self, g: &SlabState, t: &ThreadCaches, tc: &ThreadCache) {
         let deferred = tc.deferred.take_all();
         if deferred != 0 {
             self.splice(g, tc, deferred);

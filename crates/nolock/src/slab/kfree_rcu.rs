@@ -450,7 +450,7 @@ fn retire(ptr: *mut u8, head: NonNull<RcuHead>, gp: GracePeriod) {
     // the wrong memory, or free it too early.
     let off = (head.as_ptr() as usize).wrapping_sub(ptr as usize);
     if off >= super::kmalloc::ksize(ptr) {
-        crate::debug::report_kfree_rcu_offset(ptr as usize, off);
+        super::debug::report_kfree_rcu_offset(ptr as usize, off);
         return;
     }
     // SAFETY: the head is inside the object, which nobody touches until the callback frees it (caller).
@@ -459,7 +459,7 @@ fn retire(ptr: *mut u8, head: NonNull<RcuHead>, gp: GracePeriod) {
 
 /// Grace-period callback of an object retired through its own head: free the object the head lies in.
 unsafe fn free_by_head(head: NonNull<RcuHead>) {
-    let obj = crate::global::get_if_init().and_then(|g| super::kmalloc::object_containing(g, head.as_ptr() as usize));
+    let obj = super::tables::state_if_init().and_then(|g| super::kmalloc::object_containing(g, head.as_ptr() as usize));
     if let Some(obj) = obj {
         // SAFETY: `retire` checked that the head lies inside this object, which it retired.
         unsafe { crate::kfree_nolock(obj as *mut u8) };

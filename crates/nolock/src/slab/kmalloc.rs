@@ -11,7 +11,7 @@
 //! (nested handlers), the allocation takes an object straight from the class's shared slab lists. Unlike the
 //! kernel, which gives up after one retry, nolock therefore fails only when memory is exhausted.
 //!
-//! The classes exist twice, plain and debug (`NOLOCK_DEBUG`, [`crate::debug::set_enabled`]).
+//! The classes exist twice, plain and debug (`NOLOCK_DEBUG`, [`super::debug::set_enabled`]).
 
 use core::alloc::Layout;
 use core::ptr::NonNull;
@@ -19,8 +19,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::alloc::{Got, alloc_fast};
 use super::cache::{self, CacheConfig, CacheInner, FLAG_DEBUG, FLAG_KMALLOC};
-use crate::debug::{self, FreeError, FreeErrorKind};
-use crate::global::{self, Global};
+use super::debug::{self, FreeError, FreeErrorKind};
+use super::tables::{self, SlabState};
 use crate::page::Gfp;
 use crate::page::desc::{Info, Kind};
 use crate::sys::{PAGE_SHIFT, PAGE_SIZE};
@@ -67,7 +67,7 @@ pub(crate) fn all_kmalloc_ids() -> impl Iterator<Item = u16> {
 }
 
 /// Create the plain and debug kmalloc caches in a fresh global state (ids `0..13` and `13..26`).
-pub(crate) fn create_kmalloc_caches(g: &Global) {
+pub(crate) fn create_kmalloc_caches(g: &SlabState) {
     for debug in [false, true] {
         for &size in &KMALLOC_SIZES {
             let mut name = crate::sys::StackBuf::<32>::new();
@@ -186,7 +186,7 @@ fn layout_class(size: usize, align: usize) -> usize {
 /// As [`kmalloc_nolock`] and [`kfree_nolock`].
 pub(crate) unsafe fn krealloc_shrink(ptr: *mut u8, usable: usize, new_size: usize, align: usize) -> *mut u8 {
     let addr = ptr as usize;
-    let Some(g) = global::get_if_init() else {
+    let Some(g) = tables::state_if_init() else {
         return ptr;
     };
     if addr < ZERO_SIZE_LIMIT || !g.pages.contains(addr) || new_size == 0 || new_size > usable {
@@ -225,7 +225,7 @@ pub(crate) unsafe fn krealloc_shrink(ptr: *mut u8, usable: usize, new_size: usiz
 }
 
 /// Keep the first `keep` of the `npages` pages of the live large run at `head` and free the rest.
-fn shrink_large_in_place(g: &Global, head: usize, npages: usize, keep: usize) {
+fn shrink_large_in_place(g: &SlabState, head: usize, npages: usize, keep: usize) {
     let keep = keep.max(1);
     if keep >= npages {
         return;
@@ -246,7 +246,7 @@ fn shrink_large_in_place(g: &Global, head: usize, npages: usize, keep: usize) {
 fn kmalloc_class(class: usize, align: impl FnOnce() -> usize, flags: Gfp) -> Option<NonNull<u8>> {
     // Plain caches have ids 0..13, no debug layout (the slot is the object) and their link word at offset 0, so
     // a plain class's `finish_alloc` is `kmalloc_finish`.
-    if let Some(g) = global::get_if_init()
+    if let Some(g) = tables::state_if_init()
         && g.slow_flags.load(Ordering::Relaxed) == 0
         && let Some(r) = alloc_fast(g, class as u16, 0, flags, |slot| kmalloc_finish(slot, class, flags))
     {
@@ -269,7 +269,7 @@ fn kmalloc_finish(slot: usize, class: usize, flags: Gfp) -> NonNull<u8> {
 /// The full path of a plain kmalloc class (it sets nolock up on first use).
 #[inline(never)]
 fn kmalloc_class_full(class: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
-    let g = global::get()?;
+    let g = tables::state()?;
     if g.slow_flags.load(Ordering::Relaxed) != 0 {
         return kmalloc_class_slow(g, class, align, flags);
     }
@@ -284,7 +284,7 @@ fn kmalloc_class_full(class: usize, align: usize, flags: Gfp) -> Option<NonNull<
 /// kmalloc with debug mode or fault injection on.
 #[cold]
 #[inline(never)]
-fn kmalloc_class_slow(g: &'static Global, class: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
+fn kmalloc_class_slow(g: &'static SlabState, class: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
     let base = if g.kmalloc_debug() { NR_KMALLOC } else { 0 };
     let id = (base + class) as u16;
     let c = g.cache(id);
@@ -301,7 +301,7 @@ fn kmalloc_class_slow(g: &'static Global, class: usize, align: usize, flags: Gfp
 /// This class is busy on this thread: try the next one, then the shared lists.
 #[cold]
 #[inline(never)]
-fn next_bucket(g: &'static Global, base: usize, class: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
+fn next_bucket(g: &'static SlabState, base: usize, class: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
     let c = g.cache((base + class) as u16);
     c.counters.next_bucket.fetch_add(1, Ordering::Relaxed);
     match (class + 1..NR_KMALLOC).find(|&n| class_align(n) >= align) {
@@ -330,14 +330,14 @@ fn kmalloc_odd(size: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
     if size == 0 {
         if align >= ZERO_SIZE_LIMIT {
             // Too aligned to fit below the limit: a real (minimal) allocation, freed like any other.
-            return kmalloc_large(global::get()?, 1, align, flags);
+            return kmalloc_large(tables::state()?, 1, align, flags);
         }
         return NonNull::new(if align <= 16 { ZERO_SIZE_PTR } else { align as *mut u8 });
     }
-    kmalloc_large(global::get()?, size, align, flags)
+    kmalloc_large(tables::state()?, size, align, flags)
 }
 
-fn kmalloc_large(g: &Global, size: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
+fn kmalloc_large(g: &SlabState, size: usize, align: usize, flags: Gfp) -> Option<NonNull<u8>> {
     // An alignment the arena's base cannot give is refused, never silently weakened.
     if size > g.pages.size() || align > g.pages.max_align() {
         LARGE_FAILURES.fetch_add(1, Ordering::Relaxed);
@@ -386,7 +386,7 @@ pub unsafe fn kfree_nolock(ptr: *mut u8) {
     let addr = ptr as usize;
     // The fast path: a push onto the thread's list of the object's cache, nothing else; every other case ends
     // in one tail call to `kfree_slow`.
-    if let Some(g) = global::get_if_init()
+    if let Some(g) = tables::state_if_init()
         && CacheInner::free_fast(g, addr, None)
     {
         return;
@@ -421,7 +421,7 @@ pub unsafe fn try_kfree_nolock(ptr: *mut u8) -> Result<(), FreeError> {
     if addr < ZERO_SIZE_LIMIT {
         return Ok(());
     }
-    let Some(g) = global::get_if_init() else {
+    let Some(g) = tables::state_if_init() else {
         return Err(FreeError::new(FreeErrorKind::Foreign, addr));
     };
     if !g.pages.contains(addr) {
@@ -437,7 +437,7 @@ pub unsafe fn try_kfree_nolock(ptr: *mut u8) -> Result<(), FreeError> {
 }
 
 #[cold]
-fn free_large(g: &Global, addr: usize, info: Info) -> Result<(), FreeError> {
+fn free_large(g: &SlabState, addr: usize, info: Info) -> Result<(), FreeError> {
     let page = g.pages.page_of(addr);
     let head = info.head() as usize;
     if head != page || !addr.is_multiple_of(PAGE_SIZE) {
@@ -467,7 +467,7 @@ fn free_large(g: &Global, addr: usize, info: Info) -> Result<(), FreeError> {
 /// Any context: async-signal-safe, reentrant, O(1).
 pub fn ksize(ptr: *const u8) -> usize {
     let addr = ptr as usize;
-    let Some(g) = global::get_if_init() else {
+    let Some(g) = tables::state_if_init() else {
         return 0;
     };
     if addr < ZERO_SIZE_LIMIT || !g.pages.contains(addr) {
@@ -502,7 +502,7 @@ pub fn ksize(ptr: *const u8) -> usize {
 ///
 /// # Context
 /// Any context; O(1) for slab objects, O(pages) into a large run.
-pub(crate) fn object_containing(g: &Global, addr: usize) -> Option<usize> {
+pub(crate) fn object_containing(g: &SlabState, addr: usize) -> Option<usize> {
     if !g.pages.contains(addr) {
         return None;
     }

@@ -49,6 +49,7 @@
 pub(crate) mod alloc;
 pub(crate) mod cache;
 pub(crate) mod checks;
+pub mod debug;
 pub(crate) mod free;
 pub mod kfree_rcu;
 pub mod kmalloc;
@@ -56,15 +57,12 @@ pub(crate) mod shrink;
 pub(crate) mod tables;
 pub(crate) mod thread_cache;
 
-pub(crate) use tables::SlabTables;
 pub(crate) use thread_cache::SLOT_HOOKS;
 
 use core::alloc::Layout;
 use core::ptr::NonNull;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicPtr, Ordering};
 
-use crate::debug::{self, FaultInjection, FreeError, FreeErrorKind};
-use crate::global::Global;
 use crate::page::Gfp;
 use crate::page::desc::Kind;
 use crate::rcu::GracePeriod;
@@ -73,6 +71,8 @@ use cache::{
     CacheConfig, CacheError, CacheName, CacheStats, DestroyReport, FLAG_DEBUG, FLAG_HARDENED, MAX_ALIGN,
     MAX_OBJECT_SIZE, NO_FALLBACK,
 };
+use debug::{FaultInjection, FreeError, FreeErrorKind};
+use tables::SlabState;
 
 /// A cache of fixed-size objects (the kernel's `struct kmem_cache`), allocated and freed from any context.
 ///
@@ -92,7 +92,7 @@ use cache::{
 ///
 /// [`destroy`]: KmemCache::destroy
 pub struct KmemCache {
-    g: &'static Global,
+    g: &'static SlabState,
     id: u16,
 }
 
@@ -125,11 +125,11 @@ impl SlabFlags {
     /// [`KmemCacheBuilder::srcu_domain`], Tasks Trace by default — which also implies an RCU grace period, so
     /// both sleepable and non-sleepable readers are covered).
     pub const TYPESAFE_BY_SRCU_FAST: SlabFlags = SlabFlags(2);
-    /// slub_debug checks for this cache (see [`crate::debug`]).
+    /// slub_debug checks for this cache (see [`debug`]).
     pub const DEBUG: SlabFlags = SlabFlags(4);
     /// Hardened free lists (the kernel's `SLAB_FREELIST_HARDENED`, mimalloc's secure mode): links stored
     /// encoded with a per-cache secret, checked on every pop, and a free of an object that is already free
-    /// refused. See "Hardened mode" in [`crate::debug`]. Default: [`crate::debug::hardened_default`].
+    /// refused. See "Hardened mode" in [`debug`]. Default: [`debug::hardened_default`].
     pub const HARDENED: SlabFlags = SlabFlags(8);
 
     /// Whether every flag in `other` is set.
@@ -149,27 +149,18 @@ impl<'a> KmemCacheBuilder<'a> {
     /// Where, inside a free object, the allocator keeps its free-list link (8 bytes, 8-aligned). The default 0
     /// overwrites the object's first word; pick another offset to keep fields that lock-free readers probe
     /// intact across free and reuse.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn freeptr_offset(mut self, offset: usize) -> Self {
         self.freeptr_offset = offset;
         self
     }
 
     /// Force debug checks on or off for this cache (default: whether kmalloc debug mode is on now).
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn debug(mut self, on: bool) -> Self {
         self.debug = Some(on);
         self
     }
 
     /// Creation flags, e.g. [`SlabFlags::TYPESAFE_BY_SRCU_FAST`].
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn flags(mut self, flags: SlabFlags) -> Self {
         self.flags = self.flags | flags;
         if flags.contains(SlabFlags::DEBUG) {
@@ -181,20 +172,14 @@ impl<'a> KmemCacheBuilder<'a> {
         self
     }
 
-    /// Force hardened mode on or off for this cache (default: [`crate::debug::hardened_default`], i.e.
+    /// Force hardened mode on or off for this cache (default: [`debug::hardened_default`], i.e.
     /// `NOLOCK_HARDENED`).
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn hardened(mut self, on: bool) -> Self {
         self.hardened = Some(on);
         self
     }
 
     /// The SRCU-fast domain whose grace period a `TYPESAFE_BY_SRCU_FAST` cache waits for (default: Tasks Trace).
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn srcu_domain(mut self, domain: &'static SrcuFast) -> Self {
         self.srcu = Some(domain);
         self
@@ -204,9 +189,6 @@ impl<'a> KmemCacheBuilder<'a> {
     /// lock-free readers probe — a type tag, a reference count, a key, a lock — stay meaningful across free and
     /// reuse. It runs inside the allocation that needs a new slab, so it must be async-signal-safe and must not
     /// allocate from this cache.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn ctor(mut self, ctor: fn(NonNull<u8>)) -> Self {
         self.ctor = Some(ctor);
         self
@@ -214,9 +196,6 @@ impl<'a> KmemCacheBuilder<'a> {
 
     /// A destructor, run once per object when its slab is really released (for a type-safe cache: after the
     /// grace period, on the grace-period worker thread), to release what the constructor set up.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn dtor(mut self, dtor: fn(NonNull<u8>)) -> Self {
         self.dtor = Some(dtor);
         self
@@ -225,9 +204,6 @@ impl<'a> KmemCacheBuilder<'a> {
     /// Pair the cache with a fallback cache of the same type that serves allocations while this thread's list
     /// is busy (a signal handler interrupted it). Default: on for type-safe caches, off otherwise (they use the
     /// shared slab lists instead). Either way allocation never fails for being busy.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn fallback(mut self, on: bool) -> Self {
         self.fallback = Some(on);
         self
@@ -251,7 +227,7 @@ impl<'a> KmemCacheBuilder<'a> {
             return Err(CacheError::BadFreeptrOffset);
         }
         let g = cache::global_or_err()?;
-        crate::process::init_normal_context();
+        normal_context_init();
         let debug = self.debug.unwrap_or_else(|| g.kmalloc_debug());
         let hardened = self.hardened.unwrap_or_else(debug::hardened_default);
         let flags = if debug { FLAG_DEBUG } else { 0 } | if hardened { FLAG_HARDENED } else { 0 };
@@ -306,9 +282,6 @@ impl KmemCache {
     }
 
     /// A builder for a cache with more options.
-    ///
-    /// # Context
-    /// Any context (a plain computation or one load).
     pub fn builder(name: &str, layout: Layout) -> KmemCacheBuilder<'_> {
         KmemCacheBuilder {
             name,
@@ -333,9 +306,6 @@ impl KmemCache {
     }
 
     /// Allocate one object (`kmem_cache_alloc_nolock`). `None` means out of memory (or an injected failure).
-    ///
-    /// # Context
-    /// Any context: async-signal-safe, reentrant, never blocks, never takes a lock.
     #[inline]
     pub fn alloc_nolock(&self, flags: Gfp) -> Option<NonNull<u8>> {
         self.inner().alloc(self.g, self.id, flags)
@@ -403,25 +373,16 @@ impl KmemCache {
     }
 
     /// The cache's name.
-    ///
-    /// # Context
-    /// Any context (reads the cache's configuration).
     pub fn name(&self) -> CacheName {
         self.inner().name()
     }
 
     /// Usable size of each object.
-    ///
-    /// # Context
-    /// Any context (reads the cache's configuration).
     pub fn object_size(&self) -> usize {
         self.inner().cfg().size as usize
     }
 
     /// A snapshot of the cache's counters.
-    ///
-    /// # Context
-    /// Any context (reads counters; O(threads)).
     pub fn stats(&self) -> CacheStats {
         let mut s = self.inner().stats(self.g);
         if self.fallback_id() != NO_FALLBACK {
@@ -434,9 +395,6 @@ impl KmemCache {
     }
 
     /// Make allocations from this cache fail on purpose (see [`FaultInjection`]).
-    ///
-    /// # Context
-    /// Any context.
     pub fn set_fault_injection(&self, f: FaultInjection) {
         debug::set_fault(self.inner(), f);
     }
@@ -484,22 +442,40 @@ impl Drop for KmemCache {
     }
 }
 
-/// `kmem_cache_alloc_nolock`: [`KmemCache::alloc_nolock`].
-///
-/// # Context
-/// Any context.
+/// What cache creation runs first in its normal context, registered by the composition root (`process`:
+/// the process hooks, membarrier registration, the workers). This layer names nothing above it, so the
+/// root hands it the function; null until then (cache creation then starts nothing).
+static NORMAL_CONTEXT_INIT: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Register the function cache creation runs first (see `NORMAL_CONTEXT_INIT`).
+pub(crate) fn set_normal_context_init(f: fn()) {
+    // Release: pairs with the Acquire in `normal_context_init`; the function is plain code, nothing else is
+    // published with it.
+    NORMAL_CONTEXT_INIT.store(f as *mut (), Ordering::Release);
+}
+
+fn normal_context_init() {
+    // Acquire: pairs with the Release in `set_normal_context_init`.
+    let p = NORMAL_CONTEXT_INIT.load(Ordering::Acquire);
+    if !p.is_null() {
+        // SAFETY: only `set_normal_context_init` stores here, and it stores a `fn()`.
+        let f: fn() = unsafe { core::mem::transmute::<*mut (), fn()>(p) };
+        f();
+    }
+}
+
+/// The kernel's spelling of [`KmemCache::alloc_nolock`], of which this is an alias (one operation: the method is
+/// the primary form, documented there).
 #[inline]
 pub fn kmem_cache_alloc_nolock(cache: &KmemCache, flags: Gfp) -> Option<NonNull<u8>> {
     cache.alloc_nolock(flags)
 }
 
-/// `kmem_cache_free_nolock`: [`KmemCache::free_nolock`].
+/// The kernel's spelling of [`KmemCache::free_nolock`], of which this is an alias (one operation: the method is
+/// the primary form, documented there).
 ///
 /// # Safety
 /// As [`KmemCache::free_nolock`].
-///
-/// # Context
-/// Any context.
 #[inline]
 pub unsafe fn kmem_cache_free_nolock(cache: &KmemCache, ptr: NonNull<u8>) {
     // SAFETY: forwarded.

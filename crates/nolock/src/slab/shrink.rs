@@ -55,13 +55,26 @@
 //! instructions on one slab.
 //!
 
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use super::cache::CacheInner;
-use crate::global::Global;
+use super::tables::SlabState;
 use crate::hooks::{self, Point};
 use crate::page::desc::{Info, Kind};
 use crate::sync::slab_freelist::State;
+
+/// The word a shrinker sleeps on (the background worker, which imports this layer; this layer names no one
+/// above it). A free path that empties enough slabs of a cache bumps it ([`request_shrink`]).
+pub static SHRINK_WANTED: AtomicU32 = AtomicU32::new(0);
+
+/// Ask for an early shrink pass (a cache has empty slabs to give back). Called from free paths, so it makes no
+/// system call: it only changes the word the shrinker sleeps on. A shrinker about to sleep then passes at once
+/// (its `futex` wait finds the word changed); one already asleep passes at the end of its interval.
+pub fn request_shrink() {
+    // Release: pairs with the Acquire load of `SHRINK_WANTED` at the top of the background worker's loop (a
+    // pass that sees the new value sees the empty events counted before it).
+    SHRINK_WANTED.fetch_add(1, Ordering::Release);
+}
 
 /// Looks a rescue repeats while a shrink keeps moving slabs under it.
 pub(super) const RESCUE_LOOKS: usize = 64;
@@ -72,7 +85,7 @@ impl CacheInner {
     /// Lock-free (it only pops and pushes the partial lists and CASes slab states), so it may also run on an
     /// allocation path that is out of pages. It holds at most one slab at a time, named in the cache's hand,
     /// whose objects an allocation that finds no memory can still take (see "Shrinking" and `rescue`).
-    pub fn shrink(&self, g: &Global, keep: usize) -> usize {
+    pub fn shrink(&self, g: &SlabState, keep: usize) -> usize {
         if self.shrinking.swap(true, Ordering::Acquire) {
             return 0;
         }
@@ -84,7 +97,7 @@ impl CacheInner {
     ///
     /// # Context
     /// Normal context only: may yield while another thread shrinks the cache.
-    pub fn shrink_wait(&self, g: &Global, keep: usize) -> usize {
+    pub fn shrink_wait(&self, g: &SlabState, keep: usize) -> usize {
         while self.shrinking.swap(true, Ordering::Acquire) {
             std::thread::yield_now();
         }
@@ -92,7 +105,7 @@ impl CacheInner {
     }
 
     /// The pass itself; the caller set `shrinking`. See "Shrinking" in the module documentation.
-    pub(super) fn shrink_locked(&self, g: &Global, keep: usize) -> usize {
+    pub(super) fn shrink_locked(&self, g: &SlabState, keep: usize) -> usize {
         let events = self.counters.empty_events.load(Ordering::Relaxed);
         let mut released = 0;
         let mut kept_empty = 0;
@@ -152,7 +165,7 @@ impl CacheInner {
     /// meanwhile (a rescue may steal from it, which makes it non-empty anyway), its objects are taken, the list
     /// is cut to its sound part (reported) and pushed back, which makes the count true again.
     #[inline(never)]
-    pub(super) fn verify_empty(&self, g: &Global, head: u32, state: State) -> Verified {
+    pub(super) fn verify_empty(&self, g: &SlabState, head: u32, state: State) -> Verified {
         let geo = self.geometry(g, head);
         let d = g.pages.desc(head as usize);
         let first = state.head_enc().checked_sub(1).map_or(0, |i| geo.obj(i));
@@ -181,7 +194,7 @@ impl CacheInner {
 
     /// Give a dead slab's pages back: at once, or for a type-safe cache after a grace period (the slab's page
     /// descriptor doubles as its `rcu_head`, as `struct slab` does in the kernel).
-    pub(super) fn release_slab(&self, g: &Global, head: u32) {
+    pub(super) fn release_slab(&self, g: &SlabState, head: u32) {
         let Some(gp) = self.cfg().typesafe else {
             return self.free_slab_now(g, head);
         };
@@ -191,7 +204,7 @@ impl CacheInner {
     }
 
     /// Run the destructors of a dead slab and give its pages back.
-    pub(super) fn free_slab_now(&self, g: &Global, head: u32) {
+    pub(super) fn free_slab_now(&self, g: &SlabState, head: u32) {
         let c = self.cfg();
         if c.dtor != 0 {
             let geo = self.geometry(g, head);
@@ -221,7 +234,7 @@ impl CacheInner {
     /// shrink on its own thread sees it frozen, so its first look is complete.
     #[cold]
     #[inline(never)]
-    pub(super) fn rescue(&self, g: &Global, steal: bool) -> Option<(u32, usize, u16)> {
+    pub(super) fn rescue(&self, g: &SlabState, steal: bool) -> Option<(u32, usize, u16)> {
         for _ in 0..RESCUE_LOOKS {
             // Acquire: pairs with the Release increments in `shrink_locked`, which follow each hand change.
             let seen = self.moves.load(Ordering::Acquire);
@@ -249,7 +262,7 @@ impl CacheInner {
     }
 
     /// One slab's objects from the partial lists: all of them (`steal`) or one, with the slab put back.
-    pub(super) fn take_from_lists(&self, g: &Global, steal: bool) -> Option<(u32, usize, u16)> {
+    pub(super) fn take_from_lists(&self, g: &SlabState, steal: bool) -> Option<(u32, usize, u16)> {
         if steal {
             return self.take_partial(g);
         }
@@ -258,7 +271,7 @@ impl CacheInner {
 
     /// Objects of slab `head`, named by a shrink that may hold its take right: only if it is still a live slab
     /// of this cache (the tag in its state word makes a stale name harmless).
-    pub(super) fn take_from_named(&self, g: &Global, head: u32, steal: bool) -> Option<(u32, usize, u16)> {
+    pub(super) fn take_from_named(&self, g: &SlabState, head: u32, steal: bool) -> Option<(u32, usize, u16)> {
         let d = g.pages.desc(head as usize);
         // The state first (Acquire: pairs with `init`'s Release, which follows the slab's `set_info`), then the
         // owner: a slab reused since by another cache shows that cache's info, an older state fails the CAS.
@@ -296,7 +309,7 @@ pub(super) enum Verified {
 
 /// Grace-period callback of a type-safe cache's dead slab: destructors, then the pages go back.
 pub(super) unsafe fn typesafe_slab_gp_done(head: core::ptr::NonNull<crate::rcu::RcuHead>) {
-    let g = crate::global::get_if_init().expect("a slab exists, so the global state does");
+    let g = super::tables::state_if_init().expect("a slab exists, so the global state does");
     let page = g.pages.page_of_desc(head.as_ptr() as usize);
     let c = g.cache(g.pages.desc(page).info().cache_id());
     c.free_slab_now(g, page as u32);
@@ -304,11 +317,11 @@ pub(super) unsafe fn typesafe_slab_gp_done(head: core::ptr::NonNull<crate::rcu::
 }
 
 /// Release every cache's entirely free slabs (keeping none). Lock-free; used when the page allocator is out.
-pub fn reclaim_empty_slabs(g: &Global) -> usize {
+pub fn reclaim_empty_slabs(g: &SlabState) -> usize {
     (0..g.cache_count()).map(|id| g.cache(id)).filter(|c| c.is_active()).map(|c| c.shrink(g, 0)).sum()
 }
 
 /// Release every cache's entirely free slabs, waiting for shrinks in progress. Normal context only.
-pub fn reclaim_empty_slabs_wait(g: &Global) -> usize {
+pub fn reclaim_empty_slabs_wait(g: &SlabState) -> usize {
     (0..g.cache_count()).map(|id| g.cache(id)).filter(|c| c.is_active()).map(|c| c.shrink_wait(g, 0)).sum()
 }

@@ -1,11 +1,13 @@
-//! The slab layer's tables: the cache table (one [`CacheInner`] per cache id) and the per-thread table (one
-//! [`ThreadCaches`] per thread slot), in one mapping this layer makes and owns.
+//! The slab layer's process-wide state ([`SlabState`]): the page allocator it takes slabs from, its two
+//! tables — the cache table (one [`CacheInner`] per cache id) and the per-thread table (one [`ThreadCaches`]
+//! per thread slot), in one mapping this layer makes and owns — and the `slow_flags` byte that keeps the
+//! allocation fast paths short.
 //!
-//! The global state holds a [`SlabTables`] without looking inside: it asks for one when it is built
-//! ([`SlabTables::map`], then [`SlabTables::create_kmalloc_caches`] before it publishes itself) and gives it
-//! back if it loses the race to publish ([`SlabTables::unmap`]). Everything else is reached through the
-//! accessors this file adds to [`Global`] (`g.cache(id)`, `g.cache_count()`) and through
-//! [`SlabTables::thread`], which indexes the per-thread table by the thread slot of `crate::thread`.
+//! The layer below (`global`: the arena and the settings) knows nothing of slabs. This layer builds its own
+//! state on first use ([`state`]) over the published arena, the way `global` builds the arena: map and fill a
+//! complete instance (tables, kmalloc caches), publish it with one CAS, and on losing the race unmap the copy
+//! and use the winner's. Nothing waits, so the first allocation may be anywhere, even in a signal handler that
+//! interrupted another first allocation on the same thread.
 //!
 //! # Memory
 //!
@@ -18,12 +20,11 @@
 //! first use, unlocked.
 
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicU32, Ordering};
 
 use super::cache::{CacheInner, MAX_CACHES};
 use super::thread_cache::ThreadCaches;
-use crate::global::Global;
-use crate::page::MapError;
+use crate::page::{MapError, PageAllocator};
 use crate::thread::MAX_THREADS;
 
 /// Thread entries locked at initialisation under `MCL_FUTURE`, and kept locked ahead of the slots in use.
@@ -54,8 +55,7 @@ impl Layout {
 
 const LAYOUT: Layout = Layout::new();
 
-/// The slab layer's tables (see the module documentation). The global state holds one; only this layer looks
-/// inside.
+/// The slab layer's two tables (see the module documentation).
 pub(crate) struct SlabTables {
     caches: NonNull<CacheInner>,
     threads: NonNull<ThreadCaches>,
@@ -96,21 +96,13 @@ impl SlabTables {
         })
     }
 
-    /// Unmap tables that were never shared (the global state that held them lost the race to be published).
+    /// Unmap tables that were never shared (the state that held them lost the race to be published).
     ///
     /// # Safety
     /// Nothing refers to the tables.
     pub(crate) unsafe fn unmap(self) {
         // SAFETY: our own mapping of `LAYOUT.total` bytes, unused (caller).
         unsafe { crate::sys::munmap(self.caches.as_ptr().cast(), LAYOUT.total) };
-    }
-
-    /// Create the kmalloc caches in fresh tables, before the global state that holds them is published.
-    ///
-    /// # Context
-    /// Any context (plain stores into fresh memory).
-    pub(crate) fn create_kmalloc_caches(g: &Global) {
-        super::kmalloc::create_kmalloc_caches(g);
     }
 
     /// The cache with id `id`.
@@ -185,9 +177,99 @@ fn map_unlocked() -> Result<*mut u8, i32> {
     Ok(meta)
 }
 
-/// The slab layer's accessors on the global state (an inherent `impl` may sit in any module of the crate;
-/// `global` itself knows nothing of caches).
-impl Global {
+/// `SlabState::slow_flags`: kmalloc debug mode is on.
+pub const SLOW_DEBUG: u8 = 1;
+/// `SlabState::slow_flags`: fault injection is configured somewhere.
+pub const SLOW_FAULT: u8 = 2;
+
+/// The slab layer's process-wide state. See the module documentation.
+pub(crate) struct SlabState {
+    /// The page allocator over the arena (the layer below's, never unmapped).
+    pub pages: &'static PageAllocator,
+    /// The cache and per-thread tables.
+    pub slab: SlabTables,
+    /// `SLOW_DEBUG`: new kmalloc allocations come from the debug caches; `SLOW_FAULT`: some fault injection is
+    /// configured; `debug::SLOW_HARDENED`: the plain kmalloc classes are hardened. Zero keeps the allocation
+    /// fast paths on their shortest route (one load and branch).
+    pub slow_flags: AtomicU8,
+}
+
+static STATE: AtomicPtr<SlabState> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Bytes of the mapping that holds a [`SlabState`].
+const STATE_LEN: usize = core::mem::size_of::<SlabState>().next_multiple_of(4096);
+
+/// The slab layer's state, building it (and the arena below it) on first use. `None` only if a mapping failed
+/// (the layer below says why, once).
+///
+/// # Context
+/// Any context; the first call makes a few `mmap` calls.
+#[inline]
+pub(crate) fn state() -> Option<&'static SlabState> {
+    // Acquire: pairs with the AcqRel publication in `build`: the tables and kmalloc caches are seen filled.
+    let p = STATE.load(Ordering::Acquire);
+    if p.is_null() {
+        return build();
+    }
+    // SAFETY: a published state is never freed.
+    Some(unsafe { &*p })
+}
+
+/// The slab layer's state if it exists already (builds nothing).
+#[inline]
+pub(crate) fn state_if_init() -> Option<&'static SlabState> {
+    // Acquire: pairs with the AcqRel publication in `build`.
+    let p = STATE.load(Ordering::Acquire);
+    // SAFETY: a published state is never freed.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+#[cold]
+fn build() -> Option<&'static SlabState> {
+    let g = crate::global::get()?;
+    // The first call may be in a signal handler: leave the interrupted code's errno as it was.
+    let _errno = crate::sys::ErrnoGuard::save();
+    let slab = match SlabTables::map(g.pages.locks_commits()) {
+        Ok(t) => t,
+        Err(e) => {
+            crate::global::report_map_failure(e);
+            return None;
+        }
+    };
+    let meta = match crate::sys::mmap_reserve_err(STATE_LEN) {
+        Ok(m) => m,
+        Err(errno) => {
+            crate::global::report_map_failure(MapError { what: "slab state", bytes: STATE_LEN, errno });
+            // SAFETY: never shared.
+            unsafe { slab.unmap() };
+            return None;
+        }
+    };
+    let p = meta.cast::<SlabState>();
+    let debug = g.settings.debug;
+    // SAFETY: `meta` is a fresh, page-aligned mapping big enough for a SlabState.
+    unsafe {
+        p.write(SlabState { pages: &g.pages, slab, slow_flags: AtomicU8::new(if debug { SLOW_DEBUG } else { 0 }) })
+    };
+    // SAFETY: just written; not yet shared.
+    let s = unsafe { &*p };
+    super::kmalloc::create_kmalloc_caches(s);
+    // AcqRel: the Release publishes the filled tables (pairs with the Acquire loads in `state` and
+    // `state_if_init`); the Acquire on failure reads the winner's.
+    match STATE.compare_exchange(core::ptr::null_mut(), p, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => Some(s),
+        Err(winner) => {
+            // SAFETY: ours was never published: read its tables out and unmap both mappings.
+            unsafe {
+                p.read().slab.unmap();
+                crate::sys::munmap(meta, STATE_LEN);
+                Some(&*winner)
+            }
+        }
+    }
+}
+
+impl SlabState {
     /// The cache with id `id`.
     #[inline(always)]
     pub(crate) fn cache(&self, id: u16) -> &CacheInner {
@@ -198,5 +280,17 @@ impl Global {
     #[inline]
     pub(crate) fn cache_count(&self) -> u16 {
         self.slab.next_cache.load(Ordering::Acquire).min(MAX_CACHES as u32) as u16
+    }
+
+    /// Whether kmalloc debug mode is on.
+    #[inline]
+    pub fn kmalloc_debug(&self) -> bool {
+        self.slow_flags.load(Ordering::Relaxed) & SLOW_DEBUG != 0
+    }
+
+    /// Whether fault injection may be on for some cache.
+    #[inline(always)]
+    pub fn fault_active(&self) -> bool {
+        self.slow_flags.load(Ordering::Relaxed) & SLOW_FAULT != 0
     }
 }

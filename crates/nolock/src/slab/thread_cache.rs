@@ -43,7 +43,7 @@
 use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::cache::MAX_CACHES;
-use crate::global::{self, Global};
+use super::tables::{self, SlabState};
 use crate::sync::llist::Llist;
 use crate::sync::local_lock::{LocalTryLock, TryLock};
 
@@ -116,9 +116,6 @@ thread_local! {
 }
 
 /// The calling thread's lists, if it has a slot and has used its lists before (never claims anything).
-///
-/// # Context
-/// Any context (one thread-local load).
 #[inline(always)]
 pub fn current_if_any() -> Option<&'static ThreadCaches> {
     let p = MINE.with(|m| m.load(Ordering::Relaxed));
@@ -132,7 +129,7 @@ pub fn current_if_any() -> Option<&'static ThreadCaches> {
 /// # Context
 /// Any context (the first call on a thread claims its slot, see `crate::thread::current`).
 #[inline]
-pub fn current(g: &'static Global) -> Option<&'static ThreadCaches> {
+pub fn current(g: &'static SlabState) -> Option<&'static ThreadCaches> {
     let slot = crate::thread::current()?;
     let t = g.slab.thread(slot);
     MINE.with(|m| m.store(t as *const ThreadCaches as *mut ThreadCaches, Ordering::Relaxed));
@@ -141,7 +138,7 @@ pub fn current(g: &'static Global) -> Option<&'static ThreadCaches> {
 
 /// The tag of `t` as slab descriptors store it (`PageDesc::owner`): its slot + 1 (0 means "none").
 #[inline]
-pub fn tag(g: &Global, t: &ThreadCaches) -> u32 {
+pub fn tag(g: &SlabState, t: &ThreadCaches) -> u32 {
     g.slab.slot_of(t) + 1
 }
 
@@ -151,7 +148,7 @@ pub fn tag(g: &Global, t: &ThreadCaches) -> u32 {
 ///
 /// # Context
 /// Normal context (reentrant: a handler that lands in it keeps off the list being drained).
-pub(crate) fn drain_current(g: &Global) {
+pub(crate) fn drain_current(g: &SlabState) {
     let Some(me) = current_if_any() else { return };
     for id in 0..g.cache_count() {
         let (tc, c) = (me.list(id), g.cache(id));
@@ -182,14 +179,14 @@ fn slot_exit(slot: u32) -> bool {
     MINE.with(|m| m.store(core::ptr::null_mut(), Ordering::Relaxed));
     crate::sync::signal_fence();
     let blocks = super::kfree_rcu::drain_slot(slot, false);
-    let lists = global::get_if_init().is_none_or(|g| drain_lists(g, slot, false));
+    let lists = tables::state_if_init().is_none_or(|g| drain_lists(g, slot, false));
     blocks && lists
 }
 
 /// The slot's thread no longer exists: hand back what it left, whatever state it stopped in.
 fn slot_reset(slot: u32) {
     super::kfree_rcu::drain_slot(slot, true);
-    if let Some(g) = global::get_if_init() {
+    if let Some(g) = tables::state_if_init() {
         drain_lists(g, slot, true);
     }
 }
@@ -202,7 +199,7 @@ fn slot_reset(slot: u32) {
 /// a context that will never clear it: it is cleared here as that context's unlock would have, and the list,
 /// which it may have left mid-edit, is dropped (its objects leaked, never walked). Otherwise (the thread's own
 /// exit) such a list is left as it is and the result says so (false).
-fn drain_lists(g: &Global, slot: u32, dead: bool) -> bool {
+fn drain_lists(g: &SlabState, slot: u32, dead: bool) -> bool {
     let t = g.slab.thread(slot);
     let mut consistent = true;
     for id in 0..g.cache_count() {
@@ -236,7 +233,7 @@ fn drain_lists(g: &Global, slot: u32, dead: bool) -> bool {
 
 /// Take over the list of cache `id` in every thread: mark them claimed, wait out in-flight operations, and
 /// return their objects. Used by cache destroy. Blocks (normal context).
-pub fn claim_and_drain_all(g: &Global, id: u16) {
+pub fn claim_and_drain_all(g: &SlabState, id: u16) {
     let n = crate::thread::count();
     for i in 0..n {
         g.slab.thread(i).list(id).lock.claim();
@@ -249,7 +246,7 @@ pub fn claim_and_drain_all(g: &Global, id: u16) {
         if !tc.lock.wait_unlocked(CLAIM_PATIENCE) {
             // The owner left the allocator without clearing busy (e.g. longjmp out of a signal handler): its
             // list is leaked rather than touched.
-            crate::debug::report_stuck_shard(i, g.cache(id).name());
+            super::debug::report_stuck_shard(i, g.cache(id).name());
             continue;
         }
         if tc.count.load(Ordering::Acquire) != 0 || !tc.deferred.is_empty() {
@@ -259,7 +256,7 @@ pub fn claim_and_drain_all(g: &Global, id: u16) {
 }
 
 /// Reset the list of cache `id` in every thread for a new cache with that id (before it is published).
-pub fn reset_all(g: &Global, id: u16) {
+pub fn reset_all(g: &SlabState, id: u16) {
     for i in 0..crate::thread::count() {
         let tc = g.slab.thread(i).list(id);
         tc.freelist.store(0, Ordering::Relaxed);

@@ -386,6 +386,8 @@ impl SlabFreelist {
     }
 
     fn pop_inner(&self, g: &Geometry, codec: LinkCodec, holder: bool) -> Result<Option<(usize, bool)>, Corrupt> {
+        // Acquire: pairs with the Release half of the CAS that pushed the head object (its link word, written
+        // before the push, is read below).
         let mut old = State(self.state.load(Ordering::Acquire));
         loop {
             if old.flags() & DEAD != 0 {

@@ -80,7 +80,7 @@
 
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use crate::slab::cache::{CacheInner, CacheName};
+use super::cache::{CacheInner, CacheName};
 
 /// What is wrong with a pointer given to a free function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -376,7 +376,7 @@ fn poisons(c: &CacheInner) -> bool {
 // Hardened mode
 // -------------------------------------------------------------------------------------------------------------
 
-/// `Global::slow_flags`: the plain kmalloc classes are hardened (their fast paths are off). The bits 1 and 2 are
+/// `SlabState::slow_flags`: the plain kmalloc classes are hardened (their fast paths are off). The bits 1 and 2 are
 /// `global`'s; this one is kept at the top of the byte.
 pub(crate) const SLOW_HARDENED: u8 = 0x80;
 
@@ -406,7 +406,7 @@ pub fn hardened_default() -> bool {
 
 /// Whether the kmalloc classes are hardened (decided when nolock started).
 pub fn kmalloc_hardened() -> bool {
-    crate::global::get_if_init().is_some_and(|g| g.slow_flags.load(Ordering::Relaxed) & SLOW_HARDENED != 0)
+    super::tables::state_if_init().is_some_and(|g| g.slow_flags.load(Ordering::Relaxed) & SLOW_HARDENED != 0)
 }
 
 /// A fresh random key for a hardened cache's link encoding: `getrandom(2)` (non-blocking), or, where that is not
@@ -420,7 +420,7 @@ pub(crate) fn random_key() -> usize {
         // SAFETY: `ts` is a valid out-pointer.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         let stack = &ts as *const _ as u64;
-        let arena = crate::global::get_if_init().map_or(0, |g| g as *const _ as u64);
+        let arena = super::tables::state_if_init().map_or(0, |g| g as *const _ as u64);
         k = mix64((ts.tv_nsec as u64) ^ ((ts.tv_sec as u64) << 32) ^ stack.rotate_left(17) ^ arena);
     }
     if k == 0 { 0x9e37_79b9_7f4a_7c15 } else { k as usize }
@@ -442,18 +442,18 @@ fn mix64(mut x: u64) -> u64 {
 /// # Context
 /// Any context (one atomic store). Initialises nolock if needed.
 pub fn set_enabled(on: bool) {
-    if let Some(g) = crate::global::get() {
+    if let Some(g) = super::tables::state() {
         if on {
-            g.slow_flags.fetch_or(crate::global::SLOW_DEBUG, Ordering::Relaxed);
+            g.slow_flags.fetch_or(super::tables::SLOW_DEBUG, Ordering::Relaxed);
         } else {
-            g.slow_flags.fetch_and(!crate::global::SLOW_DEBUG, Ordering::Relaxed);
+            g.slow_flags.fetch_and(!super::tables::SLOW_DEBUG, Ordering::Relaxed);
         }
     }
 }
 
 /// Whether kmalloc debug mode is on.
 pub fn enabled() -> bool {
-    crate::global::get().is_some_and(|g| g.kmalloc_debug())
+    super::tables::state().is_some_and(|g| g.kmalloc_debug())
 }
 
 /// Fault injection for a cache: make allocations fail on purpose so callers can test their failure paths.
@@ -480,15 +480,15 @@ pub(crate) fn set_fault(c: &CacheInner, f: FaultInjection) {
     // Start counting afresh, so `EveryNth(n)` fails exactly the n-th, 2n-th, ... attempt from now on.
     c.fault.calls.store(0, Ordering::Relaxed);
     if (nth != 0 || prob != 0)
-        && let Some(g) = crate::global::get()
+        && let Some(g) = super::tables::state()
     {
-        g.slow_flags.fetch_or(crate::global::SLOW_FAULT, Ordering::Relaxed);
+        g.slow_flags.fetch_or(super::tables::SLOW_FAULT, Ordering::Relaxed);
     }
 }
 
 /// Configure fault injection on every kmalloc cache (plain and debug).
 pub fn set_kmalloc_fault_injection(f: FaultInjection) {
-    if let Some(g) = crate::global::get() {
+    if let Some(g) = super::tables::state() {
         for id in crate::slab::kmalloc::all_kmalloc_ids() {
             set_fault(g.cache(id), f);
         }

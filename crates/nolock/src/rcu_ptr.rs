@@ -1,4 +1,7 @@
-//! Typed wrappers: retire objects after a grace period without raw pointers.
+//! `RcuPtr`: retire objects after a grace period without raw pointers.
+//!
+//! A client of the RCU layer (grace periods, `call_rcu_nolock`) and of the slab layer (`kmalloc_nolock` for the
+//! nodes), so it sits above both, beside `NBox`.
 //!
 //! [`RcuPtr<T>`] is an atomic pointer to a `T` in nolock memory. Readers [`load`](RcuPtr::load) it inside a
 //! read-side section and get a `&T` that lives as long as their guard; writers [`publish`](RcuPtr::publish) a
@@ -7,7 +10,7 @@
 //! with `call_rcu_nolock`, so every operation is safe from any context, signal handlers included.
 //!
 //! ```
-//! use nolock::rcu::ptr::RcuPtr;
+//! use nolock::RcuPtr;
 //!
 //! static CONFIG: RcuPtr<[u32; 4]> = RcuPtr::null();
 //!
@@ -25,10 +28,11 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
-use super::classic::RcuReadGuard;
-use super::srcu::{SrcuFast, SrcuFastGuard};
-use super::{GracePeriod, RcuHead};
 use crate::page::Gfp;
+use crate::rcu::classic::RcuReadGuard;
+use crate::rcu::srcu::{SrcuFast, SrcuFastGuard};
+use crate::rcu::{GracePeriod, RcuHead};
+use crate::slab::kmalloc::{kfree_nolock, kmalloc_layout_nolock};
 
 mod sealed {
     /// Only this module's flavours implement [`super::Flavor`]: a flavour's `guards` check is what makes
@@ -101,7 +105,7 @@ unsafe fn drop_node<T>(head: NonNull<RcuHead>) {
     // no reader can still see the value.
     unsafe {
         core::ptr::drop_in_place(&mut (*node).value);
-        crate::kfree_nolock(node as *mut u8);
+        kfree_nolock(node as *mut u8);
     }
 }
 
@@ -173,7 +177,7 @@ impl<T: Send + Sync, F: Flavor> RcuPtr<T, F> {
     /// Any context: allocates with `kmalloc_nolock`, retires with `call_*_nolock`. `T`'s destructor later runs
     /// on the grace-period worker thread.
     pub fn publish(&self, value: T) -> Result<(), T> {
-        let Some(mem) = crate::kmalloc_layout_nolock(Layout::new::<Node<T>>(), Gfp::NONE) else {
+        let Some(mem) = kmalloc_layout_nolock(Layout::new::<Node<T>>(), Gfp::NONE) else {
             return Err(value);
         };
         let node = mem.cast::<Node<T>>();
