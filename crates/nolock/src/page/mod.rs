@@ -200,6 +200,44 @@ impl core::fmt::Display for PrefaultError {
 
 impl std::error::Error for PrefaultError {}
 
+/// The arena's read-only geometry that maps an address to its page descriptor: a copy that the layer above keeps
+/// beside its own hot state, so that a free finds a pointer's descriptor without first loading where the page
+/// allocator is (one dependent load fewer on every free).
+#[derive(Clone, Copy)]
+pub(crate) struct ArenaView {
+    base: usize,
+    size: usize,
+    descs: *const PageDesc,
+}
+
+// SAFETY: immutable copies of the page allocator's fields; `descs` points into a mapping that lives for the rest
+// of the process and is only accessed atomically.
+unsafe impl Send for ArenaView {}
+// SAFETY: see above.
+unsafe impl Sync for ArenaView {}
+
+impl ArenaView {
+    /// Whether `addr` is inside the arena (as [`PageAllocator::contains`]).
+    #[inline(always)]
+    pub fn contains(&self, addr: usize) -> bool {
+        addr.wrapping_sub(self.base) < self.size
+    }
+
+    /// The descriptor information of the page under `addr`, which must be inside the arena (as
+    /// [`PageAllocator::info_of`]).
+    #[inline(always)]
+    pub fn info_of(&self, addr: usize) -> Info {
+        // SAFETY: `addr` is inside the arena (caller), so its page has a descriptor; they live for the process.
+        unsafe { &*self.descs.add((addr - self.base) >> PAGE_SHIFT) }.info()
+    }
+
+    /// Address of page `page`.
+    #[inline(always)]
+    pub fn page_addr(&self, page: usize) -> usize {
+        self.base + (page << PAGE_SHIFT)
+    }
+}
+
 /// The arena and its bitmaps. One instance lives in the global state; see the module documentation.
 pub(crate) struct PageAllocator {
     base: usize,
@@ -1074,6 +1112,11 @@ impl PageAllocator {
     /// The page whose descriptor is at address `desc` (inverse of [`desc`](Self::desc)).
     pub fn page_of_desc(&self, desc: usize) -> usize {
         (desc - self.descs as usize) / core::mem::size_of::<PageDesc>()
+    }
+
+    /// A copy of the read-only geometry that maps addresses to descriptors (see [`ArenaView`]).
+    pub fn view(&self) -> ArenaView {
+        ArenaView { base: self.base, size: self.size, descs: self.descs }
     }
 
     /// Describe the address `addr` (inside the arena): the descriptor of its page.

@@ -108,8 +108,8 @@ impl CacheInner {
     /// Any context: async-signal-safe, reentrant, never blocks.
     #[inline(always)]
     pub fn free_fast(g: &SlabState, addr: usize, only: Option<u16>) -> bool {
-        if g.pages.contains(addr)
-            && let info = g.pages.info_of(addr)
+        if g.arena.contains(addr)
+            && let info = g.arena.info_of(addr)
             && info.is_plain_slab()
             && only.is_none_or(|id| id == info.cache_id())
             && let Some(t) = thread_cache::current_if_any()
@@ -159,7 +159,7 @@ impl CacheInner {
             // Power-of-two stride, slab aligned to it, no tail: one mask test, no load from the cache.
             return (addr & ((1usize << shift) - 1) == 0).then_some(addr);
         }
-        let rel = addr - g.pages.page_addr(info.head() as usize);
+        let rel = addr - g.arena.page_addr(info.head() as usize);
         self.index_of(rel).map(|_| addr)
     }
 
