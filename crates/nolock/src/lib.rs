@@ -52,17 +52,23 @@
 //!
 //! ## Layers
 //!
+//! Bottom up; each imports only what is below it (docs/DESIGN.md section 5 draws it):
+//!
+//! - [`sync`] (hidden: internal), `sys`, `hooks`: the lock-free building blocks (llist, tagged stack, slab
+//!   free-list word, RCU and SRCU counting cores; loom-checked), the system calls, the test reentry points.
 //! - [`thread`]: per-thread slots (the userspace "CPU number"), claimed from a static table on a thread's first
 //!   call; each layer keeps its per-thread state in its own table indexed by slot.
 //! - [`page`]: the arena and `alloc_pages_nolock` — lock-free bitmap allocation, page descriptors, returning
-//!   memory to the OS off the nolock path.
-//! - [`slab`]: `KmemCache`, kmalloc size classes, per-thread caches, `kmalloc_nolock` / `kfree_nolock`,
-//!   `kfree_rcu_nolock` (its pointer blocks are slab objects).
+//!   memory to the OS off the nolock path; [`Config`] and the arena's process-wide state.
 //! - [`rcu`]: RCU, SRCU-fast, Tasks Trace, `call_rcu_nolock`, grace-period cookies ([`GracePeriod`]), the
 //!   grace-period worker.
-//! - [`debug`]: red zones, poison, double-free and bad-pointer reports, fault injection.
-//! - [`NBox`]: safe owners; [`NolockAlloc`]: a `GlobalAlloc`.
-//! - [`sync`]: the lock-free building blocks (llist, tagged stack, slab free-list word), loom-checked.
+//! - [`slab`]: `KmemCache`, kmalloc size classes, per-thread caches, `kmalloc_nolock` / `kfree_nolock`,
+//!   `kfree_rcu_nolock` (its pointer blocks are slab objects), and its [`debug`] checks: red zones, poison,
+//!   double-free and bad-pointer reports, fault injection, hardened free lists.
+//! - Typed owners over the layers: [`NBox`], [`RcuPtr`] (in [`rcu_ptr`]), [`NolockAlloc`] (a `GlobalAlloc`);
+//!   [`stats`].
+//! - The background worker (shrink, purge) and the composition root that wires the layers together (process
+//!   hooks, fork, [`trim`]).
 //!
 //! Start with [`init`] from `main` to get the background worker that gives free memory back to the OS, or call
 //! [`trim`] yourself.
