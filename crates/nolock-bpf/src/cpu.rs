@@ -151,13 +151,19 @@ impl Drop for IrqRegion {
         }
         // Outermost: run the queue with the depth still at 1, so that a handler interrupting us opens a nested
         // region and leaves the queue to us (see the module header).
-        run_queue();
-        compiler_fence(Ordering::SeqCst);
-        DEPTH.with(|c| c.set(0));
-        compiler_fence(Ordering::SeqCst);
-        // Items a handler queued between the last scan and the store above: none can exist, since a handler
-        // that ran then saw depth 1 only before the store, and a queued item sets DIRTY, which run_queue checks
-        // last. After the store, handlers run their own queue at their outermost end.
+        loop {
+            run_queue();
+            compiler_fence(Ordering::SeqCst);
+            DEPTH.with(|c| c.set(0));
+            compiler_fence(Ordering::SeqCst);
+            // A handler that ran between the last scan and the store above saw depth 1, so it left what it
+            // queued to us and set DIRTY. (One that runs after the store is outermost and runs its own queue.)
+            if !DIRTY.with(|d| d.load(Ordering::Relaxed)) {
+                break;
+            }
+            DEPTH.with(|c| c.set(1));
+            compiler_fence(Ordering::SeqCst);
+        }
         run_due_late();
     }
 }
@@ -274,12 +280,12 @@ pub fn defer_late(f: fn(usize), arg: usize, delay: Duration) {
     IrqRegion::defer(f, arg);
 }
 
-/// Removes every late item of `(f, arg)` of every CPU that has not started running yet, and waits for one
-/// that has. Returns how many it removed.
+/// Removes every late item of `f` whose argument `matches`, of every CPU, that has not been handed to its
+/// thread's queue yet. Returns how many it removed.
 ///
 /// # Context
-/// Normal context only (an allocator's destroy): may sleep while an item of `(f, arg)` runs on another thread.
-pub fn cancel_late(f: fn(usize), arg: usize) -> usize {
+/// Normal context only (an allocator's destroy): scans every CPU's table.
+pub fn cancel_late(f: fn(usize), matches: impl Fn(usize) -> bool) -> usize {
     let fw = f as usize;
     let mut removed = 0;
     for cpu in LATE.iter() {
@@ -288,7 +294,7 @@ pub fn cancel_late(f: fn(usize), arg: usize) -> usize {
                 let s = c.state.load(Ordering::Acquire);
                 if (s != LATE_WAITING && s != LATE_DUE)
                     || c.f.load(Ordering::Relaxed) != fw
-                    || c.arg.load(Ordering::Relaxed) != arg
+                    || !matches(c.arg.load(Ordering::Relaxed))
                 {
                     break;
                 }
