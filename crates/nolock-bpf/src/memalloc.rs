@@ -1065,7 +1065,8 @@ impl BpfMemAlloc {
     ///
     /// # Context
     /// Normal context only: allocates the per-CPU table with the global allocator (zeroed, so only the pages
-    /// of CPUs that use it are touched) and, for [`RefillMode::Late`], starts the late worker thread.
+    /// of CPUs that use it are touched), starts nolock's grace-period worker if it is not running and, for
+    /// [`RefillMode::Late`], the late worker thread.
     pub fn new(unit_size: Option<usize>, cfg: BpfMaConfig) -> Result<Self, BpfMaError> {
         let mut params = [Params::default(); NUM_CACHES];
         let (ncaches, fixed) = match unit_size {
@@ -1092,8 +1093,8 @@ impl BpfMemAlloc {
         if let RefillMode::Late(_) = cfg.refill {
             cpu::start_late_worker();
         }
-        // The grace-period worker runs the callbacks of free_rcu and of trims.
-        let _ = nolock::rcu_stats();
+        // The grace-period worker runs the callbacks of free_rcu and of trims: make sure it exists.
+        let _ = nolock::start_poll_synchronize_rcu();
         Ok(BpfMemAlloc {
             inner: Box::new(Inner {
                 caches,
@@ -1264,6 +1265,62 @@ impl BpfMemAlloc {
     /// benchmarks.
     pub fn free_count(&self, cpu: usize, idx: usize) -> isize {
         self.inner.cache(cpu, idx).free_cnt.load(Ordering::Relaxed)
+    }
+
+    /// Lengths of every list of `cpu`'s cache `idx` (0 for a fixed-size allocator), for tests.
+    ///
+    /// # Context
+    /// Normal context, with the allocator quiescent: it walks lists other threads and callbacks may edit.
+    #[doc(hidden)]
+    pub fn lists(&self, cpu: usize, idx: usize) -> ListLens {
+        let c = self.inner.cache(cpu, idx);
+        let len = |head: &AtomicUsize| {
+            let mut n = 0;
+            for_each_node(head.load(Ordering::Acquire), |_| n += 1);
+            n
+        };
+        ListLens {
+            free_llist: len(&c.free_llist),
+            free_llist_extra: len(&c.free_llist_extra),
+            free_by_rcu: len(&c.free_by_rcu),
+            free_llist_extra_rcu: len(&c.free_llist_extra_rcu),
+            waiting_for_gp: len(&c.waiting_for_gp),
+            free_by_rcu_ttrace: len(&c.free_by_rcu_ttrace),
+            waiting_for_gp_ttrace: len(&c.waiting_for_gp_ttrace),
+        }
+    }
+}
+
+/// Lengths of the lists of one per-CPU cache ([`BpfMemAlloc::lists`]).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListLens {
+    /// `free_llist`.
+    pub free_llist: usize,
+    /// `free_llist_extra`.
+    pub free_llist_extra: usize,
+    /// `free_by_rcu`.
+    pub free_by_rcu: usize,
+    /// `free_llist_extra_rcu`.
+    pub free_llist_extra_rcu: usize,
+    /// `waiting_for_gp`.
+    pub waiting_for_gp: usize,
+    /// `free_by_rcu_ttrace`.
+    pub free_by_rcu_ttrace: usize,
+    /// `waiting_for_gp_ttrace`.
+    pub waiting_for_gp_ttrace: usize,
+}
+
+impl ListLens {
+    /// Objects on all lists.
+    pub fn total(&self) -> usize {
+        self.free_llist
+            + self.free_llist_extra
+            + self.free_by_rcu
+            + self.free_llist_extra_rcu
+            + self.waiting_for_gp
+            + self.free_by_rcu_ttrace
+            + self.waiting_for_gp_ttrace
     }
 }
 
