@@ -291,6 +291,7 @@ pub fn cancel_late(f: fn(usize), matches: impl Fn(usize) -> bool) -> usize {
     for cpu in LATE.iter() {
         for c in cpu.cells.iter() {
             loop {
+                // Acquire: pairs with the Release store of WAITING in `defer_late` (f and arg are visible).
                 let s = c.state.load(Ordering::Acquire);
                 if (s != LATE_WAITING && s != LATE_DUE)
                     || c.f.load(Ordering::Relaxed) != fw

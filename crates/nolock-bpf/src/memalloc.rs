@@ -286,6 +286,9 @@ mod hook_imp {
     }
 
     /// Install (or with `None` remove) the hook called at every [`HookPoint`] (tests only).
+    ///
+    /// # Context
+    /// Normal context (tests): one atomic store. The hook itself runs wherever the allocator reaches a point.
     pub fn set_hook(hook: Option<fn(HookPoint)>) {
         // Release: pairs with the Acquire load in `point`.
         HOOK.store(hook.map_or(core::ptr::null_mut(), |f| f as *mut ()), Ordering::Release);
@@ -544,12 +547,15 @@ impl Inner {
     fn inc_active(c: &Cache) -> usize {
         let v = c.active.load(Ordering::Relaxed) + 1;
         c.active.store(v, Ordering::Relaxed);
+        // Signal fence: the list edit stays after the store, where a handler on this thread sees the counter
+        // held (pairs with the same fence in the handler's own increment, which reads the counter).
         compiler_fence(Ordering::SeqCst);
         v
     }
 
     #[inline(always)]
     fn dec_active(c: &Cache) {
+        // Signal fence: the list edit is complete before a handler can see the counter released.
         compiler_fence(Ordering::SeqCst);
         c.active.store(c.active.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
     }
@@ -1293,6 +1299,7 @@ impl BpfMemAlloc {
         let c = self.inner.cache(cpu, idx);
         let len = |head: &AtomicUsize| {
             let mut n = 0;
+            // Acquire: pairs with the Release CAS in `llist_add_batch` (the links of the chain are visible).
             for_each_node(head.load(Ordering::Acquire), |_| n += 1);
             n
         };

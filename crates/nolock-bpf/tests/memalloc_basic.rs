@@ -148,3 +148,38 @@ fn group_is_charged_and_uncharged() {
     assert_eq!(g.current(), 0);
     assert!(g.peak() >= 4 * 128);
 }
+
+/// A double free and a free of a pointer from another allocator are refused and counted (their headers do
+/// not name one of this allocator's caches); nothing is corrupted or lost.
+#[test]
+fn bad_frees_are_refused() {
+    let a = fixed(64, RefillMode::AtRegionEnd);
+    let b = fixed(64, RefillMode::AtRegionEnd);
+    let _r = IrqRegion::enter();
+    let p = a.cache_alloc().unwrap();
+    let q = b.cache_alloc().unwrap();
+    // SAFETY: the first free is valid; the second is the bad input under test (the header now holds a list
+    // link, which names no cache).
+    unsafe {
+        a.cache_free(p);
+        a.cache_free(p);
+    }
+    assert_eq!(a.stats().bad_frees, 1);
+    // SAFETY: bad input under test: q belongs to b.
+    unsafe { a.cache_free(q) };
+    assert_eq!(a.stats().bad_frees, 2);
+    // SAFETY: q is b's.
+    unsafe { b.cache_free(q) };
+    assert_eq!(b.stats().bad_frees, 0);
+    let s = a.stats();
+    assert_eq!(s.allocs, s.frees, "the refused frees were not counted as frees");
+    // Each allocator still hands out distinct objects.
+    let x = a.cache_alloc().unwrap();
+    let y = a.cache_alloc().unwrap();
+    assert_ne!(x, y);
+    // SAFETY: from a.
+    unsafe {
+        a.cache_free(x);
+        a.cache_free(y);
+    }
+}
