@@ -19,7 +19,8 @@
 //! 96, 192, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096 (header included; the kernel's order, so that its
 //! `size_index` table maps sizes up to 192 straight to 96 and 192); larger sizes use `fls`. A request whose
 //! size plus header passes 4096 (so above 4088) fails: the kernel's -E2BIG. A fixed-size allocator has one
-//! cache per CPU whose unit is the size plus the header.
+//! cache per CPU whose unit is the size plus the header, of any size `kmalloc` serves (a hash map with 4 KiB
+//! values has 4152-byte elements: watermarks 1/5, batch 3, prefill 1).
 //!
 //! # The lists of one per-CPU cache, and who touches them when
 //!
@@ -90,6 +91,11 @@
 //!   the unit size, not one copy per CPU.
 //! - The kernel asks RCU to hurry when `free_rcu` outruns its one callback in flight; nolock's RCU has no such
 //!   knob, so the objects simply wait for the next callback.
+//! - The refill takes single objects off the ttrace lists while other threads may take them all; the kernel
+//!   does it with interrupts off, so it cannot stall there. A thread can, so the refill counts itself in
+//!   `ttrace_readers` and the Tasks Trace callback that finds it counted holds its batch back for one more RCU
+//!   grace period before giving it to `kfree_nolock` (otherwise an object could be freed, come back through
+//!   `kmalloc_nolock` to the head of the list, and break the stalled refill's compare-and-swap: ABA).
 //!
 //! # Context
 //!
@@ -99,7 +105,7 @@
 
 use core::mem::offset_of;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicIsize, AtomicPtr, AtomicU64, AtomicUsize, Ordering, compiler_fence};
+use core::sync::atomic::{AtomicBool, AtomicIsize, AtomicPtr, AtomicU64, AtomicUsize, Ordering, compiler_fence, fence};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,6 +125,10 @@ pub const MAX_ALLOC_SIZE: usize = BPF_MEM_ALLOC_SIZE_MAX - LLIST_NODE_SZ;
 pub const NUM_CACHES: usize = 11;
 /// Unit sizes of the variable-size caches, header included, in the kernel's order.
 pub const SIZES: [usize; NUM_CACHES] = [96, 192, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
+/// Largest unit of a fixed-size allocator, header included: what the kernel's `kmalloc` serves
+/// (`KMALLOC_MAX_SIZE`, 4 MiB on x86-64). Fixed-size units are not limited to 4096: a hash map with 4 KiB
+/// values has 4152-byte elements.
+pub const MAX_FIXED_UNIT: usize = 4 << 20;
 /// Header value of an object a thread without a CPU took straight from `kmalloc_nolock`.
 pub const SHARED: usize = 1;
 
@@ -164,7 +174,7 @@ pub struct BpfMaConfig {
 /// Why an allocator could not be created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BpfMaError {
-    /// The unit (size plus header) is 0 or above 4096 (-E2BIG / -EINVAL).
+    /// A fixed size of 0, or a unit (size plus header) above [`MAX_FIXED_UNIT`] (-EINVAL / -E2BIG).
     BadSize,
     /// Memory for the per-CPU tables could not be allocated (-ENOMEM).
     NoMem,
@@ -173,7 +183,7 @@ pub enum BpfMaError {
 impl core::fmt::Display for BpfMaError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            BpfMaError::BadSize => write!(f, "bpf_mem_alloc: unit size 0 or above {BPF_MEM_ALLOC_SIZE_MAX} bytes"),
+            BpfMaError::BadSize => write!(f, "bpf_mem_alloc: unit size 0 or above {MAX_FIXED_UNIT} bytes"),
             BpfMaError::NoMem => write!(f, "bpf_mem_alloc: no memory for the per-CPU caches"),
         }
     }
@@ -440,6 +450,10 @@ struct Cache {
     free_by_rcu_ttrace: AtomicUsize,
     waiting_for_gp_ttrace: AtomicUsize,
     rcu_ttrace: RcuHead,
+    /// Refills of the owner reading the ttrace lists now (see `free_rcu_ttrace`).
+    ttrace_readers: AtomicUsize,
+    /// A freed batch waiting one more RCU grace period for such a refill.
+    ttrace_deferred: AtomicUsize,
 }
 
 /// Watermarks and sizes of one size class.
@@ -654,9 +668,14 @@ impl Inner {
     /// `alloc_bulk`: up to `cnt` objects onto `free_llist`, from `free_by_rcu_ttrace`, then
     /// `waiting_for_gp_ttrace`, then `kmalloc_nolock`.
     fn alloc_bulk(&self, c: &Cache, cnt: usize) {
-        // Like the kernel's irq_work (interrupts off), the refill is an RCU reader: objects it reads on the
-        // ttrace lists cannot go back to kmalloc meanwhile.
+        // Like the kernel's irq_work (interrupts off), the refill is an RCU reader, and it says so to the Tasks
+        // Trace callback that frees `waiting_for_gp_ttrace` (see `free_rcu_ttrace`): an object it reads on the
+        // ttrace lists cannot go back to kmalloc (and come back to the head of a list: ABA) meanwhile.
         let _rcu = nolock::rcu_read_lock();
+        c.ttrace_readers.fetch_add(1, Ordering::Relaxed);
+        // SeqCst fence: store-buffering against `free_rcu_ttrace` (its swap of the list, fence, load of
+        // `ttrace_readers`): either it sees us counted, or we see the list it emptied.
+        fence(Ordering::SeqCst);
         let mut i = 0;
         while i < cnt {
             let obj = llist_del_first(&c.free_by_rcu_ttrace);
@@ -681,6 +700,9 @@ impl Inner {
             Self::add_obj_to_free_list(c, obj);
             i += 1;
         }
+        // Release: our reads of the lists are done before the count drops; pairs with the SeqCst load in
+        // `free_rcu_ttrace`.
+        c.ttrace_readers.fetch_sub(1, Ordering::Release);
     }
 
     fn add_obj_to_free_list(c: &Cache, obj: usize) {
@@ -750,8 +772,26 @@ impl Inner {
     }
 
     /// `__free_rcu`: the Tasks Trace grace period (which implies RCU's) is over: free the batch.
+    ///
+    /// One guard the kernel does not need: its refill takes objects off `waiting_for_gp_ttrace` with
+    /// interrupts off, for a few instructions, so the objects it reads cannot be freed and come back to the
+    /// list's head meanwhile. A preempted thread can stall there for long, so when an owner's refill is
+    /// reading the lists right now (`ttrace_readers`), the batch waits one more RCU grace period (the refill
+    /// is an RCU reader) before it goes back to kmalloc.
     fn free_rcu_ttrace(&self, c: &Cache) {
-        self.free_all(llist_del_all(&c.waiting_for_gp_ttrace));
+        let chain = llist_del_all(&c.waiting_for_gp_ttrace);
+        // SeqCst fence: pairs with the one in `alloc_bulk` (store-buffering, see there).
+        fence(Ordering::SeqCst);
+        if chain != 0 && !c.draining.load(Ordering::Relaxed) && c.ttrace_readers.load(Ordering::SeqCst) != 0 {
+            c.ttrace_deferred.store(chain, Ordering::Relaxed);
+            bump(&self.n.rcu_callbacks);
+            // SAFETY: `rcu_ttrace` is ours (its callback is running or the right is held: the in-flight right
+            // stays taken); the cache outlives the callback (destroy waits with rcu_barrier). The queueing
+            // publishes `ttrace_deferred` to the callback.
+            unsafe { nolock::call_rcu_nolock(NonNull::from(&c.rcu_ttrace), free_deferred_ttrace_cb) };
+            return;
+        }
+        self.free_all(chain);
         // Release: the batch is gone before the next may start; pairs with the AcqRel swap in
         // `do_call_rcu_ttrace`.
         c.call_rcu_ttrace_in_progress.store(false, Ordering::Release);
@@ -1022,6 +1062,21 @@ unsafe fn free_rcu_ttrace_cb(head: NonNull<RcuHead>) {
     ma.free_rcu_ttrace(c);
 }
 
+/// The batch `free_rcu_ttrace` held back for a refill that was reading the lists: after this RCU grace
+/// period that refill is over.
+///
+/// # Safety
+/// `head` is the `rcu_ttrace` head of a cache of a live allocator.
+unsafe fn free_deferred_ttrace_cb(head: NonNull<RcuHead>) {
+    // SAFETY: `head` is the `rcu_ttrace` field of a Cache (caller).
+    let c = unsafe { &*((head.as_ptr() as usize - offset_of!(Cache, rcu_ttrace)) as *const Cache) };
+    // SAFETY: set when the cache was set up.
+    let ma = unsafe { &*c.ma.load(Ordering::Relaxed) };
+    ma.free_all(c.ttrace_deferred.swap(0, Ordering::Relaxed));
+    // Release: pairs with the AcqRel swap in `do_call_rcu_ttrace`.
+    c.call_rcu_ttrace_in_progress.store(false, Ordering::Release);
+}
+
 /// Frees a [`SHARED`] object after its grace period.
 ///
 /// # Safety
@@ -1075,7 +1130,8 @@ impl core::fmt::Debug for BpfMemAlloc {
 
 impl BpfMemAlloc {
     /// `bpf_mem_alloc_init`: a fixed-size allocator for objects of `unit_size` bytes (the header comes on
-    /// top), or with `None` a variable-size one (up to [`MAX_ALLOC_SIZE`] bytes per allocation).
+    /// top; up to [`MAX_FIXED_UNIT`] in all), or with `None` a variable-size one (up to [`MAX_ALLOC_SIZE`]
+    /// bytes per allocation).
     ///
     /// # Context
     /// Normal context only: allocates the per-CPU table with the global allocator (zeroed, so only the pages
@@ -1086,7 +1142,7 @@ impl BpfMemAlloc {
         let (ncaches, fixed) = match unit_size {
             Some(s) => {
                 let unit = s.checked_add(LLIST_NODE_SZ).ok_or(BpfMaError::BadSize)?;
-                if s == 0 || unit > BPF_MEM_ALLOC_SIZE_MAX {
+                if s == 0 || unit > MAX_FIXED_UNIT {
                     return Err(BpfMaError::BadSize);
                 }
                 // Room for the callback head a shared-path `free_rcu` puts in the object.
@@ -1284,6 +1340,12 @@ impl BpfMemAlloc {
         self.inner.group.as_ref()
     }
 
+    /// The watermarks of cache `idx` (0 for a fixed-size allocator): `(low, high, batch, prefill)`.
+    pub fn watermarks(&self, idx: usize) -> (usize, usize, usize, usize) {
+        let p = &self.inner.params[idx];
+        (p.low as usize, p.high as usize, p.batch, p.prefill)
+    }
+
     /// Objects in `free_llist` of `cpu`'s cache `idx` (0 for a fixed-size allocator): for tests and
     /// benchmarks.
     pub fn free_count(&self, cpu: usize, idx: usize) -> isize {
@@ -1381,9 +1443,11 @@ impl Drop for BpfMemAlloc {
                 std::thread::yield_now();
             }
         }
-        // __free_by_rcu first (it may queue a Tasks Trace callback), then __free_rcu_tasks_trace.
+        // __free_by_rcu first (it may queue a Tasks Trace callback), then __free_rcu_tasks_trace, then the RCU
+        // callback a Tasks Trace callback may have queued for a batch held back for a refill.
         nolock::rcu_barrier();
         nolock::rcu_barrier_tasks_trace();
+        nolock::rcu_barrier();
         for cpu in 0..ncpu {
             for idx in 0..ma.ncaches {
                 let c = ma.cache(cpu, idx);
@@ -1395,6 +1459,7 @@ impl Drop for BpfMemAlloc {
                 ma.free_all(c.waiting_for_gp.swap(0, Ordering::Relaxed));
                 ma.free_all(llist_del_all(&c.free_by_rcu_ttrace));
                 ma.free_all(llist_del_all(&c.waiting_for_gp_ttrace));
+                ma.free_all(c.ttrace_deferred.swap(0, Ordering::Relaxed));
             }
         }
         // SAFETY: allocated in `new` with this layout; no callback or queued work references it any more.
