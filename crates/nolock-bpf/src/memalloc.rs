@@ -283,6 +283,8 @@ pub enum HookPoint {
     UnitFree,
     /// The refill, `active` held, before adding one object to `free_llist`.
     RefillAdd,
+    /// The refill, counted in `ttrace_readers`, before it takes objects off `waiting_for_gp_ttrace`.
+    RefillTtrace,
 }
 
 #[cfg(feature = "test-hooks")]
@@ -684,6 +686,9 @@ impl Inner {
             }
             Self::add_obj_to_free_list(c, obj);
             i += 1;
+        }
+        if i < cnt {
+            point(HookPoint::RefillTtrace);
         }
         while i < cnt {
             let obj = llist_del_first(&c.waiting_for_gp_ttrace);
