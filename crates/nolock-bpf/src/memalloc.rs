@@ -85,6 +85,8 @@
 //!
 //! - The kernel prefills every possible CPU when the allocator is created; here a CPU's cache is set up and
 //!   prefilled (same count) when its thread first uses it, because there are [`NR_CPUS`] slots.
+//! - A thread that exits leaves its CPU's caches as they are (objects included); the next thread given the
+//!   slot uses them, as a CPU that goes offline and comes back would. Destroy frees them either way.
 //! - A thread with no CPU has no kernel counterpart: it allocates straight from `kmalloc_nolock` (header
 //!   [`SHARED`]) and frees onto the owning cache's atomic extra lists.
 //! - Per-CPU allocators (`percpu`) keep the kernel's watermarks and prefill, but each object is one block of
