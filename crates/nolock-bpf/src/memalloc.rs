@@ -72,6 +72,13 @@
 //! sends the whole batch to the last one recorded (a hint, as in the kernel: a batch of objects from several
 //! CPUs all go to one of them).
 //!
+//! # Accounting
+//!
+//! Every object taken from `kmalloc_nolock` is charged, at its usable size, to the allocator's accounting
+//! group ([`BpfMaConfig::group`], the map's memory cgroup: the kernel's `__GFP_ACCOUNT`) and uncharged when it
+//! goes back to `kfree_nolock`; a refused charge fails the refill like an out-of-memory `kmalloc`. Cached
+//! objects count as well as handed-out ones, as in the kernel. [`BpfMemAlloc::mem_usage`] is the same figure.
+//!
 //! # Failures kept on purpose
 //!
 //! - A nested allocation on a cache whose `active` is held returns `None` (a signal handler that interrupts an
