@@ -64,7 +64,8 @@
 //!   grace-period worker.
 //! - [`slab`]: `KmemCache`, kmalloc size classes, per-thread caches, `kmalloc_nolock` / `kfree_nolock`,
 //!   `kfree_rcu_nolock` (its pointer blocks are slab objects), and its [`debug`] checks: red zones, poison,
-//!   double-free and bad-pointer reports, fault injection, hardened free lists.
+//!   double-free and bad-pointer reports, fault injection, hardened free lists, and [`memcg`]: accounting
+//!   groups (the memory cgroup's kmem accounting) that charged allocations and caches are charged to.
 //! - Typed owners over the layers: [`NBox`], [`RcuPtr`] (in [`rcu_ptr`]), [`NolockAlloc`] (a `GlobalAlloc`);
 //!   [`stats`].
 //! - The background worker (shrink, purge) and the composition root that wires the layers together (process
@@ -90,6 +91,8 @@ mod global;
 pub mod hooks;
 #[cfg(all(not(loom), not(feature = "test-hooks")))]
 mod hooks;
+#[cfg(not(loom))]
+pub use slab::memcg;
 #[cfg(not(loom))]
 pub mod page;
 #[cfg(not(loom))]
