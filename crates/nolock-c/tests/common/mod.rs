@@ -1,0 +1,190 @@
+//! Shared by the tests: where the built library is, compiling the C sources, running a program with and
+//! without `LD_PRELOAD` and measuring it (`wait4` gives the child's own wall time and peak RSS).
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>/libnolock_c.so`: integration tests live in `target/<profile>/deps`, and cargo builds the
+/// library before them.
+pub fn lib_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join("libnolock_c.so");
+    assert!(p.exists(), "{} not built (cargo test -p nolock-c builds it)", p.display());
+    p
+}
+
+/// `crates/nolock-c`.
+pub fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nolock-c").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// The program `name` on `PATH` (or at an absolute path), if installed. Prefers `/usr/bin` (the Debian package
+/// the CI installs) over wrappers earlier on `PATH` (pyenv shims are shell scripts).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let usr = Path::new("/usr/bin").join(name);
+    if usr.is_file() {
+        return Some(usr);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// The program, or `None` after a loud message. With `NOLOCK_C_REQUIRE_PROGRAMS=1` (set by `.ci/run`, where
+/// apt installs them) a missing program fails the test instead.
+pub fn need(name: &str, debian_package: &str) -> Option<PathBuf> {
+    if let Some(p) = find_program(name) {
+        return Some(p);
+    }
+    let msg = format!(
+        "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+         !!! SKIPPED: `{name}` is not installed (Debian package `{debian_package}`; .ci/run installs it).\n\
+         !!! This test proves nothing on this machine.\n\
+         !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+    );
+    if std::env::var("NOLOCK_C_REQUIRE_PROGRAMS").as_deref() == Ok("1") {
+        panic!("{msg}(NOLOCK_C_REQUIRE_PROGRAMS=1: missing programs are failures)");
+    }
+    eprintln!("{msg}");
+    None
+}
+
+/// Compile `tests/c/<src>` into `out` with the system C compiler (`cc`), plus `extra` arguments.
+pub fn compile_c(src: &str, out: &Path, extra: &[&str]) {
+    let cc = find_program("cc").or_else(|| find_program("gcc")).expect("a C compiler (cc) is needed for these tests");
+    let st = Command::new(cc)
+        .args(["-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(out)
+        .arg(crate_dir().join("tests/c").join(src))
+        .arg("-I")
+        .arg(crate_dir().join("include"))
+        .args(extra)
+        .status()
+        .expect("run cc");
+    assert!(st.success(), "compiling {src} failed");
+}
+
+/// What one run gave.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit status (`wait` status word).
+    pub status: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub wall: Duration,
+    /// Peak resident set size of the child (largest of it and the children it waited for), bytes.
+    pub max_rss: u64,
+    /// Killed at the time limit.
+    pub timed_out: bool,
+}
+
+impl Run {
+    pub fn success(&self) -> bool {
+        !self.timed_out && libc::WIFEXITED(self.status) && libc::WEXITSTATUS(self.status) == 0
+    }
+
+    pub fn describe(&self) -> String {
+        if self.timed_out {
+            "timed out".into()
+        } else if libc::WIFSIGNALED(self.status) {
+            format!("killed by signal {}", libc::WTERMSIG(self.status))
+        } else {
+            format!("exit {}", libc::WEXITSTATUS(self.status))
+        }
+    }
+}
+
+/// Run `cmd` (stdin from `stdin` or /dev/null), with `LD_PRELOAD` of the library when `preload`, killing it
+/// (its whole process group) after `limit`. Output goes through files in `dir`.
+pub fn run(mut cmd: Command, preload: bool, stdin: Option<&Path>, dir: &Path, limit: Duration) -> Run {
+    let out_path = dir.join(if preload { "stdout.preload" } else { "stdout.glibc" });
+    let err_path = dir.join(if preload { "stderr.preload" } else { "stderr.glibc" });
+    cmd.stdout(File::create(&out_path).expect("stdout file"));
+    cmd.stderr(File::create(&err_path).expect("stderr file"));
+    cmd.stdin(match stdin {
+        Some(p) => Stdio::from(File::open(p).expect("stdin file")),
+        None => Stdio::null(),
+    });
+    if preload {
+        cmd.env("LD_PRELOAD", lib_path());
+    } else {
+        cmd.env_remove("LD_PRELOAD");
+    }
+    cmd.process_group(0);
+    let t0 = Instant::now();
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+    let pid = child.id() as libc::pid_t;
+    let (status, ru, timed_out) = wait_with_limit(pid, limit);
+    let wall = t0.elapsed();
+    drop(child);
+    Run {
+        status,
+        stdout: std::fs::read(&out_path).unwrap_or_default(),
+        stderr: std::fs::read(&err_path).unwrap_or_default(),
+        wall,
+        max_rss: (ru.ru_maxrss as u64) * 1024,
+        timed_out,
+    }
+}
+
+/// `wait4` the child, killing its process group at `limit`.
+fn wait_with_limit(pid: libc::pid_t, limit: Duration) -> (i32, libc::rusage, bool) {
+    let deadline = Instant::now() + limit;
+    let mut timed_out = false;
+    loop {
+        let mut status = 0;
+        // SAFETY: a zeroed rusage is a valid out-parameter.
+        let mut ru: libc::rusage = unsafe { core::mem::zeroed() };
+        // SAFETY: waits for our own child; out-parameters are valid.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+        if r == pid {
+            return (status, ru, timed_out);
+        }
+        assert!(r == 0, "wait4: {}", std::io::Error::last_os_error());
+        if !timed_out && Instant::now() >= deadline {
+            timed_out = true;
+            // SAFETY: kill the child's process group (it is its own group leader).
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A command for `program` with `args`.
+pub fn command<S: AsRef<OsStr>>(program: &Path, args: &[S]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args);
+    c
+}
+
+/// Median of durations / values.
+pub fn median<T: Copy + Ord>(v: &mut [T]) -> T {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// A deterministic pseudo-random generator (xorshift), for generated inputs.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
