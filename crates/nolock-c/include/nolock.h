@@ -69,7 +69,7 @@ struct rcu_head {
 };
 typedef void (*rcu_callback_t)(struct rcu_head *head);
 
-/* Sections nest, at most 32 deep per thread. Any context, including a signal handler. */
+/* Sections nest, at most 16 deep per thread. Any context, including a signal handler. */
 void rcu_read_lock(void);
 void rcu_read_unlock(void);
 int rcu_read_lock_held(void);

@@ -166,7 +166,7 @@ pub unsafe extern "C" fn kmem_cache_destroy(cache: *mut KmemCache) -> u64 {
 // RCU
 
 /// How deeply `rcu_read_lock` may nest on one thread.
-pub const RCU_NEST_MAX: usize = 32;
+pub const RCU_NEST_MAX: usize = 16;
 
 /// This thread's open RCU sections: `rcu_read_lock` returns nothing to C, so the guards are kept here, a stack
 /// that signal handlers may push onto and pop from while they interrupt it (the depth is claimed with one
@@ -190,7 +190,7 @@ pub extern "C" fn rcu_read_lock() {
     RCU_STACK.with(|s| {
         let d = s.depth.fetch_add(1, Ordering::Relaxed);
         if d >= RCU_NEST_MAX {
-            say(b"nolock: rcu_read_lock nested more than 32 deep\n");
+            say(b"nolock: rcu_read_lock nested more than 16 deep\n");
             std::process::abort();
         }
         // SAFETY: slot `d` is ours: the depth was claimed above, and a handler that interrupts us claims the

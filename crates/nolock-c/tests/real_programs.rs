@@ -42,8 +42,8 @@ fn base_env(c: &mut Command, run_dir: &Path) {
 
 const WORDS: &[&str] = &[
     "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima",
-    "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey",
-    "xray", "yankee", "zulu", "nolock", "kmalloc", "slab", "rcu", "grace", "period",
+    "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray",
+    "yankee", "zulu", "nolock", "kmalloc", "slab", "rcu", "grace", "period",
 ];
 
 fn python(dir: &Path, scale: usize) -> Option<Workload> {
@@ -279,7 +279,13 @@ fn run_once(w: &Workload, root: &Path, preload: bool, i: usize) -> (Run, Vec<(St
 fn first_difference(a: &[u8], b: &[u8]) -> String {
     let i = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
     let ctx = |v: &[u8]| String::from_utf8_lossy(&v[i.saturating_sub(80)..(i + 80).min(v.len())]).into_owned();
-    format!("lengths {} vs {}, first difference at byte {i}:\n--- glibc:\n{}\n--- nolock:\n{}", a.len(), b.len(), ctx(a), ctx(b))
+    format!(
+        "lengths {} vs {}, first difference at byte {i}:\n--- glibc:\n{}\n--- nolock:\n{}",
+        a.len(),
+        b.len(),
+        ctx(a),
+        ctx(b)
+    )
 }
 
 /// Run `w` on glibc and on the preload and require identical results.
