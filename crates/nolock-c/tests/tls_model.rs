@@ -10,13 +10,12 @@
 //! (thread spawn, panics, thread-local destructor registration), which nolock's allocation, free and RCU paths
 //! never reach. This test prints what it finds. It always checks that the TLS block stays small (an
 //! initial-exec build must fit glibc's static TLS surplus to be `dlopen`able), and with
-//! `NOLOCK_C_EXPECT_IE=1` that the library (or `NOLOCK_C_TLS_LIB`) is initial-exec on every nolock path.
+//! `NOLOCK_C_EXPECT_IE=1` that the library (`NOLOCK_C_LIB` if set) is initial-exec on every nolock path.
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use common::{lib_path, need};
@@ -32,10 +31,7 @@ fn tls_model_of_the_library() {
     let (Some(readelf), Some(objdump)) = (need("readelf", "binutils"), need("objdump", "binutils")) else {
         return;
     };
-    // A relative NOLOCK_C_TLS_LIB is relative to the workspace root (tests run in the crate's directory).
-    let lib = std::env::var_os("NOLOCK_C_TLS_LIB")
-        .map(|p| common::crate_dir().join("../..").join(PathBuf::from(p)))
-        .unwrap_or_else(lib_path);
+    let lib = lib_path();
     let dynamic = output(&readelf, &["-dW"], &lib);
     let relocs = output(&readelf, &["-rW"], &lib);
     let segments = output(&readelf, &["-lW"], &lib);

@@ -10,9 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `target/<profile>/libnolock_c.so`: integration tests live in `target/<profile>/deps`, and cargo builds the
-/// library before them.
+/// The library under test: `NOLOCK_C_LIB` if set (relative to the workspace root, e.g. the initial-exec build
+/// `target/initial-exec/release/libnolock_c.so`), else `target/<profile>/libnolock_c.so`: integration tests
+/// live in `target/<profile>/deps`, and cargo builds the library before them.
 pub fn lib_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("NOLOCK_C_LIB") {
+        let p = crate_dir().join("../..").join(p);
+        assert!(p.exists(), "NOLOCK_C_LIB={} does not exist", p.display());
+        return p;
+    }
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join("libnolock_c.so");
