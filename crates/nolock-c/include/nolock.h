@@ -11,6 +11,16 @@
  * thread holding arbitrary locks. It never blocks, takes no lock and makes no system call (except the
  * first mmap of the arena, and an mprotect when the memory committed ahead of need runs out).
  * "Normal context only" functions may block, allocate or make system calls.
+ *
+ * The malloc family follows glibc's semantics (errno ENOMEM on failure, calloc overflow checked, realloc(p, 0)
+ * frees and returns NULL, posix_memalign returns EINVAL for a bad alignment, aligned_alloc needs a power of
+ * two). free of a block of 128 KiB or more first gives its pages back with one madvise(MADV_DONTNEED)
+ * (async-signal-safe), as glibc unmaps its large blocks. A pointer nolock does not own (memory the dynamic
+ * loader handed out before the library took over) given to free is leaked, never passed to another free.
+ *
+ * Threads: the library starts none unless NOLOCK_BACKGROUND=1 (the background worker, which gives free
+ * memory back to the OS) or until the first normal-context RCU call or nolock_init (the grace-period worker).
+ * NOLOCK_C_STATS=1 prints nolock's statistics at exit.
  */
 #ifndef NOLOCK_H
 #define NOLOCK_H
@@ -102,8 +112,8 @@ void kfree_srcu_fast_nolock(struct srcu_fast *d, void *ptr, struct rcu_head *hea
 
 /* ---- process -------------------------------------------------------------------------------------- */
 
-/* Normal context only: map the arena, register the fork and thread-exit hooks, start the background
- * worker (gives free memory back to the OS) and the grace-period worker. Optional. */
+/* Normal context only: map the arena, register the fork and thread-exit hooks, start the grace-period
+ * worker, and the background worker (gives free memory back to the OS) if NOLOCK_BACKGROUND=1. Optional. */
 void nolock_init(void);
 /* Normal context only: give free memory back to the OS now; returns the pages purged. */
 size_t nolock_trim(void);

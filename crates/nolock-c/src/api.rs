@@ -35,6 +35,7 @@ fn out(p: Option<NonNull<u8>>) -> *mut c_void {
 /// `kmalloc_nolock(size, flags)`: see `nolock::kmalloc_nolock` (size 0 gives `ZERO_SIZE_PTR`, 16).
 #[unsafe(no_mangle)]
 pub extern "C" fn kmalloc_nolock(size: usize, flags: c_uint) -> *mut c_void {
+    crate::malloc::configure();
     out(nolock::kmalloc_nolock(size, gfp(flags)))
 }
 
@@ -75,6 +76,7 @@ pub unsafe extern "C" fn kmem_cache_create(
         // SAFETY: the caller gives a NUL-terminated string.
         unsafe { CStr::from_ptr(name) }.to_str().unwrap_or("c-cache")
     };
+    crate::malloc::configure();
     let Ok(layout) = Layout::from_size_align(size, align.max(1)) else {
         set_errno(libc::EINVAL);
         return core::ptr::null_mut();
@@ -414,7 +416,8 @@ pub unsafe extern "C" fn srcu_barrier_fast(d: *const SrcuFast) {
 // ---------------------------------------------------------------------------------------------------------------
 // Process
 
-/// `nolock_init()`: map the arena, register the hooks and start the background workers (see `nolock::init`).
+/// `nolock_init()`: map the arena, register the hooks and start the grace-period worker, and the background
+/// worker if `NOLOCK_BACKGROUND=1` (this library turns it off by default; see `nolock::init`).
 ///
 /// # Context
 /// Normal context only: may spawn threads.

@@ -19,8 +19,17 @@
 //! when the memory committed ahead of need is used up). Functions that wait for grace periods, create or
 //! destroy caches or domains, or give memory back to the OS (`synchronize_rcu`, `rcu_barrier`,
 //! `kmem_cache_create`, `kmem_cache_destroy`, `srcu_fast_create`, `srcu_fast_destroy`,
-//! `synchronize_srcu_fast`, `malloc_trim`, `nolock_init`) are normal context only, as in nolock. `realloc` of
-//! a pointer nolock does not own makes one `process_vm_readv` system call.
+//! `synchronize_srcu_fast`, `malloc_trim`, `nolock_init`) are normal context only, as in nolock. Two system
+//! calls of the malloc family (both async-signal-safe): `free` (and `realloc`, which frees) of a block of at
+//! least 128 KiB first gives its pages back with one `madvise(MADV_DONTNEED)`, as glibc unmaps its large
+//! blocks; `realloc` of a pointer nolock does not own makes one `process_vm_readv`.
+//!
+//! ## Threads
+//!
+//! The library starts no thread unless asked: nolock's background worker is off unless
+//! `NOLOCK_BACKGROUND=1`, and its grace-period worker starts with the first normal-context RCU call
+//! (`synchronize_rcu`, `rcu_barrier`, ...) or `nolock_init`. (A thread in a preloaded program would turn on
+//! glibc's stdio locking and make `unshare(CLONE_NEWUSER)` fail.)
 //!
 //! ## Pointers nolock does not own
 //!
@@ -75,17 +84,63 @@ pub(crate) fn set_errno(e: i32) {
     unsafe { *libc::__errno_location() = e };
 }
 
-/// `NOLOCK_BACKGROUND=1` in the environment of a preloaded program starts nolock's background worker (which
-/// gives free memory back to the OS) and the grace-period worker from this library's constructor. Without it,
-/// a preloaded program gets no extra thread: memory freed stays in nolock's arena for reuse, and the workers
-/// start on the first normal-context RCU call (`synchronize_rcu`, `rcu_barrier`) or `nolock_init`.
+/// The library's constructor (normal context, before `main`): creates the malloc size classes between
+/// kmalloc's (see [`malloc::MID_SIZES`]).
+///
+/// `NOLOCK_BACKGROUND=1` in the environment also starts nolock's background worker (which gives free memory
+/// back to the OS) and the grace-period worker. Without it, a program gets no extra thread: small freed memory
+/// stays in nolock's arena for reuse (large blocks go back to the OS when freed, see [`malloc`]), and the
+/// grace-period worker starts on the first normal-context RCU call (`synchronize_rcu`, `rcu_barrier`) or
+/// `nolock_init`.
+///
+/// `NOLOCK_C_STATS=1` prints nolock's statistics to standard error at exit (`atexit`).
 extern "C" fn nolock_c_ctor() {
-    // SAFETY: getenv with a NUL-terminated name; the result is only compared.
-    let v = unsafe { libc::getenv(c"NOLOCK_BACKGROUND".as_ptr()) };
-    // SAFETY: a non-null getenv result is a NUL-terminated string.
-    if !v.is_null() && unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes() == b"1" {
+    malloc::configure();
+    malloc::create_mid_caches();
+    if env_is(c"NOLOCK_BACKGROUND", b"1") {
         nolock::init();
     }
+    if env_is(c"NOLOCK_C_STATS", b"1") {
+        // SAFETY: registers a plain extern "C" function.
+        unsafe { libc::atexit(print_stats) };
+    }
+}
+
+fn env_is(name: &core::ffi::CStr, value: &[u8]) -> bool {
+    // SAFETY: getenv with a NUL-terminated name; the result is only compared.
+    let v = unsafe { libc::getenv(name.as_ptr()) };
+    // SAFETY: a non-null getenv result is a NUL-terminated string.
+    !v.is_null() && unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes() == value
+}
+
+/// `NOLOCK_C_STATS=1`: what nolock holds at exit (normal context: `atexit`).
+extern "C" fn print_stats() {
+    use std::fmt::Write as _;
+    let s = nolock::stats::snapshot();
+    let mut out = String::from("nolock: cache            object  live objects   slab KiB\n");
+    for c in s.caches.iter().filter(|c| c.slabs > 0) {
+        let _ = writeln!(
+            out,
+            "nolock: {:<16} {:>7} {:>13} {:>10}",
+            c.name.as_str(),
+            c.object_size,
+            c.allocs.saturating_sub(c.frees),
+            c.slabs as usize * c.slab_pages * 4
+        );
+    }
+    let p = &s.pages;
+    let _ = writeln!(
+        out,
+        "nolock: large blocks {} ({} pages); pages used {}, below the frontier {}, dirty free {}, purged {}; RSS {} KiB",
+        s.large.allocs.saturating_sub(s.large.frees),
+        s.large.pages,
+        p.used_pages,
+        p.active_pages,
+        p.dirty_free_pages,
+        p.purged_pages,
+        s.resident_bytes.unwrap_or(0) / 1024
+    );
+    say(out.as_bytes());
 }
 
 #[used]

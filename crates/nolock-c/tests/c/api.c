@@ -267,8 +267,50 @@ static void threads_api(void) {
     }
 }
 
+static long threads_now(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long n = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "Threads: %ld", &n) == 1) break;
+    if (f) fclose(f);
+    return n;
+}
+
+static long resident_kib(void) {
+    FILE *f = fopen("/proc/self/statm", "r");
+    long size = 0, res = 0;
+    if (f) {
+        if (fscanf(f, "%ld %ld", &size, &res) != 2) res = 0;
+        fclose(f);
+    }
+    return res * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
+/* What the C library adds to nolock for malloc: no thread of its own, size classes between kmalloc's, large
+ * blocks given back to the OS when freed. */
+static void malloc_policy(void) {
+    CHECK(threads_now() == 1);
+    void *p = malloc(4200);
+    CHECK(malloc_usable_size(p) == 5120);
+    free(p);
+    p = malloc(1100);
+    CHECK(malloc_usable_size(p) == 1536);
+    free(p);
+    enum { BIG = 64 << 20 };
+    unsigned char *big = malloc(BIG);
+    CHECK(big != NULL);
+    /* Volatile stores, one per page: the compiler may not drop stores to memory that is freed unread. */
+    for (size_t i = 0; i < BIG; i += 4096) ((volatile unsigned char *)big)[i] = 1;
+    long before = resident_kib();
+    free(big);
+    long after = resident_kib();
+    CHECK(before - after > (BIG >> 10) * 9 / 10);
+}
+
 int main(void) {
     uint64_t reports = nolock_reports();
+    malloc_policy();
     kmalloc_api();
     cache_api();
     rcu_api();

@@ -1,5 +1,6 @@
 //! Shared by the tests: where the built library is, compiling the C sources, running a program with and
-//! without `LD_PRELOAD` and measuring it (`wait4` gives the child's own wall time and peak RSS).
+//! without `LD_PRELOAD` and measuring it (through the `measure` helper: the program's own wall time and peak
+//! RSS).
 
 #![allow(dead_code)]
 
@@ -92,7 +93,8 @@ pub struct Run {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub wall: Duration,
-    /// Peak resident set size of the child (largest of it and the children it waited for), bytes.
+    /// Peak resident set size of the program (largest of it and the children it waited for), bytes; 0 when it
+    /// timed out.
     pub max_rss: u64,
     /// Killed at the time limit.
     pub timed_out: bool,
@@ -114,51 +116,93 @@ impl Run {
     }
 }
 
+/// The `tests/c/measure.c` helper, compiled once per test process.
+fn measure_helper() -> &'static Path {
+    static HELPER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    HELPER.get_or_init(|| {
+        let d =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nolock-c").join(format!("measure-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("helper dir");
+        let exe = d.join("measure");
+        compile_c("measure.c", &exe, &[]);
+        exe
+    })
+}
+
 /// Run `cmd` (stdin from `stdin` or /dev/null), with `LD_PRELOAD` of the library when `preload`, killing it
-/// (its whole process group) after `limit`. Output goes through files in `dir`.
-pub fn run(mut cmd: Command, preload: bool, stdin: Option<&Path>, dir: &Path, limit: Duration) -> Run {
-    let out_path = dir.join(if preload { "stdout.preload" } else { "stdout.glibc" });
-    let err_path = dir.join(if preload { "stderr.preload" } else { "stderr.glibc" });
-    cmd.stdout(File::create(&out_path).expect("stdout file"));
-    cmd.stderr(File::create(&err_path).expect("stderr file"));
-    cmd.stdin(match stdin {
+/// (its whole process group) after `limit`. Output goes through files in `dir`. The program is started by the
+/// `measure` helper (`tests/c/measure.c`), which reports its wall time and its own peak RSS.
+pub fn run(cmd: Command, preload: bool, stdin: Option<&Path>, dir: &Path, limit: Duration) -> Run {
+    let tag = if preload { "preload" } else { "glibc" };
+    let out_path = dir.join(format!("stdout.{tag}"));
+    let err_path = dir.join(format!("stderr.{tag}"));
+    let m_path = dir.join(format!("measure.{tag}"));
+    let _ = std::fs::remove_file(&m_path);
+    let mut m = Command::new(measure_helper());
+    m.arg(&m_path);
+    if preload {
+        m.arg(lib_path());
+    } else {
+        m.arg("-");
+    }
+    m.arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => m.env(k, v),
+            None => m.env_remove(k),
+        };
+    }
+    if let Some(d) = cmd.get_current_dir() {
+        m.current_dir(d);
+    }
+    m.env_remove("LD_PRELOAD");
+    m.stdout(File::create(&out_path).expect("stdout file"));
+    m.stderr(File::create(&err_path).expect("stderr file"));
+    m.stdin(match stdin {
         Some(p) => Stdio::from(File::open(p).expect("stdin file")),
         None => Stdio::null(),
     });
-    if preload {
-        cmd.env("LD_PRELOAD", lib_path());
-    } else {
-        cmd.env_remove("LD_PRELOAD");
-    }
-    cmd.process_group(0);
+    m.process_group(0);
     let t0 = Instant::now();
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+    let child = m.spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
     let pid = child.id() as libc::pid_t;
-    let (status, ru, timed_out) = wait_with_limit(pid, limit);
-    let wall = t0.elapsed();
+    let (helper_status, timed_out) = wait_with_limit(pid, limit);
+    let mut wall = t0.elapsed();
     drop(child);
+    let mut status = helper_status;
+    let mut max_rss = 0;
+    if !timed_out {
+        let report = std::fs::read_to_string(&m_path).unwrap_or_default();
+        let f: Vec<i64> = report.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        assert!(
+            f.len() == 3,
+            "the measure helper failed ({helper_status:#x}): {}",
+            String::from_utf8_lossy(&std::fs::read(&err_path).unwrap_or_default())
+        );
+        status = f[0] as i32;
+        wall = Duration::from_nanos(f[1] as u64);
+        max_rss = f[2] as u64 * 1024;
+    }
     Run {
         status,
         stdout: std::fs::read(&out_path).unwrap_or_default(),
         stderr: std::fs::read(&err_path).unwrap_or_default(),
         wall,
-        max_rss: (ru.ru_maxrss as u64) * 1024,
+        max_rss,
         timed_out,
     }
 }
 
 /// `wait4` the child, killing its process group at `limit`.
-fn wait_with_limit(pid: libc::pid_t, limit: Duration) -> (i32, libc::rusage, bool) {
+fn wait_with_limit(pid: libc::pid_t, limit: Duration) -> (i32, bool) {
     let deadline = Instant::now() + limit;
     let mut timed_out = false;
     loop {
         let mut status = 0;
-        // SAFETY: a zeroed rusage is a valid out-parameter.
-        let mut ru: libc::rusage = unsafe { core::mem::zeroed() };
-        // SAFETY: waits for our own child; out-parameters are valid.
-        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+        // SAFETY: waits for our own child; the out-parameter is valid.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
         if r == pid {
-            return (status, ru, timed_out);
+            return (status, timed_out);
         }
         assert!(r == 0, "wait4: {}", std::io::Error::last_os_error());
         if !timed_out && Instant::now() >= deadline {
