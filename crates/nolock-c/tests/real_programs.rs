@@ -288,8 +288,11 @@ fn first_difference(a: &[u8], b: &[u8]) -> String {
     )
 }
 
+/// Builds a workload's inputs in a directory at a scale (`None`: its program is not installed).
+type MakeWorkload = fn(&Path, usize) -> Option<Workload>;
+
 /// Run `w` on glibc and on the preload and require identical results.
-fn check(make: fn(&Path, usize) -> Option<Workload>, tag: &str) {
+fn check(make: MakeWorkload, tag: &str) {
     let root = scratch(tag);
     let Some(w) = make(&root, 1) else { return };
     let (g, gf) = run_once(&w, &root, false, 0);
@@ -352,7 +355,7 @@ fn gcc_compile_identical() {
 fn bench_table() {
     let runs: usize = std::env::var("NOLOCK_C_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let scale: usize = std::env::var("NOLOCK_C_BENCH_SCALE").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
-    let makers: [(&str, fn(&Path, usize) -> Option<Workload>); 5] =
+    let makers: [(&str, MakeWorkload); 5] =
         [("python", python), ("sort", sort), ("git", git), ("sqlite3", sqlite), ("gcc", gcc)];
     let mut table = String::new();
     let _ = writeln!(
