@@ -12,9 +12,9 @@
 //! - `malloc_usable_size` is the size of the block's class (or page run); 0 for null and foreign pointers;
 //! - a pointer nolock does not own given to `free` is leaked and counted (see the crate documentation);
 //!   `realloc` of one copies what can be read of it into a new block;
-//! - sizes between kmalloc's 1, 2, 4 and 8 KiB classes get classes of their own ([`MID_SIZES`]), and a freed
-//!   block of 128 KiB or more gives its pages back to the OS at once (see [`free`]): without them, peak RSS
-//!   was 1.6x glibc's on SQLite (its page cache holds 4 KiB-and-a-header blocks).
+//! - sizes between 4 and 5 KiB get a class of their own ([`MID_SIZE`]), and a freed block of 128 KiB or more
+//!   gives its pages back to the OS at once (see [`free`]): without them, peak RSS was 1.6x glibc's on SQLite
+//!   (its page cache holds 4 KiB-and-a-header blocks, which kmalloc serves from its 8 KiB class).
 //!
 //! Every function here may be called from a signal handler, including one that interrupted any of them on the
 //! same thread (the crate's default context), except `malloc_trim` (normal context).
@@ -72,7 +72,7 @@ fn alloc16(size: usize, flags: Gfp) -> *mut c_void {
     let Some(n) = size.max(1).checked_next_multiple_of(MALLOC_ALIGN) else {
         return enomem();
     };
-    if n.wrapping_sub(MID_MIN + 1) < MID_MAX - MID_MIN {
+    if n.wrapping_sub(MID_MIN + 1) < MID_SIZE - MID_MIN {
         return alloc_mid(n, flags);
     }
     match kmalloc_nolock(n, flags) {
@@ -81,62 +81,48 @@ fn alloc16(size: usize, flags: Gfp) -> *mut c_void {
     }
 }
 
-// ---- size classes between kmalloc's powers of two ------------------------------------------------------------
+// ---- a size class between kmalloc's 4 and 8 KiB classes ---------------------------------------------------
 
-/// Sizes in `MID_MIN + 1 ..= MID_MAX` go through [`MID_CLASS`].
-const MID_MIN: usize = 1024;
-const MID_MAX: usize = 8192;
-/// The classes this library adds between kmalloc's 1 KiB .. 8 KiB classes, so that a block of 4 KiB and a bit
-/// (a database page and its header: SQLite's page cache) does not take 8 KiB.
-pub const MID_SIZES: [usize; 7] = [1536, 2560, 3072, 3584, 5120, 6144, 7168];
-/// For `(n - 1) / 512` with `n` in `1025 ..= 8192`: the index in [`MID_SIZES`], or `KMALLOC` for a kmalloc class.
-const KMALLOC: u8 = u8::MAX;
-const MID_CLASS: [u8; 16] = [KMALLOC, KMALLOC, 0, KMALLOC, 1, 2, 3, KMALLOC, 4, 4, 5, 5, 6, 6, KMALLOC, KMALLOC];
+/// Sizes in `MID_MIN + 1 ..= MID_SIZE` come from a cache of their own instead of kmalloc's 8 KiB class: a
+/// block of 4 KiB and a bit (a database page and its header: SQLite's page cache) then takes 5 KiB, not 8.
+/// Only this one: nolock carves a whole slab (128 KiB for these sizes) on a class's first use, so every added
+/// class costs small programs memory; measured on git and SQLite, the 1.5, 2.5, 3, 3.5, 6 and 7 KiB classes
+/// cost more than they saved.
+pub const MID_SIZE: usize = 5120;
+const MID_MIN: usize = 4096;
 
-/// The caches of [`MID_SIZES`], created by the library's constructor (normal context); null before it ran, and
-/// where creation failed: those sizes then come from kmalloc's classes.
-static MID_CACHES: [AtomicPtr<nolock::KmemCache>; MID_SIZES.len()] =
-    [const { AtomicPtr::new(core::ptr::null_mut()) }; MID_SIZES.len()];
+/// The cache of [`MID_SIZE`], created by the library's constructor (normal context); null before it ran, or
+/// if creation failed: those sizes then come from kmalloc's 8 KiB class.
+static MID_CACHE: AtomicPtr<nolock::KmemCache> = AtomicPtr::new(core::ptr::null_mut());
 
 #[inline]
 fn alloc_mid(n: usize, flags: Gfp) -> *mut c_void {
-    let class = MID_CLASS[(n - 1) >> 9];
-    if class != KMALLOC {
-        // Acquire: pairs with the Release store in `create_mid_caches`.
-        let c = MID_CACHES[class as usize].load(Ordering::Acquire);
-        if !c.is_null() {
-            // SAFETY: a published cache is never destroyed.
-            return match unsafe { &*c }.alloc_nolock(flags) {
-                Some(p) => p.as_ptr().cast(),
-                None => enomem(),
-            };
-        }
-    }
-    match kmalloc_nolock(n, flags) {
+    // Acquire: pairs with the Release store in `create_mid_cache`.
+    let c = MID_CACHE.load(Ordering::Acquire);
+    let p = if c.is_null() {
+        kmalloc_nolock(n, flags)
+    } else {
+        // SAFETY: a published cache is never destroyed.
+        unsafe { &*c }.alloc_nolock(flags)
+    };
+    match p {
         Some(p) => p.as_ptr().cast(),
         None => enomem(),
     }
 }
 
-/// Create the caches of [`MID_SIZES`] (once).
+/// Create the cache of [`MID_SIZE`] (once).
 ///
 /// # Context
 /// Normal context only (cache creation): called from the library's constructor.
-pub(crate) fn create_mid_caches() {
-    for (i, &size) in MID_SIZES.iter().enumerate() {
-        if !MID_CACHES[i].load(Ordering::Relaxed).is_null() {
-            continue;
-        }
-        let mut name = [0u8; 16];
-        let mut w = &mut name[..];
-        let _ = std::io::Write::write_fmt(&mut w, format_args!("malloc-{size}"));
-        let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-        let name = core::str::from_utf8(&name[..len]).unwrap_or("malloc-mid");
-        let Ok(layout) = Layout::from_size_align(size, MALLOC_ALIGN) else { continue };
-        if let Ok(c) = nolock::KmemCache::new(name, layout) {
-            // Release: pairs with the Acquire load in `alloc_mid`.
-            MID_CACHES[i].store(Box::into_raw(Box::new(c)), Ordering::Release);
-        }
+pub(crate) fn create_mid_cache() {
+    if !MID_CACHE.load(Ordering::Relaxed).is_null() {
+        return;
+    }
+    let Ok(layout) = Layout::from_size_align(MID_SIZE, MALLOC_ALIGN) else { return };
+    if let Ok(c) = nolock::KmemCache::new("malloc-5k", layout) {
+        // Release: pairs with the Acquire load in `alloc_mid`.
+        MID_CACHE.store(Box::into_raw(Box::new(c)), Ordering::Release);
     }
 }
 
