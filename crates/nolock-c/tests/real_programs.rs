@@ -348,7 +348,7 @@ fn gcc_compile_identical() {
     check(gcc, "gcc");
 }
 
-/// Medians of wall time and peak RSS of every workload, glibc against the preload (runs alternate, so both see
+/// Medians of wall time, CPU time and peak RSS of every workload, glibc against the preload (runs alternate, so both see
 /// the same machine load). Prints a Markdown table. Informative: nothing is asserted on the figures.
 #[test]
 #[ignore = "a measurement, not a test: run with --ignored --nocapture"]
@@ -360,29 +360,34 @@ fn bench_table() {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| program | glibc wall | nolock wall | ratio | glibc peak RSS | nolock peak RSS | ratio |\n|---|---:|---:|---:|---:|---:|---:|"
+        "| program | glibc wall | nolock wall | ratio | glibc CPU | nolock CPU | ratio | glibc peak RSS | nolock peak RSS | ratio |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for (tag, make) in makers {
         let root = scratch(&format!("bench-{tag}"));
         let Some(w) = make(&root, scale) else { continue };
-        let (mut gw, mut nw, mut gr, mut nr) = (vec![], vec![], vec![], vec![]);
+        let (mut gw, mut nw, mut gc, mut nc, mut gr, mut nr) = (vec![], vec![], vec![], vec![], vec![], vec![]);
         for i in 0..runs {
             for preload in [false, true] {
                 let (r, _) = run_once(&w, &root, preload, i);
                 assert!(r.success(), "{} ({}) failed: {}", w.name, r.describe(), String::from_utf8_lossy(&r.stderr));
-                let (wv, rv) = if preload { (&mut nw, &mut nr) } else { (&mut gw, &mut gr) };
+                let (wv, cv, rv) = if preload { (&mut nw, &mut nc, &mut nr) } else { (&mut gw, &mut gc, &mut gr) };
                 wv.push(r.wall);
+                cv.push(r.cpu);
                 rv.push(r.max_rss);
             }
         }
         let (gw, nw, gr, nr) = (median(&mut gw), median(&mut nw), median(&mut gr), median(&mut nr));
+        let (gc, nc) = (median(&mut gc), median(&mut nc));
         let _ = writeln!(
             table,
-            "| {} | {:.3} s | {:.3} s | {:.2}x | {:.1} MiB | {:.1} MiB | {:.2}x |",
+            "| {} | {:.3} s | {:.3} s | {:.2}x | {:.3} s | {:.3} s | {:.2}x | {:.1} MiB | {:.1} MiB | {:.2}x |",
             w.name,
             gw.as_secs_f64(),
             nw.as_secs_f64(),
             nw.as_secs_f64() / gw.as_secs_f64(),
+            gc.as_secs_f64(),
+            nc.as_secs_f64(),
+            nc.as_secs_f64() / gc.as_secs_f64(),
             gr as f64 / 1048576.0,
             nr as f64 / 1048576.0,
             nr as f64 / gr as f64

@@ -1,6 +1,7 @@
 /*
  * measure OUT PRELOAD PROGRAM [ARGS...]: run PROGRAM (with LD_PRELOAD=PRELOAD unless PRELOAD is "-") in a
- * child, wait4 it, and write "<status> <wall ns> <peak RSS KiB>" to OUT. Exits 0 once OUT is written.
+ * child, wait4 it, and write "<status> <wall ns> <peak RSS KiB> <user+system CPU ns>" to OUT. Exits 0 once
+ * OUT is written.
  *
  * Why a helper: a child's ru_maxrss includes the memory of the process it was forked (or vforked) from, up to
  * its exec. Spawned straight from the test harness, every program would "peak" at the harness's own size.
@@ -47,7 +48,9 @@ int main(int argc, char **argv) {
         perror(argv[1]);
         return 2;
     }
-    fprintf(f, "%d %lld %ld\n", status, ns, ru.ru_maxrss);
+    long long cpu = (long long)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000000LL +
+                    (long long)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1000LL;
+    fprintf(f, "%d %lld %ld %lld\n", status, ns, ru.ru_maxrss, cpu);
     fclose(f);
     return 0;
 }

@@ -93,6 +93,9 @@ pub struct Run {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub wall: Duration,
+    /// User plus system CPU time of the program and its waited-for children (less sensitive than the wall time
+    /// to other load on the machine).
+    pub cpu: Duration,
     /// Peak resident set size of the program (largest of it and the children it waited for), bytes; 0 when it
     /// timed out.
     pub max_rss: u64,
@@ -171,23 +174,26 @@ pub fn run(cmd: Command, preload: bool, stdin: Option<&Path>, dir: &Path, limit:
     drop(child);
     let mut status = helper_status;
     let mut max_rss = 0;
+    let mut cpu = Duration::ZERO;
     if !timed_out {
         let report = std::fs::read_to_string(&m_path).unwrap_or_default();
         let f: Vec<i64> = report.split_whitespace().filter_map(|x| x.parse().ok()).collect();
         assert!(
-            f.len() == 3,
+            f.len() == 4,
             "the measure helper failed ({helper_status:#x}): {}",
             String::from_utf8_lossy(&std::fs::read(&err_path).unwrap_or_default())
         );
         status = f[0] as i32;
         wall = Duration::from_nanos(f[1] as u64);
         max_rss = f[2] as u64 * 1024;
+        cpu = Duration::from_nanos(f[3] as u64);
     }
     Run {
         status,
         stdout: std::fs::read(&out_path).unwrap_or_default(),
         stderr: std::fs::read(&err_path).unwrap_or_default(),
         wall,
+        cpu,
         max_rss,
         timed_out,
     }
