@@ -273,8 +273,9 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
 }
 
 /// `realloc` of a block nolock does not own: its size is unknown, so copy as much of `size` bytes from it as
-/// is mapped (`process_vm_readv` on ourselves stops at the first unmapped page instead of faulting), and leak
-/// the old block (see the crate documentation).
+/// is mapped, page by page (`process_vm_readv` on ourselves fails on an unmapped page instead of faulting;
+/// one request per page because its manual promises no partial transfer inside one request, although Linux
+/// 6.x gives one), and leak the old block (see the crate documentation).
 ///
 /// # Safety
 /// `p` is a block of another allocator that the caller gives up.
@@ -285,17 +286,28 @@ unsafe fn realloc_foreign(p: *mut c_void, size: usize) -> *mut c_void {
     if q.is_null() {
         return q;
     }
-    let local = libc::iovec { iov_base: q, iov_len: size };
-    let remote = libc::iovec { iov_base: p, iov_len: size };
     let saved = errno();
-    // SAFETY: reads from our own address space into `q` (valid for `size` bytes); an unmapped source page ends
-    // the copy with a short count instead of a fault.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    if n < 0 {
-        // Not permitted (seccomp): copy up to the end of the block's first page, which is mapped.
-        let room = PAGE_SIZE - (p as usize % PAGE_SIZE);
-        // SAFETY: `p .. p + room` lies in one mapped page; `q` is valid for `size` bytes.
-        unsafe { core::ptr::copy_nonoverlapping(p.cast::<u8>(), q.cast::<u8>(), room.min(size)) };
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let mut done = 0;
+    while done < size {
+        let src = p as usize + done;
+        let len = (PAGE_SIZE - src % PAGE_SIZE).min(size - done);
+        // SAFETY: `q + done .. + len` lies inside the new block of `size` bytes.
+        let local = libc::iovec { iov_base: unsafe { q.cast::<u8>().add(done) }.cast(), iov_len: len };
+        let remote = libc::iovec { iov_base: src as *mut c_void, iov_len: len };
+        // SAFETY: reads from our own address space into `q`; an unmapped source page fails the call instead of
+        // faulting.
+        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        if n < 0 && done == 0 {
+            // Not permitted (seccomp): copy up to the end of the block's first page, which is mapped.
+            // SAFETY: `p .. p + len` lies in one mapped page; `q` is valid for `size >= len` bytes.
+            unsafe { core::ptr::copy_nonoverlapping(p.cast::<u8>(), q.cast::<u8>(), len) };
+        }
+        if n != len as isize {
+            break;
+        }
+        done += len;
     }
     set_errno(saved);
     foreign_free();

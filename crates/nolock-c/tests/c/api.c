@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -308,9 +309,40 @@ static void malloc_policy(void) {
     CHECK(before - after > (BIG >> 10) * 9 / 10);
 }
 
+/* Pointers nolock does not own (under LD_PRELOAD: the loader's early blocks): free leaks and counts them,
+ * realloc copies what is mapped of them, malloc_usable_size says 0. An mmap'd page stands in for them. */
+static void *volatile laundry;
+/* Hides where a pointer came from, so the compiler does not refuse to free what is not from malloc. */
+static void *launder(void *p) {
+    laundry = p;
+    return laundry;
+}
+
+static void foreign_pointers(void) {
+    uint64_t before = nolock_c_foreign_frees();
+    char *m = mmap(NULL, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(m != MAP_FAILED);
+    CHECK(malloc_usable_size(m) == 0);
+    memset(m, 'x', 8192);
+    char *tail = m + 8192 - 16;
+    strcpy(tail, "end of a mapping");
+    /* Asks for more than is mapped after `tail`: the 16 mapped bytes are copied, nothing faults. */
+    char *q = realloc(launder(tail), 100000);
+    CHECK(q != NULL && memcmp(q, "end of a mapping", 16) == 0);
+    free(q);
+    /* Spans two pages. */
+    q = realloc(launder(m + 4000), 200);
+    CHECK(q != NULL && q[0] == 'x' && q[199] == 'x');
+    free(q);
+    free(launder(m));
+    CHECK(nolock_c_foreign_frees() == before + 3);
+    CHECK(munmap(launder(m), 8192) == 0);
+}
+
 int main(void) {
     uint64_t reports = nolock_reports();
     malloc_policy();
+    foreign_pointers();
     kmalloc_api();
     cache_api();
     rcu_api();
