@@ -1,4 +1,5 @@
-//! C programs against the library: the nolock API linked with `-lnolock_c` (`tests/c/api.c`: kmalloc,
+//! C programs against the library: the nolock API linked with `-lnolock_c` and with `libnolock_c.a`
+//! (`tests/c/api.c`: kmalloc,
 //! caches, RCU, SRCU-fast, the API inside a signal handler that interrupts it, fork while threads allocate,
 //! thread churn); the malloc family's semantics printed under glibc and under the preload, which must match
 //! (`tests/c/malloc_semantics.c`); and thread-locals meeting the loader (`tests/c/dlopen_tls.c`).
@@ -34,6 +35,23 @@ fn api_linked() {
         assert!(r.stderr.is_empty(), "nolock reported something: {}", String::from_utf8_lossy(&r.stderr));
         eprintln!("{}", out.trim());
     }
+}
+
+#[test]
+fn api_static() {
+    let dir = scratch("api-static");
+    let exe = dir.join("api");
+    let archive = lib_path().with_file_name("libnolock_c.a");
+    let archive = archive.display().to_string();
+    compile_c("api.c", &exe, &[archive.as_str(), "-pthread", "-lrt", "-ldl", "-lm"]);
+    let r = run(command::<&str>(&exe, &[]), false, None, &dir, LIMIT);
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.success() && out.starts_with("api: all ok"),
+        "api.c linked with libnolock_c.a: {}\n{out}{}",
+        r.describe(),
+        String::from_utf8_lossy(&r.stderr)
+    );
 }
 
 #[test]
