@@ -49,12 +49,26 @@ pub(crate) fn configure() {
     }
 }
 
+///
+/// Under an address-space limit (`ulimit -v`, `RLIMIT_AS`) and without `NOLOCK_ARENA_SIZE`, the arena takes
+/// half of the limit (at most nolock's default of 16 GiB), leaving the rest to the program's own mappings:
+/// reserving the default would fail, and every allocation with it.
 #[cold]
 #[inline(never)]
 fn configure_cold() {
     let on = crate::env_is(c"NOLOCK_BACKGROUND", b"1");
+    let mut cfg = nolock::Config::new().background(on);
+    // SAFETY: getenv with a NUL-terminated name; only compared with null.
+    if unsafe { libc::getenv(c"NOLOCK_ARENA_SIZE".as_ptr()) }.is_null() {
+        let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: `rl` is a valid out-parameter.
+        if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rl) } == 0 && rl.rlim_cur != libc::RLIM_INFINITY {
+            let half = usize::try_from(rl.rlim_cur / 2).unwrap_or(usize::MAX);
+            cfg = cfg.arena_size(half.min(nolock::DEFAULT_ARENA_SIZE).max(16 << 20) & !(PAGE_SIZE - 1));
+        }
+    }
     // Already initialised (another thread got here first): nothing to change.
-    let _ = nolock::Config::new().background(on).apply();
+    let _ = cfg.apply();
     CONFIGURED.store(true, Ordering::Relaxed);
 }
 

@@ -70,6 +70,23 @@ fn malloc_semantics_match_glibc() {
     assert!(n.stderr.is_empty(), "nolock reported something: {}", String::from_utf8_lossy(&n.stderr));
 }
 
+/// Under `ulimit -v` (here 3 GB, less than nolock's default 16 GiB arena) the preload sizes its arena to fit,
+/// instead of failing every allocation.
+#[test]
+fn address_space_limit() {
+    let Some(sh) = common::need("sh", "dash") else { return };
+    let dir = scratch("ulimit-v");
+    let exe = dir.join("malloc_semantics");
+    compile_c("malloc_semantics.c", &exe, &["-w"]);
+    let script = format!("ulimit -v 3000000 && exec {}", exe.display());
+    let g = run(command(&sh, &["-c", &script]), false, None, &dir, LIMIT);
+    let n = run(command(&sh, &["-c", &script]), true, None, &dir, LIMIT);
+    assert!(g.success(), "glibc run: {}", g.describe());
+    assert!(n.success(), "preload run under ulimit -v: {}: {}", n.describe(), String::from_utf8_lossy(&n.stderr));
+    assert_eq!(String::from_utf8_lossy(&g.stdout), String::from_utf8_lossy(&n.stdout));
+    assert!(n.stderr.is_empty(), "{}", String::from_utf8_lossy(&n.stderr));
+}
+
 #[test]
 fn dlopen_of_tls_libraries_then_malloc_on_an_older_thread() {
     const COUNT: usize = 24; // more than glibc's DTV surplus (14)
