@@ -64,7 +64,7 @@ fn configure_cold() {
         // SAFETY: `rl` is a valid out-parameter.
         if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rl) } == 0 && rl.rlim_cur != libc::RLIM_INFINITY {
             let half = usize::try_from(rl.rlim_cur / 2).unwrap_or(usize::MAX);
-            cfg = cfg.arena_size(half.min(nolock::DEFAULT_ARENA_SIZE).max(16 << 20) & !(PAGE_SIZE - 1));
+            cfg = cfg.arena_size(half.clamp(16 << 20, nolock::DEFAULT_ARENA_SIZE) & !(PAGE_SIZE - 1));
         }
     }
     // Already initialised (another thread got here first): nothing to change.
