@@ -20,7 +20,8 @@
  *
  * Threads: the library starts none unless NOLOCK_BACKGROUND=1 (the background worker, which gives free
  * memory back to the OS) or until the first normal-context RCU call or nolock_init (the grace-period worker).
- * NOLOCK_C_STATS=1 prints nolock's statistics at exit.
+ * NOLOCK_C_STATS=1 prints nolock's statistics at exit. The arena is 16 GiB of address space
+ * (NOLOCK_ARENA_SIZE); under an address-space limit (ulimit -v) without that variable, half the limit.
  */
 #ifndef NOLOCK_H
 #define NOLOCK_H
