@@ -179,6 +179,10 @@ pub extern "C" fn malloc(size: usize) -> *mut c_void {
 ///
 /// # Safety
 /// `p` is null or a block of this allocator that is not used afterwards.
+///
+/// # Context
+/// Any context, like every function here, but a free of a block of at least the threshold makes one
+/// `madvise(MADV_DONTNEED)` system call (async-signal-safe, never blocks on a lock).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn free(p: *mut c_void) {
     if owned(p) {
@@ -246,6 +250,10 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
 ///
 /// # Safety
 /// `p` is null or a live block of this allocator (or one nolock does not own, see the module documentation).
+///
+/// # Context
+/// Any context; system calls as [`free`] when the old block is freed, and one `process_vm_readv` per page
+/// copied when `p` is a block nolock does not own.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     if p.is_null() {
