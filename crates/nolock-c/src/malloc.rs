@@ -276,14 +276,26 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         return enomem();
     }
     if size <= usable {
-        // Shrink (or keep): NolockAlloc's realloc moves to a smaller class or frees tail pages, never fails.
+        // Keep the block when at least half of it stays in use, so that shrinking a little and growing back
+        // copies nothing (and a block grown ahead, below, keeps its room).
+        if size >= usable / 2 {
+            return p;
+        }
+        // Shrink: NolockAlloc's realloc moves to a smaller class or frees tail pages, never fails.
         // SAFETY: `p` is a live block of `usable` bytes aligned to at least 16 (every block is), so the layout
         // describes it; `size` is non-zero and at most `usable`.
         return unsafe {
             crate::ALLOC.realloc(p.cast(), Layout::from_size_align_unchecked(usable, MALLOC_ALIGN), size).cast()
         };
     }
-    let q = alloc16(size, Gfp::NONE);
+    // Grow. A block of a page or more grows by half again at least, so that a buffer grown a little at a time
+    // is copied O(log n) times, not at every growth (quadratic: glibc grows its large blocks with `mremap`).
+    // The pages of the room ahead are not touched until used.
+    let ahead = if usable >= PAGE_SIZE { size.max(usable.saturating_add(usable / 2)) } else { size };
+    let mut q = if ahead > size { alloc16(ahead, Gfp::NONE) } else { core::ptr::null_mut() };
+    if q.is_null() {
+        q = alloc16(size, Gfp::NONE);
+    }
     if !q.is_null() {
         // SAFETY: `p` is valid for `usable` bytes, `q` for `size > usable`; distinct blocks.
         unsafe {
