@@ -3,7 +3,9 @@
 //! - every block is aligned to 16 (`alignof(max_align_t)`); `malloc(0)` returns a unique pointer;
 //! - a failure returns null with `errno = ENOMEM` (`calloc` overflow too);
 //! - `realloc(NULL, n)` is `malloc(n)`; `realloc(p, 0)` frees `p` and returns null; a failed `realloc` leaves
-//!   `p` untouched; shrinking gives memory back (a smaller size class, or the tail pages of a large block);
+//!   `p` untouched; a block that stays at least half used is kept, a smaller one moves to a smaller size
+//!   class or gives its tail pages back; a block of a page or more grows by half again at least (see
+//!   [`realloc`]);
 //! - `posix_memalign` returns `EINVAL` unless the alignment is a power of two multiple of `sizeof(void *)`,
 //!   `ENOMEM` when out of memory, and leaves `*memptr` alone on failure;
 //! - `aligned_alloc` with an alignment that is not a power of two returns null with `EINVAL` (glibc 2.38 and
@@ -49,8 +51,7 @@ pub(crate) fn configure() {
     }
 }
 
-///
-/// Under an address-space limit (`ulimit -v`, `RLIMIT_AS`) and without `NOLOCK_ARENA_SIZE`, the arena takes
+/// [`configure`]'s work. Under an address-space limit (`ulimit -v`, `RLIMIT_AS`) and without `NOLOCK_ARENA_SIZE`, the arena takes
 /// half of the limit (at most nolock's default of 16 GiB), leaving the rest to the program's own mappings:
 /// reserving the default would fail, and every allocation with it.
 #[cold]

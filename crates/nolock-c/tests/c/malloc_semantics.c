@@ -65,6 +65,14 @@ int main(void) {
     for (size_t i = 0; z && i < 100000; i++) zero &= z[i] == 0;
     SHOW("calloc(1, 100000) zeroed after a dirty free", zero);
     free(z);
+    z = malloc(4500);
+    memset(z, 0xff, 4500);
+    free(z);
+    z = calloc(1, 4500);
+    zero = z != NULL;
+    for (size_t i = 0; z && i < 4500; i++) zero &= z[i] == 0;
+    SHOW("calloc(1, 4500) zeroed after a dirty free", zero);
+    free(z);
     z = calloc(10, 10);
     zero = z != NULL;
     for (size_t i = 0; z && i < 100; i++) zero &= z[i] == 0;
