@@ -174,6 +174,7 @@ pub use slab::kfree_rcu::{kfree_rcu_nolock, kfree_srcu_fast_nolock};
 pub fn init() {
     let _ = global::get();
     process::init_normal_context();
+    rcu::gp_worker::ensure_started();
 }
 
 /// What [`trim`] did.

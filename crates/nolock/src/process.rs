@@ -9,7 +9,8 @@
 //!   `pthread_atfork` handlers. Registering them from a normal context, before any nolock path runs, means no
 //!   nolock path ever has to.
 //! - **Normal-context initialisation** ([`init_normal_context`], from [`crate::init`] and cache creation): the
-//!   hooks, the membarrier registration, the two workers.
+//!   hooks, the membarrier registration, the background worker (the grace-period worker is started by
+//!   [`crate::init`], type-safe cache creation and the normal-context RCU calls).
 //! - **`trim`**: this thread's cached objects back to their slabs, every cache's empty slabs released, free
 //!   pages purged, inside the background worker's fork-excluding critical section.
 //! - **Fork**: the child handler brings every layer back to a consistent state with one thread, bottom up:
@@ -23,12 +24,14 @@ use core::sync::atomic::{AtomicU8, Ordering};
 /// Work that needs a normal context, done at the first opportunity (idempotent).
 ///
 /// # Context
-/// Normal context: may register fork handlers, make `membarrier` system calls and spawn the workers.
+/// Normal context: may register fork handlers, make `membarrier` system calls and spawn the background
+/// worker. It does not start the grace-period worker: [`crate::init`], type-safe cache creation and the
+/// normal-context RCU calls do, so that creating a plain cache adds no RCU thread to a process (the C
+/// library creates caches in every program it is preloaded into).
 pub(crate) fn init_normal_context() {
     ensure_process_hooks();
     crate::sys::membarrier::register();
     crate::background::ensure_started();
-    crate::rcu::gp_worker::ensure_started();
 }
 
 /// [`crate::trim`]: give memory back now.

@@ -74,6 +74,14 @@ pub fn allocated_pages() -> usize {
     crate::global::get_if_init().map_or(0, |g| g.pages.count_allocated())
 }
 
+/// Whether `ptr` lies inside nolock's arena (always false before nolock is initialised): how an allocator that
+/// shares a process with another one (the C library's `free` under `LD_PRELOAD`) tells its own pointers from
+/// foreign ones, in O(1) (one load and a compare).
+#[inline]
+pub fn in_arena(ptr: *const u8) -> bool {
+    crate::global::get_if_init().is_some_and(|g| g.pages.contains(ptr as usize))
+}
+
 /// What the page under an address currently belongs to (for tests and diagnostics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageOwner {
