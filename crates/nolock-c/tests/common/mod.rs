@@ -12,18 +12,24 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The library under test: `NOLOCK_C_LIB` if set (relative to the workspace root, e.g. the initial-exec build
-/// `target/initial-exec/release/libnolock_c.so`), else `target/<profile>/libnolock_c.so`: integration tests
-/// live in `target/<profile>/deps`, and cargo builds the library before them.
+/// `target/initial-exec/release/libnolock_c.so`), else the build next to the test binaries
+/// (`target/<profile>/deps`, where `cargo test` builds it before them).
 pub fn lib_path() -> PathBuf {
     if let Some(p) = std::env::var_os("NOLOCK_C_LIB") {
         let p = crate_dir().join("../..").join(p);
         assert!(p.exists(), "NOLOCK_C_LIB={} does not exist", p.display());
         return p;
     }
+    // `cargo test` builds the library (all its crate types: it has an rlib) next to the test binaries in
+    // `target/<profile>/deps`; `cargo build` puts it one level up. Prefer the one the tests were built with.
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let p = dir.join("libnolock_c.so");
-    assert!(p.exists(), "{} not built (cargo test -p nolock-c builds it)", p.display());
+    let deps = exe.parent().expect("deps dir");
+    let p = [deps.join("libnolock_c.so"), deps.parent().expect("target dir").join("libnolock_c.so")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("libnolock_c.so not built next to {} (cargo test -p nolock-c builds it)", exe.display())
+        });
     p
 }
 
