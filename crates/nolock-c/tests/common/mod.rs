@@ -24,13 +24,12 @@ pub fn lib_path() -> PathBuf {
     // `target/<profile>/deps`; `cargo build` puts it one level up. Prefer the one the tests were built with.
     let exe = std::env::current_exe().expect("current_exe");
     let deps = exe.parent().expect("deps dir");
-    let p = [deps.join("libnolock_c.so"), deps.parent().expect("target dir").join("libnolock_c.so")]
+    [deps.join("libnolock_c.so"), deps.parent().expect("target dir").join("libnolock_c.so")]
         .into_iter()
         .find(|p| p.exists())
         .unwrap_or_else(|| {
             panic!("libnolock_c.so not built next to {} (cargo test -p nolock-c builds it)", exe.display())
-        });
-    p
+        })
 }
 
 /// `crates/nolock-c`.
