@@ -74,6 +74,8 @@ pub mod sync;
 
 #[cfg(not(loom))]
 mod alloc;
+#[cfg(all(not(loom), feature = "allocator-api2"))]
+pub mod allocator_api;
 #[cfg(not(loom))]
 mod background;
 #[cfg(not(loom))]
@@ -87,11 +89,14 @@ pub mod hooks;
 #[cfg(all(not(loom), not(feature = "test-hooks")))]
 mod hooks;
 #[cfg(not(loom))]
+pub mod hybrid;
+#[cfg(not(loom))]
 pub mod page;
 #[cfg(not(loom))]
 mod pages;
 #[cfg(not(loom))]
 mod process;
+pub mod queue;
 #[cfg(not(loom))]
 pub mod rcu;
 #[cfg(not(loom))]
@@ -104,9 +109,13 @@ pub mod stats;
 mod sys;
 #[cfg(not(loom))]
 pub mod thread;
+#[cfg(not(loom))]
+pub mod typed;
 
 #[cfg(not(loom))]
 pub use alloc::NolockAlloc;
+#[cfg(all(not(loom), feature = "allocator-api2"))]
+pub use allocator_api::Kmalloc;
 #[cfg(not(loom))]
 pub use boxed::NBox;
 #[cfg(not(loom))]
@@ -114,11 +123,15 @@ pub use debug::{FaultInjection, FreeError, FreeErrorKind};
 #[cfg(not(loom))]
 pub use global::{Config, ConfigError, DEFAULT_ARENA_SIZE};
 #[cfg(not(loom))]
+pub use hybrid::HybridAlloc;
+#[cfg(not(loom))]
 pub use page::{Gfp, PagesError, PrefaultError};
 #[cfg(not(loom))]
 pub use pages::{MAX_ORDER, alloc_pages_nolock, free_pages_nolock, prefault, try_free_pages_nolock};
 #[cfg(not(loom))]
 pub use slab::cache::{CacheError, CacheName, CacheStats, DestroyReport, MAX_CACHES};
+#[cfg(not(loom))]
+pub use typed::{CacheBox, TypedCache};
 
 /// Maximum number of threads with their own per-thread caches at once: the thread slots
 /// ([`thread::MAX_THREADS`]). Further threads use the (slower, still lock-free) shared path.
