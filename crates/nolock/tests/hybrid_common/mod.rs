@@ -168,6 +168,10 @@ fn refill(seq: u64) {
 /// One storm thread: churn the allocator for `d` under SIGPROF every `period` (and the nesting signal every
 /// 3 periods), checking every block before it is freed.
 pub fn storm_thread(d: Duration, period: Duration, seed: u64) {
+    // Warm the thread's allocator state up first (jemalloc picks the thread's arena under a global lock on its
+    // first allocation: a handler interrupting that deadlocks at once, which is real but not the steady state
+    // this storm is about).
+    drop(std::hint::black_box((0..1000).map(|i| vec![i as u8; i % 300 + 1]).collect::<Vec<_>>()));
     let prof = testkit::ThreadTimer::for_current_thread(libc::SIGPROF, period);
     let nest = testkit::ThreadTimer::for_current_thread(nested_signal(), period * 3);
     let mut ring: Vec<Vec<u64>> = (0..64).map(|_| Vec::new()).collect();
