@@ -143,6 +143,7 @@ fn main() {
     let done = AtomicBool::new(false);
     let (self_counts, total_counts, samples) = std::thread::scope(|s| {
         let agg = s.spawn(|| {
+            // SAFETY: an all-zero sigset_t is a valid value for sigemptyset to initialise.
             let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
             // SAFETY: valid sigset operations on a local set; only this thread's mask changes.
             unsafe {

@@ -323,6 +323,12 @@ impl RawMpsc {
     }
 }
 
+impl Default for RawMpsc {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(not(loom))]
 pub use unbounded::UnboundedQueue;
 

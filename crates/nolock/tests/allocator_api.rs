@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use allocator_api2::alloc::Allocator;
 use allocator_api2::vec::Vec as AVec;
-use nolock::{KmemCache, Kmalloc};
+use nolock::{Kmalloc, KmemCache};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 

@@ -36,7 +36,7 @@ fn routes_by_context_and_address() {
         let v = vec![2u64; 100];
         let nested = {
             let _g = HandlerGuard::enter();
-            let w = vec![3u8; 10];
+            let w = Box::new([3u8; 10]);
             in_arena(w.as_ptr())
         };
         // Still marked after the nested guard ends.
@@ -104,12 +104,12 @@ fn realloc_across_the_boundary() {
     let p = hybrid::in_handler(|| {
         // SAFETY: a valid non-zero layout.
         let p = unsafe { A.alloc_zeroed(l) };
-        assert!(!p.is_null() && in_arena(p) && p as usize % 64 == 0);
+        assert!(!p.is_null() && in_arena(p) && (p as usize).is_multiple_of(64));
         // SAFETY: 300 zeroed bytes.
         assert!(unsafe { std::slice::from_raw_parts(p, 300) }.iter().all(|&b| b == 0));
         // SAFETY: p is ours with layout l; 9000 with align 64 is valid.
         let q = unsafe { A.realloc(p, l, 9000) };
-        assert!(!q.is_null() && in_arena(q) && q as usize % 64 == 0);
+        assert!(!q.is_null() && in_arena(q) && (q as usize).is_multiple_of(64));
         q
     });
     // SAFETY: q is a 9000-byte block of ours.

@@ -145,4 +145,3 @@ fn unbounded_node_protocol() {
     });
     assert!(UNBOUNDED_CONCURRENT_POP.load(std::sync::atomic::Ordering::Relaxed), "no execution popped concurrently");
 }
-

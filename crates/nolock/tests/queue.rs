@@ -29,13 +29,17 @@ static HANDLERS: AtomicU64 = AtomicU64::new(0);
 
 /// A sample: word 0 the sequence number, word i `seq * 31 + i`.
 fn make(seq: u64) -> Option<Sample> {
-    NBox::try_from_fn((seq % 13 + 1) as usize, |i| if i == 0 { seq } else { seq.wrapping_mul(31).wrapping_add(i as u64) })
+    NBox::try_from_fn(
+        (seq % 13 + 1) as usize,
+        |i| if i == 0 { seq } else { seq.wrapping_mul(31).wrapping_add(i as u64) },
+    )
 }
 
 fn check(s: &[u64]) -> Option<u64> {
     let seq = *s.first()?;
-    (s.len() as u64 == seq % 13 + 1 && s.iter().enumerate().skip(1).all(|(i, &x)| x == seq.wrapping_mul(31).wrapping_add(i as u64)))
-        .then_some(seq)
+    (s.len() as u64 == seq % 13 + 1
+        && s.iter().enumerate().skip(1).all(|(i, &x)| x == seq.wrapping_mul(31).wrapping_add(i as u64)))
+    .then_some(seq)
 }
 
 /// Push one sample into each queue (any context).
@@ -132,7 +136,8 @@ fn signal_storm_producers_one_consumer() {
         stop.store(true, Ordering::Release);
         (got_b, got_u) = consumer.join().unwrap();
     });
-    let (pb, rb, pu) = (PUSHED_B.load(Ordering::Relaxed), REFUSED_B.load(Ordering::Relaxed), PUSHED_U.load(Ordering::Relaxed));
+    let (pb, rb, pu) =
+        (PUSHED_B.load(Ordering::Relaxed), REFUSED_B.load(Ordering::Relaxed), PUSHED_U.load(Ordering::Relaxed));
     eprintln!(
         "{} handler runs; bounded: {pb} pushed, {rb} refused (full), {} received; unbounded: {pu} pushed, {} received",
         HANDLERS.load(Ordering::Relaxed),

@@ -114,7 +114,7 @@ fn concurrent_updates_lose_nothing_and_retire_everything() {
                         P.update(&g, |cur| {
                             // Widen the window between the load and the exchange now and then, so that
                             // writers overtake each other and updates retry.
-                            if calls.fetch_add(1, Ordering::Relaxed) % 16 == 0 {
+                            if calls.fetch_add(1, Ordering::Relaxed).is_multiple_of(16) {
                                 std::thread::yield_now();
                             }
                             let cur = cur.expect("never null");

@@ -75,11 +75,14 @@ fn out_of_memory_hands_the_value_back() {
     let back = cache.alloc(Packet::new(5)).unwrap_err();
     assert_eq!(back, Packet::new(5));
     let mut called = false;
-    assert!(cache.alloc_with(|| {
-        called = true;
-        Packet::new(6)
-    })
-    .is_none());
+    assert!(
+        cache
+            .alloc_with(|| {
+                called = true;
+                Packet::new(6)
+            })
+            .is_none()
+    );
     assert!(!called, "alloc_with does not build a value it cannot place");
     cache.as_kmem_cache().set_fault_injection(FaultInjection::Off);
     assert!(cache.alloc(Packet::new(5)).is_ok());
@@ -150,7 +153,8 @@ fn owners_from_signal_handlers_dropped_elsewhere() {
                 while Instant::now() < end {
                     // The normal code allocates and frees from the same cache the handler uses.
                     i += 1;
-                    let v: Vec<_> = (0..16).map(|k| cache.alloc(Packet::new(t << 40 | i << 8 | k)).ok().unwrap()).collect();
+                    let v: Vec<_> =
+                        (0..16).map(|k| cache.alloc(Packet::new(t << 40 | i << 8 | k)).ok().unwrap()).collect();
                     if !v.iter().all(|p| p.ok()) {
                         ERRORS.fetch_add(1, Ordering::Relaxed);
                     }

@@ -192,7 +192,7 @@ pub fn storm_thread(d: Duration, period: Duration, seed: u64) {
             let len = (rng.next_u64() % 2000) as usize + 1;
             let base = seed ^ i.wrapping_mul(0x1_0000_0001);
             ring[slot] = (0..len as u64).map(|k| base.wrapping_add(k)).collect();
-            if i % 16 == 0 {
+            if i.is_multiple_of(16) {
                 let s = format!("{i}:{base}");
                 if s.split(':').next().and_then(|x| x.parse::<u64>().ok()) != Some(i) {
                     error();
@@ -245,7 +245,8 @@ pub fn child_main(mark: bool) {
     let Some(ms) = std::env::var("HYBRID_CHILD_MS").ok().and_then(|v| v.parse::<u64>().ok()) else { return };
     install(mark);
     storm(2, Duration::from_millis(ms), Duration::from_micros(50));
-    let code = if ERRORS.load(Ordering::Relaxed) == 0 && HANDLED.load(Ordering::Relaxed) > 0 { 0 } else { EXIT_CORRUPT };
+    let code =
+        if ERRORS.load(Ordering::Relaxed) == 0 && HANDLED.load(Ordering::Relaxed) > 0 { 0 } else { EXIT_CORRUPT };
     // SAFETY: ends the process at once.
     unsafe { libc::_exit(code) };
 }
