@@ -76,30 +76,28 @@ unsafe impl Allocator for Kmalloc {
     }
 }
 
-impl KmemCache {
-    /// Whether a block for `layout` can be one object of this cache (size only; the alignment is checked on the
-    /// object).
-    #[inline]
-    fn fits(&self, layout: Layout) -> bool {
-        layout.size() <= self.object_size()
-    }
+/// Whether a block for `layout` can be one object of `cache` (size only; the alignment is checked on the
+/// object).
+#[inline]
+fn fits(cache: &KmemCache, layout: Layout) -> bool {
+    layout.size() <= cache.object_size()
+}
 
-    #[inline]
-    fn allocate_object(&self, layout: Layout, flags: Gfp) -> Result<NonNull<[u8]>, AllocError> {
-        if layout.size() == 0 {
-            return Ok(empty(layout));
-        }
-        if !self.fits(layout) {
-            return Err(AllocError);
-        }
-        let p = self.alloc_nolock(flags).ok_or(AllocError)?;
-        if !(p.as_ptr() as usize).is_multiple_of(layout.align()) {
-            // SAFETY: just allocated from this cache, never handed out.
-            unsafe { self.free_nolock(p) };
-            return Err(AllocError);
-        }
-        Ok(NonNull::slice_from_raw_parts(p, layout.size()))
+#[inline]
+fn allocate_object(cache: &KmemCache, layout: Layout, flags: Gfp) -> Result<NonNull<[u8]>, AllocError> {
+    if layout.size() == 0 {
+        return Ok(empty(layout));
     }
+    if !fits(cache, layout) {
+        return Err(AllocError);
+    }
+    let p = cache.alloc_nolock(flags).ok_or(AllocError)?;
+    if !(p.as_ptr() as usize).is_multiple_of(layout.align()) {
+        // SAFETY: just allocated from this cache, never handed out.
+        unsafe { cache.free_nolock(p) };
+        return Err(AllocError);
+    }
+    Ok(NonNull::slice_from_raw_parts(p, layout.size()))
 }
 
 // SAFETY: blocks are objects of this cache (at least `layout.size()` bytes, alignment checked on each), valid
@@ -109,12 +107,12 @@ impl KmemCache {
 unsafe impl Allocator for KmemCache {
     #[inline]
     fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        self.allocate_object(layout, Gfp::NONE)
+        allocate_object(self, layout, Gfp::NONE)
     }
 
     #[inline]
     fn allocate_zeroed(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        self.allocate_object(layout, Gfp::ZERO)
+        allocate_object(self, layout, Gfp::ZERO)
     }
 
     #[inline]
@@ -133,7 +131,9 @@ unsafe impl Allocator for KmemCache {
         new_layout: Layout,
     ) -> Result<NonNull<[u8]>, AllocError> {
         // Every block is a whole object: growth within the object stays in place.
-        if old_layout.size() != 0 && self.fits(new_layout) && (ptr.as_ptr() as usize).is_multiple_of(new_layout.align())
+        if old_layout.size() != 0
+            && fits(self, new_layout)
+            && (ptr.as_ptr() as usize).is_multiple_of(new_layout.align())
         {
             return Ok(NonNull::slice_from_raw_parts(ptr, new_layout.size()));
         }

@@ -216,8 +216,10 @@ impl<T, const N: usize> BoundedQueue<T, N> {
 
     /// Items pushed and not yet popped, claimed-but-unpublished ones included (a snapshot).
     pub fn len(&self) -> usize {
-        let tail = self.tail.load(Ordering::Relaxed);
+        // Head first: a position is claimed (tail) before it can be popped (head), so a tail read after the
+        // head is never behind it.
         let head = self.head.load(Ordering::Relaxed);
+        let tail = self.tail.load(Ordering::Relaxed);
         tail.wrapping_sub(head).min(N)
     }
 

@@ -256,7 +256,8 @@ impl<T: Send + Sync, F: Flavor> RcuPtr<T, F> {
     /// fresh `f` call on the newer value) while other writers get in first. Returns the value it replaced
     /// (retired, readable while `guard` lives). One node is allocated up front and reused across retries; each
     /// value `f` made that lost its race is dropped at once (it was never visible). On out-of-memory, `Err`
-    /// with `f`'s first value.
+    /// with `f`'s first value. If `f` panics on a retry, the node is leaked (its value was already dropped),
+    /// never published nor dropped twice.
     ///
     /// Lock-free: a retry means another writer's update succeeded.
     ///
