@@ -239,14 +239,16 @@ pub struct Outcomes {
 /// Exit status a child uses for "a content check failed".
 pub const EXIT_CORRUPT: i32 = 3;
 
-/// The body of the child test: run the storm, then `_exit` (no atexit handlers, no harness output) with 0 or
-/// [`EXIT_CORRUPT`]. Returns (without running anything) when not in a child.
+/// The body of the child test: run the storm, then `_exit` (no atexit handlers, no harness output) with 0, or
+/// [`EXIT_CORRUPT`] when a content check failed or nolock reported anything. Returns (without running anything) when not in a child.
 pub fn child_main(mark: bool) {
     let Some(ms) = std::env::var("HYBRID_CHILD_MS").ok().and_then(|v| v.parse::<u64>().ok()) else { return };
     install(mark);
+    let reports = nolock::debug::reports();
     storm(2, Duration::from_millis(ms), Duration::from_micros(50));
-    let code =
-        if ERRORS.load(Ordering::Relaxed) == 0 && HANDLED.load(Ordering::Relaxed) > 0 { 0 } else { EXIT_CORRUPT };
+    // A report from nolock (a refused free, a damaged free list) counts as a failed check too.
+    let clean = ERRORS.load(Ordering::Relaxed) == 0 && nolock::debug::reports() == reports;
+    let code = if clean && HANDLED.load(Ordering::Relaxed) > 0 { 0 } else { EXIT_CORRUPT };
     // SAFETY: ends the process at once.
     unsafe { libc::_exit(code) };
 }
