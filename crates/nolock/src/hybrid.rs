@@ -33,11 +33,12 @@
 //!
 //! # Frees route by address
 //!
-//! nolock knows its own memory in O(1) (one range check against its arena), so any context may free anything:
+//! nolock's memory is one range of addresses (its arena), so one range check tells whose a block is, and any
+//! context may free anything:
 //! - nolock memory is freed with `kfree_nolock`, in any context (a sample built in a handler can be dropped by
 //!   the thread that drains it);
 //! - memory of `A` freed in a marked handler is **deferred**: pushed on a lock-free list (its node comes from
-//!   `kmalloc_nolock`) and handed to `A` by the next allocation or free in normal context, or by [`drain`].
+//!   `kmalloc_nolock`) and handed to `A` by the next allocation in normal context, or by [`drain`].
 //!   If the node cannot be allocated (nolock's arena is exhausted), the block is leaked, never freed into `A`
 //!   from the handler; [`HybridStats::leaked`] counts it.
 //!
@@ -289,15 +290,50 @@ impl<A> HybridAlloc<A> {
     }
 }
 
-/// Whether `ptr` lies in nolock's arena (O(1): one load and a range check).
+/// nolock's arena as `HybridAlloc` has seen it: set (once) before `HybridAlloc` hands out its first block of
+/// nolock memory, so every free of such a block happens after it and sees it; `len == 0` until then. Both words
+/// in one cache line, read with two loads and no pointer chasing: the free path in normal context pays this
+/// check on every call.
+#[repr(C, align(64))]
+struct ArenaRange {
+    base: AtomicUsize,
+    len: AtomicUsize,
+}
+
+static ARENA: ArenaRange = ArenaRange { base: AtomicUsize::new(0), len: AtomicUsize::new(0) };
+
+/// Whether `ptr` lies in nolock's arena (O(1): two loads and a range check).
 #[inline(always)]
 fn is_nolock(ptr: *mut u8) -> bool {
-    global::get_if_init().is_some_and(|g| g.pages.contains(ptr as usize))
+    // Acquire: pairs with the Release store of `len` in `note_arena`, so a non-zero length comes with its base.
+    let len = ARENA.len.load(Ordering::Acquire);
+    let base = ARENA.base.load(Ordering::Relaxed);
+    (ptr as usize).wrapping_sub(base) < len
+}
+
+/// Record the arena's range (before handing out nolock memory).
+#[inline]
+fn note_arena() {
+    if ARENA.len.load(Ordering::Relaxed) == 0 {
+        note_arena_cold();
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn note_arena_cold() {
+    if let Some(g) = global::get_if_init() {
+        // The arena never moves nor shrinks once mapped, so concurrent callers store the same values.
+        ARENA.base.store(g.pages.page_addr(0), Ordering::Relaxed);
+        // Release: pairs with the Acquire load in `is_nolock`.
+        ARENA.len.store(g.pages.size(), Ordering::Release);
+    }
 }
 
 impl<A: GlobalAlloc> HybridAlloc<A> {
-    /// Hand every free deferred by handlers so far to `A`. Also done by every allocation and free in normal
-    /// context that finds the list non-empty. Returns how many were drained.
+    /// Hand every free deferred by handlers so far to `A`. Also done by every allocation in normal context that
+    /// finds the list non-empty (frees and reallocations only check the address and the context, to stay
+    /// cheap). Returns how many were drained.
     ///
     /// # Context
     /// Normal context only (it calls `A`); a no-op (returning 0) inside a marked handler.
@@ -366,7 +402,9 @@ impl<A: GlobalAlloc> HybridAlloc<A> {
     unsafe fn alloc_in_handler(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         self.handler_allocs.fetch_add(1, Ordering::Relaxed);
         // SAFETY: forwarded from the caller (a non-zero-size layout).
-        unsafe { if zeroed { self.nolock.alloc_zeroed(layout) } else { self.nolock.alloc(layout) } }
+        let p = unsafe { if zeroed { self.nolock.alloc_zeroed(layout) } else { self.nolock.alloc(layout) } };
+        note_arena();
+        p
     }
 
     #[cold]
@@ -377,6 +415,7 @@ impl<A: GlobalAlloc> HybridAlloc<A> {
         if is_nolock(ptr) {
             if handler {
                 self.handler_allocs.fetch_add(1, Ordering::Relaxed);
+                // (The range is known: `ptr` is nolock memory we handed out.)
                 // SAFETY: nolock memory with `layout`, forwarded.
                 return unsafe { self.nolock.realloc(ptr, layout, new_size) };
             }
@@ -445,7 +484,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for HybridAlloc<A> {
         if handler_context() {
             return self.defer(ptr, layout);
         }
-        self.drain_if_needed();
+        // (No drain here: the next allocation drains; the free path stays two checks.)
         // SAFETY: a block of A with `layout`, given up by the caller.
         unsafe { self.inner.dealloc(ptr, layout) }
     }
@@ -457,7 +496,6 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for HybridAlloc<A> {
             // SAFETY: forwarded.
             return unsafe { self.realloc_slow(ptr, layout, new_size, handler) };
         }
-        self.drain_if_needed();
         // SAFETY: a block of A, forwarded.
         unsafe { self.inner.realloc(ptr, layout, new_size) }
     }
