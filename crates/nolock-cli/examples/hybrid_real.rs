@@ -15,7 +15,7 @@
 static A: nolock::hybrid::HybridAlloc<tikv_jemallocator::Jemalloc> =
     nolock::hybrid::HybridAlloc::new(tikv_jemallocator::Jemalloc);
 
-#[path = "hybrid_real_workload.rs"]
+#[path = "common/hybrid_real_workload.rs"]
 mod workload;
 
 fn main() {

@@ -4,7 +4,7 @@
 #[global_allocator]
 static A: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[path = "hybrid_real_workload.rs"]
+#[path = "common/hybrid_real_workload.rs"]
 mod workload;
 
 fn main() {

@@ -27,7 +27,10 @@ fn crash_handler_reports_then_dies_of_the_signal() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("=== crash report ===") && text.contains("=== end ==="), "{text}");
-    assert!(text.contains("crash_handler::crash") || text.contains(" crash "), "the faulting function is named: {text}");
+    assert!(
+        text.contains("crash_handler::crash") || text.contains(" crash "),
+        "the faulting function is named: {text}"
+    );
     assert!(text.contains(&format!("child ended by signal Some({})", libc::SIGSEGV)), "{text}");
 }
 
