@@ -216,6 +216,11 @@ pub struct HybridStats {
 
 /// A [`GlobalAlloc`] that is `A` in normal context and nolock inside marked signal handlers (see the module
 /// documentation).
+///
+/// # Context
+/// Its `GlobalAlloc` methods, in normal context, do what `A` does (`A` may take locks and make system calls)
+/// plus, on allocation, hand deferred frees to `A`. Inside a marked handler they never call `A`: they are
+/// nolock's (any context, async-signal-safe, no lock), and a free of `A`'s memory is deferred.
 pub struct HybridAlloc<A> {
     inner: A,
     nolock: NolockAlloc,
