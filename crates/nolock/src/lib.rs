@@ -81,6 +81,8 @@ pub mod sync;
 
 #[cfg(not(loom))]
 mod alloc;
+#[cfg(all(not(loom), feature = "allocator-api2"))]
+pub mod allocator_api;
 #[cfg(not(loom))]
 mod background;
 #[cfg(not(loom))]
@@ -92,6 +94,8 @@ pub mod hooks;
 #[cfg(all(not(loom), not(feature = "test-hooks")))]
 mod hooks;
 #[cfg(not(loom))]
+pub mod hybrid;
+#[cfg(not(loom))]
 pub use slab::memcg;
 #[cfg(not(loom))]
 pub mod page;
@@ -99,6 +103,7 @@ pub mod page;
 mod pages;
 #[cfg(not(loom))]
 mod process;
+pub mod queue;
 #[cfg(not(loom))]
 pub mod rcu;
 #[cfg(not(loom))]
@@ -113,13 +118,19 @@ pub mod stats;
 mod sys;
 #[cfg(not(loom))]
 pub mod thread;
+#[cfg(not(loom))]
+pub mod typed;
 
 #[cfg(not(loom))]
 pub use alloc::NolockAlloc;
+#[cfg(all(not(loom), feature = "allocator-api2"))]
+pub use allocator_api::Kmalloc;
 #[cfg(not(loom))]
 pub use boxed::NBox;
 #[cfg(not(loom))]
 pub use global::{Config, ConfigError, DEFAULT_ARENA_SIZE};
+#[cfg(not(loom))]
+pub use hybrid::HybridAlloc;
 #[cfg(not(loom))]
 pub use page::{Gfp, PagesError, PrefaultError};
 #[cfg(not(loom))]
@@ -132,6 +143,8 @@ pub use slab::cache::{CacheError, CacheName, CacheStats, DestroyReport, MAX_CACH
 pub use slab::debug;
 #[cfg(not(loom))]
 pub use slab::debug::{FaultInjection, FreeError, FreeErrorKind};
+#[cfg(not(loom))]
+pub use typed::{CacheBox, TypedCache};
 
 /// Maximum number of threads with their own per-thread caches at once: the thread slots
 /// ([`thread::MAX_THREADS`]). Further threads use the (slower, still lock-free) shared path.

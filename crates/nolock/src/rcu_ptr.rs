@@ -198,6 +198,164 @@ impl<T: Send + Sync, F: Flavor> RcuPtr<T, F> {
         self.retire(old);
     }
 
+    /// Publish `value` and return the value it replaced, readable while `guard` lives (the replaced value is
+    /// retired at once, but its grace period cannot end before `guard`'s read-side section does). On
+    /// out-of-memory, the value is handed back and nothing changes.
+    ///
+    /// # Panics
+    /// As [`load`](Self::load), for a guard of another SRCU-fast domain.
+    ///
+    /// # Context
+    /// As [`publish`](Self::publish).
+    pub fn swap<'g>(&self, value: T, guard: &'g F::Guard<'_>) -> Result<Option<&'g T>, T> {
+        if !self.flavor.guards(guard) {
+            wrong_domain();
+        }
+        let node = Self::new_node(value)?;
+        // AcqRel: the Release half publishes the new node to `load`'s Acquire; the Acquire half pairs with the
+        // Release of the writer that published the old one, whose value we hand out.
+        let old = self.ptr.swap(node.as_ptr(), Ordering::AcqRel);
+        // SAFETY: `old` was published and is retired only below, after `guard`'s section began, so its grace
+        // period outlasts the guard.
+        let old_ref = (!old.is_null()).then(|| unsafe { &(*old).value });
+        self.retire(old);
+        Ok(old_ref)
+    }
+
+    /// Publish `new` only if the pointer still holds `current` (compared by address: a reference obtained by
+    /// [`load`](Self::load) or returned by an operation of this pointer, or `None` for null). On success,
+    /// returns the replaced value (retired, readable while `guard` lives); on failure, hands `new` back with the
+    /// value the pointer holds now. `Err` with `current == actual` happens only on out-of-memory.
+    ///
+    /// # Panics
+    /// As [`load`](Self::load), for a guard of another SRCU-fast domain.
+    ///
+    /// # Context
+    /// As [`publish`](Self::publish).
+    #[allow(clippy::type_complexity)]
+    pub fn compare_exchange<'g>(
+        &self,
+        current: Option<&T>,
+        new: T,
+        guard: &'g F::Guard<'_>,
+    ) -> Result<Option<&'g T>, (T, Option<&'g T>)> {
+        if !self.flavor.guards(guard) {
+            wrong_domain();
+        }
+        let node = match Self::new_node(new) {
+            Ok(n) => n,
+            Err(v) => return Err((v, self.load(guard))),
+        };
+        match self.cas_node(current, node, guard) {
+            Ok(old) => Ok(old),
+            Err(actual) => {
+                // SAFETY: the node was never published: its value is read back once and its memory freed.
+                let v = unsafe { Self::unmake_node(node) };
+                Err((v, actual))
+            }
+        }
+    }
+
+    /// Read-copy-update: compute the new value from the current one with `f` and publish it, retrying (with a
+    /// fresh `f` call on the newer value) while other writers get in first. Returns the value it replaced
+    /// (retired, readable while `guard` lives). One node is allocated up front and reused across retries; each
+    /// value `f` made that lost its race is dropped at once (it was never visible). On out-of-memory, `Err`
+    /// with `f`'s first value. If `f` panics on a retry, the node is leaked (its value was already dropped),
+    /// never published nor dropped twice.
+    ///
+    /// Lock-free: a retry means another writer's update succeeded.
+    ///
+    /// ```
+    /// use nolock::rcu_ptr::RcuPtr;
+    ///
+    /// static COUNTS: RcuPtr<[u64; 2]> = RcuPtr::null();
+    /// let guard = nolock::rcu_read_lock();
+    /// COUNTS.update(&guard, |cur| { let mut c = cur.copied().unwrap_or_default(); c[1] += 1; c }).unwrap();
+    /// assert_eq!(COUNTS.load(&guard), Some(&[0, 1]));
+    /// ```
+    ///
+    /// # Panics
+    /// As [`load`](Self::load), for a guard of another SRCU-fast domain.
+    ///
+    /// # Context
+    /// As [`publish`](Self::publish), if `f` is (it runs inside the caller's read-side section).
+    pub fn update<'g>(&self, guard: &'g F::Guard<'_>, mut f: impl FnMut(Option<&T>) -> T) -> Result<Option<&'g T>, T> {
+        let mut cur = self.load(guard);
+        let node = Self::new_node(f(cur))?;
+        loop {
+            match self.cas_node(cur, node, guard) {
+                Ok(old) => return Ok(old),
+                Err(actual) => {
+                    cur = actual;
+                    // SAFETY: the node is still ours (never published): replace the value that lost.
+                    unsafe {
+                        core::ptr::drop_in_place(&mut (*node.as_ptr()).value);
+                    }
+                    let v = f(cur);
+                    // SAFETY: as above; the slot was just emptied.
+                    unsafe { core::ptr::addr_of_mut!((*node.as_ptr()).value).write(v) };
+                }
+            }
+        }
+    }
+
+    /// A node holding `value`, not yet published.
+    fn new_node(value: T) -> Result<NonNull<Node<T>>, T> {
+        let Some(mem) = crate::kmalloc_layout_nolock(Layout::new::<Node<T>>(), Gfp::NONE) else {
+            return Err(value);
+        };
+        let node = mem.cast::<Node<T>>();
+        // SAFETY: fresh memory with Node<T>'s layout.
+        unsafe { node.as_ptr().write(Node { head: RcuHead::new(), value }) };
+        Ok(node)
+    }
+
+    /// Take the value back out of a node that was never published, and free it.
+    ///
+    /// # Safety
+    /// `node` came from `new_node` and was never published.
+    unsafe fn unmake_node(node: NonNull<Node<T>>) -> T {
+        // SAFETY: per the contract, the node and its value are ours alone.
+        unsafe {
+            let v = core::ptr::addr_of!((*node.as_ptr()).value).read();
+            crate::kfree_nolock(node.as_ptr() as *mut u8);
+            v
+        }
+    }
+
+    /// The node whose value `current` is (by address; never dereferenced), or null.
+    fn node_of(current: Option<&T>) -> *mut Node<T> {
+        current.map_or(core::ptr::null_mut(), |r| {
+            (r as *const T as *const u8).wrapping_sub(core::mem::offset_of!(Node<T>, value)) as *mut Node<T>
+        })
+    }
+
+    /// CAS `current`'s node to `node`; on success retire the old node and return its value; on failure the
+    /// value now published.
+    #[allow(clippy::type_complexity)]
+    fn cas_node<'g>(
+        &self,
+        current: Option<&T>,
+        node: NonNull<Node<T>>,
+        _guard: &'g F::Guard<'_>,
+    ) -> Result<Option<&'g T>, Option<&'g T>> {
+        let expected = Self::node_of(current);
+        // Success AcqRel: the Release half publishes the new node to `load`'s Acquire; the Acquire half pairs
+        // with the Release of the writer that published the old one. Failure Acquire: the same pairing for the
+        // value we hand back.
+        match self.ptr.compare_exchange(expected, node.as_ptr(), Ordering::AcqRel, Ordering::Acquire) {
+            Ok(old) => {
+                // SAFETY: `old` was published; it is retired only below, after the caller's section began, so
+                // its grace period outlasts `_guard`.
+                let r = (!old.is_null()).then(|| unsafe { &(*old).value });
+                self.retire(old);
+                Ok(r)
+            }
+            // SAFETY: a published node, protected by the caller's section as in `load`.
+            Err(now) => Err((!now.is_null()).then(|| unsafe { &(*now).value })),
+        }
+    }
+
     fn retire(&self, old: *mut Node<T>) {
         if let Some(old) = NonNull::new(old) {
             // SAFETY: `old` is unlinked; its head is ours to queue and `drop_node::<T>` matches its type.

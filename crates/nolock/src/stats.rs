@@ -126,3 +126,175 @@ pub fn page_owner(ptr: *const u8) -> PageOwner {
 pub fn thread_has_shard() -> bool {
     crate::thread::has_slot()
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// JSON export: `Snapshot::to_json` (no dependency), and `serde::Serialize` behind the `serde` feature
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A value that writes itself as JSON.
+trait JsonValue {
+    fn write_json(&self, w: &mut dyn core::fmt::Write) -> core::fmt::Result;
+}
+
+macro_rules! json_number {
+    ($($t:ty),*) => {$(
+        impl JsonValue for $t {
+            fn write_json(&self, w: &mut dyn core::fmt::Write) -> core::fmt::Result {
+                write!(w, "{self}")
+            }
+        }
+    )*};
+}
+json_number!(u64, usize, bool);
+
+impl<T: JsonValue> JsonValue for Option<T> {
+    fn write_json(&self, w: &mut dyn core::fmt::Write) -> core::fmt::Result {
+        match self {
+            Some(v) => v.write_json(w),
+            None => w.write_str("null"),
+        }
+    }
+}
+
+impl<T: JsonValue> JsonValue for Vec<T> {
+    fn write_json(&self, w: &mut dyn core::fmt::Write) -> core::fmt::Result {
+        w.write_char('[')?;
+        for (i, v) in self.iter().enumerate() {
+            if i > 0 {
+                w.write_char(',')?;
+            }
+            v.write_json(w)?;
+        }
+        w.write_char(']')
+    }
+}
+
+/// A JSON string literal: quotes, backslashes and control characters escaped.
+fn write_json_str(w: &mut dyn core::fmt::Write, s: &str) -> core::fmt::Result {
+    w.write_char('"')?;
+    for c in s.chars() {
+        match c {
+            '"' => w.write_str("\\\"")?,
+            '\\' => w.write_str("\\\\")?,
+            '\n' => w.write_str("\\n")?,
+            '\r' => w.write_str("\\r")?,
+            '\t' => w.write_str("\\t")?,
+            c if (c as u32) < 0x20 => write!(w, "\\u{:04x}", c as u32)?,
+            c => w.write_char(c)?,
+        }
+    }
+    w.write_char('"')
+}
+
+impl JsonValue for crate::CacheName {
+    fn write_json(&self, w: &mut dyn core::fmt::Write) -> core::fmt::Result {
+        write_json_str(w, self.as_str())
+    }
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for crate::CacheName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// JSON (and, with the `serde` feature, `Serialize`) for a statistics struct, field by field. The pattern names
+/// every field without `..`, so a field added to the struct is a compile error here until it is exported too.
+macro_rules! json_struct {
+    ($ty:ident { $($f:ident),* $(,)? }) => {
+        impl JsonValue for $ty {
+            fn write_json(&self, w: &mut dyn core::fmt::Write) -> core::fmt::Result {
+                let $ty { $($f),* } = self;
+                w.write_char('{')?;
+                let mut _first = true;
+                $(
+                    if !_first {
+                        w.write_char(',')?;
+                    }
+                    _first = false;
+                    write_json_str(w, stringify!($f))?;
+                    w.write_char(':')?;
+                    $f.write_json(w)?;
+                )*
+                w.write_char('}')
+            }
+        }
+
+        #[cfg(feature = "serde")]
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeStruct as _;
+                let $ty { $($f),* } = self;
+                let mut st = s.serialize_struct(stringify!($ty), [$(stringify!($f)),*].len())?;
+                $( st.serialize_field(stringify!($f), $f)?; )*
+                st.end()
+            }
+        }
+    };
+}
+
+json_struct!(CacheStats {
+    name,
+    object_size,
+    slab_pages,
+    objects_per_slab,
+    debug,
+    allocs,
+    frees,
+    alloc_fast,
+    alloc_refill,
+    shared_allocs,
+    free_fast,
+    flushes,
+    deferred_frees,
+    shared_frees,
+    next_bucket,
+    remote_frees,
+    failures,
+    injected_failures,
+    bad_frees,
+    debug_errors,
+    slabs,
+    slabs_allocated,
+    slabs_freed,
+    cached_objects,
+    fallback_allocs,
+    pending_slabs,
+});
+json_struct!(LargeStats { allocs, frees, failures, pages });
+json_struct!(PageStats {
+    arena_pages,
+    used_pages,
+    active_pages,
+    dirty_free_pages,
+    purged_pages,
+    allocs,
+    frees,
+    failures,
+    committed_pages,
+    max_align,
+});
+json_struct!(Snapshot { caches, large, pages, resident_bytes, reports });
+
+impl Snapshot {
+    /// The snapshot as one JSON object: `{"caches":[{"name":"kmalloc-8",...},...],"large":{...},"pages":{...},
+    /// "resident_bytes":N|null,"reports":N}`, field names as in the structs. With the `serde` feature the same
+    /// structure is also available through `serde::Serialize` (e.g. `serde_json::to_string(&snapshot)`).
+    ///
+    /// # Context
+    /// Any context where the result may be allocated with the global allocator (it builds a `String`).
+    pub fn to_json(&self) -> String {
+        let mut s = String::with_capacity(256 + 700 * self.caches.len());
+        let _ = self.write_json(&mut s);
+        s
+    }
+
+    /// Write the snapshot as JSON into `w` (the text of [`to_json`](Self::to_json)).
+    ///
+    /// # Context
+    /// Any context, if `w` is (a `StackBuf`-like writer needs no allocation).
+    pub fn write_json(&self, w: &mut dyn core::fmt::Write) -> core::fmt::Result {
+        JsonValue::write_json(self, w)
+    }
+}
