@@ -189,7 +189,8 @@ fn barrier_ends_under_a_retire_flood() {
     let _s = serial();
     nolock::init();
     let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
+    let flooding = std::sync::Arc::new(AtomicBool::new(false));
+    let (s2, f2) = (stop.clone(), flooding.clone());
     let retirer = std::thread::spawn(move || {
         let mut n = 0u64;
         while !s2.load(Ordering::Relaxed) {
@@ -197,9 +198,19 @@ fn barrier_ends_under_a_retire_flood() {
             // SAFETY: a fresh object, retired once.
             unsafe { nolock::kfree_rcu_nolock(p.as_ptr().cast(), std::ptr::NonNull::from(&(*p.as_ptr()).head)) };
             n += 1;
+            if n == 1000 {
+                f2.store(true, Ordering::Release);
+            }
         }
         n
     });
+    // The barriers start once the flood is under way (on a loaded machine the retirer may otherwise not run
+    // before all 20 barriers are done, and the test would test nothing).
+    let start = std::time::Instant::now();
+    while !flooding.load(Ordering::Acquire) {
+        assert!(start.elapsed() < Duration::from_secs(60), "the retirer never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     // Every barrier must end while the flood goes on (the flood stops only after the last one).
     let barriers = with_watchdog("rcu_barrier under a kfree_rcu flood", Duration::from_secs(60), || {
         for _ in 0..20 {
@@ -211,7 +222,7 @@ fn barrier_ends_under_a_retire_flood() {
     let retired = retirer.join().unwrap();
     nolock::rcu_barrier();
     assert_eq!(barriers, 20);
-    assert!(retired > 0);
+    assert!(retired >= 1000);
 }
 
 thread_local! {
