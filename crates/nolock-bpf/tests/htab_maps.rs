@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nolock_bpf::htab::{Backend, Error, HashMap, HtabAttr, LockMode, NolockReuse, UpdateFlags};
+use nolock_bpf::memalloc::RefillMode;
 use testkit::reports::NoReports;
 
 static DOMAIN: nolock::SrcuFast = nolock::SrcuFast::new();
@@ -13,6 +14,7 @@ static DOMAIN: nolock::SrcuFast = nolock::SrcuFast::new();
 fn backends() -> Vec<Backend> {
     vec![
         Backend::Prealloc,
+        Backend::BpfMemAlloc(RefillMode::AtRegionEnd),
         Backend::Nolock(NolockReuse::TypesafeImmediate),
         Backend::Nolock(NolockReuse::AfterRcu),
         Backend::Nolock(NolockReuse::AfterSrcu(&DOMAIN)),
@@ -158,7 +160,7 @@ fn iteration_while_updating() {
                         while !stop.load(Ordering::Relaxed) {
                             let key = 1000 + t * 1000 + (i % 200);
                             let _ = m.update(&k(key), &k(key), UpdateFlags::Any);
-                            if i % 3 == 0 {
+                            if i.is_multiple_of(3) {
                                 let _ = m.delete(&k(1000 + t * 1000 + ((i * 7) % 200)));
                             }
                             i += 1;

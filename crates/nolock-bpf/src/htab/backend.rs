@@ -4,8 +4,10 @@
 //!   v4.6, `extra_elems` since v4.10)**: every element allocated at map creation; new keys pop a per-CPU
 //!   free list (`-E2BIG` when it is empty), updates of an existing key swap with this CPU's spare element, freed
 //!   elements are reused at once. Memory: `elem_size * (max_entries + CPUs)` whatever the occupancy.
-//! - `Backend::BpfMemAlloc` — **`BPF_F_NO_PREALLOC` since v6.1** (bpf_mem_alloc): elements from per-CPU
-//!   caches with watermarks and a deferred refill; immediate reuse. (Arrives with the `memalloc` module.)
+//! - [`Backend::BpfMemAlloc`] — **`BPF_F_NO_PREALLOC` since v6.1** (bpf_mem_alloc,
+//!   [`crate::memalloc`]): elements from per-CPU caches with watermarks and a refill deferred to an `irq_work`
+//!   (at region end, or late); immediate reuse (its known false-positive lookups). Before v6.1
+//!   `BPF_F_NO_PREALLOC` was `kmalloc(GFP_ATOMIC)` plus `call_rcu` (the htab-mem "kmalloc+call_rcu" column).
 //! - [`Backend::Nolock`] — **the seed's migration, no kernel yet**: an exact-size nolock [`KmemCache`] and one
 //!   of nolock's lifetime classes ([`NolockReuse`]): `TYPESAFE_BY_SRCU_FAST` immediate type-safe reuse (case
 //!   D), or a free after a grace period through `kfree_rcu_nolock` (case B, non-sleepable readers) or
@@ -41,8 +43,24 @@ pub enum NolockReuse {
 pub enum Backend {
     /// All elements allocated at creation (the kernel's default).
     Prealloc,
+    /// `BPF_F_NO_PREALLOC` since v6.1: a fixed-size [`BpfMemAlloc`](crate::memalloc::BpfMemAlloc) with this
+    /// refill mode.
+    BpfMemAlloc(crate::memalloc::RefillMode),
     /// An exact-size nolock cache with one of nolock's lifetime classes.
     Nolock(NolockReuse),
+}
+
+impl Backend {
+    /// A short name for tables.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Prealloc => "prealloc",
+            Backend::BpfMemAlloc(_) => "bpf_ma",
+            Backend::Nolock(NolockReuse::TypesafeImmediate) => "nolock-D",
+            Backend::Nolock(NolockReuse::AfterRcu) => "nolock-B",
+            Backend::Nolock(NolockReuse::AfterSrcu(_)) => "nolock-C",
+        }
+    }
 }
 
 /// Number of CPUs the kernel's formulas count (`num_possible_cpus`): the machine's parallelism.

@@ -209,6 +209,7 @@ pub unsafe fn complete<N: Nodes>(n: &N, prev: &AtomicUsize, c: usize, r: usize) 
         }
     }
     let succ = nx & !MARK;
+    super::hooks::point(super::hooks::Point::AfterFreeze);
     let target = if r == DEL {
         succ
     } else {

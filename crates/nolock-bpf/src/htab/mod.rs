@@ -43,10 +43,14 @@ mod typed;
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::Arc;
+
+use nolock::memcg::MemGroup;
 
 use nolock::rcu::srcu::{SrcuFast, SrcuFastGuard};
 use nolock::{RcuHead, RcuReadGuard};
 
+use crate::memalloc::{BpfMaConfig, BpfMemAlloc};
 pub use backend::{Backend, NolockReuse, possible_cpus};
 use backend::{NolockPool, PreallocPool};
 use elem::{Elem, HDR, rup8};
@@ -142,6 +146,10 @@ pub enum UpdateFlags {
 pub enum CreateError {
     /// Key size 0, value size 0, `max_entries` 0, or sizes too large.
     BadAttr,
+    /// The element allocator (`BpfMemAlloc`) could not be created.
+    MemAlloc(crate::memalloc::BpfMaError),
+    /// The accounting group's limit refused the preallocated memory.
+    Limit,
     /// The element cache could not be created.
     Cache(nolock::CacheError),
     /// The preallocated array could not be allocated.
@@ -154,6 +162,8 @@ impl core::fmt::Display for CreateError {
             CreateError::BadAttr => f.write_str("key size, value size and max_entries must be positive and small"),
             CreateError::Cache(e) => write!(f, "element cache: {e}"),
             CreateError::NoMem => f.write_str("cannot allocate the preallocated elements"),
+            CreateError::MemAlloc(e) => write!(f, "element allocator: {e}"),
+            CreateError::Limit => f.write_str("the accounting group's limit refused the map's memory"),
         }
     }
 }
@@ -161,7 +171,7 @@ impl core::fmt::Display for CreateError {
 impl std::error::Error for CreateError {}
 
 /// Map attributes (the kernel's `bpf_attr` for `BPF_MAP_CREATE`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct HtabAttr {
     /// Key size in bytes.
     pub key_size: usize,
@@ -175,12 +185,30 @@ pub struct HtabAttr {
     pub lock: LockMode,
     /// Hash seed (the kernel's random `hashrnd`; `BPF_F_ZERO_SEED` is 0).
     pub seed: u32,
+    /// The accounting group the map's memory is charged to (the memory cgroup it was created in): the
+    /// preallocated array and buckets at creation; each element of a nolock cache (its object size) while it
+    /// is allocated (grace-period classes uncharge when the element is retired); a `BpfMemAlloc` charges what
+    /// it takes from `kmalloc`.
+    pub group: Option<Arc<MemGroup>>,
 }
 
 impl HtabAttr {
     /// A preallocated, lock-free map with seed 0.
     pub fn new(key_size: usize, value_size: usize, max_entries: usize) -> Self {
-        HtabAttr { key_size, value_size, max_entries, backend: Backend::Prealloc, lock: LockMode::LockFree, seed: 0 }
+        HtabAttr {
+            key_size,
+            value_size,
+            max_entries,
+            backend: Backend::Prealloc,
+            lock: LockMode::LockFree,
+            seed: 0,
+            group: None,
+        }
+    }
+    /// Charge the map's memory to `g`.
+    pub fn group(mut self, g: Arc<MemGroup>) -> Self {
+        self.group = Some(g);
+        self
     }
     /// Set the backend.
     pub fn backend(mut self, b: Backend) -> Self {
@@ -251,6 +279,7 @@ enum Retire {
 
 enum Pool {
     Prealloc(PreallocPool),
+    BpfMa(BpfMemAlloc),
     Nolock(NolockPool),
 }
 
@@ -273,6 +302,11 @@ struct Inner {
     srcu: Option<&'static SrcuFast>,
     count: AtomicUsize,
     counters: Counters,
+    group: Option<Arc<MemGroup>>,
+    /// Bytes charged at creation.
+    fixed_charge: usize,
+    /// Bytes charged per allocated element (nolock caches).
+    elem_charge: usize,
 }
 
 struct ElemNodes;
@@ -377,6 +411,11 @@ impl HashMap {
                 let p = PreallocPool::new(elem_size, attr.max_entries).ok_or(CreateError::NoMem)?;
                 (Pool::Prealloc(p), if lockfree { Retire::PoolAfterRcu } else { Retire::Immediate }, false, None)
             }
+            Backend::BpfMemAlloc(refill) => {
+                let cfg = BpfMaConfig { refill, percpu: false, group: attr.group.clone() };
+                let a = BpfMemAlloc::new(Some(elem_size), cfg).map_err(CreateError::MemAlloc)?;
+                (Pool::BpfMa(a), if lockfree { Retire::PoolAfterRcu } else { Retire::Immediate }, false, None)
+            }
             Backend::Nolock(reuse) => {
                 let p = NolockPool::new("bpf_htab_elem", elem_size, reuse).map_err(CreateError::Cache)?;
                 match reuse {
@@ -389,6 +428,19 @@ impl HashMap {
             }
         };
         let map_locked = (attr.lock == LockMode::MapLocked).then(|| MapLockedCounters::new(n_buckets));
+        let fixed = core::mem::size_of::<Inner>()
+            + 16 * n_buckets
+            + match &pool {
+                Pool::Prealloc(p) => p.bytes(),
+                _ => 0,
+            };
+        if let Some(g) = &attr.group {
+            g.try_charge(fixed).map_err(|_| CreateError::Limit)?;
+        }
+        let elem_charge = match &pool {
+            Pool::Nolock(p) => p.cache.as_ref().map_or(0, |c| c.object_size()),
+            _ => 0,
+        };
         let inner = Box::new(Inner {
             key_size: attr.key_size,
             value_size: attr.value_size,
@@ -407,6 +459,9 @@ impl HashMap {
             srcu,
             count: AtomicUsize::new(0),
             counters: Counters::default(),
+            group: attr.group,
+            fixed_charge: fixed,
+            elem_charge,
         });
         Ok(HashMap { inner })
     }
@@ -594,6 +649,7 @@ impl HashMap {
         }
         u += match &m.pool {
             Pool::Prealloc(_) => m.elem_size * (m.max_entries + ncpu),
+            Pool::BpfMa(_) => (m.elem_size + crate::memalloc::LLIST_NODE_SZ) * m.count.load(Ordering::Relaxed),
             Pool::Nolock(_) => m.elem_size * m.count.load(Ordering::Relaxed),
         };
         u
@@ -607,9 +663,23 @@ impl HashMap {
         let mut u = core::mem::size_of::<Inner>() + 16 * (m.mask + 1);
         u += match &m.pool {
             Pool::Prealloc(p) => p.bytes(),
+            Pool::BpfMa(a) => a.mem_usage(),
             Pool::Nolock(p) => p.bytes(),
         };
         u
+    }
+
+    /// The element allocator of a `BpfMemAlloc` map (for its statistics).
+    pub fn bpf_mem_alloc(&self) -> Option<&BpfMemAlloc> {
+        match &self.inner.pool {
+            Pool::BpfMa(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The accounting group, if any.
+    pub fn group(&self) -> Option<&Arc<MemGroup>> {
+        self.inner.group.as_ref()
     }
 
     /// A snapshot of the counters.
@@ -625,6 +695,12 @@ impl HashMap {
         s.cas_restarts = c.cas_restarts.load(Ordering::Relaxed);
         s.count = self.len() as u64;
         s
+    }
+
+    /// The hash of `key` (tests: to pick keys that share a bucket or a `map_locked` slot).
+    #[doc(hidden)]
+    pub fn debug_hash(&self, key: &[u8]) -> u32 {
+        self.inner.hash(key)
     }
 
     /// Count the elements reachable in the bucket of `key` that have `key` (tests: at most one unclaimed).
@@ -814,7 +890,31 @@ impl Inner {
                 let e = if replacing { p.take_extra() } else { p.pop() };
                 e.ok_or(Error::Full)
             }
-            Pool::Nolock(p) => p.alloc().ok_or(Error::NoMem),
+            Pool::BpfMa(a) => a.cache_alloc().map(|p| p.as_ptr() as usize).ok_or(Error::NoMem),
+            Pool::Nolock(p) => {
+                if let Some(g) = &self.group
+                    && g.try_charge(self.elem_charge).is_err()
+                {
+                    return Err(Error::NoMem);
+                }
+                p.alloc().ok_or_else(|| {
+                    if let Some(g) = &self.group {
+                        g.uncharge(self.elem_charge);
+                        g.note_oom();
+                    }
+                    Error::NoMem
+                })
+            }
+        }
+    }
+
+    /// Uncharge one nolock-cache element (it is freed now, or handed to `kfree_rcu`).
+    #[inline]
+    fn uncharge_elem(&self) {
+        if let Some(g) = &self.group
+            && self.elem_charge != 0
+        {
+            g.uncharge(self.elem_charge);
         }
     }
 
@@ -831,8 +931,13 @@ impl Inner {
     unsafe fn free_now(&self, e: usize, replaced: bool) {
         match &self.pool {
             Pool::Prealloc(p) => p.free(e, replaced),
-            // SAFETY: per the caller.
-            Pool::Nolock(p) => unsafe { p.free_now(e) },
+            // SAFETY: per the caller; element addresses are never 0 and came from this allocator.
+            Pool::BpfMa(a) => unsafe { a.cache_free(NonNull::new_unchecked(e as *mut u8)) },
+            Pool::Nolock(p) => {
+                self.uncharge_elem();
+                // SAFETY: per the caller.
+                unsafe { p.free_now(e) }
+            }
         }
     }
 
@@ -852,10 +957,16 @@ impl Inner {
                 // waits for callbacks (rcu_barrier) before it is freed.
                 unsafe { nolock::call_rcu_nolock(el.rcu(), pool_after_gp) };
             }
-            // SAFETY: an unlinked element of a nolock cache; freed once, after the grace period.
-            Retire::KfreeRcu => unsafe { nolock::kfree_rcu_nolock(e as *mut u8, el.rcu()) },
-            // SAFETY: as above.
-            Retire::KfreeSrcu(d) => unsafe { nolock::kfree_srcu_fast_nolock(d, e as *mut u8, el.rcu()) },
+            Retire::KfreeRcu => {
+                self.uncharge_elem();
+                // SAFETY: an unlinked element of a nolock cache; freed once, after the grace period.
+                unsafe { nolock::kfree_rcu_nolock(e as *mut u8, el.rcu()) }
+            }
+            Retire::KfreeSrcu(d) => {
+                self.uncharge_elem();
+                // SAFETY: as above.
+                unsafe { nolock::kfree_srcu_fast_nolock(d, e as *mut u8, el.rcu()) }
+            }
         }
     }
 
@@ -1045,6 +1156,9 @@ impl Drop for HashMap {
             && let Some(c) = p.cache.take()
         {
             let _ = c.destroy();
+        }
+        if let Some(g) = &m.group {
+            g.uncharge(m.fixed_charge);
         }
     }
 }
