@@ -90,7 +90,13 @@ fn install() -> testkit::signal::SavedActions {
 }
 
 /// Arm one nested operation at point `p`, run `outer`, and return (outer result, nested result or None).
-fn nested(m: &HashMap, p: Point, nop: Op, nkey: i32, outer: impl FnOnce() -> Result<(), Error>) -> (Result<(), Error>, Option<i32>) {
+fn nested(
+    m: &HashMap,
+    p: Point,
+    nop: Op,
+    nkey: i32,
+    outer: impl FnOnce() -> Result<(), Error>,
+) -> (Result<(), Error>, Option<i32>) {
     MAP.store(m as *const HashMap as *mut HashMap, Ordering::Release);
     AT.store(point_id(p), Ordering::Relaxed);
     NESTED_OP.store(OPS.iter().position(|&o| o == nop).unwrap() as u8, Ordering::Relaxed);
@@ -216,7 +222,9 @@ fn lockfree_reentry_matrix() {
                             let before = m.stats();
                             let (r, n) = nested(&m, p, nop, nkey, || run(&m, oop, 0, 1));
                             cases += 1;
-                            let ctx = format!("{b:?} point {p:?} outer {oop:?} nested {nop:?} key {nkey} present {present}: {r:?} {n:?}");
+                            let ctx = format!(
+                                "{b:?} point {p:?} outer {oop:?} nested {nop:?} key {nkey} present {present}: {r:?} {n:?}"
+                            );
                             let after = m.stats();
                             assert_eq!(after.error(Error::Busy), before.error(Error::Busy), "{ctx}");
                             assert_eq!(after.error(Error::Deadlock), before.error(Error::Deadlock), "{ctx}");
@@ -227,7 +235,18 @@ fn lockfree_reentry_matrix() {
                             let Some(n) = n else { continue };
                             fired += 1;
                             let nres = if n == 0 { Ok(()) } else { Err(n) };
-                            check_serial(&ctx, present, oop, r, nop, nkey == 0, nres, value(&m, 0), nkey, value(&m, other));
+                            check_serial(
+                                &ctx,
+                                present,
+                                oop,
+                                r,
+                                nop,
+                                nkey == 0,
+                                nres,
+                                value(&m, 0),
+                                nkey,
+                                value(&m, other),
+                            );
                         }
                     }
                 }
@@ -303,11 +322,14 @@ fn burst_into_fresh_map_with_late_refill() {
     let nr = NoReports::new();
     for lock in [LockMode::Rqspin, LockMode::LockFree] {
         let ma = HashMap::new(
-            HtabAttr::new(4, 8, 1024).backend(Backend::BpfMemAlloc(RefillMode::Late(Duration::from_millis(50)))).lock(lock),
+            HtabAttr::new(4, 8, 1024)
+                .backend(Backend::BpfMemAlloc(RefillMode::Late(Duration::from_millis(50))))
+                .lock(lock),
         )
         .unwrap();
-        let nl = HashMap::new(HtabAttr::new(4, 8, 1024).backend(Backend::Nolock(NolockReuse::TypesafeImmediate)).lock(lock))
-            .unwrap();
+        let nl =
+            HashMap::new(HtabAttr::new(4, 8, 1024).backend(Backend::Nolock(NolockReuse::TypesafeImmediate)).lock(lock))
+                .unwrap();
         let (ra, rn) = {
             let _r = IrqRegion::enter();
             let ra: Vec<_> = (0..64u32).map(|i| ma.update(&i.to_ne_bytes(), &[1; 8], UpdateFlags::NoExist)).collect();

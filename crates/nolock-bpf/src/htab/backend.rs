@@ -75,6 +75,8 @@ pub struct PreallocPool {
     elem_size: usize,
     lists: Box<[TaggedStack]>,
     extra: Box<[AtomicUsize]>,
+    /// Lock-free mode only: elements borrowed while the array's free elements wait for their grace period.
+    pub overflow: Option<NolockPool>,
 }
 
 // SAFETY: the array is owned by the pool; all shared access goes through atomics.
@@ -98,7 +100,7 @@ impl PreallocPool {
         }
         let lists: Box<[TaggedStack]> = (0..ncpu).map(|_| TaggedStack::new()).collect();
         let extra: Box<[AtomicUsize]> = (0..ncpu).map(|_| AtomicUsize::new(0)).collect();
-        let pool = PreallocPool { base, layout, elem_size, lists, extra };
+        let pool = PreallocPool { base, layout, elem_size, lists, extra, overflow: None };
         for i in 0..max_entries {
             let e = pool.addr(i as u32);
             pool.lists[i % ncpu].push(i as u32, Elem(e).free_link());
@@ -124,7 +126,8 @@ impl PreallocPool {
         crate::cpu::this_cpu().unwrap_or(0) % self.lists.len()
     }
 
-    /// Pop a free element: this CPU's list, then the others' (the kernel's `pcpu_freelist_pop`).
+    /// Pop a free element: this CPU's list, then the others' (the kernel's `pcpu_freelist_pop`); in lock-free
+    /// mode, when every free element still waits for its grace period, borrow one from the overflow cache.
     #[inline]
     pub fn pop(&self) -> Option<usize> {
         let me = self.my_list();
@@ -135,7 +138,13 @@ impl PreallocPool {
                 return Some(self.addr(i));
             }
         }
-        None
+        self.overflow.as_ref()?.alloc()
+    }
+
+    /// Whether `e` is an element of the array (not a borrowed one).
+    #[inline]
+    fn owns(&self, e: usize) -> bool {
+        e >= self.base as usize && e < self.base as usize + self.layout.size()
     }
 
     /// An element for the update of an existing key: this CPU's spare, else a free one.
@@ -153,6 +162,14 @@ impl PreallocPool {
     /// free list.
     #[inline]
     pub fn free(&self, e: usize, replaced: bool) {
+        if !self.owns(e) {
+            if let Some(o) = &self.overflow {
+                // SAFETY: not an array element, so it was borrowed from the overflow cache; the caller gives
+                // it back once nothing can reach it.
+                unsafe { o.free_now(e) };
+            }
+            return;
+        }
         if replaced {
             let s = &self.extra[self.my_list()];
             // Release: pairs with the Acquire swap in `take_extra`.
@@ -163,9 +180,9 @@ impl PreallocPool {
         self.lists[self.my_list()].push(self.index(e), Elem(e).free_link());
     }
 
-    /// Bytes of the array.
+    /// Bytes of the array (and of the overflow cache's slabs).
     pub fn bytes(&self) -> usize {
-        self.layout.size()
+        self.layout.size() + self.overflow.as_ref().map_or(0, |o| o.bytes())
     }
 }
 

@@ -408,7 +408,13 @@ impl HashMap {
         let lockfree = attr.lock == LockMode::LockFree;
         let (pool, retire, validate, srcu) = match attr.backend {
             Backend::Prealloc => {
-                let p = PreallocPool::new(elem_size, attr.max_entries).ok_or(CreateError::NoMem)?;
+                let mut p = PreallocPool::new(elem_size, attr.max_entries).ok_or(CreateError::NoMem)?;
+                if lockfree {
+                    p.overflow = Some(
+                        NolockPool::new("bpf_htab_overflow", elem_size, NolockReuse::AfterRcu)
+                            .map_err(CreateError::Cache)?,
+                    );
+                }
                 (Pool::Prealloc(p), if lockfree { Retire::PoolAfterRcu } else { Retire::Immediate }, false, None)
             }
             Backend::BpfMemAlloc(refill) => {
@@ -1152,9 +1158,12 @@ impl Drop for HashMap {
         if let Some(d) = m.srcu {
             d.barrier();
         }
-        if let Pool::Nolock(p) = &mut m.pool
-            && let Some(c) = p.cache.take()
-        {
+        let cache = match &mut m.pool {
+            Pool::Nolock(p) => p.cache.take(),
+            Pool::Prealloc(p) => p.overflow.as_mut().and_then(|o| o.cache.take()),
+            Pool::BpfMa(_) => None,
+        };
+        if let Some(c) = cache {
             let _ = c.destroy();
         }
         if let Some(g) = &m.group {
