@@ -67,6 +67,8 @@
 
 use nolock::sync::atomic::{AtomicUsize, Ordering};
 
+use super::hooks::{Point, point};
+
 /// Bit 0 of a link: the value is a nulls end marker, not an element.
 pub const NULLS: usize = 1;
 /// Bit 1 of an element's `next`: frozen (the element is being removed).
@@ -209,7 +211,7 @@ pub unsafe fn complete<N: Nodes>(n: &N, prev: &AtomicUsize, c: usize, r: usize) 
         }
     }
     let succ = nx & !MARK;
-    super::hooks::point(super::hooks::Point::AfterFreeze);
+    point(Point::AfterFreeze);
     let target = if r == DEL {
         succ
     } else {
@@ -244,6 +246,117 @@ pub unsafe fn claim<N: Nodes>(n: &N, e: usize, with: usize) -> bool {
     // another claimer's CAS.
     // SAFETY: per the caller.
     unsafe { n.repl(e) }.compare_exchange(0, with, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+}
+
+/// What an update asks for (`BPF_ANY`, `BPF_NOEXIST`, `BPF_EXIST`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// Insert or replace.
+    Any,
+    /// Insert only.
+    NoExist,
+    /// Replace only.
+    Exist,
+}
+
+/// What an update did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Done {
+    /// The key was absent; the new element was linked at the head.
+    Inserted,
+    /// The key was present; its element was replaced (and is unlinked when this returns).
+    Replaced,
+    /// `NoExist` and the key is present: nothing changed.
+    Exists,
+    /// `Exist` and the key is absent: nothing changed.
+    NotFound,
+}
+
+/// An update of bucket `idx`: walk (completing the claims met), check `want`, take a new element from `get`
+/// (called with `true` when it will replace an existing element; it may be called again after a lost CAS and
+/// may then return the same element), and insert it at the head or claim the old element and complete the
+/// replacement. Elements this call unlinked go to `retire`.
+///
+/// # Safety
+/// As [`seek`]; `get` returns a private, initialised element of this map.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn update<N: Nodes, E>(
+    n: &N,
+    head: &AtomicUsize,
+    idx: usize,
+    mut matches: impl FnMut(usize) -> bool,
+    want: Want,
+    mut get: impl FnMut(bool) -> Result<usize, E>,
+    retire: &mut impl FnMut(usize),
+    st: &mut WalkStats,
+) -> Result<Done, E> {
+    loop {
+        // SAFETY: per the caller.
+        let pos = unsafe { seek(n, head, idx, &mut matches, retire, st) };
+        point(Point::AfterSeek);
+        let old = pos.found();
+        match (old, want) {
+            (Some(_), Want::NoExist) => return Ok(Done::Exists),
+            (None, Want::Exist) => return Ok(Done::NotFound),
+            _ => {}
+        }
+        let e = get(old.is_some())?;
+        match old {
+            None => {
+                point(Point::BeforeInsert);
+                // SAFETY: `e` is private and initialised (caller).
+                if unsafe { insert_head(n, head, pos.first, e) } {
+                    return Ok(Done::Inserted);
+                }
+            }
+            Some(o) => {
+                // SAFETY: `e` is private (caller).
+                unsafe { n.next(e) }.store(UNSET, Ordering::Relaxed);
+                // SAFETY: `o` was found by the walk; `e` is initialised with next == UNSET.
+                if unsafe { claim(n, o, e) } {
+                    point(Point::AfterClaim);
+                    // Complete the replacement (or find it completed by a helper): walk until `o` is gone.
+                    // SAFETY: per the caller.
+                    unsafe { seek(n, head, idx, |c| c == o, retire, st) };
+                    return Ok(Done::Replaced);
+                }
+            }
+        }
+        st.cas_restarts += 1;
+    }
+}
+
+/// A delete of bucket `idx`: walk, claim the element with the key, call `claimed(e)` (the value is still
+/// there, for lookup-and-delete), and complete the removal. False if the key is absent.
+///
+/// # Safety
+/// As [`seek`].
+pub unsafe fn delete<N: Nodes>(
+    n: &N,
+    head: &AtomicUsize,
+    idx: usize,
+    mut matches: impl FnMut(usize) -> bool,
+    claimed: impl FnOnce(usize),
+    retire: &mut impl FnMut(usize),
+    st: &mut WalkStats,
+) -> bool {
+    loop {
+        // SAFETY: per the caller.
+        let pos = unsafe { seek(n, head, idx, &mut matches, retire, st) };
+        point(Point::AfterSeek);
+        let Some(e) = pos.found() else {
+            return false;
+        };
+        // SAFETY: `e` was found by the walk.
+        if unsafe { claim(n, e, DEL) } {
+            point(Point::AfterClaim);
+            claimed(e);
+            // SAFETY: per the caller.
+            unsafe { seek(n, head, idx, |c| c == e, retire, st) };
+            return true;
+        }
+        st.cas_restarts += 1;
+    }
 }
 
 /// Lockless lookup for readers: the first element of bucket `idx` for which `is_key` is true. Restarts when

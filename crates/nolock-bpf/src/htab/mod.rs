@@ -334,6 +334,19 @@ struct Unlinked {
     n: usize,
 }
 
+impl Unlinked {
+    /// Keep `e` for retirement at the end of the operation, or retire it now when full.
+    #[inline]
+    fn push(&mut self, m: &Inner, e: usize) {
+        if self.n < self.items.len() {
+            self.items[self.n] = e;
+            self.n += 1;
+        } else {
+            m.retire(e);
+        }
+    }
+}
+
 /// A BPF hash map. See the [module documentation](self).
 pub struct HashMap {
     inner: Box<Inner>,
@@ -864,30 +877,6 @@ impl Inner {
         r
     }
 
-    /// A walk of bucket `idx` for a writer; unlinked elements go to `un` (or are retired at once when `un` is
-    /// full).
-    #[inline]
-    fn seek(
-        &self,
-        b: &Bucket,
-        idx: usize,
-        want: impl FnMut(usize) -> bool,
-        un: &mut Unlinked,
-        ws: &mut WalkStats,
-    ) -> list::Pos {
-        let mut retire = |e: usize| {
-            if un.n < un.items.len() {
-                un.items[un.n] = e;
-                un.n += 1;
-            } else {
-                self.retire(e);
-            }
-        };
-        // SAFETY: the caller holds the bucket lock (locked modes) or a read-side section (lock-free mode, where
-        // unlinked elements are reused only after a grace period).
-        unsafe { list::seek(&ElemNodes, &b.head, idx, want, &mut retire, ws) }
-    }
-
     /// Take a new element: `replacing` = for the update of an existing key (Prealloc's spare).
     #[inline]
     fn alloc(&self, replacing: bool) -> Result<usize, Error> {
@@ -1015,77 +1004,55 @@ impl Inner {
         un: &mut Unlinked,
         ws: &mut WalkStats,
     ) -> Result<(), Error> {
+        // The new element (and whether it was taken as a spare for a replace), and whether it was counted.
         let mut new: Option<(usize, bool)> = None;
         let mut counted = false;
-        let give_back = |new: Option<(usize, bool)>, counted: bool| {
-            if let Some((e, r)) = new {
-                self.free_private(e, r);
-            }
-            if counted {
-                self.count_dec();
-            }
+        let want = match flags {
+            UpdateFlags::Any => list::Want::Any,
+            UpdateFlags::NoExist => list::Want::NoExist,
+            UpdateFlags::Exist => list::Want::Exist,
         };
-        loop {
-            let pos = self.seek(b, idx, |e| Elem(e).key_matches(hash, key), un, ws);
-            point(Point::AfterSeek);
-            let old = pos.found();
-            match (old, flags) {
-                (Some(_), UpdateFlags::NoExist) => {
-                    give_back(new, counted);
-                    return Err(Error::Exists);
-                }
-                (None, UpdateFlags::Exist) => {
-                    give_back(new, counted);
-                    return Err(Error::NotFound);
-                }
-                _ => {}
-            }
-            if old.is_none() && !counted {
-                if let Err(err) = self.count_inc() {
-                    give_back(new, false);
-                    return Err(err);
-                }
+        let get = |replacing: bool| -> Result<usize, Error> {
+            if !replacing && !counted {
+                self.count_inc()?;
                 counted = true;
             }
-            let e = match new {
-                Some((e, _)) => e,
-                None => match self.alloc(old.is_some()) {
-                    Ok(e) => {
-                        self.init_elem(e, hash, key, value);
-                        new = Some((e, old.is_some()));
-                        e
-                    }
-                    Err(err) => {
-                        give_back(None, counted);
-                        return Err(err);
-                    }
-                },
-            };
-            match old {
-                None => {
-                    point(Point::BeforeInsert);
-                    // SAFETY: `e` is private and initialised; protection as in `seek`.
-                    if unsafe { list::insert_head(&ElemNodes, &b.head, pos.first, e) } {
-                        return Ok(());
-                    }
-                    ws.cas_restarts += 1;
-                }
-                Some(o) => {
-                    Elem(e).next().store(UNSET, Ordering::Relaxed);
-                    // SAFETY: `o` was found by the walk; `e` is initialised with next == UNSET.
-                    if unsafe { list::claim(&ElemNodes, o, e) } {
-                        point(Point::AfterClaim);
-                        if counted {
-                            self.count_dec();
-                        }
-                        // Complete the replace (or find it completed by a helper): walk until `o` is gone.
-                        self.seek(b, idx, |c| c == o, un, ws);
-                        return Ok(());
-                    }
-                    ws.cas_restarts += 1;
-                }
+            if let Some((e, _)) = new {
+                return Ok(e);
             }
+            let e = self.alloc(replacing)?;
+            self.init_elem(e, hash, key, value);
+            new = Some((e, replacing));
+            Ok(e)
+        };
+        let mut retire = |e: usize| un.push(self, e);
+        // SAFETY: the caller holds the bucket lock (locked modes) or a read-side section (lock-free mode, where
+        // unlinked elements are reused only after a grace period).
+        let r = unsafe {
+            list::update(&ElemNodes, &b.head, idx, |e| Elem(e).key_matches(hash, key), want, get, &mut retire, ws)
+        };
+        let (keep, err) = match r {
+            Ok(list::Done::Inserted) => (true, None),
+            Ok(list::Done::Replaced) => {
+                if counted {
+                    self.count_dec();
+                }
+                return Ok(());
+            }
+            Ok(list::Done::Exists) => (false, Some(Error::Exists)),
+            Ok(list::Done::NotFound) => (false, Some(Error::NotFound)),
+            Err(e) => (false, Some(e)),
+        };
+        if keep {
+            return Ok(());
         }
+        if let Some((e, r)) = new {
+            self.free_private(e, r);
+        }
+        if counted {
+            self.count_dec();
+        }
+        Err(err.unwrap_or(Error::Invalid))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1096,28 +1063,22 @@ impl Inner {
         idx: usize,
         hash: u32,
         key: &[u8],
-        mut out: Option<&mut [u8]>,
+        out: Option<&mut [u8]>,
         un: &mut Unlinked,
         ws: &mut WalkStats,
     ) -> Result<(), Error> {
-        loop {
-            let pos = self.seek(b, idx, |e| Elem(e).key_matches(hash, key), un, ws);
-            point(Point::AfterSeek);
-            let Some(e) = pos.found() else {
-                return Err(Error::NotFound);
-            };
-            // SAFETY: `e` was found by the walk.
-            if unsafe { list::claim(&ElemNodes, e, DEL) } {
-                point(Point::AfterClaim);
-                if let Some(o) = out.as_deref_mut() {
-                    Elem(e).copy_value(self.key_rup, o);
-                }
-                self.count_dec();
-                self.seek(b, idx, |c| c == e, un, ws);
-                return Ok(());
+        let mut retire = |e: usize| un.push(self, e);
+        let claimed = |e: usize| {
+            if let Some(o) = out {
+                Elem(e).copy_value(self.key_rup, o);
             }
-            ws.cas_restarts += 1;
-        }
+            self.count_dec();
+        };
+        // SAFETY: as in `update_in`.
+        let found = unsafe {
+            list::delete(&ElemNodes, &b.head, idx, |e| Elem(e).key_matches(hash, key), claimed, &mut retire, ws)
+        };
+        if found { Ok(()) } else { Err(Error::NotFound) }
     }
 }
 
