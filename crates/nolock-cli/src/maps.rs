@@ -10,8 +10,9 @@
 //!
 //! Sections:
 //! 1. **htab-mem** (`bench_htab_mem.c`): key 4 B, `max_entries = max(8192, 64 × threads)`, each producer
-//!    thread loops over "programs" of 64 element operations, each program one IRQs-off region (as one run of
-//!    a BPF program with `bpf_loop(64)`). `overwrite`: 64 updates of the thread's existing keys = 1 op;
+//!    thread loops over "programs" of 64 element operations; each element operation is one IRQs-off region
+//!    (a BPF program runs with interrupts on, so the kernel's refill `irq_work` runs right after the operation
+//!    that raised it). `overwrite`: 64 updates of the thread's existing keys = 1 op;
 //!    `batch_add_batch_del`: 64 adds then 64 deletes = 2 ops; `add_del_on_diff_cpu`: threads in pairs, one adds
 //!    64 keys, the other deletes them (no synchronisation, as the kernel's) = 1 op each. Ops/s over all
 //!    producers; memory = what the backend holds from the allocator below it, sampled every millisecond (the
@@ -141,7 +142,6 @@ fn htab_cell(c: &Contender, case: Case, value: usize, threads: usize, dur: Durat
                 while !stop.load(Ordering::Relaxed) {
                     match case {
                         Case::Overwrite => {
-                            let _r = IrqRegion::enter();
                             for j in 0..64 {
                                 let _ = m.update(&key(base + j), &val, UpdateFlags::Any);
                             }
@@ -149,23 +149,16 @@ fn htab_cell(c: &Contender, case: Case, value: usize, threads: usize, dur: Durat
                             elem += 64;
                         }
                         Case::BatchAddBatchDel => {
-                            {
-                                let _r = IrqRegion::enter();
-                                for j in 0..64 {
-                                    let _ = m.update(&key(base + j), &val, UpdateFlags::Any);
-                                }
+                            for j in 0..64 {
+                                let _ = m.update(&key(base + j), &val, UpdateFlags::Any);
                             }
-                            {
-                                let _r = IrqRegion::enter();
-                                for j in 0..64 {
-                                    let _ = m.delete(&key(base + j));
-                                }
+                            for j in 0..64 {
+                                let _ = m.delete(&key(base + j));
                             }
                             ops += 2;
                             elem += 128;
                         }
                         Case::AddDelOnDiffCpu => {
-                            let _r = IrqRegion::enter();
                             for j in 0..64 {
                                 if adder {
                                     let _ = m.update(&key(base + j), &val, UpdateFlags::Any);
@@ -333,7 +326,13 @@ fn section_htab_mem(args: &BenchArgs, cs: &[Contender], t: &mut Targets) {
                         t.lines.push(line);
                     }
                     if c.name.starts_with("nolock") && row.err_per_m[i][1] > 0.0 {
-                        t.lines.push(format!("{} {} v{} t{}: NoMem seen (target: zero): NOT MET", c.name, case.name(), v, th));
+                        t.lines.push(format!(
+                            "{} {} v{} t{}: NoMem seen (target: zero): NOT MET",
+                            c.name,
+                            case.name(),
+                            v,
+                            th
+                        ));
                     }
                 }
                 {
@@ -365,7 +364,6 @@ fn section_full_update(args: &BenchArgs, cs: &[Contender]) {
         }
         let t0 = Instant::now();
         for i in 0..n {
-            let _r = IrqRegion::enter();
             let r = m.update(&key(1000 + (i % 5000)), &[2; 8], UpdateFlags::Any);
             debug_assert_eq!(r, Err(Error::Full));
         }
@@ -405,7 +403,6 @@ fn section_occupancy(args: &BenchArgs, cs: &[Contender], t: &mut Targets) {
                 let fill = n * pct / 100;
                 let val = vec![7u8; value];
                 for k in 0..fill as u32 {
-                    // One element per region: bpf_ma refills between inserts, as between program runs.
                     m.update(&key(k), &val, UpdateFlags::NoExist).expect("fill");
                 }
                 let meas = m.mem_measured() as f64;
@@ -439,7 +436,6 @@ fn section_insert_until_full(args: &BenchArgs, cs: &[Contender]) {
         let m = HashMap::new(HtabAttr::new(4, 8, n).backend(c.backend).lock(c.lock)).expect("map");
         let t0 = Instant::now();
         for k in 0..n as u32 {
-            let _r = IrqRegion::enter();
             let _ = m.update(&key(k), &[1; 8], UpdateFlags::NoExist);
         }
         let ns = t0.elapsed().as_nanos() as f64 / n as f64;
@@ -447,7 +443,8 @@ fn section_insert_until_full(args: &BenchArgs, cs: &[Contender]) {
         add_errors(&mut errors, &m.stats());
         Cell { ops_per_s: ns, errors, elem_ops: n as u64, ..Default::default() }
     });
-    let mut rows = vec![vec!["map".to_string(), "ns/insert".into(), "×prealloc".into(), "×bpf_ma".into(), "errors/1e6".into()]];
+    let mut rows =
+        vec![vec!["map".to_string(), "ns/insert".into(), "×prealloc".into(), "×bpf_ma".into(), "errors/1e6".into()]];
     for (i, c) in cs.iter().enumerate() {
         rows.push(vec![
             c.name.into(),
@@ -476,7 +473,12 @@ fn section_burst(cs: &[Contender], t: &mut Targets) {
         let ok = res.iter().filter(|r| r.is_ok()).count();
         let first = res.iter().position(|r| r.is_err()).map_or("-".to_string(), |i| format!("#{} {:?}", i + 1, res[i]));
         if c.name.starts_with("nolock") {
-            t.lines.push(format!("{} burst: {} of 64 inserts failed (target: zero NoMem: {})", c.name, 64 - ok, met(ok == 64)));
+            t.lines.push(format!(
+                "{} burst: {} of 64 inserts failed (target: zero NoMem: {})",
+                c.name,
+                64 - ok,
+                met(ok == 64)
+            ));
         }
         rows.push(vec![c.name.into(), ok.to_string(), (64 - ok).to_string(), first]);
     }
@@ -587,7 +589,9 @@ fn storm_cell(c: &Contender, target: Target, rate: u64, dur: Duration) -> Cell {
 }
 
 fn section_storms(args: &BenchArgs, cs: &[Contender], t: &mut Targets) {
-    println!("\n## signal storms (2 threads update/delete random keys; handlers update: same key / random key / another map)\n");
+    println!(
+        "\n## signal storms (2 threads update/delete random keys; handlers update: same key / random key / another map)\n"
+    );
     let _sa = match storm::install_handler(on_storm) {
         Ok(s) => s,
         Err(e) => {
@@ -605,7 +609,9 @@ fn section_storms(args: &BenchArgs, cs: &[Contender], t: &mut Targets) {
         "×prealloc".into(),
         "errors/1e6".into(),
     ]];
-    for (tname, target) in [("same key", Target::SameKey), ("random key", Target::RandomKey), ("other map", Target::OtherMap)] {
+    for (tname, target) in
+        [("same key", Target::SameKey), ("random key", Target::RandomKey), ("other map", Target::OtherMap)]
+    {
         for rate in [20_000u64, 80_000] {
             let row = run_row(cs, args.reps(), |c| storm_cell(c, target, rate, dur));
             for (i, c) in cs.iter().enumerate() {

@@ -39,13 +39,12 @@ pub const RQSPIN_TIMEOUT: Duration = Duration::from_millis(250);
 /// Number of `map_locked` counters per CPU (the kernel's `HASHTAB_MAP_LOCK_COUNT`).
 pub const MAP_LOCK_COUNT: usize = 8;
 
-/// A bucket: list head and lock word (16 bytes, as the kernel's).
-#[repr(C)]
-pub struct Bucket {
-    /// Head of the nulls list.
-    pub head: AtomicUsize,
-    /// Lock word: 0 free, else the owner's token (locked modes only).
-    pub lock: AtomicUsize,
+/// A bucket's lock word (locked modes): 0 free, else the owner's token. With the list head (8 bytes) a bucket
+/// of a locked map takes 16 bytes, as the kernel's; a lock-free map has no lock words (8-byte buckets).
+#[repr(transparent)]
+#[derive(Default)]
+pub struct BucketLock {
+    lock: AtomicUsize,
 }
 
 thread_local! {
@@ -58,7 +57,7 @@ fn my_token() -> usize {
     TOKEN.with(|t| t as *const u8 as usize)
 }
 
-impl Bucket {
+impl BucketLock {
     /// Plain spin lock (the kernel's `raw_spin_lock` under `map_locked`, which already excluded same-CPU
     /// re-entry).
     ///

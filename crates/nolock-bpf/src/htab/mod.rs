@@ -15,8 +15,9 @@
 //! assert_eq!(u64::from_ne_bytes(out), 2);
 //! ```
 //!
-//! - Layout: `elem` (the 48-byte `htab_elem` header, then `rup8(key)`, then `rup8(value)`); 16-byte buckets,
-//!   `n_buckets = roundup_pow_of_two(max_entries)`.
+//! - Layout: `elem` (the 48-byte `htab_elem` header, then `rup8(key)`, then `rup8(value)`); 16-byte buckets
+//!   (list head and lock; 8 bytes in lock-free mode, which has no lock), `n_buckets =
+//!   roundup_pow_of_two(max_entries)`.
 //! - Buckets: `list` (nulls lists; lockless lookups restart on a nulls mismatch; claim-and-help removal).
 //! - Locking: `lock` ([`LockMode`]: `MapLocked` = v6.14 and earlier, `Rqspin` = v6.15+, `LockFree` = none).
 //! - Backends: `backend` ([`Backend`]: `Prealloc` = the default since v3.19, `BpfMemAlloc` =
@@ -57,7 +58,7 @@ use elem::{Elem, HDR, rup8};
 use hooks::{Point, point};
 use list::{DEL, Nodes, UNSET, WalkStats};
 pub use lock::LockMode;
-use lock::{Bucket, MapLockedCounters};
+use lock::{BucketLock, MapLockedCounters};
 pub use typed::{Pod, TypedHashMap};
 
 /// Errors of map operations, as the kernel's.
@@ -293,7 +294,12 @@ struct Inner {
     mask: usize,
     seed: u32,
     lock: LockMode,
-    buckets: Box<[Bucket]>,
+    /// Bucket list heads.
+    heads: Box<[AtomicUsize]>,
+    /// Bucket locks (locked modes; empty in lock-free mode).
+    locks: Box<[BucketLock]>,
+    /// Bytes per bucket: 16 (head and lock, as the kernel's) or 8 (lock-free: head only).
+    bucket_size: usize,
     map_locked: Option<MapLockedCounters>,
     pool: Pool,
     retire: Retire,
@@ -415,9 +421,13 @@ impl HashMap {
         let value_rup = rup8(attr.value_size);
         let elem_size = HDR + key_rup + value_rup;
         let n_buckets = attr.max_entries.next_power_of_two();
-        let buckets: Box<[Bucket]> = (0..n_buckets)
-            .map(|i| Bucket { head: AtomicUsize::new(list::nulls(i)), lock: AtomicUsize::new(0) })
-            .collect();
+        let heads: Box<[AtomicUsize]> = (0..n_buckets).map(|i| AtomicUsize::new(list::nulls(i))).collect();
+        let locks: Box<[BucketLock]> = if attr.lock == LockMode::LockFree {
+            Box::new([])
+        } else {
+            (0..n_buckets).map(|_| BucketLock::default()).collect()
+        };
+        let bucket_size = if attr.lock == LockMode::LockFree { 8 } else { 16 };
         let lockfree = attr.lock == LockMode::LockFree;
         let (pool, retire, validate, srcu) = match attr.backend {
             Backend::Prealloc => {
@@ -448,7 +458,7 @@ impl HashMap {
         };
         let map_locked = (attr.lock == LockMode::MapLocked).then(|| MapLockedCounters::new(n_buckets));
         let fixed = core::mem::size_of::<Inner>()
-            + 16 * n_buckets
+            + bucket_size * n_buckets
             + match &pool {
                 Pool::Prealloc(p) => p.bytes(),
                 _ => 0,
@@ -470,7 +480,9 @@ impl HashMap {
             mask: n_buckets - 1,
             seed: attr.seed,
             lock: attr.lock,
-            buckets,
+            heads,
+            locks,
+            bucket_size,
             map_locked,
             pool,
             retire,
@@ -613,7 +625,7 @@ impl HashMap {
         }
         for idx in start..=m.mask {
             // Acquire: pairs with the Release CAS that linked the first element.
-            let h = m.buckets[idx].head.load(Ordering::Acquire);
+            let h = m.heads[idx].load(Ordering::Acquire);
             if !list::is_nulls(h) {
                 m.copy_key(h, next);
                 return Ok(());
@@ -629,10 +641,10 @@ impl HashMap {
         let _g = m.read_lock();
         let mut kb = vec![0u8; m.key_size];
         let mut vb = vec![0u8; m.value_size];
-        for (idx, b) in m.buckets.iter().enumerate() {
+        for (idx, b) in m.heads.iter().enumerate() {
             'restart: loop {
                 // Acquire: as in `get_next_key`.
-                let mut cur = b.head.load(Ordering::Acquire);
+                let mut cur = b.load(Ordering::Acquire);
                 let mut seen = 0usize;
                 while !list::is_nulls(cur) {
                     seen += 1;
@@ -655,14 +667,15 @@ impl HashMap {
         }
     }
 
-    /// Memory by the kernel's `htab_map_mem_usage` formula: the map struct, 16 B per bucket, the
+    /// Memory by the kernel's `htab_map_mem_usage` formula: the map struct, 16 B per bucket (8 B in lock-free
+    /// mode, which has no bucket locks), the
     /// `map_locked` counters (MapLocked only, `4 * 8 * CPUs`), and the elements: preallocated
     /// `elem_size * (max_entries + CPUs)`, otherwise `elem_size * count` (the kernel adds 8 B per element for
     /// bpf_mem_alloc's header; an exact-size nolock cache has none).
     pub fn mem_usage(&self) -> usize {
         let m = &*self.inner;
         let ncpu = possible_cpus();
-        let mut u = core::mem::size_of::<Inner>() + 16 * (m.mask + 1);
+        let mut u = core::mem::size_of::<Inner>() + m.bucket_size * (m.mask + 1);
         if m.map_locked.is_some() {
             u += MapLockedCounters::formula_bytes(ncpu);
         }
@@ -679,7 +692,7 @@ impl HashMap {
     /// elements waiting for their grace period).
     pub fn mem_measured(&self) -> usize {
         let m = &*self.inner;
-        let mut u = core::mem::size_of::<Inner>() + 16 * (m.mask + 1);
+        let mut u = core::mem::size_of::<Inner>() + m.bucket_size * (m.mask + 1);
         u += match &m.pool {
             Pool::Prealloc(p) => p.bytes(),
             Pool::BpfMa(a) => a.mem_usage(),
@@ -730,7 +743,7 @@ impl HashMap {
         let hash = m.hash(key);
         let idx = hash as usize & m.mask;
         // Acquire: as in `get_next_key`.
-        let mut cur = m.buckets[idx].head.load(Ordering::Acquire);
+        let mut cur = m.heads[idx].load(Ordering::Acquire);
         let mut n = 0;
         while !list::is_nulls(cur) {
             let el = Elem(cur);
@@ -797,7 +810,7 @@ impl Inner {
         let mut restarts = 0;
         // SAFETY: inside a read-side section (the callers hold a guard); element memory is type-stable.
         let r = unsafe {
-            list::lookup(&ElemNodes, &self.buckets[idx].head, idx, |e| Elem(e).key_matches(hash, key), &mut restarts)
+            list::lookup(&ElemNodes, &self.heads[idx], idx, |e| Elem(e).key_matches(hash, key), &mut restarts)
         };
         if restarts != 0 {
             self.counters.nulls_restarts.fetch_add(restarts, Ordering::Relaxed);
@@ -811,13 +824,7 @@ impl Inner {
         let mut restarts = 0;
         // SAFETY: as in `find_reader`.
         let r = unsafe {
-            list::lookup(
-                &ElemNodes,
-                &self.buckets[idx].head,
-                idx,
-                |e| Elem(e).stable_key_match(hash, key),
-                &mut restarts,
-            )
+            list::lookup(&ElemNodes, &self.heads[idx], idx, |e| Elem(e).stable_key_match(hash, key), &mut restarts)
         };
         if restarts != 0 {
             self.counters.nulls_restarts.fetch_add(restarts, Ordering::Relaxed);
@@ -831,31 +838,33 @@ impl Inner {
     fn locked_op<R>(
         &self,
         key: &[u8],
-        op: impl FnOnce(&Inner, &Bucket, usize, u32, &mut Unlinked, &mut WalkStats) -> Result<R, Error>,
+        op: impl FnOnce(&Inner, &AtomicUsize, usize, u32, &mut Unlinked, &mut WalkStats) -> Result<R, Error>,
     ) -> Result<R, Error> {
         let _irq = crate::cpu::IrqRegion::enter();
         let hash = self.hash(key);
         let idx = hash as usize & self.mask;
-        let b = &self.buckets[idx];
+        let b = &self.heads[idx];
         let mut un = Unlinked { items: [0; 4], n: 0 };
         let mut ws = WalkStats::default();
         let r = match self.lock {
             LockMode::MapLocked => {
                 let c = self.map_locked.as_ref().map(|m| m.enter(hash)).transpose()?;
-                b.raw_lock();
+                let l = &self.locks[idx];
+                l.raw_lock();
                 point(Point::Locked);
                 let r = op(self, b, idx, hash, &mut un, &mut ws);
-                b.unlock();
+                l.unlock();
                 if let Some(c) = c {
                     c.fetch_sub(1, Ordering::Relaxed);
                 }
                 r
             }
             LockMode::Rqspin => {
-                b.rqspin_lock()?;
+                let l = &self.locks[idx];
+                l.rqspin_lock()?;
                 point(Point::Locked);
                 let r = op(self, b, idx, hash, &mut un, &mut ws);
-                b.unlock();
+                l.unlock();
                 r
             }
             LockMode::LockFree => {
@@ -995,7 +1004,7 @@ impl Inner {
     #[inline]
     fn update_in(
         &self,
-        b: &Bucket,
+        b: &AtomicUsize,
         idx: usize,
         hash: u32,
         key: &[u8],
@@ -1028,9 +1037,8 @@ impl Inner {
         let mut retire = |e: usize| un.push(self, e);
         // SAFETY: the caller holds the bucket lock (locked modes) or a read-side section (lock-free mode, where
         // unlinked elements are reused only after a grace period).
-        let r = unsafe {
-            list::update(&ElemNodes, &b.head, idx, |e| Elem(e).key_matches(hash, key), want, get, &mut retire, ws)
-        };
+        let r =
+            unsafe { list::update(&ElemNodes, b, idx, |e| Elem(e).key_matches(hash, key), want, get, &mut retire, ws) };
         let (keep, err) = match r {
             Ok(list::Done::Inserted) => (true, None),
             Ok(list::Done::Replaced) => {
@@ -1059,7 +1067,7 @@ impl Inner {
     #[inline]
     fn delete_in(
         &self,
-        b: &Bucket,
+        b: &AtomicUsize,
         idx: usize,
         hash: u32,
         key: &[u8],
@@ -1075,9 +1083,8 @@ impl Inner {
             self.count_dec();
         };
         // SAFETY: as in `update_in`.
-        let found = unsafe {
-            list::delete(&ElemNodes, &b.head, idx, |e| Elem(e).key_matches(hash, key), claimed, &mut retire, ws)
-        };
+        let found =
+            unsafe { list::delete(&ElemNodes, b, idx, |e| Elem(e).key_matches(hash, key), claimed, &mut retire, ws) };
         if found { Ok(()) } else { Err(Error::NotFound) }
     }
 }
@@ -1105,8 +1112,8 @@ impl Drop for HashMap {
     /// element cache.
     fn drop(&mut self) {
         let m = &mut *self.inner;
-        for b in m.buckets.iter() {
-            let mut cur = b.head.load(Ordering::Acquire);
+        for b in m.heads.iter() {
+            let mut cur = b.load(Ordering::Acquire);
             while !list::is_nulls(cur) {
                 let next = Elem(cur).next().load(Ordering::Acquire) & !list::MARK;
                 // SAFETY: we own the map: no operation runs, so nothing can reach the element after this.
