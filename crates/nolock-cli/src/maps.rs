@@ -555,7 +555,7 @@ fn storm_cell(c: &Contender, target: Target, rate: u64, dur: Duration) -> Cell {
                 while !stop.load(Ordering::Relaxed) {
                     for _ in 0..64 {
                         let k = (w.next() % 1024) as u32;
-                        if k % 4 == 0 {
+                        if k.is_multiple_of(4) {
                             let _ = w.main.delete(&key(k));
                         } else {
                             let _ = w.main.update(&key(k), &[1; 8], UpdateFlags::Any);
