@@ -614,7 +614,8 @@ impl HashMap {
         if let Some(p) = prev {
             let hash = m.hash(p);
             if let Some(e) = m.find_reader(p) {
-                // The next element of the same bucket, if any.
+                // The next element of the same bucket, if any. Acquire: pairs with the Release CAS that linked
+                // it.
                 let n = Elem(e).next().load(Ordering::Acquire) & !list::MARK;
                 if !list::is_nulls(n) {
                     m.copy_key(n, next);
@@ -635,34 +636,45 @@ impl HashMap {
     }
 
     /// Call `f(key, value)` for every element, bucket by bucket, inside one read-side section. Elements
-    /// inserted or deleted meanwhile may or may not be seen; each key present throughout is seen once.
+    /// inserted or deleted meanwhile may or may not be seen; a key present throughout (replaced or not) is seen
+    /// exactly once: a walk meets either the old or the new element of a replace, never both, and a bucket
+    /// whose walk ended in another bucket's nulls marker is walked again before its elements are reported.
+    ///
+    /// # Context
+    /// Normal context: allocates buffers through the global allocator.
     pub fn for_each(&self, mut f: impl FnMut(&[u8], &[u8])) {
         let m = &*self.inner;
         let _g = m.read_lock();
-        let mut kb = vec![0u8; m.key_size];
-        let mut vb = vec![0u8; m.value_size];
+        let (ks, vs) = (m.key_size, m.value_size);
+        let mut buf: Vec<u8> = Vec::new();
         for (idx, b) in m.heads.iter().enumerate() {
             'restart: loop {
+                buf.clear();
                 // Acquire: as in `get_next_key`.
                 let mut cur = b.load(Ordering::Acquire);
                 let mut seen = 0usize;
                 while !list::is_nulls(cur) {
                     seen += 1;
                     if seen > m.max_entries * 2 + 16 {
+                        // Followed recycled elements around: walk the bucket again.
                         continue 'restart;
                     }
                     let el = Elem(cur);
-                    if el.repl().load(Ordering::Acquire) == 0 {
-                        m.copy_key(cur, &mut kb);
-                        el.copy_value(m.key_rup, &mut vb);
-                        f(&kb, &vb);
-                    }
+                    let at = buf.len();
+                    buf.resize(at + ks + vs, 0);
+                    m.copy_key(cur, &mut buf[at..at + ks]);
+                    el.copy_value(m.key_rup, &mut buf[at + ks..at + ks + vs]);
+                    // Acquire: pairs with the Release CAS that linked the successor.
                     cur = el.next().load(Ordering::Acquire) & !list::MARK;
                 }
                 if list::nulls_index(cur) != idx {
                     m.counters.nulls_restarts.fetch_add(1, Ordering::Relaxed);
+                    continue 'restart;
                 }
                 break;
+            }
+            for kv in buf.chunks_exact(ks + vs) {
+                f(&kv[..ks], &kv[ks..]);
             }
         }
     }
@@ -689,7 +701,10 @@ impl HashMap {
 
     /// Memory held now, measured: the map struct and buckets, plus the preallocated array or the slabs of
     /// the element cache (which include free objects cached per thread and, for grace-period backends,
-    /// elements waiting for their grace period).
+    /// elements waiting for their grace period), or the bytes `BpfMemAlloc` took from `kmalloc`.
+    ///
+    /// # Context
+    /// Any context; reads the cache's per-thread counters (O(threads)).
     pub fn mem_measured(&self) -> usize {
         let m = &*self.inner;
         let mut u = core::mem::size_of::<Inner>() + m.bucket_size * (m.mask + 1);
@@ -747,9 +762,11 @@ impl HashMap {
         let mut n = 0;
         while !list::is_nulls(cur) {
             let el = Elem(cur);
+            // Acquire: pairs with the claim CAS (AcqRel in `list::claim`).
             if el.repl().load(Ordering::Acquire) == 0 && el.key_matches(hash, key) {
                 n += 1;
             }
+            // Acquire: pairs with the Release CAS that linked the successor.
             cur = el.next().load(Ordering::Acquire) & !list::MARK;
         }
         n
@@ -1113,6 +1130,7 @@ impl Drop for HashMap {
     fn drop(&mut self) {
         let m = &mut *self.inner;
         for b in m.heads.iter() {
+            // Acquire (here and below): pairs with the Release CASes that linked the elements.
             let mut cur = b.load(Ordering::Acquire);
             while !list::is_nulls(cur) {
                 let next = Elem(cur).next().load(Ordering::Acquire) & !list::MARK;
