@@ -412,10 +412,11 @@ fn section_occupancy(args: &BenchArgs, cs: &[Contender], t: &mut Targets) {
                 }
                 r.push(format!("{:.0} / {:.0}", meas / 1024.0, form / 1024.0));
                 r.push(format!("{:.3}", meas / pre));
-                if pct == 10 && c.name == "nolock-D" {
+                if pct == 10 && c.name.starts_with("nolock") {
                     let lim = if value < 64 { 0.2 } else { 0.15 };
                     t.lines.push(format!(
-                        "nolock-D memory at 10 % occupancy, value {value}: {:.3}× prealloc (target ≤ {lim}: {})",
+                        "{} memory at 10 % occupancy, value {value}: {:.3}× prealloc (target ≤ {lim}: {})",
+                        c.name,
                         meas / pre,
                         met(meas / pre <= lim)
                     ));
