@@ -24,6 +24,8 @@ pub enum Point {
     AfterFreeze,
     /// An element was unlinked, before it is retired.
     BeforeRetire,
+    /// A lockless reader found an element that is not its key, before it loads the element's `next`.
+    ReaderStep,
 }
 
 #[cfg(all(feature = "test-hooks", not(loom)))]

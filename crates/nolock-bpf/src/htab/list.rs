@@ -20,7 +20,8 @@
 //!   restarts its walk.
 //! - **Lookup** (readers, lockless): walk from the head, following `next & !MARK`, ignoring claims, and return
 //!   the first element with the key. If the walk ends in a nulls marker of another bucket it followed a
-//!   recycled element into another list: restart.
+//!   recycled element into another list: restart. With immediate reuse (locked modes) the element a reader
+//!   stands on may be reinitialised under it, its `next` UNSET (0) until it is linked again: restart too.
 //!
 //! # Invariants
 //!
@@ -360,7 +361,7 @@ pub unsafe fn delete<N: Nodes>(
 }
 
 /// Lockless lookup for readers: the first element of bucket `idx` for which `is_key` is true. Restarts when
-/// the walk ends in another bucket.
+/// the walk ends in another bucket, or meets the UNSET link of an element that is being reused.
 ///
 /// # Safety
 /// The caller is inside a read-side section that keeps element memory type-stable.
@@ -382,9 +383,16 @@ pub unsafe fn lookup<N: Nodes>(
                 }
                 return None;
             }
+            if cur == UNSET {
+                // The element we stood on was reused and is being initialised (immediate-reuse backends under
+                // bucket locks): its `next` means nothing yet. Start over, as for a nulls mismatch.
+                *restarts += 1;
+                continue 'restart;
+            }
             if is_key(cur) {
                 return Some(cur);
             }
+            point(Point::ReaderStep);
             // SAFETY: per the caller.
             cur = unsafe { n.next(cur) }.load(Ordering::Acquire) & !MARK;
         }

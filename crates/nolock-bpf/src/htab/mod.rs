@@ -617,7 +617,8 @@ impl HashMap {
                 // The next element of the same bucket, if any. Acquire: pairs with the Release CAS that linked
                 // it.
                 let n = Elem(e).next().load(Ordering::Acquire) & !list::MARK;
-                if !list::is_nulls(n) {
+                // (UNSET: `e` is being reused; go on with the next bucket.)
+                if !list::is_nulls(n) && n != UNSET {
                     m.copy_key(n, next);
                     return Ok(());
                 }
@@ -655,8 +656,9 @@ impl HashMap {
                 let mut seen = 0usize;
                 while !list::is_nulls(cur) {
                     seen += 1;
-                    if seen > m.max_entries * 2 + 16 {
-                        // Followed recycled elements around: walk the bucket again.
+                    if cur == UNSET || seen > m.max_entries * 2 + 16 {
+                        // Stood on an element being reused, or followed recycled elements around: walk the
+                        // bucket again.
                         continue 'restart;
                     }
                     let el = Elem(cur);
@@ -760,7 +762,7 @@ impl HashMap {
         // Acquire: as in `get_next_key`.
         let mut cur = m.heads[idx].load(Ordering::Acquire);
         let mut n = 0;
-        while !list::is_nulls(cur) {
+        while !list::is_nulls(cur) && cur != UNSET {
             let el = Elem(cur);
             // Acquire: pairs with the claim CAS (AcqRel in `list::claim`).
             if el.repl().load(Ordering::Acquire) == 0 && el.key_matches(hash, key) {
