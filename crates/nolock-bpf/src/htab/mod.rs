@@ -237,7 +237,7 @@ pub struct Stats {
     pub nulls_restarts: u64,
     /// Lookups restarted because the element's version changed under them (type-safe reuse).
     pub version_restarts: u64,
-    /// Claimed elements completed by a context other than... any walk (helping included).
+    /// Removals (deletes and replaces) whose final unlink a writer's walk did, its own or one it met on the way.
     pub completions: u64,
     /// Walks restarted because a completion CAS or an insert CAS lost.
     pub cas_restarts: u64,
