@@ -1,7 +1,7 @@
 //! Test-only hook points inside map operations: "a signal that lands in the worst place, on purpose".
 //!
 //! With the crate's `test-hooks` feature, writers call [`point`] at the named places below; a test installs a
-//! hook with [`set_hook`] that raises a signal (or calls the map directly), so a nested operation runs exactly
+//! hook with `set_hook` that raises a signal (or calls the map directly), so a nested operation runs exactly
 //! there, the way a signal handler arriving at that instruction would. Without the feature [`point`] is an
 //! empty inline function.
 //!

@@ -3,13 +3,13 @@
 //! - [`LockMode::MapLocked`] — **Linux v5.x to v6.14**: a raw spinlock per bucket, entered only after an
 //!   increment of one of 8 per-CPU `map_locked` counters per map (slot = `hash & min(7, n_buckets - 1)`). A
 //!   nested operation on the same CPU (here: the same thread, e.g. a signal handler) whose key falls in a busy
-//!   slot gets `-EBUSY` ([`Error::Busy`](super::Error::Busy)), even for another bucket and another key: with
+//!   slot gets `-EBUSY` (`Error::Busy`), even for another bucket and another key: with
 //!   8 slots, 1 nested operation in 8 on unrelated keys fails. Threads without a nolock slot share one row of
 //!   counters (more spurious `Busy`).
 //! - [`LockMode::Rqspin`] — **Linux v6.15 and later**: a resilient queued spinlock per bucket. Taking a lock
 //!   the same thread already holds is a real self-deadlock and fails at once with `-EDEADLK`
-//!   ([`Error::Deadlock`](super::Error::Deadlock)); a lock that stays held by someone else for 250 ms fails
-//!   with `-ETIMEDOUT` ([`Error::TimedOut`](super::Error::TimedOut)) — which also breaks AB-BA cycles, for
+//!   (`Error::Deadlock`); a lock that stays held by someone else for 250 ms fails
+//!   with `-ETIMEDOUT` (`Error::TimedOut`) — which also breaks AB-BA cycles, for
 //!   example two threads whose handlers update each other's held bucket of another map.
 //! - [`LockMode::LockFree`] — **no kernel**: no bucket lock. Writers change the list only by single CAS steps
 //!   that any context can complete (see `list`), inside a read-side section, and unlinked elements are reused
