@@ -85,6 +85,8 @@ pub mod hooks;
 #[cfg(all(not(loom), not(feature = "test-hooks")))]
 mod hooks;
 #[cfg(not(loom))]
+pub mod memcg;
+#[cfg(not(loom))]
 pub mod page;
 #[cfg(not(loom))]
 mod pages;

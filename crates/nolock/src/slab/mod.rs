@@ -94,6 +94,8 @@ use tables::SlabState;
 pub struct KmemCache {
     g: &'static SlabState,
     id: u16,
+    /// The accounting group every object is charged to ([`KmemCacheBuilder::memcg`]), if any.
+    memcg: Option<&'static crate::memcg::MemGroup>,
 }
 
 /// Options for a [`KmemCache`].
@@ -109,6 +111,7 @@ pub struct KmemCacheBuilder<'a> {
     ctor: Option<fn(NonNull<u8>)>,
     dtor: Option<fn(NonNull<u8>)>,
     fallback: Option<bool>,
+    memcg: Option<&'static crate::memcg::MemGroup>,
 }
 
 /// Cache creation flags (the kernel's `SLAB_*`). Combine with `|`.
@@ -209,6 +212,18 @@ impl<'a> KmemCacheBuilder<'a> {
         self
     }
 
+    /// Charge every object of the cache to `group` (the kernel's `SLAB_ACCOUNT`): each allocation charges
+    /// [`KmemCache::object_size`] bytes and fails with `None` when that would pass the group's limit; each
+    /// free uncharges it. Free such objects with [`KmemCache::free_nolock`], never `kfree_nolock`. See
+    /// [`crate::memcg`].
+    ///
+    /// # Context
+    /// Any context (a plain computation or one load).
+    pub fn memcg(mut self, group: &'static crate::memcg::MemGroup) -> Self {
+        self.memcg = Some(group);
+        self
+    }
+
     /// Create the cache.
     ///
     /// # Context
@@ -262,7 +277,7 @@ impl<'a> KmemCacheBuilder<'a> {
                 return Err(e);
             }
         };
-        Ok(KmemCache { g, id })
+        Ok(KmemCache { g, id, memcg: self.memcg })
     }
 }
 
@@ -294,6 +309,7 @@ impl KmemCache {
             ctor: None,
             dtor: None,
             fallback: None,
+            memcg: None,
         }
     }
 
@@ -308,7 +324,22 @@ impl KmemCache {
     /// Allocate one object (`kmem_cache_alloc_nolock`). `None` means out of memory (or an injected failure).
     #[inline]
     pub fn alloc_nolock(&self, flags: Gfp) -> Option<NonNull<u8>> {
+        if let Some(m) = self.memcg {
+            return self.alloc_charged(m, flags);
+        }
         self.inner().alloc(self.g, self.id, flags)
+    }
+
+    /// [`alloc_nolock`](Self::alloc_nolock) of a cache charged to a group.
+    #[cold]
+    #[inline(never)]
+    fn alloc_charged(&self, m: &crate::memcg::MemGroup, flags: Gfp) -> Option<NonNull<u8>> {
+        m.alloc_charged(
+            || self.inner().alloc(self.g, self.id, flags),
+            |_| self.object_size(),
+            // SAFETY: `p` was just allocated from this cache and never handed out.
+            |p| unsafe { self.free_uncharged(p) },
+        )
     }
 
     /// Free an object of this cache (`kmem_cache_free_nolock`). A pointer that is not a live object of this
@@ -321,6 +352,35 @@ impl KmemCache {
     /// Any context: async-signal-safe, reentrant, never blocks; never fails for a valid object.
     #[inline]
     pub unsafe fn free_nolock(&self, ptr: NonNull<u8>) {
+        if let Some(m) = self.memcg {
+            // SAFETY: forwarded.
+            return unsafe { self.free_charged(m, ptr) };
+        }
+        // SAFETY: forwarded.
+        unsafe { self.free_uncharged(ptr) }
+    }
+
+    /// [`free_nolock`](Self::free_nolock) of a cache charged to a group: free, and uncharge what was freed.
+    ///
+    /// # Safety
+    /// As [`free_nolock`](Self::free_nolock).
+    #[cold]
+    #[inline(never)]
+    unsafe fn free_charged(&self, m: &crate::memcg::MemGroup, ptr: NonNull<u8>) {
+        // SAFETY: forwarded.
+        if let Err(e) = unsafe { self.try_free_nolock(ptr) } {
+            debug::report(&e);
+            return;
+        }
+        m.uncharge(self.object_size());
+    }
+
+    /// [`free_nolock`](Self::free_nolock) without the group.
+    ///
+    /// # Safety
+    /// As [`free_nolock`](Self::free_nolock).
+    #[inline(always)]
+    unsafe fn free_uncharged(&self, ptr: NonNull<u8>) {
         // The fast path (see `free`): an object of this very cache, not in debug mode, pushed on the thread's
         // list. Everything else, the fallback cache's objects included, takes the full path.
         if cache::CacheInner::free_fast(self.g, ptr.as_ptr() as usize, Some(self.id)) {
