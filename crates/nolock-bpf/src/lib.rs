@@ -23,3 +23,4 @@
 pub mod cpu;
 pub mod htab;
 pub mod memalloc;
+pub mod task_storage;
