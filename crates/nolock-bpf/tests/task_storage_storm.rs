@@ -124,7 +124,8 @@ fn storm_get_create_on_the_interrupted_thread() {
             assert!(signals > 50, "the storm ran");
             assert_eq!(WRONG_VALUE.load(Ordering::Relaxed), 0, "a thread saw another thread's value");
             if recursion == Recursion::Nolock {
-                let allowed = |i: usize| alloc == StorageAlloc::BpfMemAlloc && StorageError::ALL[i] == StorageError::NoMem;
+                let allowed =
+                    |i: usize| alloc == StorageAlloc::BpfMemAlloc && StorageError::ALL[i] == StorageError::NoMem;
                 for i in 0..7 {
                     if !allowed(i) {
                         assert_eq!(h[i], 0, "{alloc:?}: nolock handler failed with {:?}", StorageError::ALL[i]);

@@ -1123,6 +1123,26 @@ impl<V: Send + Sync> TaskStorage<V> {
     }
 }
 
+/// The kmalloc class a `BpfMemAlloc` unit of `size` bytes (plus its header) comes from.
+fn ma_unit_bytes(size: usize) -> usize {
+    let unit = size + crate::memalloc::LLIST_NODE_SZ;
+    nolock::KMALLOC_SIZES.iter().copied().find(|&c| c >= unit).unwrap_or(unit)
+}
+
+fn ma_cached(ma: &BpfMemAlloc, size: usize) -> usize {
+    let ncpu = NR_CPUS.min(nolock::thread::count() as usize);
+    (0..ncpu).map(|c| ma.free_count(c, 0).max(0) as usize).sum::<usize>() * ma_unit_bytes(size)
+}
+
+impl<V> TaskStorage<V> {
+    /// Bytes of free objects sitting in the per-CPU `free_llist`s of the `BpfMemAlloc` allocators (this map's
+    /// elements and the process-wide storages): charged, but not in use. 0 for the other allocators.
+    pub fn allocator_cached_bytes(&self) -> usize {
+        let Some(ma) = self.core.ma.as_ref() else { return 0 };
+        ma_cached(ma, self.core.elem_size) + STORAGE_MA.get().map_or(0, |s| ma_cached(s, size_of::<LocalStorage>()))
+    }
+}
+
 /// Objects the process-wide `BpfMemAlloc` for storages took from `kmalloc_nolock` (0 before one exists).
 pub fn storage_allocator_kmallocs() -> u64 {
     STORAGE_MA.get().map_or(0, |m| m.stats().kmallocs)
