@@ -378,7 +378,7 @@ impl RqLock {
                 Err(_) => {
                     core::hint::spin_loop();
                     spins += 1;
-                    if spins % 1024 == 0 {
+                    if spins.is_multiple_of(1024) {
                         let t0 = *start.get_or_insert_with(Instant::now);
                         if t0.elapsed() >= RQSPIN_TIMEOUT {
                             return Err(StorageError::TimedOut);

@@ -175,7 +175,7 @@ pub(crate) fn ensure_key() -> Option<u32> {
 fn register_exit(idx: u32) {
     // Acquire: pairs with the AcqRel publication in `ensure_key`.
     let k = KEY.load(Ordering::Acquire);
-    if k == 0 || (cfg!(target_env = "gnu") && k - 1 >= 32) {
+    if k == 0 || (cfg!(target_env = "gnu") && k > 32) {
         UNREGISTERED.fetch_add(1, Ordering::Relaxed);
         return;
     }
