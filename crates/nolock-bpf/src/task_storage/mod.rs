@@ -546,6 +546,7 @@ pub(crate) fn free_storage_at_exit(s: usize) {
 /// Moves an element to `DEAD`; true for the context that did it (which must then call [`kill_linked`]).
 fn try_kill(n: usize) -> bool {
     let h = hdr(n);
+    // SeqCst: part of the Dekker pair described below.
     let mut cur = h.state.load(Ordering::SeqCst);
     while cur != DEAD {
         // SeqCst: pairs with the SeqCst cache store and state load in `cache_it` (a Dekker pair: either the
@@ -669,6 +670,7 @@ impl MapCore {
 
     fn is_mine_alive(&self, n: usize) -> bool {
         let h = hdr(n);
+        // Acquire: pairs with the AcqRel LINKING -> LIVE compare-and-swap of the creator (and the SeqCst kill).
         h.smap == self.me() && h.state.load(Ordering::Acquire) != DEAD
     }
 

@@ -76,6 +76,7 @@ impl Task {
 
     /// Whether the thread has exited.
     pub fn exited(&self) -> bool {
+        // Acquire: pairs with the AcqRel swap to DEAD in `owner_exit`.
         RECORDS[self.idx as usize].storage.load(Ordering::Acquire) == DEAD
     }
 

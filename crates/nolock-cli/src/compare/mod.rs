@@ -132,21 +132,30 @@ fn maps_section(kernel: bool, quick: bool) -> (Section, Option<f64>) {
     let mut mem_rows = Vec::new();
     let mut pre_pts = Vec::new();
     let mut no_pts = Vec::new();
-    let mut crossover = None;
+    let mut crossover: Option<f64> = None;
+    let mut prev: Option<(u32, f64, f64)> = None;
+    let q0 = r.memory.first().map_or(0.0, |m| m.2);
     for &(lvl, p, q) in &r.memory {
         let present = r.memory_entries as f64 * lvl as f64 / 100.0;
         mem_rows.push(vec![
             Cell::n(lvl as f64, 0),
             Cell::n(p / 1048576.0, 2),
             Cell::n(q / 1048576.0, 2),
-            if present > 0.0 { Cell::n(q / present, 0) } else { Cell::Empty },
+            if present > 0.0 { Cell::n((q - q0) / present, 0) } else { Cell::Empty },
             Cell::Empty,
         ]);
         pre_pts.push((lvl as f64, p / 1048576.0));
         no_pts.push((lvl as f64, q / 1048576.0));
         if crossover.is_none() && lvl > 0 && q >= p {
-            crossover = Some(lvl);
+            // Interpolate between this level and the one before it.
+            crossover = Some(match prev {
+                Some((l0, p0, q0)) if (q - q0) - (p - p0) > 0.0 => {
+                    l0 as f64 + (p0 - q0) / ((q - q0) - (p - p0)) * (lvl - l0) as f64
+                }
+                _ => lvl as f64,
+            });
         }
+        prev = Some((lvl, p, q));
     }
     let ratio = r.ops.first().map(|(_, p, n)| n.median / p.median);
     let section = Section {
@@ -188,7 +197,7 @@ fn maps_section(kernel: bool, quick: bool) -> (Section, Option<f64>) {
                     "occupancy %".into(),
                     "kernel prealloc MiB".into(),
                     "kernel no-prealloc MiB".into(),
-                    "no-prealloc bytes per element present".into(),
+                    "no-prealloc bytes per element present, above the empty map".into(),
                     "nolock (not in this build)".into(),
                 ],
                 rows: mem_rows,
@@ -198,7 +207,7 @@ fn maps_section(kernel: bool, quick: bool) -> (Section, Option<f64>) {
                      any occupancy for 1M entries prealloc, 104 B per element present no-prealloc, crossover 60-88 %.",
                     r.memlock.0.map_or("?".into(), |v| v.to_string()),
                     r.memlock.1.map_or("?".into(), |v| v.to_string()),
-                    crossover.map_or("(never, up to 100)".into(), |c| c.to_string())
+                    crossover.map_or("(never, up to 100)".into(), |c| format!("about {c:.0}"))
                 ),
             },
         ],
