@@ -19,7 +19,8 @@
 //! 96, 192, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096 (header included; the kernel's order, so that its
 //! `size_index` table maps sizes up to 192 straight to 96 and 192); larger sizes use `fls`. A request whose
 //! size plus header passes 4096 (so above 4088) fails: the kernel's -E2BIG. A fixed-size allocator has one
-//! cache per CPU whose unit is the size plus the header.
+//! cache per CPU whose unit is the size plus the header, of any size `kmalloc` serves (a hash map with 4 KiB
+//! values has 4152-byte elements: watermarks 1/5, batch 3, prefill 1).
 //!
 //! # The lists of one per-CPU cache, and who touches them when
 //!
@@ -71,6 +72,13 @@
 //! sends the whole batch to the last one recorded (a hint, as in the kernel: a batch of objects from several
 //! CPUs all go to one of them).
 //!
+//! # Accounting
+//!
+//! Every object taken from `kmalloc_nolock` is charged, at its usable size, to the allocator's accounting
+//! group ([`BpfMaConfig::group`], the map's memory cgroup: the kernel's `__GFP_ACCOUNT`) and uncharged when it
+//! goes back to `kfree_nolock`; a refused charge fails the refill like an out-of-memory `kmalloc`. Cached
+//! objects count as well as handed-out ones, as in the kernel. [`BpfMemAlloc::mem_usage`] is the same figure.
+//!
 //! # Failures kept on purpose
 //!
 //! - A nested allocation on a cache whose `active` is held returns `None` (a signal handler that interrupts an
@@ -84,12 +92,19 @@
 //!
 //! - The kernel prefills every possible CPU when the allocator is created; here a CPU's cache is set up and
 //!   prefilled (same count) when its thread first uses it, because there are [`NR_CPUS`] slots.
+//! - A thread that exits leaves its CPU's caches as they are (objects included); the next thread given the
+//!   slot uses them, as a CPU that goes offline and comes back would. Destroy frees them either way.
 //! - A thread with no CPU has no kernel counterpart: it allocates straight from `kmalloc_nolock` (header
 //!   [`SHARED`]) and frees onto the owning cache's atomic extra lists.
 //! - Per-CPU allocators (`percpu`) keep the kernel's watermarks and prefill, but each object is one block of
 //!   the unit size, not one copy per CPU.
 //! - The kernel asks RCU to hurry when `free_rcu` outruns its one callback in flight; nolock's RCU has no such
 //!   knob, so the objects simply wait for the next callback.
+//! - The refill takes single objects off the ttrace lists while other threads may take them all; the kernel
+//!   does it with interrupts off, so it cannot stall there. A thread can, so the refill counts itself in
+//!   `ttrace_readers` and the Tasks Trace callback that finds it counted holds its batch back for one more RCU
+//!   grace period before giving it to `kfree_nolock` (otherwise an object could be freed, come back through
+//!   `kmalloc_nolock` to the head of the list, and break the stalled refill's compare-and-swap: ABA).
 //!
 //! # Context
 //!
@@ -99,11 +114,12 @@
 
 use core::mem::offset_of;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicIsize, AtomicPtr, AtomicU64, AtomicUsize, Ordering, compiler_fence};
+use core::sync::atomic::{AtomicBool, AtomicIsize, AtomicPtr, AtomicU64, AtomicUsize, Ordering, compiler_fence, fence};
 use std::sync::Arc;
 use std::time::Duration;
 
 use nolock::memcg::MemGroup;
+use nolock::sync::local_counter::LocalCounter;
 use nolock::{Gfp, RcuHead};
 
 use crate::cpu::{self, IrqRegion, NR_CPUS};
@@ -118,6 +134,10 @@ pub const MAX_ALLOC_SIZE: usize = BPF_MEM_ALLOC_SIZE_MAX - LLIST_NODE_SZ;
 pub const NUM_CACHES: usize = 11;
 /// Unit sizes of the variable-size caches, header included, in the kernel's order.
 pub const SIZES: [usize; NUM_CACHES] = [96, 192, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
+/// Largest unit of a fixed-size allocator, header included: what the kernel's `kmalloc` serves
+/// (`KMALLOC_MAX_SIZE`, 4 MiB on x86-64). Fixed-size units are not limited to 4096: a hash map with 4 KiB
+/// values has 4152-byte elements.
+pub const MAX_FIXED_UNIT: usize = 4 << 20;
 /// Header value of an object a thread without a CPU took straight from `kmalloc_nolock`.
 pub const SHARED: usize = 1;
 
@@ -163,7 +183,7 @@ pub struct BpfMaConfig {
 /// Why an allocator could not be created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BpfMaError {
-    /// The unit (size plus header) is 0 or above 4096 (-E2BIG / -EINVAL).
+    /// A fixed size of 0, or a unit (size plus header) above [`MAX_FIXED_UNIT`] (-EINVAL / -E2BIG).
     BadSize,
     /// Memory for the per-CPU tables could not be allocated (-ENOMEM).
     NoMem,
@@ -172,7 +192,7 @@ pub enum BpfMaError {
 impl core::fmt::Display for BpfMaError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            BpfMaError::BadSize => write!(f, "bpf_mem_alloc: unit size 0 or above {BPF_MEM_ALLOC_SIZE_MAX} bytes"),
+            BpfMaError::BadSize => write!(f, "bpf_mem_alloc: unit size 0 or above {MAX_FIXED_UNIT} bytes"),
             BpfMaError::NoMem => write!(f, "bpf_mem_alloc: no memory for the per-CPU caches"),
         }
     }
@@ -272,6 +292,8 @@ pub enum HookPoint {
     UnitFree,
     /// The refill, `active` held, before adding one object to `free_llist`.
     RefillAdd,
+    /// The refill, counted in `ttrace_readers`, before it takes objects off `waiting_for_gp_ttrace`.
+    RefillTtrace,
 }
 
 #[cfg(feature = "test-hooks")]
@@ -285,6 +307,9 @@ mod hook_imp {
     }
 
     /// Install (or with `None` remove) the hook called at every [`HookPoint`] (tests only).
+    ///
+    /// # Context
+    /// Normal context (tests): one atomic store. The hook itself runs wherever the allocator reaches a point.
     pub fn set_hook(hook: Option<fn(HookPoint)>) {
         // Release: pairs with the Acquire load in `point`.
         HOOK.store(hook.map_or(core::ptr::null_mut(), |f| f as *mut ()), Ordering::Release);
@@ -421,6 +446,10 @@ struct Cache {
     /// Class index within the CPU's caches.
     idx: AtomicUsize,
     ma: AtomicPtr<Inner>,
+    /// Allocations and frees served by this CPU (single-instruction increments: exact under nesting, and no
+    /// shared cache line on the fast path).
+    allocs: LocalCounter,
+    frees: LocalCounter,
     // Shared.
     free_llist_extra: AtomicUsize,
     free_llist_extra_rcu: AtomicUsize,
@@ -432,6 +461,10 @@ struct Cache {
     free_by_rcu_ttrace: AtomicUsize,
     waiting_for_gp_ttrace: AtomicUsize,
     rcu_ttrace: RcuHead,
+    /// Refills of the owner reading the ttrace lists now (see `free_rcu_ttrace`).
+    ttrace_readers: AtomicUsize,
+    /// A freed batch waiting one more RCU grace period for such a refill.
+    ttrace_deferred: AtomicUsize,
 }
 
 /// Watermarks and sizes of one size class.
@@ -539,12 +572,15 @@ impl Inner {
     fn inc_active(c: &Cache) -> usize {
         let v = c.active.load(Ordering::Relaxed) + 1;
         c.active.store(v, Ordering::Relaxed);
+        // Signal fence: the list edit stays after the store, where a handler on this thread sees the counter
+        // held (pairs with the same fence in the handler's own increment, which reads the counter).
         compiler_fence(Ordering::SeqCst);
         v
     }
 
     #[inline(always)]
     fn dec_active(c: &Cache) {
+        // Signal fence: the list edit is complete before a handler can see the counter released.
         compiler_fence(Ordering::SeqCst);
         c.active.store(c.active.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
     }
@@ -643,9 +679,14 @@ impl Inner {
     /// `alloc_bulk`: up to `cnt` objects onto `free_llist`, from `free_by_rcu_ttrace`, then
     /// `waiting_for_gp_ttrace`, then `kmalloc_nolock`.
     fn alloc_bulk(&self, c: &Cache, cnt: usize) {
-        // Like the kernel's irq_work (interrupts off), the refill is an RCU reader: objects it reads on the
-        // ttrace lists cannot go back to kmalloc meanwhile.
+        // Like the kernel's irq_work (interrupts off), the refill is an RCU reader, and it says so to the Tasks
+        // Trace callback that frees `waiting_for_gp_ttrace` (see `free_rcu_ttrace`): an object it reads on the
+        // ttrace lists cannot go back to kmalloc (and come back to the head of a list: ABA) meanwhile.
         let _rcu = nolock::rcu_read_lock();
+        c.ttrace_readers.fetch_add(1, Ordering::Relaxed);
+        // SeqCst fence: store-buffering against `free_rcu_ttrace` (its swap of the list, fence, load of
+        // `ttrace_readers`): either it sees us counted, or we see the list it emptied.
+        fence(Ordering::SeqCst);
         let mut i = 0;
         while i < cnt {
             let obj = llist_del_first(&c.free_by_rcu_ttrace);
@@ -654,6 +695,9 @@ impl Inner {
             }
             Self::add_obj_to_free_list(c, obj);
             i += 1;
+        }
+        if i < cnt {
+            point(HookPoint::RefillTtrace);
         }
         while i < cnt {
             let obj = llist_del_first(&c.waiting_for_gp_ttrace);
@@ -670,6 +714,9 @@ impl Inner {
             Self::add_obj_to_free_list(c, obj);
             i += 1;
         }
+        // Release: our reads of the lists are done before the count drops; pairs with the SeqCst load in
+        // `free_rcu_ttrace`.
+        c.ttrace_readers.fetch_sub(1, Ordering::Release);
     }
 
     fn add_obj_to_free_list(c: &Cache, obj: usize) {
@@ -739,8 +786,26 @@ impl Inner {
     }
 
     /// `__free_rcu`: the Tasks Trace grace period (which implies RCU's) is over: free the batch.
+    ///
+    /// One guard the kernel does not need: its refill takes objects off `waiting_for_gp_ttrace` with
+    /// interrupts off, for a few instructions, so the objects it reads cannot be freed and come back to the
+    /// list's head meanwhile. A preempted thread can stall there for long, so when an owner's refill is
+    /// reading the lists right now (`ttrace_readers`), the batch waits one more RCU grace period (the refill
+    /// is an RCU reader) before it goes back to kmalloc.
     fn free_rcu_ttrace(&self, c: &Cache) {
-        self.free_all(llist_del_all(&c.waiting_for_gp_ttrace));
+        let chain = llist_del_all(&c.waiting_for_gp_ttrace);
+        // SeqCst fence: pairs with the one in `alloc_bulk` (store-buffering, see there).
+        fence(Ordering::SeqCst);
+        if chain != 0 && !c.draining.load(Ordering::Relaxed) && c.ttrace_readers.load(Ordering::SeqCst) != 0 {
+            c.ttrace_deferred.store(chain, Ordering::Relaxed);
+            bump(&self.n.rcu_callbacks);
+            // SAFETY: `rcu_ttrace` is ours (its callback is running or the right is held: the in-flight right
+            // stays taken); the cache outlives the callback (destroy waits with rcu_barrier). The queueing
+            // publishes `ttrace_deferred` to the callback.
+            unsafe { nolock::call_rcu_nolock(NonNull::from(&c.rcu_ttrace), free_deferred_ttrace_cb) };
+            return;
+        }
+        self.free_all(chain);
         // Release: the batch is gone before the next may start; pairs with the AcqRel swap in
         // `do_call_rcu_ttrace`.
         c.call_rcu_ttrace_in_progress.store(false, Ordering::Release);
@@ -832,16 +897,14 @@ impl Inner {
         let Some(cpu) = cpu::this_cpu() else {
             return self.alloc_shared(idx);
         };
-        let r = match self.cache_of(cpu, idx) {
-            Some(c) => self.unit_alloc(c),
-            None => {
-                bump(&self.n.nested_none);
-                None
-            }
+        let Some(c) = self.cache_of(cpu, idx) else {
+            bump(&self.n.nested_none);
+            bump(&self.n.allocs_failed);
+            return None;
         };
-        match r {
+        match self.unit_alloc(c) {
             Some(obj) => {
-                bump(&self.n.allocs);
+                c.allocs.inc();
                 // SAFETY: arena addresses are never null; the header is the first word.
                 Some(unsafe { NonNull::new_unchecked((obj + LLIST_NODE_SZ) as *mut u8) })
             }
@@ -894,8 +957,8 @@ impl Inner {
             report_bad_free(p);
             return;
         };
-        bump(&self.n.frees);
         let Some(owner) = owner else {
+            bump(&self.n.frees);
             return self.free_shared_obj(node, rcu);
         };
         let idx = owner.idx.load(Ordering::Relaxed);
@@ -903,6 +966,11 @@ impl Inner {
             Some(cpu) => self.cache_of(cpu, idx),
             None => None,
         };
+        if let Some(c) = c {
+            c.frees.inc();
+        } else {
+            bump(&self.n.frees);
+        }
         match (c, rcu) {
             (Some(c), false) => self.unit_free(c, node),
             (Some(c), true) => self.unit_free_rcu(c, node),
@@ -1008,6 +1076,21 @@ unsafe fn free_rcu_ttrace_cb(head: NonNull<RcuHead>) {
     ma.free_rcu_ttrace(c);
 }
 
+/// The batch `free_rcu_ttrace` held back for a refill that was reading the lists: after this RCU grace
+/// period that refill is over.
+///
+/// # Safety
+/// `head` is the `rcu_ttrace` head of a cache of a live allocator.
+unsafe fn free_deferred_ttrace_cb(head: NonNull<RcuHead>) {
+    // SAFETY: `head` is the `rcu_ttrace` field of a Cache (caller).
+    let c = unsafe { &*((head.as_ptr() as usize - offset_of!(Cache, rcu_ttrace)) as *const Cache) };
+    // SAFETY: set when the cache was set up.
+    let ma = unsafe { &*c.ma.load(Ordering::Relaxed) };
+    ma.free_all(c.ttrace_deferred.swap(0, Ordering::Relaxed));
+    // Release: pairs with the AcqRel swap in `do_call_rcu_ttrace`.
+    c.call_rcu_ttrace_in_progress.store(false, Ordering::Release);
+}
+
 /// Frees a [`SHARED`] object after its grace period.
 ///
 /// # Safety
@@ -1061,7 +1144,8 @@ impl core::fmt::Debug for BpfMemAlloc {
 
 impl BpfMemAlloc {
     /// `bpf_mem_alloc_init`: a fixed-size allocator for objects of `unit_size` bytes (the header comes on
-    /// top), or with `None` a variable-size one (up to [`MAX_ALLOC_SIZE`] bytes per allocation).
+    /// top; up to [`MAX_FIXED_UNIT`] in all), or with `None` a variable-size one (up to [`MAX_ALLOC_SIZE`]
+    /// bytes per allocation).
     ///
     /// # Context
     /// Normal context only: allocates the per-CPU table with the global allocator (zeroed, so only the pages
@@ -1072,7 +1156,7 @@ impl BpfMemAlloc {
         let (ncaches, fixed) = match unit_size {
             Some(s) => {
                 let unit = s.checked_add(LLIST_NODE_SZ).ok_or(BpfMaError::BadSize)?;
-                if s == 0 || unit > BPF_MEM_ALLOC_SIZE_MAX {
+                if s == 0 || unit > MAX_FIXED_UNIT {
                     return Err(BpfMaError::BadSize);
                 }
                 // Room for the callback head a shared-path `free_rcu` puts in the object.
@@ -1223,13 +1307,22 @@ impl BpfMemAlloc {
         self.inner.free_ptr(p, true);
     }
 
-    /// A snapshot of the counters.
+    /// A snapshot of the counters (sums over the CPUs in use; each read on its own).
     pub fn stats(&self) -> BpfMaStats {
         let n = &self.inner.n;
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (mut allocs, mut frees) = (l(&n.allocs), l(&n.frees));
+        let ncpu = NR_CPUS.min(nolock::thread::count() as usize);
+        for cpu in 0..ncpu {
+            for idx in 0..self.inner.ncaches {
+                let c = self.inner.cache(cpu, idx);
+                allocs += c.allocs.get();
+                frees += c.frees.get();
+            }
+        }
         BpfMaStats {
-            allocs: l(&n.allocs),
-            frees: l(&n.frees),
+            allocs,
+            frees,
             refills: l(&n.refills),
             trims: l(&n.trims),
             nested_none: l(&n.nested_none),
@@ -1261,6 +1354,12 @@ impl BpfMemAlloc {
         self.inner.group.as_ref()
     }
 
+    /// The watermarks of cache `idx` (0 for a fixed-size allocator): `(low, high, batch, prefill)`.
+    pub fn watermarks(&self, idx: usize) -> (usize, usize, usize, usize) {
+        let p = &self.inner.params[idx];
+        (p.low as usize, p.high as usize, p.batch, p.prefill)
+    }
+
     /// Objects in `free_llist` of `cpu`'s cache `idx` (0 for a fixed-size allocator): for tests and
     /// benchmarks.
     pub fn free_count(&self, cpu: usize, idx: usize) -> isize {
@@ -1276,6 +1375,7 @@ impl BpfMemAlloc {
         let c = self.inner.cache(cpu, idx);
         let len = |head: &AtomicUsize| {
             let mut n = 0;
+            // Acquire: pairs with the Release CAS in `llist_add_batch` (the links of the chain are visible).
             for_each_node(head.load(Ordering::Acquire), |_| n += 1);
             n
         };
@@ -1331,9 +1431,13 @@ impl Drop for BpfMemAlloc {
     ///
     /// # Context
     /// Normal context only: blocks (barriers, and until queued `irq_work`s on other threads have run). Must
-    /// not run inside an [`IrqRegion`] of this thread while work of this allocator is queued in it (it would
-    /// wait for itself): it panics then.
+    /// not run inside an [`IrqRegion`] (an RCU reader, whose grace period the barriers would wait for): it
+    /// panics then.
     fn drop(&mut self) {
+        assert!(
+            !IrqRegion::inside(),
+            "BpfMemAlloc dropped inside an IrqRegion: destroy waits for grace periods the region holds up"
+        );
         let ma = &*self.inner;
         let ncpu = NR_CPUS.min(nolock::thread::count() as usize);
         for cpu in 0..ncpu {
@@ -1346,10 +1450,6 @@ impl Drop for BpfMemAlloc {
         let mut spins = 0u64;
         // Acquire: pairs with the Release decrement at the end of `bpf_mem_refill`.
         while ma.outstanding.load(Ordering::Acquire) != 0 {
-            assert!(
-                !(IrqRegion::inside() && spins > 100_000),
-                "BpfMemAlloc dropped inside an IrqRegion while its irq_work is queued on this thread"
-            );
             spins += 1;
             if spins > 1000 {
                 std::thread::sleep(Duration::from_micros(50));
@@ -1357,9 +1457,11 @@ impl Drop for BpfMemAlloc {
                 std::thread::yield_now();
             }
         }
-        // __free_by_rcu first (it may queue a Tasks Trace callback), then __free_rcu_tasks_trace.
+        // __free_by_rcu first (it may queue a Tasks Trace callback), then __free_rcu_tasks_trace, then the RCU
+        // callback a Tasks Trace callback may have queued for a batch held back for a refill.
         nolock::rcu_barrier();
         nolock::rcu_barrier_tasks_trace();
+        nolock::rcu_barrier();
         for cpu in 0..ncpu {
             for idx in 0..ma.ncaches {
                 let c = ma.cache(cpu, idx);
@@ -1371,6 +1473,7 @@ impl Drop for BpfMemAlloc {
                 ma.free_all(c.waiting_for_gp.swap(0, Ordering::Relaxed));
                 ma.free_all(llist_del_all(&c.free_by_rcu_ttrace));
                 ma.free_all(llist_del_all(&c.waiting_for_gp_ttrace));
+                ma.free_all(c.ttrace_deferred.swap(0, Ordering::Relaxed));
             }
         }
         // SAFETY: allocated in `new` with this layout; no callback or queued work references it any more.

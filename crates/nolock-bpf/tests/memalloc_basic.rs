@@ -148,3 +148,72 @@ fn group_is_charged_and_uncharged() {
     assert_eq!(g.current(), 0);
     assert!(g.peak() >= 4 * 128);
 }
+
+/// A double free and a free of a pointer from another allocator are refused and counted (their headers do
+/// not name one of this allocator's caches); nothing is corrupted or lost.
+#[test]
+fn bad_frees_are_refused() {
+    let a = fixed(64, RefillMode::AtRegionEnd);
+    let b = fixed(64, RefillMode::AtRegionEnd);
+    let _r = IrqRegion::enter();
+    let p = a.cache_alloc().unwrap();
+    let q = b.cache_alloc().unwrap();
+    // SAFETY: the first free is valid; the second is the bad input under test (the header now holds a list
+    // link, which names no cache).
+    unsafe {
+        a.cache_free(p);
+        a.cache_free(p);
+    }
+    assert_eq!(a.stats().bad_frees, 1);
+    // SAFETY: bad input under test: q belongs to b.
+    unsafe { a.cache_free(q) };
+    assert_eq!(a.stats().bad_frees, 2);
+    // SAFETY: q is b's.
+    unsafe { b.cache_free(q) };
+    assert_eq!(b.stats().bad_frees, 0);
+    let s = a.stats();
+    assert_eq!(s.allocs, s.frees, "the refused frees were not counted as frees");
+    // Each allocator still hands out distinct objects.
+    let x = a.cache_alloc().unwrap();
+    let y = a.cache_alloc().unwrap();
+    assert_ne!(x, y);
+    // SAFETY: from a.
+    unsafe {
+        a.cache_free(x);
+        a.cache_free(y);
+    }
+}
+
+/// The kernel's watermarks: 32/96 (batch 48) up to 256-byte units, then max(8192/unit, 1) / max(24576/unit, 3)
+/// with batch max((high - low) / 4 * 3, 1); per-CPU 1/3; prefill 4 up to 256 bytes, else 1. Fixed-size units
+/// above 4096 are allowed (a map with 4 KiB values).
+#[test]
+fn watermarks_match_the_kernel() {
+    let var = BpfMemAlloc::new(None, BpfMaConfig::default()).unwrap();
+    let want = [
+        (96, (32, 96, 48, 4)),
+        (192, (32, 96, 48, 4)),
+        (16, (32, 96, 48, 4)),
+        (256, (32, 96, 48, 4)),
+        (512, (16, 48, 24, 1)),
+        (1024, (8, 24, 12, 1)),
+        (2048, (4, 12, 6, 1)),
+        (4096, (2, 6, 3, 1)),
+    ];
+    for (unit, w) in want {
+        let idx = SIZES.iter().position(|&s| s == unit).unwrap();
+        assert_eq!(var.watermarks(idx), w, "unit {unit}");
+    }
+    let pc = BpfMemAlloc::new(Some(64), BpfMaConfig { percpu: true, ..Default::default() }).unwrap();
+    assert_eq!(pc.watermarks(0), (1, 3, 1, 1));
+    // A hash map element with a 4 KiB value: 48 + 8 + 4096 bytes, plus the header.
+    let big = fixed(48 + 8 + 4096, RefillMode::AtRegionEnd);
+    assert_eq!(big.watermarks(0), (1, 5, 3, 1));
+    let _r = IrqRegion::enter();
+    let p = big.cache_alloc().expect("the one prefilled object");
+    assert!(big.cache_alloc().is_none(), "prefill 1: the second in the same region fails");
+    // SAFETY: from this allocator.
+    unsafe { big.cache_free(p) };
+    assert!(BpfMemAlloc::new(Some(0), BpfMaConfig::default()).is_err());
+    assert!(BpfMemAlloc::new(Some(4 << 20), BpfMaConfig::default()).is_err());
+}

@@ -6,13 +6,13 @@
 //! time; fails on any nolock report.
 
 use std::ptr::NonNull;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nolock::memcg::MemGroup;
 use nolock_bpf::cpu::IrqRegion;
-use nolock_bpf::memalloc::{BpfMaConfig, BpfMemAlloc};
+use nolock_bpf::memalloc::{BpfMaConfig, BpfMemAlloc, RefillMode};
 use testkit::storm::{self, StormSlot};
 
 const STASH: usize = 16;
@@ -106,12 +106,29 @@ extern "C" fn handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::
     };
 }
 
+static SERIAL: Mutex<()> = Mutex::new(());
+
 #[test]
 fn storm_alloc_free_in_handlers_loses_nothing() {
+    run_storm(RefillMode::AtRegionEnd);
+}
+
+/// The same with the refill arriving late (1 ms): many more `None`s, still nothing lost.
+#[test]
+fn storm_with_late_refill_loses_nothing() {
+    run_storm(RefillMode::Late(Duration::from_millis(1)));
+}
+
+fn run_storm(refill: RefillMode) {
     let _reports = testkit::NoReports::new();
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for c in [&STAMP_ERRORS, &OPS, &NONE] {
+        c.store(0, Ordering::Relaxed);
+    }
     let group = Arc::new(MemGroup::new());
-    let ma =
-        Box::new(BpfMemAlloc::new(None, BpfMaConfig { group: Some(group.clone()), ..Default::default() }).unwrap());
+    let ma = Box::new(
+        BpfMemAlloc::new(None, BpfMaConfig { group: Some(group.clone()), refill, ..Default::default() }).unwrap(),
+    );
     MA.store(&*ma as *const BpfMemAlloc as *mut BpfMemAlloc, Ordering::Release);
     let _saved = storm::install_handler(handler).expect("install the storm handler");
     let threads = 2;
@@ -150,7 +167,7 @@ fn storm_alloc_free_in_handlers_loses_nothing() {
     MA.store(std::ptr::null_mut(), Ordering::Release);
     let s = ma.stats();
     eprintln!(
-        "storm: {signals} signals, {} ops, {} None (nested {}, empty {}), {} extra-list frees, {} refills, {} trims",
+        "storm ({refill:?}): {signals} signals, {} ops, {} None (nested {}, empty {}), {} extra-list frees, {} refills, {} trims",
         OPS.load(Ordering::Relaxed),
         NONE.load(Ordering::Relaxed),
         s.nested_none,

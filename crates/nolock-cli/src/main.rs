@@ -9,6 +9,8 @@
 //!   `membarrier` and (feature `liburcu`) liburcu.
 //! - `nolock bench typesafe`: the add-then-delete pattern through a type-safe cache, `kfree_rcu_nolock` and
 //!   `kfree_nolock`: throughput and memory held.
+//! - `nolock bench maps`: the kernel's BPF hash-map benchmarks (htab-mem and others) on `nolock-bpf` maps, with
+//!   prealloc and bpf_mem_alloc baselines in the same run ([`maps`](mod@maps)).
 //!
 //! This file only parses arguments; the work is in [`demo`](mod@demo) and [`rcu`](mod@rcu) (both run by the
 //! shared runner of [`scenario`](mod@scenario)) and [`bench`](mod@bench).
@@ -19,6 +21,7 @@ mod demo;
 mod fmt;
 mod health;
 mod kernel_bpf;
+mod maps;
 mod rcu;
 mod scenario;
 
@@ -122,6 +125,9 @@ enum BenchWhat {
     /// Add-then-delete (allocate, fill, look up once, free) through a type-safe cache, kfree_rcu_nolock and
     /// kfree_nolock: throughput and memory held.
     Typesafe,
+    /// BPF hash maps (nolock-bpf): htab-mem, full-update, occupancy, insert-until-full, burst and signal
+    /// storms, nolock backends against prealloc and bpf_mem_alloc.
+    Maps,
 }
 
 fn main() -> ExitCode {
@@ -158,6 +164,7 @@ fn main() -> ExitCode {
                 BenchWhat::Alloc => bench::alloc::run(&args),
                 BenchWhat::Rcu => bench::rcu::run(&args),
                 BenchWhat::Typesafe => bench::typesafe::run(&args),
+                BenchWhat::Maps => maps::run(&args),
             }
         }
         Command::Compare { quick, kernel, out, only } => {

@@ -60,6 +60,7 @@
 //!   `kfree_rcu_nolock` (its pointer blocks are slab objects).
 //! - [`rcu`]: RCU, SRCU-fast, Tasks Trace, `call_rcu_nolock`, grace-period cookies ([`GracePeriod`]), the
 //!   grace-period worker.
+//! - [`memcg`]: accounting groups (the memory cgroup's kmem accounting): charged allocations and caches, limits.
 //! - [`debug`]: red zones, poison, double-free and bad-pointer reports, fault injection.
 //! - [`NBox`]: safe owners; [`NolockAlloc`]: a `GlobalAlloc`.
 //! - [`sync`]: the lock-free building blocks (llist, tagged stack, slab free-list word), loom-checked.

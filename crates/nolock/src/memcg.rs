@@ -5,7 +5,7 @@
 //! [`limit`](MemGroup::limit) (`memory.max`). What is charged:
 //!
 //! - a single allocation: [`kmalloc_charged_nolock`] charges the usable size of the object it returns
-//!   ([`ksize`](crate::ksize): the size class, or the page run), and [`kfree_charged_nolock`] uncharges it (the
+//!   ([`crate::ksize`]: the size class, or the page run), and [`kfree_charged_nolock`] uncharges it (the
 //!   kernel's `__GFP_ACCOUNT`);
 //! - every object of a cache built with [`KmemCacheBuilder::memcg`](crate::KmemCacheBuilder::memcg): the
 //!   cache's [`object_size`](crate::KmemCache::object_size) on each `alloc_nolock`, uncharged on each
