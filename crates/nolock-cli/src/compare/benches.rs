@@ -322,7 +322,8 @@ pub fn run(what: &str, quick: bool, dir: &Path) -> Section {
         Err(e) => Section {
             id: what.into(),
             title: title.into(),
-            status: Status::Failed,
+            // A build without the C baselines cannot run the allocator comparison: not a failure.
+            status: if e.contains("c-baselines") { Status::Skipped } else { Status::Failed },
             summary: e,
             tables: Vec::new(),
             charts: Vec::new(),

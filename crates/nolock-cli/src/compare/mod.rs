@@ -12,6 +12,7 @@
 //! shared machines are noisy).
 
 pub mod benches;
+pub mod maps;
 pub mod report;
 pub mod storage;
 
@@ -76,38 +77,41 @@ fn fig_cell(f: &kernel_bpf::Fig) -> Cell {
     if f.median.is_finite() { Cell::t(format!("{:.0} [{:.0}–{:.0}]", f.median, f.min, f.max)) } else { Cell::Empty }
 }
 
-/// The maps section: the kernel's figures (with `--kernel`), and ours when available.
+fn ratio_cell(a: f64, b: f64) -> Cell {
+    if a.is_finite() && b.is_finite() && b > 0.0 { Cell::n(a / b, 2) } else { Cell::Empty }
+}
+
+/// The maps section: our maps on the kernel part's scenarios, and with `--kernel` the kernel's figures beside.
 fn maps_section(kernel: bool, quick: bool) -> (Section, Option<f64>) {
     let t0 = Instant::now();
-    let ours = "Our BPF hash map (`HashMap` with Prealloc / BpfMemAlloc / Nolock backends) and its benchmarks \
-                (`nolock bench maps`) are being built on another branch (bpf-htab) and are not part of this build: \
-                the nolock columns of this section are empty, and no map ratio to the kernel is computed.";
-    if !kernel {
-        return (
-            Section::skipped(
-                "maps",
-                "BPF hash maps",
-                format!("{ours} Run with --kernel to measure the running kernel's hash maps."),
-            ),
-            None,
-        );
-    }
-    if let Err(why) = kernel_bpf::probe() {
+    let nan = kernel_bpf::Fig { median: f64::NAN, min: f64::NAN, max: f64::NAN };
+    let mut why_no_kernel = None;
+    let kr = if !kernel {
+        why_no_kernel = Some("not asked for (run with --kernel)".to_string());
+        None
+    } else if let Err(why) = kernel_bpf::probe() {
         println!("kernel: skipped: {why}");
-        return (
-            Section::skipped("maps", "BPF hash maps (running kernel)", format!("{ours} Kernel part skipped: {why}")),
-            None,
-        );
-    }
-    let r = match kernel_bpf::measure(quick) {
-        Ok(r) => r,
+        why_no_kernel = Some(why);
+        None
+    } else {
+        match kernel_bpf::measure(quick) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                println!("kernel: failed: {e}");
+                why_no_kernel = Some(format!("measurement failed: {e}"));
+                None
+            }
+        }
+    };
+    let ours = match maps::measure(quick) {
+        Ok(o) => o,
         Err(e) => {
             return (
                 Section {
                     id: "maps".into(),
-                    title: "BPF hash maps (running kernel)".into(),
+                    title: "BPF hash maps".into(),
                     status: Status::Failed,
-                    summary: format!("{ours} Kernel measurement failed: {e}"),
+                    summary: format!("our maps could not be created: {e}"),
                     tables: Vec::new(),
                     charts: Vec::new(),
                     seconds: t0.elapsed().as_secs_f64(),
@@ -116,160 +120,181 @@ fn maps_section(kernel: bool, quick: bool) -> (Section, Option<f64>) {
             );
         }
     };
-    let mut ops_rows = Vec::new();
-    for (name, p, n) in &r.ops {
-        ops_rows.push(vec![Cell::t(name), fig_cell(p), fig_cell(n), Cell::n(n.median / p.median, 2), Cell::Empty]);
-    }
-    for (n, p, q) in &r.insert {
-        ops_rows.push(vec![
-            Cell::t(format!("insert until full, {n} entries (per insert)")),
-            fig_cell(p),
-            fig_cell(q),
-            Cell::n(q.median / p.median, 2),
-            Cell::Empty,
+    let kops = |i: usize| kr.as_ref().and_then(|r| r.ops.get(i)).map_or((nan, nan), |o| (o.1, o.2));
+    let kins = |n: u32| kr.as_ref().and_then(|r| r.insert.iter().find(|x| x.0 == n)).map_or((nan, nan), |o| (o.1, o.2));
+    let mut rows = Vec::new();
+    let mut bars: Vec<Vec<f64>> = vec![Vec::new(); 5];
+    let mut cats = Vec::new();
+    let mut push = |name: String, short: String, kp: kernel_bpf::Fig, kn: kernel_bpf::Fig, o: &[kernel_bpf::Fig; 3]| {
+        rows.push(vec![
+            Cell::t(name),
+            fig_cell(&kp),
+            fig_cell(&kn),
+            fig_cell(&o[0]),
+            fig_cell(&o[1]),
+            fig_cell(&o[2]),
+            ratio_cell(o[2].median, o[1].median),
+            ratio_cell(o[2].median, kn.median),
+            ratio_cell(o[2].median, kp.median),
         ]);
+        for (i, x) in [kp.median, kn.median, o[0].median, o[1].median, o[2].median].into_iter().enumerate() {
+            bars[i].push(x);
+        }
+        cats.push(short);
+    };
+    let shorts = ["update", "update+delete", "update (random key)"];
+    for (i, (name, o)) in ours.ops.iter().enumerate() {
+        let (kp, kn) = kops(i);
+        push(name.clone(), shorts.get(i).unwrap_or(&"?").to_string(), kp, kn, o);
     }
+    for (n, o) in &ours.insert {
+        let (kp, kn) = kins(*n);
+        push(format!("insert until full, {n} entries (per insert)"), format!("insert ({}k)", n / 1024), kp, kn, o);
+    }
+    let series_names = ["kernel prealloc", "kernel bpf_mem_alloc", "ours prealloc", "ours bpf_ma", "ours nolock-D/lf"];
+    let ops_chart = Chart {
+        id: "map_ops".into(),
+        title: "Hash map: ns per operation, kernel (in-kernel) and ours (user space); lower is better".into(),
+        kind: ChartKind::Bar,
+        x_label: "measure".into(),
+        y_label: "ns per operation".into(),
+        categories: cats,
+        series: series_names
+            .iter()
+            .zip(&bars)
+            .map(|(n, v)| Series {
+                name: n.to_string(),
+                points: v.iter().enumerate().map(|(i, &y)| (i as f64, y)).collect(),
+            })
+            .collect(),
+    };
+    // Memory: the kernel's and ours at the same occupancies (same entries in quick and full runs).
+    let mib = 1048576.0;
+    let kmem = |lvl: u32| {
+        kr.as_ref().and_then(|r| r.memory.iter().find(|m| m.0 == lvl)).map_or((f64::NAN, f64::NAN), |m| (m.1, m.2))
+    };
+    let kq0 = kmem(0).1;
     let mut mem_rows = Vec::new();
-    let mut pre_pts = Vec::new();
-    let mut no_pts = Vec::new();
+    let mut lines: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 5];
     let mut crossover: Option<f64> = None;
     let mut prev: Option<(u32, f64, f64)> = None;
-    let q0 = r.memory.first().map_or(0.0, |m| m.2);
-    for &(lvl, p, q) in &r.memory {
-        let present = r.memory_entries as f64 * lvl as f64 / 100.0;
+    let mut mem10 = None;
+    for &(lvl, o) in &ours.memory {
+        let (kp, kn) = kmem(lvl);
+        let present = ours.memory_entries as f64 * lvl as f64 / 100.0;
         mem_rows.push(vec![
             Cell::n(lvl as f64, 0),
-            Cell::n(p / 1048576.0, 2),
-            Cell::n(q / 1048576.0, 2),
-            if present > 0.0 { Cell::n((q - q0) / present, 0) } else { Cell::Empty },
-            Cell::Empty,
+            Cell::n(kp / mib, 2),
+            Cell::n(kn / mib, 2),
+            Cell::n(o[0] / mib, 2),
+            Cell::n(o[1] / mib, 2),
+            Cell::n(o[2] / mib, 2),
+            ratio_cell(o[2], kn),
+            ratio_cell(o[2], o[0]),
+            if present > 0.0 && kn.is_finite() { Cell::n((kn - kq0) / present, 0) } else { Cell::Empty },
         ]);
-        pre_pts.push((lvl as f64, p / 1048576.0));
-        no_pts.push((lvl as f64, q / 1048576.0));
-        if crossover.is_none() && lvl > 0 && q >= p {
-            // Interpolate between this level and the one before it.
+        for (i, y) in [kp, kn, o[0], o[1], o[2]].into_iter().enumerate() {
+            lines[i].push((lvl as f64, y / mib));
+        }
+        if lvl == 10 {
+            mem10 = Some(o[2] / o[0]);
+        }
+        if kp.is_finite() && crossover.is_none() && lvl > 0 && kn >= kp {
             crossover = Some(match prev {
-                Some((l0, p0, q0)) if (q - q0) - (p - p0) > 0.0 => {
-                    l0 as f64 + (p0 - q0) / ((q - q0) - (p - p0)) * (lvl - l0) as f64
+                Some((l0, p0, q0)) if (kn - q0) - (kp - p0) > 0.0 => {
+                    l0 as f64 + (p0 - q0) / ((kn - q0) - (kp - p0)) * (lvl - l0) as f64
                 }
                 _ => lvl as f64,
             });
         }
-        prev = Some((lvl, p, q));
+        prev = Some((lvl, kp, kn));
     }
-    let ratio = r.ops.first().map(|(_, p, n)| n.median / p.median);
+    let occ_chart = Chart {
+        id: "map_occupancy".into(),
+        title: format!("Hash map memory by occupancy, {} entries (lower is better)", ours.memory_entries),
+        kind: ChartKind::Line,
+        x_label: "occupancy %".into(),
+        y_label: "MiB".into(),
+        categories: Vec::new(),
+        series: series_names.iter().zip(lines).map(|(n, p)| Series { name: n.to_string(), points: p }).collect(),
+    };
+    let kernel_text = match (&kr, &why_no_kernel) {
+        (Some(r), _) => format!(
+            "Kernel columns measured live: hash maps created with the raw bpf() system call, with and without \
+             BPF_F_NO_PREALLOC (preallocated elements vs bpf_mem_alloc), eBPF socket-filter programs assembled in \
+             code and run with BPF_PROG_TEST_RUN and a repeat count, minus a twin program without the map call: \
+             in-kernel ns per operation. Kernel memory: charged around map creation and fill, read from {}. \
+             The kernel part took {:.1} s.",
+            r.memory_cgroup, r.seconds
+        ),
+        (None, Some(w)) => format!("Kernel columns empty: kernel part skipped: {w}."),
+        (None, None) => String::new(),
+    };
+    let ratio = kr.as_ref().and_then(|r| r.ops.first()).map(|(_, p, n)| n.median / p.median);
     let section = Section {
         id: "maps".into(),
-        title: "BPF hash maps (running kernel)".into(),
+        title: if kr.is_some() { "BPF hash maps, beside the running kernel".into() } else { "BPF hash maps".into() },
         status: Status::Ok,
         summary: format!(
-            "{ours} The kernel columns are measured live: hash maps created with the raw bpf() system call, with and \
-             without BPF_F_NO_PREALLOC (preallocated elements vs bpf_mem_alloc), eBPF socket-filter programs \
-             assembled in code and run with BPF_PROG_TEST_RUN and a repeat count, minus a twin program without the \
-             map call: in-kernel ns per operation. Key 4 B, value 8 B. Memory: kernel memory charged around map \
-             creation and fill, read from {}. Took {:.1} s.",
-            r.memory_cgroup, r.seconds
+            "Our byte-oriented BPF hash map (nolock_bpf::htab, key 4 B, value 8 B) with three element backends: \
+             preallocated and bpf_mem_alloc (the kernel's two kinds, with rqspinlock buckets as since v6.15) and \
+             nolock-D/lf (an exact-size TYPESAFE_BY_SRCU_FAST nolock cache with lock-free buckets), on the same \
+             scenarios as the kernel part. Ours are user-space ns per operation of a timed loop; the kernel's are \
+             in-kernel ns per operation: both exclude system calls, but the machines' kernel and user code differ, \
+             so read the kernel ratio as an order of magnitude. The full port of the kernel's map benchmarks \
+             (htab-mem, full-update, burst, storms) is `nolock bench maps`, not run here. {kernel_text}"
         ),
         tables: vec![
             Table {
-                id: "kernel_map_ops".into(),
-                title: "Map operations, in-kernel ns per operation (median [min–max])".into(),
+                id: "map_ops".into(),
+                title: "Map operations, ns per operation (median [min–max])".into(),
                 columns: vec![
                     "measure".into(),
                     "kernel prealloc".into(),
                     "kernel no-prealloc (bpf_mem_alloc)".into(),
-                    "no-prealloc / prealloc".into(),
-                    "nolock (not in this build)".into(),
+                    "ours prealloc".into(),
+                    "ours bpf_ma".into(),
+                    "ours nolock-D/lf".into(),
+                    "nolock ÷ our bpf_ma".into(),
+                    "nolock ÷ kernel no-prealloc".into(),
+                    "nolock ÷ kernel prealloc".into(),
                 ],
-                rows: ops_rows,
+                rows,
                 note:
-                    "Reference (bpf.md, Linux 6.18, 2 vCPU): update of an existing key 82-97 ns prealloc vs 144-167 ns \
-                       bpf_ma; update + delete 160-191 vs 181-205; insert until full 120-420 vs 500-1456 ns."
+                    "Reference (bpf.md, Linux 6.18, 2 vCPU, in-kernel): update of an existing key 82-97 ns prealloc vs \
+                       144-167 ns bpf_ma; update + delete 160-191 vs 181-205; insert until full 120-420 vs 500-1456 ns."
                         .into(),
             },
             Table {
-                id: "kernel_map_memory".into(),
-                title: format!(
-                    "Memory per occupancy: {} entries, key 4 B, value 8 B (MiB charged to the memory cgroup)",
-                    r.memory_entries
-                ),
+                id: "map_memory".into(),
+                title: format!("Memory per occupancy: {} entries, key 4 B, value 8 B (MiB)", ours.memory_entries),
                 columns: vec![
                     "occupancy %".into(),
-                    "kernel prealloc MiB".into(),
-                    "kernel no-prealloc MiB".into(),
-                    "no-prealloc bytes per element present, above the empty map".into(),
-                    "nolock (not in this build)".into(),
+                    "kernel prealloc".into(),
+                    "kernel no-prealloc".into(),
+                    "ours prealloc".into(),
+                    "ours bpf_ma".into(),
+                    "ours nolock-D/lf".into(),
+                    "nolock ÷ kernel no-prealloc".into(),
+                    "nolock ÷ ours prealloc".into(),
+                    "kernel no-prealloc bytes per element present, above the empty map".into(),
                 ],
                 rows: mem_rows,
                 note: format!(
-                    "memlock from fdinfo of the full maps: prealloc {} B, no-prealloc {} B (computed from counts, not \
-                     measured). No-prealloc costs as much as prealloc from {} % occupancy. Reference (bpf.md): 80 MiB at \
-                     any occupancy for 1M entries prealloc, 104 B per element present no-prealloc, crossover 60-88 %.",
-                    r.memlock.0.map_or("?".into(), |v| v.to_string()),
-                    r.memlock.1.map_or("?".into(), |v| v.to_string()),
-                    crossover.map_or("(never, up to 100)".into(), |c| format!("about {c:.0}"))
+                    "Kernel: memory cgroup charge (memlock from fdinfo of the full maps: prealloc {} B, no-prealloc {} B, \
+                     computed from counts, not measured); kernel no-prealloc costs as much as prealloc from {} % \
+                     occupancy. Ours: the map's measured memory (buckets, the preallocated array, the element cache's \
+                     slabs, or what bpf_mem_alloc took from kmalloc). nolock-D/lf ÷ ours prealloc at 10 %: {}. \
+                     Reference (bpf.md): 80 MiB at any occupancy for 1M entries prealloc, 104 B per element present \
+                     no-prealloc, crossover 60-88 %.",
+                    kr.as_ref().and_then(|r| r.memlock.0).map_or("?".into(), |v| v.to_string()),
+                    kr.as_ref().and_then(|r| r.memlock.1).map_or("?".into(), |v| v.to_string()),
+                    crossover.map_or("(not measured / never)".into(), |c| format!("about {c:.0}")),
+                    mem10.map_or("?".into(), |m| format!("{m:.3}"))
                 ),
             },
         ],
-        charts: vec![
-            Chart {
-                id: "kernel_map_ops".into(),
-                title: "Kernel hash map: in-kernel ns per operation (lower is better)".into(),
-                kind: ChartKind::Bar,
-                x_label: "measure".into(),
-                y_label: "ns per operation".into(),
-                categories: r
-                    .ops
-                    .iter()
-                    .map(|o| {
-                        if o.0.contains("delete") {
-                            "update+delete".to_string()
-                        } else if o.0.contains("random") {
-                            "update (random key)".to_string()
-                        } else {
-                            "update".to_string()
-                        }
-                    })
-                    .chain(r.insert.iter().map(|i| format!("insert ({}k)", i.0 / 1024)))
-                    .collect(),
-                series: vec![
-                    Series {
-                        name: "kernel prealloc".into(),
-                        points: r
-                            .ops
-                            .iter()
-                            .map(|o| o.1.median)
-                            .chain(r.insert.iter().map(|i| i.1.median))
-                            .enumerate()
-                            .map(|(i, y)| (i as f64, y))
-                            .collect(),
-                    },
-                    Series {
-                        name: "kernel bpf_mem_alloc".into(),
-                        points: r
-                            .ops
-                            .iter()
-                            .map(|o| o.2.median)
-                            .chain(r.insert.iter().map(|i| i.2.median))
-                            .enumerate()
-                            .map(|(i, y)| (i as f64, y))
-                            .collect(),
-                    },
-                ],
-            },
-            Chart {
-                id: "kernel_map_occupancy".into(),
-                title: "Kernel hash map: memory by occupancy".into(),
-                kind: ChartKind::Line,
-                x_label: "occupancy %".into(),
-                y_label: "MiB charged".into(),
-                categories: Vec::new(),
-                series: vec![
-                    Series { name: "kernel prealloc".into(), points: pre_pts },
-                    Series { name: "kernel bpf_mem_alloc".into(), points: no_pts },
-                ],
-            },
-        ],
+        charts: vec![ops_chart, occ_chart],
         seconds: t0.elapsed().as_secs_f64(),
     };
     (section, ratio)

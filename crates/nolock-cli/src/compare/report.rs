@@ -142,21 +142,6 @@ pub struct Section {
     pub seconds: f64,
 }
 
-impl Section {
-    /// A section with nothing measured.
-    pub fn skipped(id: &str, title: &str, why: impl Into<String>) -> Section {
-        Section {
-            id: id.into(),
-            title: title.into(),
-            status: Status::Skipped,
-            summary: why.into(),
-            tables: Vec::new(),
-            charts: Vec::new(),
-            seconds: 0.0,
-        }
-    }
-}
-
 /// A target of the issue with its measured figure.
 #[derive(Clone, Debug)]
 pub struct Target {
