@@ -11,7 +11,8 @@ use nolock_bpf::task_storage::{
 
 type Map = TaskStorage<AtomicU64>;
 
-/// Hook-based tests share the one hook: one at a time.
+/// Hook-based tests share the one hook, and `thread_exit_frees_the_storage` reads the process-wide storage
+/// group: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn cfg(alloc: StorageAlloc, recursion: Recursion) -> StorageConfig {
@@ -30,6 +31,8 @@ fn thread_exit_frees_the_storage() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for alloc in StorageAlloc::ALL {
         let map = Map::new(cfg(alloc, Recursion::Nolock)).unwrap();
+        // Frees still waiting for a grace period from earlier tests would land in the middle of this one.
+        settle();
         let before_storage = task_storage::storage_group().current();
         let task = std::thread::scope(|s| {
             s.spawn(|| {
@@ -66,6 +69,7 @@ fn thread_exit_frees_the_storage() {
 #[test]
 fn delete_then_create_again_and_iterate() {
     let _reports = testkit::NoReports::new();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for alloc in StorageAlloc::ALL {
         for rec in Recursion::ALL {
             let a = Map::new(cfg(alloc, rec)).unwrap();
@@ -97,6 +101,7 @@ fn delete_then_create_again_and_iterate() {
 #[test]
 fn another_thread_creates_for_a_task() {
     let _reports = testkit::NoReports::new();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let map = Map::new(StorageConfig::default()).unwrap();
     let go = Barrier::new(2);
     let done = Barrier::new(2);
@@ -121,6 +126,7 @@ fn another_thread_creates_for_a_task() {
 #[test]
 fn map_dropped_while_its_owners_exit() {
     let _reports = testkit::NoReports::new();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for alloc in StorageAlloc::ALL {
         for round in 0..20 {
             let keep = Map::new(cfg(alloc, Recursion::Nolock)).unwrap();
