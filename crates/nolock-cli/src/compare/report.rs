@@ -333,7 +333,7 @@ impl Report {
 table{border-collapse:collapse;margin:.5em 0 1.2em;font-size:.9em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}\
 td:first-child,th:first-child{text-align:left}th{background:#f2f2f2}.ok{color:#0a6b0a;font-weight:600}.no{color:#b00;font-weight:600}\
 .skipped{background:#fff6dd;border-left:4px solid #e0a800;padding:.5em 1em}.failed{background:#fde;border-left:4px solid #b00;padding:.5em 1em}\
-.note{color:#555;font-size:.85em}.env td{text-align:left}svg{display:block;margin:.5em 0}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}\
+.note{color:#555;font-size:.85em}td.l{text-align:left}.env td{text-align:left}svg{display:block;margin:.5em 0}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}\
 .explain{background:#f5f8ff;border-left:4px solid #4a78c2;padding:.6em 1em}</style></head><body>\n");
         o.push_str("<h1>nolock compare</h1>\n");
         o.push_str("<p class=\"explain\">What this page is: nolock re-creates the Linux kernel's any-context memory allocator \
@@ -378,7 +378,7 @@ through the ratios. Cells read <i>median [min–max]</i> over repetitions unless
                 Status::Skipped => "skipped",
                 Status::Failed => "failed",
             };
-            let _ = writeln!(o, "<p class=\"{cls}\">{}</p>", esc(&s.summary));
+            let _ = writeln!(o, "<p class=\"{cls}\">{}</p>", inline(&s.summary));
             for c in &s.charts {
                 o.push_str(&svg(c));
             }
@@ -391,13 +391,15 @@ through the ratios. Cells read <i>median [min–max]</i> over repetitions unless
                 for r in &t.rows {
                     o.push_str("<tr>");
                     for c in r {
-                        let _ = write!(o, "<td>{}</td>", esc(&c.show()));
+                        // Words read left-aligned, figures right-aligned.
+                        let words = matches!(c, Cell::Text(t) if !t.starts_with(|ch: char| ch.is_ascii_digit()));
+                        let _ = write!(o, "<td{}>{}</td>", if words { " class=\"l\"" } else { "" }, esc(&c.show()));
                     }
                     o.push_str("</tr>\n");
                 }
                 o.push_str("</table>\n");
                 if !t.note.is_empty() {
-                    let _ = writeln!(o, "<p class=\"note\">{}</p>", esc(&t.note));
+                    let _ = writeln!(o, "<p class=\"note\">{}</p>", inline(&t.note));
                 }
             }
             if s.seconds > 0.0 {
@@ -407,6 +409,21 @@ through the ratios. Cells read <i>median [min–max]</i> over repetitions unless
         o.push_str("</body></html>\n");
         o
     }
+}
+
+/// Escaped text with `code` spans shown as code.
+fn inline(s: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in esc(s).split('`').enumerate() {
+        if i % 2 == 1 {
+            out.push_str("<code>");
+            out.push_str(part);
+            out.push_str("</code>");
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
 }
 
 /// HTML/XML escape.
@@ -445,9 +462,13 @@ fn fmt_tick(v: f64) -> String {
 
 /// An inline SVG for a chart.
 pub fn svg(c: &Chart) -> String {
-    let (w, h) = (760.0, 330.0);
-    let (l, r, t, b) = (70.0, 200.0, 30.0, 60.0);
+    let (w, l, r, t) = (860.0, 70.0, 250.0, 30.0);
     let pw = w - l - r;
+    // Bar labels wider than their group are drawn slanted, which needs more room below.
+    let gw = pw / c.categories.len().max(1) as f64;
+    let slant = c.kind == ChartKind::Bar && c.categories.iter().any(|cat| cat.chars().count() as f64 * 6.2 > gw);
+    let b = if slant { 95.0 } else { 55.0 };
+    let h = 260.0 + b;
     let ph = h - t - b;
     let ymax = c.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).filter(|y| y.is_finite()).fold(0.0, f64::max);
     let (top, step) = nice_axis(ymax);
@@ -485,19 +506,26 @@ pub fn svg(c: &Chart) -> String {
     );
     match c.kind {
         ChartKind::Bar => {
-            let nc = c.categories.len().max(1) as f64;
             let ns = c.series.len().max(1) as f64;
-            let gw = pw / nc;
             let bw = (gw * 0.8) / ns;
             for (ci, cat) in c.categories.iter().enumerate() {
                 let x0 = l + gw * ci as f64 + gw * 0.1;
-                let _ = write!(
-                    o,
-                    "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
-                    l + gw * (ci as f64 + 0.5),
-                    t + ph + 16.0,
-                    esc(cat)
-                );
+                let cx = l + gw * (ci as f64 + 0.5);
+                if slant {
+                    let _ = write!(
+                        o,
+                        "<text transform=\"translate({cx:.1},{:.1}) rotate(-20)\" text-anchor=\"end\" font-size=\"10\">{}</text>",
+                        t + ph + 12.0,
+                        esc(cat)
+                    );
+                } else {
+                    let _ = write!(
+                        o,
+                        "<text x=\"{cx:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+                        t + ph + 16.0,
+                        esc(cat)
+                    );
+                }
                 for (si, s) in c.series.iter().enumerate() {
                     if let Some(&(_, y)) = s.points.iter().find(|p| p.0 as usize == ci)
                         && y.is_finite()
@@ -513,6 +541,16 @@ pub fn svg(c: &Chart) -> String {
                             esc(&s.name),
                             fmt_tick(y)
                         );
+                        // The value over the bar where it fits, and always a zero (often the point).
+                        if bw >= 24.0 || y == 0.0 {
+                            let _ = write!(
+                                o,
+                                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">{}</text>",
+                                x0 + bw * si as f64 + bw / 2.0,
+                                yy - 3.0,
+                                fmt_tick(y)
+                            );
+                        }
                     }
                 }
             }
@@ -565,7 +603,7 @@ pub fn svg(c: &Chart) -> String {
         let y = t + 10.0 + 18.0 * si as f64;
         let _ = write!(
             o,
-            "<rect x=\"{}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{:.1}\">{}</text>",
+            "<rect x=\"{}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{:.1}\" font-size=\"10.5\">{}</text>",
             l + pw + 12.0,
             y - 10.0,
             COLORS[si % COLORS.len()],
