@@ -1,5 +1,6 @@
-//! `nolock compare --quick` writes a report whose JSON validates against its own schema (`schema.json`, written
-//! beside it), whose HTML fetches nothing, and whose Markdown carries the same tables. The validator is a small
+//! `nolock compare --quick` (with `--kernel` as root) writes a report whose JSON validates against its own
+//! schema (`schema.json`, written beside it), whose HTML fetches nothing, and whose Markdown carries the same
+//! tables. The validator is a small
 //! interpreter of the JSON Schema keywords the schema uses (type, enum, required, properties,
 //! additionalProperties, items, minItems, maxItems, minimum); it is checked to reject broken documents too.
 
@@ -106,11 +107,15 @@ fn out_dir(name: &str) -> PathBuf {
 #[test]
 fn quick_report_validates_against_its_schema() {
     let dir = out_dir("compare");
-    let out = Command::new(env!("CARGO_BIN_EXE_nolock"))
-        .args(["compare", "--quick", "--out"])
-        .arg(&dir)
-        .output()
-        .expect("run nolock compare");
+    // As root (CI on these machines) the kernel part runs too.
+    // SAFETY: getuid is always safe.
+    let root = unsafe { libc::getuid() } == 0;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nolock"));
+    cmd.args(["compare", "--quick", "--out"]).arg(&dir);
+    if root {
+        cmd.arg("--kernel");
+    }
+    let out = cmd.output().expect("run nolock compare");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "nolock compare --quick failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let report: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
@@ -122,6 +127,16 @@ fn quick_report_validates_against_its_schema() {
         assert!(report["sections"].as_array().unwrap().iter().any(|s| s["id"] == id), "section {id} is in the report");
     }
     assert_eq!(report["schema_version"], 1);
+    let maps = report["sections"].as_array().unwrap().iter().find(|s| s["id"] == "maps").unwrap();
+    let summary = maps["summary"].as_str().unwrap();
+    if root {
+        // Either measured, or skipped with the reason (a root without CAP_BPF, e.g. in a locked-down container).
+        assert!(
+            summary.contains("Kernel columns measured live") || summary.contains("kernel part skipped: bpf("),
+            "{summary}"
+        );
+        eprintln!("kernel part: {}", if summary.contains("measured live") { "measured" } else { "skipped" });
+    }
     assert!(report["kernel_version"].as_str().is_some_and(|s| !s.is_empty()));
 
     // The validator is not vacuous: broken copies are rejected.
