@@ -1068,14 +1068,16 @@ impl<V: Send + Sync> TaskStorage<V> {
         self.core.delete_raw(task)
     }
 
-    /// Calls `f(task id, value)` for every live element (the map's iterator).
+    /// Calls `f(task id, value)` for every live element (the map's iterator). Elements created or deleted
+    /// during the walk may or may not be seen; none is seen twice.
     pub fn for_each(&self, mut f: impl FnMut(u32, &V)) {
         let _region = IrqRegion::enter();
         let _tt = nolock::rcu_read_lock_tasks_trace();
         let mut visit = |n: usize| {
             let h = hdr(n);
-            // Acquire: pairs with the state transitions' AcqRel / SeqCst updates.
-            if h.state.load(Ordering::Acquire) != DEAD && h.map_node.load(Ordering::Acquire) & MARK == 0 {
+            // Only LIVE elements: one still LINKING may be a creation that lost its race and is being undone
+            // (the task would be seen twice). Acquire: pairs with the creator's AcqRel LINKING -> LIVE.
+            if h.state.load(Ordering::Acquire) == LIVE && h.map_node.load(Ordering::Acquire) & MARK == 0 {
                 // SAFETY: an element of this map, alive during the section.
                 f(h.owner, unsafe { &(*(n as *const Selem<V>)).value });
             }
