@@ -1069,7 +1069,7 @@ impl<V: Send + Sync> TaskStorage<V> {
     }
 
     /// Calls `f(task id, value)` for every live element (the map's iterator). Elements created or deleted
-    /// during the walk may or may not be seen; none is seen twice.
+    /// during the walk may or may not be seen; no element is seen twice.
     pub fn for_each(&self, mut f: impl FnMut(u32, &V)) {
         let _region = IrqRegion::enter();
         let _tt = nolock::rcu_read_lock_tasks_trace();
