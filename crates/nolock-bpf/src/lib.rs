@@ -26,6 +26,8 @@ pub mod cpu;
 pub mod htab;
 #[cfg(not(loom))]
 pub mod memalloc;
+#[cfg(not(loom))]
+pub mod task_storage;
 
 /// Under `--cfg loom` only the bucket list (and its no-op hook points) is compiled, with loom's atomics, for
 /// `tests/loom_htab.rs`.

@@ -16,9 +16,11 @@
 //! shared runner of [`scenario`](mod@scenario)) and [`bench`](mod@bench).
 
 mod bench;
+mod compare;
 mod demo;
 mod fmt;
 mod health;
+mod kernel_bpf;
 mod maps;
 mod rcu;
 mod scenario;
@@ -95,6 +97,23 @@ enum Command {
         #[arg(long, global = true)]
         json: Option<PathBuf>,
     },
+    /// Every benchmark family in one run, one report (HTML with SVG charts, Markdown, JSON): allocator,
+    /// reclamation, type-safe caches, BPF maps and task local storage; with --kernel also the running kernel's
+    /// BPF hash maps.
+    Compare {
+        /// Smoke run (under a minute; what CI runs).
+        #[arg(long)]
+        quick: bool,
+        /// Also measure the running kernel's BPF hash maps (needs root or CAP_BPF; skipped with a reason otherwise).
+        #[arg(long)]
+        kernel: bool,
+        /// Directory for report.html, report.md, report.json and schema.json.
+        #[arg(long, default_value = "compare-report")]
+        out: PathBuf,
+        /// Only these sections (comma-separated: alloc, rcu, typesafe, maps, storage).
+        #[arg(long, value_delimiter = ',')]
+        only: Option<Vec<String>>,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone, Copy)]
@@ -119,6 +138,7 @@ fn main() -> ExitCode {
             Command::Demo { .. } => "demo",
             Command::Rcu { .. } => "rcu",
             Command::Bench { .. } => "bench",
+            Command::Compare { .. } => "compare",
         };
         println!("FAIL: nolock {what}: {e}");
         return ExitCode::FAILURE;
@@ -146,6 +166,9 @@ fn main() -> ExitCode {
                 BenchWhat::Typesafe => bench::typesafe::run(&args),
                 BenchWhat::Maps => maps::run(&args),
             }
+        }
+        Command::Compare { quick, kernel, out, only } => {
+            compare::run(&compare::CompareArgs { quick, kernel, out, only })
         }
     }
 }
