@@ -45,6 +45,8 @@ pub struct BenchArgs {
     pub reps: Option<usize>,
     /// Write JSON results here.
     pub json: Option<PathBuf>,
+    /// Only the workloads whose id contains one of these comma-separated strings (`nolock bench alloc`).
+    pub only: Option<String>,
 }
 
 impl BenchArgs {
