@@ -275,14 +275,14 @@ fn runtime_switch_routes_kmalloc() {
     let dbg0 = cache_counts("kmalloc-dbg-128");
 
     // Off: plain caches.
-    let a = kmalloc_nolock(100, Gfp::NONE).unwrap();
+    let a = kmalloc_nolock(120, Gfp::NONE).unwrap();
     assert_eq!(cache_counts("kmalloc-128").0, plain0.0 + 1);
     assert_eq!(cache_counts("kmalloc-dbg-128").0, dbg0.0);
 
     // On: debug caches, with red zones and poison.
     nolock::debug::set_enabled(true);
     assert!(nolock::debug::enabled());
-    let b = kmalloc_nolock(100, Gfp::ZERO).unwrap();
+    let b = kmalloc_nolock(120, Gfp::ZERO).unwrap();
     assert_eq!(ksize(b.as_ptr()), 128);
     assert!(bytes(b, 128).iter().all(|&x| x == 0));
     assert_eq!(cache_counts("kmalloc-dbg-128").0, dbg0.0 + 1);
@@ -305,7 +305,7 @@ fn runtime_switch_routes_kmalloc() {
     // Off again: new objects come from the plain caches; the debug object frees to its own cache.
     nolock::debug::set_enabled(false);
     assert!(!nolock::debug::enabled());
-    let c = kmalloc_nolock(100, Gfp::NONE).unwrap();
+    let c = kmalloc_nolock(120, Gfp::NONE).unwrap();
     assert_eq!(cache_counts("kmalloc-128").0, plain0.0 + 2);
     assert_eq!(cache_counts("kmalloc-dbg-128").0, dbg0.0 + 1);
     // SAFETY: b is a live debug object, freed once after the switch.
