@@ -300,7 +300,7 @@ fn runtime_switch_routes_kmalloc() {
     // SAFETY: deliberate double free, caught in debug mode.
     assert_eq!(unsafe { try_kfree_nolock(dbl.as_ptr()) }.unwrap_err().kind, FreeErrorKind::DoubleFree);
     // Large allocations are page runs in either mode.
-    let big = kmalloc_nolock(20_000, Gfp::NONE).unwrap();
+    let big = kmalloc_nolock(40_000, Gfp::NONE).unwrap();
 
     // Off again: new objects come from the plain caches; the debug object frees to its own cache.
     nolock::debug::set_enabled(false);

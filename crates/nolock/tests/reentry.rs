@@ -383,7 +383,7 @@ fn every_point_with_nested_alloc_and_free() {
             }
             churn(0, Some(&cache), 600);
             // Large runs at depth zero: the page allocator's points.
-            for size in [8193usize, 20_000, 100_000] {
+            for size in [32_769usize, 40_000, 100_000] {
                 if let Some((a, s)) = alloc(size) {
                     check_free(a, s);
                 }

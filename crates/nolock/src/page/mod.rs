@@ -1018,6 +1018,17 @@ impl PageAllocator {
     /// # Context
     /// Normal context only: calls `madvise`. Runs concurrently with any allocator operation.
     pub fn purge(&self, aged: bool) -> usize {
+        self.purge_some(aged, usize::MAX)
+    }
+
+    /// [`purge`](Self::purge), stopping once about `max` pages are purged (a run in progress is finished; the
+    /// count can pass `max` by less than one bitmap word). An aged pass still notes which pages are free and
+    /// dirty in every word, purged or not, so that the next pass knows their age. The top of the arena goes
+    /// first: allocations look for free pages from the bottom, so those are the ones least likely wanted back.
+    ///
+    /// # Context
+    /// As [`purge`](Self::purge).
+    pub fn purge_some(&self, aged: bool, max: usize) -> usize {
         if self.lock_commits.load(Ordering::Relaxed) {
             // Every commit is locked: MADV_DONTNEED would be refused, and dropping the pages is not wanted.
             return 0;
@@ -1026,8 +1037,8 @@ impl PageAllocator {
         let mut purged = 0;
         // Set when the kernel refuses (locked memory, after `mlockall(MCL_CURRENT)`): stop asking this pass.
         let mut refused = false;
-        for w in 0..frontier {
-            if refused {
+        for w in (0..frontier).rev() {
+            if refused || (purged >= max && !aged) {
                 break;
             }
             let alloc = self.word(self.alloc, w);
@@ -1039,7 +1050,7 @@ impl PageAllocator {
                 mask &= seen.load(Ordering::Relaxed);
                 seen.store(cand, Ordering::Relaxed);
             }
-            if mask == 0 {
+            if mask == 0 || purged >= max {
                 continue;
             }
             // Claim the pages like an allocation so nobody can use them while they are dropped.
@@ -1081,14 +1092,22 @@ impl PageAllocator {
         purged
     }
 
-    /// A snapshot of the counters. Scans the bitmaps of the active region.
-    pub fn stats(&self) -> PageStats {
+    /// Pages free and dirty now (resident or possibly resident: what a purge could give back). Scans the
+    /// bitmaps of the active region.
+    pub fn dirty_free_pages(&self) -> usize {
         let frontier = self.frontier.load(Ordering::Acquire);
         let mut dirty_free = 0;
         for w in 0..frontier {
             let free = !self.word(self.alloc, w).load(Ordering::Relaxed);
             dirty_free += (free & self.word(self.dirty, w).load(Ordering::Relaxed)).count_ones() as usize;
         }
+        dirty_free
+    }
+
+    /// A snapshot of the counters. Scans the bitmaps of the active region.
+    pub fn stats(&self) -> PageStats {
+        let dirty_free = self.dirty_free_pages();
+        let frontier = self.frontier.load(Ordering::Acquire);
         PageStats {
             arena_pages: self.npages,
             used_pages: self.used_pages.load(Ordering::Relaxed),
@@ -1300,6 +1319,29 @@ mod tests {
         assert_eq!(p.count_allocated(), 0);
         assert!(p.alloc_run(64 * 64, 1).is_some(), "whole arena as one run");
         assert!(p.alloc_run(64 * 64 + 1, 1).is_none());
+    }
+
+    #[test]
+    fn purge_some_stops_at_its_budget_and_keeps_ages() {
+        let p = small();
+        // Two runs in different bitmap words.
+        let a = p.alloc_run(64, 64).unwrap();
+        let b = p.alloc_run(64, 64).unwrap();
+        // SAFETY: we own the runs.
+        unsafe {
+            core::ptr::write_bytes(p.page_addr(a) as *mut u8, 0xab, 64 * PAGE_SIZE);
+            core::ptr::write_bytes(p.page_addr(b) as *mut u8, 0xab, 64 * PAGE_SIZE);
+            p.free_run(a, 64);
+            p.free_run(b, 64);
+        }
+        assert_eq!(p.dirty_free_pages(), 128);
+        assert_eq!(p.purge_some(true, 10), 0, "first aged pass only marks, every word");
+        let first = p.purge_some(true, 10);
+        assert!((10..=64).contains(&first), "stops after the run that reaches the budget: {first}");
+        assert_eq!(p.dirty_free_pages(), 128 - first);
+        // The word it did not reach was still aged: the next pass purges the rest.
+        assert_eq!(p.purge_some(true, usize::MAX), 128 - first);
+        assert_eq!(p.dirty_free_pages(), 0);
     }
 
     #[test]
