@@ -62,7 +62,8 @@ const DECAY_SLOTS: usize = 64;
 /// and dirty since the previous one; of the pages freed `k` passes ago, `(n - k) / n` may stay resident (`n`
 /// passes: the decay time over the interval), so what a program freed at one moment goes back linearly over
 /// the decay time, and a program that keeps freeing and taking back about the same amount keeps it. The pages
-/// purged are those free for at least a whole interval, from the top of the arena (`PageAllocator::purge_some`).
+/// purged are those free for at least a whole interval, from the top of the active region
+/// (`PageAllocator::purge_some`).
 /// State of the worker thread only.
 pub(crate) struct Decay {
     /// Pages newly free and dirty in each of the last `n` slots of `stride` passes, `backlog[0]` the latest.
@@ -186,6 +187,25 @@ pub extern "C" fn before_fork() {
     }
 }
 
+/// atfork parent handler.
+pub extern "C" fn after_fork_parent() {
+    FORK_PENDING.store(false, Ordering::SeqCst);
+}
+
+/// atfork child handler: the worker thread does not exist here, and neither do the parent's memory locks
+/// (nor its `mlockall(MCL_FUTURE)`), so commits stop being locked.
+pub fn after_fork_child() {
+    FORK_PENDING.store(false, Ordering::SeqCst);
+    IN_CRITICAL.store(0, Ordering::SeqCst);
+    RUNNING_PID.store(0, Ordering::Release);
+    if let Some(g) = global::get_if_init() {
+        g.pages.after_fork_child();
+    }
+    if let Some(s) = crate::slab::tables::state_if_init() {
+        s.slab.after_fork_child();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,24 +257,5 @@ mod tests {
     fn no_decay_purges_everything_aged() {
         let mut d = Decay::new(Duration::ZERO, Duration::from_millis(100));
         assert_eq!(d.keep(1000), 0);
-    }
-}
-
-/// atfork parent handler.
-pub extern "C" fn after_fork_parent() {
-    FORK_PENDING.store(false, Ordering::SeqCst);
-}
-
-/// atfork child handler: the worker thread does not exist here, and neither do the parent's memory locks
-/// (nor its `mlockall(MCL_FUTURE)`), so commits stop being locked.
-pub fn after_fork_child() {
-    FORK_PENDING.store(false, Ordering::SeqCst);
-    IN_CRITICAL.store(0, Ordering::SeqCst);
-    RUNNING_PID.store(0, Ordering::Release);
-    if let Some(g) = global::get_if_init() {
-        g.pages.after_fork_child();
-    }
-    if let Some(s) = crate::slab::tables::state_if_init() {
-        s.slab.after_fork_child();
     }
 }

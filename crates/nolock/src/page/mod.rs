@@ -56,9 +56,13 @@
 //! *claims* free dirty pages in the bitmap exactly as an allocation would (so no allocation can hand them out
 //! while their contents are being dropped), calls `madvise(MADV_DONTNEED)`, clears their dirty bits and frees
 //! them again. With aging on, a page is purged only if it was free and dirty at the previous pass as well, so
-//! memory that is reused quickly is not thrown away and faulted back in. Locked memory (commits under
+//! memory that is reused quickly is not thrown away and faulted back in; `PageAllocator::purge_some` stops
+//! after a number of pages (the background worker's decay decides how many: pages freed at one moment go
+//! back gradually over the decay time, see `crate::background`), starting from the top of the active region.
+//! Locked memory (commits under
 //! `MCL_FUTURE`, or after `mlockall(MCL_CURRENT)`) cannot be purged; the purger stops at the first refusal.
-//! The periodic purge can be turned off ([`crate::Config::purge_interval`], `NOLOCK_PURGE=never`).
+//! The periodic purge can be turned off ([`crate::Config::purge_interval`], `NOLOCK_PURGE=never`) and its decay
+//! set ([`crate::Config::purge_decay`], `NOLOCK_PURGE_DECAY_MS`).
 //!
 //! # Contract of `alloc_pages_nolock`
 //!
@@ -1023,8 +1027,8 @@ impl PageAllocator {
 
     /// [`purge`](Self::purge), stopping once about `max` pages are purged (a run in progress is finished; the
     /// count can pass `max` by less than one bitmap word). An aged pass still notes which pages are free and
-    /// dirty in every word, purged or not, so that the next pass knows their age. The top of the arena goes
-    /// first: allocations look for free pages from the bottom, so those are the ones least likely wanted back.
+    /// dirty in every word, purged or not, so that the next pass knows their age. The words are visited from the
+    /// top of the active region down.
     ///
     /// # Context
     /// As [`purge`](Self::purge).

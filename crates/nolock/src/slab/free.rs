@@ -511,7 +511,7 @@ impl CacheInner {
         let c = self.cfg();
         let slab_bytes = (c.slab_pages as usize) << PAGE_SHIFT;
         // Slabs are aligned to their size (up to 64 pages), so consecutive slabs get consecutive entries.
-        let shift = (c.slab_pages as u32).trailing_zeros();
+        let shift = c.slab_pages.trailing_zeros();
         let tag = thread_cache::tag(g, t);
         // One chain per entry (`k == 0`: empty): `first` its most recently added object, `last` the first one
         // (whose link `push_run` rewrites).
