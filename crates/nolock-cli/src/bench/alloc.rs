@@ -508,7 +508,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
     let ops = |w: Work| w.full_ops() / scale;
     let only = args.only.as_deref();
     let works: Vec<Work> = WORKS.into_iter().filter(|w| selected(only, &w.id())).collect();
-    let prog_rounds: u32 = if args.quick { 3 } else { 10 };
+    let prog_rounds: u32 = if args.quick { 6 } else { 30 };
     let prog_bins: Option<Vec<PathBuf>> = if PROG_ROWS.iter().any(|r| selected(only, r.0)) {
         let dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
         let bins: Option<Vec<PathBuf>> =
@@ -696,13 +696,14 @@ fn to_json(quick: bool, reps: usize, rows: &[Row], samples: &[Vec<Vec<f64>>], su
         for other in [Kind::Mimalloc, Kind::Glibc, Kind::Jemalloc] {
             let o = kind_index(other);
             let (lo, hi) = ratio_spread(&samples[ri][nl], &samples[ri][o]);
+            // A ratio can be infinite (a system time of 0 ms in one repetition): JSON gets `null`.
             let _ = write!(
                 out,
-                ", \"nolock/{0}\": {1:.3}, \"nolock/{0} min\": {2:.3}, \"nolock/{0} max\": {3:.3}",
+                ", \"nolock/{0}\": {1}, \"nolock/{0} min\": {2}, \"nolock/{0} max\": {3}",
                 other.name(),
-                s[nl].median / s[o].median,
-                lo,
-                hi
+                super::json_num(s[nl].median / s[o].median),
+                super::json_num(lo),
+                super::json_num(hi)
             );
         }
         let _ = write!(out, "}}{}", if ri + 1 < rows.len() { ",\n" } else { "\n" });

@@ -7,5 +7,5 @@ static GLOBAL: std::alloc::System = std::alloc::System;
 mod workload;
 
 fn main() {
-    workload::main();
+    workload::main(|| {});
 }

@@ -7,5 +7,5 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 mod workload;
 
 fn main() {
-    workload::main();
+    workload::main(|| {});
 }

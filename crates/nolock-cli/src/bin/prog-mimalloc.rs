@@ -7,5 +7,5 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod workload;
 
 fn main() {
-    workload::main();
+    workload::main(|| {});
 }

@@ -7,5 +7,5 @@ static GLOBAL: nolock::NolockAlloc = nolock::NolockAlloc::new();
 mod workload;
 
 fn main() {
-    workload::main();
+    workload::main(nolock::init);
 }

@@ -116,8 +116,10 @@ fn peak_rss_kib() -> u64 {
 }
 
 /// Run `rounds` rounds (from the first argument, default 10) and print the checksum and the peak resident
-/// memory in KiB.
-pub fn main() {
+/// memory in KiB. `init` runs first (nolock's: `nolock::init()`, which starts the background worker, as the
+/// README tells programs to).
+pub fn main(init: fn()) {
+    init();
     let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut sum = 0u64;
