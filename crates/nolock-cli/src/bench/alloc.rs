@@ -718,6 +718,7 @@ mod tests {
 
     #[test]
     fn every_allocator_runs_every_workload() {
+        let _serial = crate::bench::TEST_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let d = Data::new();
         for w in WORKS {
             for k in KINDS {
