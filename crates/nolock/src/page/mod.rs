@@ -963,6 +963,14 @@ impl PageAllocator {
             self.word(self.alloc, w).fetch_and(!mask, Ordering::Release);
             self.note_free(w);
         });
+        // Move the search cursor back to a run freed below it, so that the next allocations reuse these pages
+        // (resident, dirty) before never-touched ones further up: otherwise a program whose slabs the worker
+        // releases faults in fresh pages while the freed ones wait for the purge, and its peak RSS grows. (The
+        // purge works from the top down.) A hint: a race with another thread's update only moves the cursor.
+        let w = first / WORD_PAGES;
+        if w < self.cursor.load(Ordering::Relaxed) {
+            self.cursor.store(w, Ordering::Relaxed);
+        }
         self.used_pages.fetch_sub(npages, Ordering::Relaxed);
         self.frees.fetch_add(1, Ordering::Relaxed);
     }
@@ -1323,6 +1331,25 @@ mod tests {
         assert_eq!(p.count_allocated(), 0);
         assert!(p.alloc_run(64 * 64, 1).is_some(), "whole arena as one run");
         assert!(p.alloc_run(64 * 64 + 1, 1).is_none());
+    }
+
+    #[test]
+    fn freed_pages_are_reused_before_untouched_ones() {
+        let p = small();
+        for (n, align) in [(64, 64), (1, 1), (4, 4)] {
+            let a = p.alloc_run(n, align).unwrap();
+            let b = p.alloc_run(64, 64).unwrap();
+            assert!(b > a);
+            // SAFETY: frees a run we allocated.
+            unsafe { p.free_run(a, n) };
+            let c = p.alloc_run(n, align).unwrap();
+            assert_eq!(c, a, "the freed run ({n} pages) comes back before the untouched pages above");
+            // SAFETY: frees runs we allocated.
+            unsafe {
+                p.free_run(b, 64);
+                p.free_run(c, n);
+            }
+        }
     }
 
     #[test]
