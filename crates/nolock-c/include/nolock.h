@@ -41,8 +41,8 @@ extern "C" {
 /* Size 0 returns ZERO_SIZE_PTR: not null, not dereferenceable, free to kfree. */
 #define NOLOCK_ZERO_SIZE_PTR ((void *)16)
 
-/* size bytes, aligned to at least 8 and to the largest power of two dividing size (up to 8 KiB), page
- * aligned above 8 KiB. NULL only when memory is exhausted, never because something was busy. */
+/* size bytes, aligned to at least 8 and to the largest power of two dividing size (up to 32 KiB), page
+ * aligned above 32 KiB. NULL only when memory is exhausted, never because something was busy. */
 void *kmalloc_nolock(size_t size, unsigned int gfp);
 /* Free memory from kmalloc_nolock, a cache or malloc. NULL and ZERO_SIZE_PTR are ignored; a bad pointer
  * (foreign, double free, interior) is reported on stderr and nothing is freed. Never fails: a free that

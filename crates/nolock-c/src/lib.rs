@@ -84,8 +84,7 @@ pub(crate) fn set_errno(e: i32) {
     unsafe { *libc::__errno_location() = e };
 }
 
-/// The library's constructor (normal context, before `main`): creates the malloc size class between kmalloc's
-/// 4 and 8 KiB classes (see [`malloc::MID_SIZE`]).
+/// The library's constructor (normal context, before `main`): reads the malloc configuration.
 ///
 /// `NOLOCK_BACKGROUND=1` in the environment also starts nolock's background worker (which gives free memory
 /// back to the OS) and the grace-period worker. Without it, a program gets no extra thread: small freed memory
@@ -96,7 +95,6 @@ pub(crate) fn set_errno(e: i32) {
 /// `NOLOCK_C_STATS=1` prints nolock's statistics to standard error at exit (`atexit`).
 extern "C" fn nolock_c_ctor() {
     malloc::configure();
-    malloc::create_mid_cache();
     if env_is(c"NOLOCK_BACKGROUND", b"1") {
         nolock::init();
     }

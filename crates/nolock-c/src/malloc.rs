@@ -14,9 +14,9 @@
 //! - `malloc_usable_size` is the size of the block's class (or page run); 0 for null and foreign pointers;
 //! - a pointer nolock does not own given to `free` is leaked and counted (see the crate documentation);
 //!   `realloc` of one copies what can be read of it into a new block;
-//! - sizes between 4 and 5 KiB get a class of their own ([`MID_SIZE`]), and a freed block of 128 KiB or more
-//!   gives its pages back to the OS at once (see [`free`]): without them, peak RSS was 1.6x glibc's on SQLite
-//!   (its page cache holds 4 KiB-and-a-header blocks, which kmalloc serves from its 8 KiB class).
+//! - a freed block of 128 KiB or more gives its pages back to the OS at once (see [`free`]). (kmalloc's classes
+//!   are four per power of two up to 32 KiB, so SQLite's 4 KiB-and-a-header page-cache blocks take 5 KiB; with
+//!   the old power-of-two classes they took 8 KiB and this library kept a 5 KiB class of its own.)
 //!
 //! Every function here may be called from a signal handler, including one that interrupted any of them on the
 //! same thread (the crate's default context), except `malloc_trim` (normal context).
@@ -87,57 +87,9 @@ fn alloc16(size: usize, flags: Gfp) -> *mut c_void {
     let Some(n) = size.max(1).checked_next_multiple_of(MALLOC_ALIGN) else {
         return enomem();
     };
-    if n.wrapping_sub(MID_MIN + 1) < MID_SIZE - MID_MIN {
-        return alloc_mid(n, flags);
-    }
     match kmalloc_nolock(n, flags) {
         Some(p) => p.as_ptr().cast(),
         None => enomem(),
-    }
-}
-
-// ---- a size class between kmalloc's 4 and 8 KiB classes ---------------------------------------------------
-
-/// Sizes in `MID_MIN + 1 ..= MID_SIZE` come from a cache of their own instead of kmalloc's 8 KiB class: a
-/// block of 4 KiB and a bit (a database page and its header: SQLite's page cache) then takes 5 KiB, not 8.
-/// Only this one: nolock carves a whole slab (128 KiB for these sizes) on a class's first use, so every added
-/// class costs small programs memory; measured on git and SQLite, the 1.5, 2.5, 3, 3.5, 6 and 7 KiB classes
-/// cost more than they saved.
-pub const MID_SIZE: usize = 5120;
-const MID_MIN: usize = 4096;
-
-/// The cache of [`MID_SIZE`], created by the library's constructor (normal context); null before it ran, or
-/// if creation failed: those sizes then come from kmalloc's 8 KiB class.
-static MID_CACHE: AtomicPtr<nolock::KmemCache> = AtomicPtr::new(core::ptr::null_mut());
-
-#[inline]
-fn alloc_mid(n: usize, flags: Gfp) -> *mut c_void {
-    // Acquire: pairs with the Release store in `create_mid_cache`.
-    let c = MID_CACHE.load(Ordering::Acquire);
-    let p = if c.is_null() {
-        kmalloc_nolock(n, flags)
-    } else {
-        // SAFETY: a published cache is never destroyed.
-        unsafe { &*c }.alloc_nolock(flags)
-    };
-    match p {
-        Some(p) => p.as_ptr().cast(),
-        None => enomem(),
-    }
-}
-
-/// Create the cache of [`MID_SIZE`] (once).
-///
-/// # Context
-/// Normal context only (cache creation): called from the library's constructor.
-pub(crate) fn create_mid_cache() {
-    if !MID_CACHE.load(Ordering::Relaxed).is_null() {
-        return;
-    }
-    let Ok(layout) = Layout::from_size_align(MID_SIZE, MALLOC_ALIGN) else { return };
-    if let Ok(c) = nolock::KmemCache::new("malloc-5k", layout) {
-        // Release: pairs with the Acquire load in `alloc_mid`.
-        MID_CACHE.store(Box::into_raw(Box::new(c)), Ordering::Release);
     }
 }
 

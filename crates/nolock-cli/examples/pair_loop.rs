@@ -9,6 +9,9 @@
 //! done; done
 //! ```
 //!
+//! A third argument `random` makes it `n` allocations, then `n` frees in a fixed random order instead (repeated
+//! as many rounds as a fourth argument says, default 1).
+//!
 //! Each allocator's alloc and free sit behind one non-inlined function each, so both pay the same call and
 //! loop overhead.
 
@@ -61,9 +64,36 @@ fn main() {
             std::process::exit(2);
         }
     };
-    for _ in 0..n {
-        let p = alloc();
-        assert!(!p.is_null(), "out of memory");
-        free(black_box(p));
+    match args.next().as_deref() {
+        None | Some("pair") => {
+            for _ in 0..n {
+                let p = alloc();
+                assert!(!p.is_null(), "out of memory");
+                free(black_box(p));
+            }
+        }
+        // `n` allocations, then `n` frees in a fixed random order (the bench's random100k-64 with n = 100000).
+        Some("random") => {
+            let mut order: Vec<usize> = (0..n as usize).collect();
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            for i in (1..order.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                order.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            let rounds: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1);
+            for _ in 0..rounds {
+                let ptrs: Vec<*mut u8> = (0..n).map(|_| alloc()).collect();
+                assert!(ptrs.iter().all(|p| !p.is_null()), "out of memory");
+                for &i in &order {
+                    free(black_box(ptrs[i]));
+                }
+            }
+        }
+        Some(other) => {
+            eprintln!("pattern: pair or random (not {other:?})");
+            std::process::exit(2);
+        }
     }
 }

@@ -96,6 +96,11 @@ enum Command {
         /// Also write the results as JSON to this file.
         #[arg(long, global = true)]
         json: Option<PathBuf>,
+        /// `bench alloc` only: run just the workloads whose id contains one of these comma-separated strings
+        /// (ids: pair16 … pair16k, batch1000, lifo100k-64, fifo100k-64, random100k-64, lifo100k-16to512,
+        /// random100k-16to512, live10k, xthread, prog-wall / prog-sys / prog-rss).
+        #[arg(long, global = true)]
+        only: Option<String>,
     },
     /// Every benchmark family in one run, one report (HTML with SVG charts, Markdown, JSON): allocator,
     /// reclamation, type-safe caches, BPF maps and task local storage; with --kernel also the running kernel's
@@ -158,8 +163,8 @@ fn main() -> ExitCode {
             }
             rcu::run(&RunArgs { threads: threads as usize, seconds, rate, progress: !quiet }, inject_bug)
         }
-        Command::Bench { what, quick, reps, json } => {
-            let args = bench::BenchArgs { quick, reps: reps.map(|r| r as usize), json };
+        Command::Bench { what, quick, reps, json, only } => {
+            let args = bench::BenchArgs { quick, reps: reps.map(|r| r as usize), json, only };
             match what.unwrap_or(BenchWhat::Alloc) {
                 BenchWhat::Alloc => bench::alloc::run(&args),
                 BenchWhat::Rcu => bench::rcu::run(&args),

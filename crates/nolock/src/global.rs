@@ -23,6 +23,8 @@ use crate::page::{MAX_ARENA_SIZE, MIN_ARENA_SIZE, MapError, PageAllocator};
 pub const DEFAULT_ARENA_SIZE: usize = 16 << 30;
 /// Default interval of the background worker's purge.
 pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_millis(100);
+/// Default purge decay time: how long freed pages stay before the background worker has given them all back.
+pub const DEFAULT_PURGE_DECAY: Duration = Duration::from_secs(1);
 
 /// The global state. See the module documentation.
 pub(crate) struct Global {
@@ -42,6 +44,8 @@ pub(crate) struct Settings {
     pub background: bool,
     /// `None`: the background worker never purges.
     pub purge_interval: Option<Duration>,
+    /// Over how long pages freed at one moment are purged (zero: all that stayed free for a whole interval).
+    pub purge_decay: Duration,
     /// Bytes to prefault at initialisation.
     pub prefault: usize,
     /// Commit the arena as it is used (system calls on the allocation slow path) instead of all at once.
@@ -60,6 +64,7 @@ static CFG_BACKGROUND: AtomicU8 = AtomicU8::new(TRI_UNSET);
 const PURGE_UNSET: u64 = u64::MAX;
 const PURGE_NEVER: u64 = u64::MAX - 1;
 static CFG_PURGE_MS: AtomicU64 = AtomicU64::new(PURGE_UNSET);
+static CFG_DECAY_MS: AtomicU64 = AtomicU64::new(PURGE_UNSET);
 static CFG_PREFAULT: AtomicUsize = AtomicUsize::new(usize::MAX);
 static CFG_LAZY_COMMIT: AtomicU8 = AtomicU8::new(TRI_UNSET);
 
@@ -303,6 +308,13 @@ fn resolve(over: Option<&Config>) -> Settings {
             ms => Some(Duration::from_millis(ms)),
         },
     };
+    let purge_decay = match over.purge_decay {
+        Some(d) => d.min(MAX_PURGE_DECAY),
+        None => match CFG_DECAY_MS.load(Ordering::Relaxed) {
+            PURGE_UNSET => env_purge_decay(),
+            ms => Duration::from_millis(ms),
+        },
+    };
     let prefault = match (over.prefault, CFG_PREFAULT.load(Ordering::Relaxed)) {
         (Some(n), _) => n,
         (None, n) if n != usize::MAX => n,
@@ -322,7 +334,25 @@ fn resolve(over: Option<&Config>) -> Settings {
         TRI_OFF => false,
         _ => matches!(crate::sys::getenv(c"NOLOCK_COMMIT"), Some(b"lazy")),
     });
-    Settings { arena_size, debug, background, purge_interval, prefault, lazy_commit }
+    Settings { arena_size, debug, background, purge_interval, purge_decay, prefault, lazy_commit }
+}
+
+/// Longest purge decay time accepted (longer settings are clamped to it).
+const MAX_PURGE_DECAY: Duration = Duration::from_secs(3600);
+
+/// `NOLOCK_PURGE_DECAY_MS`: milliseconds (0: purge every page that stayed free for a whole interval, the
+/// behaviour before decay), 1000 by default.
+fn env_purge_decay() -> Duration {
+    match crate::sys::getenv(c"NOLOCK_PURGE_DECAY_MS") {
+        None => DEFAULT_PURGE_DECAY,
+        Some(v) => match crate::sys::parse_size(v) {
+            Some(ms) => Duration::from_millis(ms).min(MAX_PURGE_DECAY),
+            None => {
+                warn_env("NOLOCK_PURGE_DECAY_MS", v, "not a number of milliseconds; using 1000");
+                DEFAULT_PURGE_DECAY
+            }
+        },
+    }
 }
 
 /// `NOLOCK_PURGE=never` (or `off`, `0`) or `NOLOCK_PURGE_INTERVAL_MS=0`: `None`; otherwise the interval in
@@ -394,6 +424,7 @@ impl std::error::Error for ConfigError {}
 /// | [`debug`](Config::debug) | `NOLOCK_DEBUG=1` | off |
 /// | [`background`](Config::background) | `NOLOCK_BACKGROUND=0` | on |
 /// | [`purge_interval`](Config::purge_interval) | `NOLOCK_PURGE_INTERVAL_MS` (`0`: never), `NOLOCK_PURGE=never` | 100 ms |
+/// | [`purge_decay`](Config::purge_decay) | `NOLOCK_PURGE_DECAY_MS` (`0`: no decay) | 1 s |
 /// | [`prefault`](Config::prefault) | `NOLOCK_PREFAULT` (`64M`, bytes) | 0 |
 /// | [`lazy_commit`](Config::lazy_commit) | `NOLOCK_COMMIT=lazy` | all at once (as used under `MCL_FUTURE`) |
 ///
@@ -413,6 +444,7 @@ pub struct Config {
     debug: Option<bool>,
     background: Option<bool>,
     purge_interval: Option<Option<Duration>>,
+    purge_decay: Option<Duration>,
     prefault: Option<usize>,
     lazy_commit: Option<bool>,
 }
@@ -425,6 +457,7 @@ impl Config {
             debug: None,
             background: None,
             purge_interval: None,
+            purge_decay: None,
             prefault: None,
             lazy_commit: None,
         }
@@ -456,6 +489,17 @@ impl Config {
     /// wants. The worker still releases empty slabs to the page allocator.
     pub const fn purge_interval(mut self, every: Option<Duration>) -> Self {
         self.purge_interval = Some(every);
+        self
+    }
+
+    /// The purge's decay time: pages freed at one moment go back to the OS gradually over this long (the
+    /// share kept falls linearly from all of them to none), oldest free pages first, so that memory a program
+    /// frees and soon allocates again is not given back and faulted in again. Zero: every page that stayed free
+    /// for a whole purge interval goes back at once. A large free still returns within this time without
+    /// [`crate::trim`], which returns everything at once. No effect when the purge is off
+    /// ([`Config::purge_interval`]`(None)`). Environment: `NOLOCK_PURGE_DECAY_MS`; at most an hour.
+    pub const fn purge_decay(mut self, over: Duration) -> Self {
+        self.purge_decay = Some(over);
         self
     }
 
@@ -516,6 +560,9 @@ impl Config {
                 _ => PURGE_NEVER,
             };
             CFG_PURGE_MS.store(ms, Ordering::Relaxed);
+        }
+        if let Some(d) = self.purge_decay {
+            CFG_DECAY_MS.store(d.min(MAX_PURGE_DECAY).as_millis() as u64, Ordering::Relaxed);
         }
         if let Some(n) = self.prefault {
             CFG_PREFAULT.store(n.min(usize::MAX - 1), Ordering::Relaxed);

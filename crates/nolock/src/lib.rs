@@ -10,7 +10,7 @@
 //! use nolock::{Gfp, kfree_nolock, kmalloc_nolock, ksize};
 //!
 //! // Safe to run inside a signal handler, even one that interrupted this very call on the same thread.
-//! let p = kmalloc_nolock(100, Gfp::ZERO).expect("None only means: out of memory");
+//! let p = kmalloc_nolock(120, Gfp::ZERO).expect("None only means: out of memory");
 //! assert_eq!(ksize(p.as_ptr()), 128); // the kmalloc-128 class
 //! // SAFETY: p came from kmalloc_nolock and is not used afterwards.
 //! unsafe { kfree_nolock(p.as_ptr()) };

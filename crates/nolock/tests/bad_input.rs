@@ -217,7 +217,7 @@ fn interior_pointer_cache_and_large() {
 
     // A large (page-run) kmalloc object: inside its first page it is an interior pointer; on a later page the
     // descriptor is free, so it is "not allocated".
-    let big = Held::kmalloc(20_000, 0x44);
+    let big = Held::kmalloc(40_000, 0x44);
     // SAFETY: interior pointers must be refused.
     let e = unsafe { try_kfree_nolock((big.ptr + 8) as *mut u8) }.unwrap_err();
     assert_eq!(e.kind, FreeErrorKind::InteriorPointer { object: big.ptr, offset: 8 });
@@ -227,7 +227,7 @@ fn interior_pointer_cache_and_large() {
     assert_eq!(e.kind, FreeErrorKind::NotAllocated);
     assert_display(&e, None);
     assert!(big.intact());
-    assert_healthy(&[(big.ptr, 20_480), (p.as_ptr() as usize, 64)]);
+    assert_healthy(&[(big.ptr, 40_960), (p.as_ptr() as usize, 64)]);
     big.free();
     // SAFETY: our object, freed once.
     assert_eq!(unsafe { c.try_free_nolock(p) }, Ok(()));

@@ -275,14 +275,14 @@ fn runtime_switch_routes_kmalloc() {
     let dbg0 = cache_counts("kmalloc-dbg-128");
 
     // Off: plain caches.
-    let a = kmalloc_nolock(100, Gfp::NONE).unwrap();
+    let a = kmalloc_nolock(120, Gfp::NONE).unwrap();
     assert_eq!(cache_counts("kmalloc-128").0, plain0.0 + 1);
     assert_eq!(cache_counts("kmalloc-dbg-128").0, dbg0.0);
 
     // On: debug caches, with red zones and poison.
     nolock::debug::set_enabled(true);
     assert!(nolock::debug::enabled());
-    let b = kmalloc_nolock(100, Gfp::ZERO).unwrap();
+    let b = kmalloc_nolock(120, Gfp::ZERO).unwrap();
     assert_eq!(ksize(b.as_ptr()), 128);
     assert!(bytes(b, 128).iter().all(|&x| x == 0));
     assert_eq!(cache_counts("kmalloc-dbg-128").0, dbg0.0 + 1);
@@ -300,12 +300,12 @@ fn runtime_switch_routes_kmalloc() {
     // SAFETY: deliberate double free, caught in debug mode.
     assert_eq!(unsafe { try_kfree_nolock(dbl.as_ptr()) }.unwrap_err().kind, FreeErrorKind::DoubleFree);
     // Large allocations are page runs in either mode.
-    let big = kmalloc_nolock(20_000, Gfp::NONE).unwrap();
+    let big = kmalloc_nolock(40_000, Gfp::NONE).unwrap();
 
     // Off again: new objects come from the plain caches; the debug object frees to its own cache.
     nolock::debug::set_enabled(false);
     assert!(!nolock::debug::enabled());
-    let c = kmalloc_nolock(100, Gfp::NONE).unwrap();
+    let c = kmalloc_nolock(120, Gfp::NONE).unwrap();
     assert_eq!(cache_counts("kmalloc-128").0, plain0.0 + 2);
     assert_eq!(cache_counts("kmalloc-dbg-128").0, dbg0.0 + 1);
     // SAFETY: b is a live debug object, freed once after the switch.

@@ -17,7 +17,8 @@ use testkit::{AltStack, ErrnoGuard};
 
 const SIG: libc::c_int = libc::SIGUSR1;
 /// Every kmalloc class and two page runs.
-const SIZES: [usize; 15] = [8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192, 8193, 40_000];
+const SIZES: [usize; 18] =
+    [8, 16, 32, 64, 96, 128, 192, 256, 512, 640, 1024, 2048, 4096, 8192, 8193, 32_768, 32_769, 40_000];
 
 /// Failure bits the handler sets (it cannot panic or print).
 const F_HAD_SHARD: u64 = 1;

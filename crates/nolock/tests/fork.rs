@@ -15,7 +15,8 @@ use nolock::{Gfp, KmemCache, kfree_nolock, kmalloc_nolock, ksize};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Requested sizes: every kmalloc class and page runs.
-const SIZES: [usize; 17] = [8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192, 8193, 12_288, 40_000, 100];
+const SIZES: [usize; 19] =
+    [8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192, 8193, 12_288, 32_768, 32_769, 40_000, 100];
 const PATTERN_CAP: usize = 16 << 10;
 
 /// Objects live in the parent at fork time, published by the parent's threads: an address is stored (Release)

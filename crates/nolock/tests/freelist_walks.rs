@@ -1,7 +1,8 @@
 //! The walks that check free lists on the slow paths, in the shapes their one-pass form has to get right: the
 //! flush checks the whole list and groups it into runs of one slab in the same walk (with a bounded buffer of
 //! runs, the rest grouped afterwards), the refill checks the chain it takes from a slab, and both find loops by
-//! the count bound (a list that loops never reaches its end) rather than by remembering what they saw; damage
+//! the count bound (a list that loops never reaches its end) rather than by remembering what they saw; a list
+//! with more runs than the walk records is given back grouped by slab (relinked into one chain per slab); damage
 //! they find sends them to the diagnosing walk, which cuts and reports it. Each test here also passes on the
 //! two-walk code these replaced: what is caught did not change.
 
@@ -88,12 +89,18 @@ fn free_interleaved(c: &KmemCache, groups: &[Vec<usize>], skip: Option<usize>) {
     }
 }
 
-fn interleaved_lists_go_back_whole(hardened: bool) {
-    let c = cache(if hardened { "walk-runs-h" } else { "walk-runs" }, hardened);
+fn interleaved_lists_go_back_whole(hardened: bool, slabs: usize) {
+    let name = match (hardened, slabs > 32) {
+        (false, false) => "walk-runs",
+        (true, false) => "walk-runs-h",
+        (false, true) => "walk-runs-many",
+        (true, true) => "walk-runs-many-h",
+    };
+    let c = cache(name, hardened);
     on_thread(|| {
         let r = nolock::debug::reports();
         for _ in 0..3 {
-            let groups = by_slab(&c, 24);
+            let groups = by_slab(&c, slabs);
             free_interleaved(&c, &groups, None);
             nolock::trim();
             let st = c.stats();
@@ -109,14 +116,29 @@ fn interleaved_lists_go_back_whole(hardened: bool) {
 #[test]
 fn interleaved_list_goes_back_whole() {
     let _s = serial();
-    interleaved_lists_go_back_whole(false);
+    interleaved_lists_go_back_whole(false, 24);
 }
 
 /// The same for a hardened cache (encoded links).
 #[test]
 fn interleaved_list_goes_back_whole_hardened() {
     let _s = serial();
-    interleaved_lists_go_back_whole(true);
+    interleaved_lists_go_back_whole(true, 24);
+}
+
+/// Such a list over more slabs than a grouped flush's table holds (entries are taken over and pushed early):
+/// each object still goes back to its slab exactly once.
+#[test]
+fn interleaved_list_over_many_slabs_goes_back_whole() {
+    let _s = serial();
+    interleaved_lists_go_back_whole(false, 80);
+}
+
+/// The same for a hardened cache (the grouped flush relinks objects through the encoding).
+#[test]
+fn interleaved_list_over_many_slabs_goes_back_whole_hardened() {
+    let _s = serial();
+    interleaved_lists_go_back_whole(true, 80);
 }
 
 /// A double free deep in such a list, far past the runs a flush records: the flush still finds the loop.

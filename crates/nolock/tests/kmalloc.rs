@@ -12,7 +12,10 @@ fn every_class_and_large() {
     let _reports = testkit::NoReports::new();
     let mut seen = HashSet::new();
     let mut held = Vec::new();
-    for size in [1usize, 7, 8, 9, 63, 64, 65, 96, 97, 150, 192, 193, 256, 500, 1000, 2048, 4000, 8192, 8193, 70_000] {
+    for size in [
+        1usize, 7, 8, 9, 63, 64, 65, 96, 97, 150, 192, 193, 256, 500, 1000, 2048, 4000, 8192, 8193, 32_768, 32_769,
+        70_000,
+    ] {
         for _ in 0..50 {
             let p = kmalloc_nolock(size, Gfp::ZERO).unwrap();
             let a = p.as_ptr() as usize;

@@ -14,16 +14,20 @@ fn single_allocations_charge_their_usable_size() {
     let _reports = testkit::NoReports::new();
     let g = MemGroup::new();
     let a = kmalloc_charged_nolock(100, Gfp::NONE, &g).unwrap();
-    assert_eq!(g.current(), 128, "kmalloc-128");
+    assert_eq!(g.current(), 112, "kmalloc-112");
     let b = kmalloc_charged_nolock(20_000, Gfp::NONE, &g).unwrap();
-    assert_eq!(g.current(), 128 + 20_480, "a page run of 5 pages");
+    assert_eq!(g.current(), 112 + 20_480, "kmalloc-20k");
+    let c = kmalloc_charged_nolock(40_000, Gfp::NONE, &g).unwrap();
+    assert_eq!(g.current(), 112 + 20_480 + 40_960, "a page run of 10 pages");
     // SAFETY: from kmalloc_charged_nolock with this group.
+    unsafe { kfree_charged_nolock(c.as_ptr(), &g) };
+    // SAFETY: as above.
     unsafe { kfree_charged_nolock(b.as_ptr(), &g) };
-    assert_eq!(g.current(), 128);
+    assert_eq!(g.current(), 112);
     // SAFETY: as above.
     unsafe { kfree_charged_nolock(a.as_ptr(), &g) };
     let s = g.stats();
-    assert_eq!((s.current, s.peak, s.charges, s.uncharges), (0, 128 + 20_480, 2, 2));
+    assert_eq!((s.current, s.peak, s.charges, s.uncharges), (0, 112 + 20_480 + 40_960, 3, 3));
     g.reset_peak();
     assert_eq!(g.peak(), 0);
 }

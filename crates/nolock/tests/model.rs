@@ -192,8 +192,9 @@ fn size_strategy() -> impl Strategy<Value = usize> {
         1 => Just(0usize),
         6 => 1usize..=256,
         3 => 257usize..=8192,
-        1 => Just(8192usize),
-        2 => 8193usize..20_000,
+        1 => 8193usize..=32_768,
+        1 => Just(32_768usize),
+        2 => 32_769usize..50_000,
     ]
 }
 
@@ -226,8 +227,9 @@ fn allocate(op: &Op) -> Option<(Live, usize, bool)> {
                 return None;
             }
             let k = ksize(p.as_ptr());
-            // Natural alignment for power-of-two sizes up to 8 KiB; page alignment above; 8 otherwise.
-            let align = if size > 8192 {
+            // Natural alignment for power-of-two sizes up to the largest class (32 KiB); page alignment above; 8
+            // otherwise.
+            let align = if size > nolock::KMALLOC_MAX_CACHE_SIZE {
                 4096
             } else if size.is_power_of_two() {
                 size.max(8)

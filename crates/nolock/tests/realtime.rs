@@ -38,7 +38,14 @@ fn run_child_limited(mode: &str, envs: &[(&str, &str)], as_limit: Option<u64>) -
     }
     cmd.args(["--exact", "child", "--include-ignored", "--test-threads", "1", "--nocapture"]);
     cmd.env("NOLOCK_RT_CHILD", mode);
-    for v in ["NOLOCK_PURGE", "NOLOCK_PURGE_INTERVAL_MS", "NOLOCK_ARENA_SIZE", "NOLOCK_PREFAULT", "NOLOCK_BACKGROUND"] {
+    for v in [
+        "NOLOCK_PURGE",
+        "NOLOCK_PURGE_INTERVAL_MS",
+        "NOLOCK_PURGE_DECAY_MS",
+        "NOLOCK_ARENA_SIZE",
+        "NOLOCK_PREFAULT",
+        "NOLOCK_BACKGROUND",
+    ] {
         cmd.env_remove(v);
     }
     for (k, v) in envs {
@@ -91,8 +98,17 @@ fn purge_never_keeps_free_pages() {
         run_child("purge-never", envs);
     }
     run_child("purge-never-config", &[]);
-    // Control: with the purge on, the same sequence does purge (so the check above can see a purge).
-    run_child("purge-on", &[("NOLOCK_PURGE_INTERVAL_MS", "10")]);
+    // Control: with the purge on (and no decay), the same sequence does purge (so the check above can see a
+    // purge).
+    run_child("purge-on", &[("NOLOCK_PURGE_INTERVAL_MS", "10"), ("NOLOCK_PURGE_DECAY_MS", "0")]);
+}
+
+/// With a decay, freed pages go back gradually: two passes after a large free most of it is still there; once
+/// the decay time has passed (counted in worker passes), all of it is gone. Also through `Config`.
+#[test]
+fn purge_decays_freed_pages() {
+    run_child("purge-decay", &[("NOLOCK_PURGE_INTERVAL_MS", "10"), ("NOLOCK_PURGE_DECAY_MS", "200")]);
+    run_child("purge-decay-config", &[("NOLOCK_PURGE_INTERVAL_MS", "10")]);
 }
 
 #[test]
@@ -173,6 +189,11 @@ fn child() {
             child_purge(false)
         }
         "purge-on" => child_purge(true),
+        "purge-decay" => child_purge_decay(),
+        "purge-decay-config" => {
+            Config::new().purge_decay(Duration::from_millis(200)).apply().expect("nolock not initialised yet");
+            child_purge_decay()
+        }
         "prefault" => child_prefault(),
         "prefault-env" => child_prefault_env(),
         "errno" => child_errno(),
@@ -257,6 +278,34 @@ fn child_purge(purge_on: bool) {
         assert_eq!(after.purged_pages, before.purged_pages, "no purge");
         assert!(after.dirty_free_pages >= 2048, "the freed pages are kept");
     }
+}
+
+/// Free 2048 dirty pages with a 20-pass decay (10 ms interval, 200 ms decay): at most a few tenths go in the
+/// first two passes, and all of them once 20 passes and the aging pass are over.
+fn child_purge_decay() {
+    nolock::init();
+    assert!(nolock::worker_running());
+    let runs: Vec<_> = (0..8).map(|_| nolock::alloc_pages_nolock(8, Gfp::NONE).expect("pages")).collect();
+    for p in &runs {
+        // SAFETY: a fresh run of 256 pages.
+        unsafe { p.as_ptr().write_bytes(0xa5, 256 * PAGE) };
+    }
+    let before = nolock::stats::snapshot().pages;
+    for p in runs {
+        // SAFETY: our run, freed once.
+        assert_eq!(unsafe { try_free_pages_nolock(p, 8) }, Ok(()));
+    }
+    wait_worker_passes(2);
+    let early = nolock::stats::snapshot().pages;
+    // At most three passes saw the pages free (one may have been under way during the frees): the first keeps
+    // all of them, each later one 1/20 fewer, plus up to a bitmap word of rounding per pass.
+    assert!(early.purged_pages - before.purged_pages <= 2 * 2048 / 20 + 3 * 64, "purged too early: {early:?}");
+    assert!(early.dirty_free_pages >= 2048 - (2 * 2048 / 20 + 3 * 64), "{early:?}");
+    wait_worker_passes(30);
+    let late = nolock::stats::snapshot().pages;
+    println!("purge decay: before {before:?}\nearly {early:?}\nlate {late:?}");
+    assert!(late.purged_pages >= before.purged_pages + 2048, "all purged after the decay time: {late:?}");
+    assert!(late.dirty_free_pages <= 64, "{late:?}");
 }
 
 fn child_prefault() {

@@ -59,8 +59,8 @@ static HITS: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
 
 /// The `KmemCache` the hook allocates from (null: none).
 static HOOK_CACHE: AtomicPtr<KmemCache> = AtomicPtr::new(std::ptr::null_mut());
-/// Size of the large run the hook allocates.
-const HOOK_LARGE: usize = 3 * 4096 + 100;
+/// Size of the large run the hook allocates (above the largest class, 32 KiB).
+const HOOK_LARGE: usize = 8 * 4096 + 100;
 /// Bytes of each object that carry the pattern.
 const PATTERN_CAP: usize = 16 << 10;
 
@@ -72,7 +72,7 @@ static CORRUPT: AtomicU64 = AtomicU64::new(0);
 /// again and keep the drain loop going forever): (address, stamp), freed by the driver after each operation,
 /// with the hook quiet. Hooks run only on the thread that drives the test (the tests are serialized and the
 /// worker is off), so a counter is enough to index the stash.
-const STASH: usize = 4096;
+const STASH: usize = 16384;
 static STASH_ADDR: [AtomicUsize; STASH] = [const { AtomicUsize::new(0) }; STASH];
 static STASH_SEQ: [AtomicU64; STASH] = [const { AtomicU64::new(0) }; STASH];
 static STASH_LEN: AtomicUsize = AtomicUsize::new(0);
@@ -383,7 +383,7 @@ fn every_point_with_nested_alloc_and_free() {
             }
             churn(0, Some(&cache), 600);
             // Large runs at depth zero: the page allocator's points.
-            for size in [8193usize, 20_000, 100_000] {
+            for size in [32_769usize, 40_000, 100_000] {
                 if let Some((a, s)) = alloc(size) {
                     check_free(a, s);
                 }
@@ -415,7 +415,8 @@ fn every_point_with_nested_alloc_and_free() {
     // Every class was found busy by the hook (next bucket) and took deferred frees; the cache (no next
     // bucket) sent the hook's allocations down the shared path.
     for &size in &KMALLOC_SIZES {
-        let name = if size >= 1024 { format!("kmalloc-{}k", size / 1024) } else { format!("kmalloc-{size}") };
+        let name =
+            if size.is_multiple_of(1024) { format!("kmalloc-{}k", size / 1024) } else { format!("kmalloc-{size}") };
         let (nb, df, _) = delta(after.cache(&name).unwrap(), before.cache(&name));
         assert!(nb > 0, "{name}: next_bucket did not move");
         assert!(df > 0, "{name}: deferred_frees did not move");

@@ -56,14 +56,16 @@ const STALL: Duration = Duration::from_secs(10);
 /// The storm's signals; all run the same handler, and each may interrupt the handlers of the others.
 const SIGS: [libc::c_int; 3] = [libc::SIGUSR1, libc::SIGUSR2, libc::SIGPROF];
 
-/// Requested sizes: every kmalloc class, sizes between classes, and page runs above 8 KiB.
+/// Requested sizes: kmalloc classes, sizes between classes, and page runs above 32 KiB.
 const SIZES: &[usize] = &[
-    1, 8, 16, 24, 32, 40, 64, 96, 100, 128, 160, 192, 256, 300, 512, 1000, 1024, 2048, 3000, 4096, 6000, 8192, 8193,
-    12_288, 20_000, 65_536,
+    1, 8, 16, 24, 32, 40, 64, 96, 100, 128, 160, 192, 256, 300, 512, 640, 1000, 1024, 2048, 3000, 4096, 6000, 8192,
+    8193, 12_288, 20_000, 32_768, 32_769, 40_000, 65_536,
 ];
-/// Index of the first size above 8 KiB in `SIZES`.
-const FIRST_LARGE: usize = 22;
-const _: () = assert!(SIZES[FIRST_LARGE] > 8192 && SIZES[FIRST_LARGE - 1] <= 8192);
+/// Index of the first size above the largest class (32 KiB) in `SIZES`.
+const FIRST_LARGE: usize = 27;
+const _: () = assert!(
+    SIZES[FIRST_LARGE] > nolock::KMALLOC_MAX_CACHE_SIZE && SIZES[FIRST_LARGE - 1] <= nolock::KMALLOC_MAX_CACHE_SIZE
+);
 
 /// Slots of the lock-free exchange; each holds 0 or the address of a stamped object.
 const SLOTS: usize = 128;

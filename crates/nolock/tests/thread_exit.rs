@@ -33,7 +33,7 @@ fn exiting_thread_returns_its_cached_objects() {
         let cache = &cache;
         let t = s.spawn(move || {
             let objs: Vec<_> = (0..100).map(|_| cache.alloc_nolock(Gfp::NONE).unwrap()).collect();
-            let big: Vec<_> = (0..100).map(|_| kmalloc_nolock(200, Gfp::NONE).unwrap()).collect();
+            let big: Vec<_> = (0..100).map(|_| kmalloc_nolock(250, Gfp::NONE).unwrap()).collect();
             for p in objs {
                 // SAFETY: our object of this cache, freed once.
                 unsafe { cache.free_nolock(p) };

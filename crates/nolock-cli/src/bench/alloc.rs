@@ -6,11 +6,22 @@
 //! `GlobalAlloc` trait; none of them is installed as the global allocator, so the harness's own allocations
 //! (channels, threads, the result table) go to glibc for every allocator alike.
 //!
-//! Workloads (64-byte objects unless said otherwise):
-//! - `pair64`, `pair256`: allocate and free at once, repeated — ns per alloc+free pair;
-//! - `batch1000`: 1000 allocations, then 1000 frees — ns per alloc+free;
-//! - `xthread`: a producer thread allocates in batches of 256 and sends each batch over a
-//!   `std::sync::mpsc::sync_channel` to a consumer thread that frees them — wall time per object.
+//! Workloads (ids for `--only` in brackets):
+//! - pairs: allocate and free at once, repeated, at 16 B, 64 B, 256 B, 1 KiB, 4 KiB and 16 KiB (`pair16` …
+//!   `pair16k`) — ns per alloc+free pair;
+//! - batches: `n` allocations, then `n` frees in LIFO, FIFO or a fixed random order — 1000 × 64 B FIFO
+//!   (`batch1000`), 100k × 64 B in each order (`lifo100k-64`, `fifo100k-64`, `random100k-64`), 100k of
+//!   16–512 B (log-uniform) LIFO and random (`lifo100k-16to512`, `random100k-16to512`) — ns per pair;
+//! - a live set of 10k objects of 16 B – 1 KiB (log-uniform), each step freeing a random one and allocating a
+//!   new one in its place (`live10k`) — ns per step;
+//! - cross-thread (`xthread`): a producer thread allocates 64 B objects in batches of 256 and sends each batch
+//!   over a `std::sync::mpsc::sync_channel` to a consumer thread that frees them — wall time per object;
+//! - a real program (`prog-wall`, `prog-sys`, `prog-rss`): `src/prog/workload.rs` (collections, sorting,
+//!   serde_json, `BTreeMap`) built once per allocator as `#[global_allocator]` (the `prog-*` binaries, found next
+//!   to this one) and run as a whole child process — wall time, system CPU time, peak RSS.
+//!
+//! The random sequences are fixed (a seeded xorshift) and built before any timing, so every allocator does
+//! exactly the same work.
 //!
 //! These machines are noisy (results can move 2× between runs), so each cell is the median of at least five
 //! timed repetitions with min and max, the allocators take turns inside every repetition (in a rotating order),
@@ -19,7 +30,10 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
 use std::hint::black_box;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::process::{Command, Stdio};
 use std::sync::Barrier;
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
@@ -97,38 +111,102 @@ impl Kind {
     }
 }
 
+/// The order in which a batch is freed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Order {
+    /// Last allocated, first freed.
+    Lifo,
+    /// In allocation order.
+    Fifo,
+    /// In a fixed random permutation (the same for every allocator).
+    Random,
+}
+
+/// Object sizes of a workload.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Sizes {
+    Fixed(usize),
+    /// Log-uniform in 16 ..= 512 B (a fixed sequence, the same for every allocator).
+    Mixed512,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Work {
-    Pair64,
-    Pair256,
-    Batch1000,
+    /// Allocate and free at once, repeated.
+    Pair(usize),
+    /// `n` allocations, then `n` frees in `order`.
+    Batch { n: usize, sizes: Sizes, order: Order },
+    /// A live set of `LIVE_N` objects of 16 B – 1 KiB (log-uniform); each step frees a random one and allocates
+    /// a new one of a random size in its place.
+    Live,
+    /// Producer → consumer across threads.
     XThread,
 }
 
-const WORKS: [Work; 4] = [Work::Pair64, Work::Pair256, Work::Batch1000, Work::XThread];
+/// Objects in the live set of [`Work::Live`].
+const LIVE_N: usize = 10_000;
+/// Largest `n` of a batch (the random permutation and size sequence have this many entries).
+const BATCH_MAX: usize = 100_000;
+
+const WORKS: [Work; 14] = [
+    Work::Pair(16),
+    Work::Pair(64),
+    Work::Pair(256),
+    Work::Pair(1024),
+    Work::Pair(4096),
+    Work::Pair(16384),
+    Work::Batch { n: 1000, sizes: Sizes::Fixed(64), order: Order::Fifo },
+    Work::Batch { n: BATCH_MAX, sizes: Sizes::Fixed(64), order: Order::Lifo },
+    Work::Batch { n: BATCH_MAX, sizes: Sizes::Fixed(64), order: Order::Fifo },
+    Work::Batch { n: BATCH_MAX, sizes: Sizes::Fixed(64), order: Order::Random },
+    Work::Batch { n: BATCH_MAX, sizes: Sizes::Mixed512, order: Order::Lifo },
+    Work::Batch { n: BATCH_MAX, sizes: Sizes::Mixed512, order: Order::Random },
+    Work::Live,
+    Work::XThread,
+];
 
 impl Work {
-    fn id(self) -> &'static str {
+    fn id(self) -> String {
+        let order = |o: Order| match o {
+            Order::Lifo => "lifo",
+            Order::Fifo => "fifo",
+            Order::Random => "random",
+        };
         match self {
-            Work::Pair64 => "pair64",
-            Work::Pair256 => "pair256",
-            Work::Batch1000 => "batch1000",
-            Work::XThread => "xthread",
+            Work::Pair(s) => format!("pair{}", size_name(s)),
+            Work::Batch { n: 1000, sizes: Sizes::Fixed(64), order: Order::Fifo } => "batch1000".into(),
+            Work::Batch { n, sizes: Sizes::Fixed(s), order: o } => {
+                format!("{}{}k-{}", order(o), n / 1000, size_name(s))
+            }
+            Work::Batch { n, sizes: Sizes::Mixed512, order: o } => format!("{}{}k-16to512", order(o), n / 1000),
+            Work::Live => "live10k".into(),
+            Work::XThread => "xthread".into(),
         }
     }
 
-    fn label(self) -> &'static str {
+    fn label(self) -> String {
+        let order = |o: Order| match o {
+            Order::Lifo => "LIFO",
+            Order::Fifo => "FIFO",
+            Order::Random => "random",
+        };
         match self {
-            Work::Pair64 => "pair 64 B (ns/pair)",
-            Work::Pair256 => "pair 256 B (ns/pair)",
-            Work::Batch1000 => "batch 1000 × 64 B (ns/pair)",
-            Work::XThread => "cross-thread 64 B (ns/object)",
+            Work::Pair(s) => format!("pair {} (ns/pair)", size_label(s)),
+            Work::Batch { n, sizes: Sizes::Fixed(s), order: o } => {
+                format!("{n} × {} then {} frees (ns/pair)", size_label(s), order(o))
+            }
+            Work::Batch { n, sizes: Sizes::Mixed512, order: o } => {
+                format!("{n} × 16–512 B then {} frees (ns/pair)", order(o))
+            }
+            Work::Live => format!("live set {LIVE_N} × 16 B–1 KiB, replace (ns/step)"),
+            Work::XThread => "cross-thread 64 B (ns/object)".into(),
         }
     }
 
     fn unit(self) -> &'static str {
         match self {
             Work::XThread => "ns/object",
+            Work::Live => "ns/step",
             _ => "ns/pair",
         }
     }
@@ -136,9 +214,67 @@ impl Work {
     /// Operations per timed repetition in a full run.
     fn full_ops(self) -> u64 {
         match self {
-            Work::Pair64 | Work::Pair256 | Work::Batch1000 => 8_000_000,
-            Work::XThread => 2_000_000,
+            Work::Pair(s) if s > 1024 => 1_000_000,
+            Work::Pair(_) | Work::Batch { .. } => 4_000_000,
+            Work::Live | Work::XThread => 2_000_000,
         }
+    }
+}
+
+fn size_name(s: usize) -> String {
+    if s >= 1024 { format!("{}k", s / 1024) } else { s.to_string() }
+}
+
+fn size_label(s: usize) -> String {
+    if s >= 1024 { format!("{} KiB", s / 1024) } else { format!("{s} B") }
+}
+
+/// xorshift64*: the deterministic sequences of the workloads.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// Log-uniform in `lo ..= hi`.
+    fn log_uniform(&mut self, lo: usize, hi: usize) -> usize {
+        let (a, b) = ((lo as f64).ln(), (hi as f64).ln());
+        let x = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        ((a + (b - a) * x).exp() as usize).clamp(lo, hi)
+    }
+}
+
+/// The fixed random sequences, built once (outside any timing) and shared by every allocator.
+struct Data {
+    /// A random permutation of `0..BATCH_MAX`.
+    perm: Vec<u32>,
+    /// `BATCH_MAX` log-uniform sizes in 16 ..= 512.
+    sizes512: Vec<u32>,
+    /// `LIVE_N` initial sizes of the live set, log-uniform in 16 ..= 1024.
+    live_init: Vec<u32>,
+    /// Replacement steps of the live set: (slot, new size).
+    live_steps: Vec<(u32, u32)>,
+}
+
+impl Data {
+    fn new() -> Data {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut perm: Vec<u32> = (0..BATCH_MAX as u32).collect();
+        for i in (1..perm.len()).rev() {
+            perm.swap(i, rng.below(i + 1));
+        }
+        let sizes512 = (0..BATCH_MAX).map(|_| rng.log_uniform(16, 512) as u32).collect();
+        let live_init = (0..LIVE_N).map(|_| rng.log_uniform(16, 1024) as u32).collect();
+        let live_steps = (0..1 << 20).map(|_| (rng.below(LIVE_N) as u32, rng.log_uniform(16, 1024) as u32)).collect();
+        Data { perm, sizes512, live_init, live_steps }
     }
 }
 
@@ -157,28 +293,87 @@ fn pair<A: RawAlloc>(a: &A, name: &str, size: usize, n: u64) -> f64 {
     t.elapsed().as_nanos() as f64 / n as f64
 }
 
-/// Rounds of 1000 allocations of 64 B then 1000 frees, `n` pairs in all; ns per pair.
-fn batch<A: RawAlloc>(a: &A, name: &str, n: u64) -> f64 {
-    const B: usize = 1000;
-    let rounds = (n / B as u64).max(1);
-    let mut ptrs = vec![core::ptr::null_mut::<u8>(); B];
+/// Rounds of `b` allocations then `b` frees in `order`, about `n` pairs in all; ns per pair.
+fn batch<A: RawAlloc>(a: &A, name: &str, d: &Data, b: usize, sizes: Sizes, order: Order, n: u64) -> f64 {
+    let rounds = (n / b as u64).max(1);
+    let size_of = |i: usize| match sizes {
+        Sizes::Fixed(s) => s,
+        Sizes::Mixed512 => d.sizes512[i] as usize,
+    };
+    // A permutation of 0..b: the first b entries of the big one are not a permutation of 0..b unless b is all.
+    let perm: Vec<u32> =
+        if b == BATCH_MAX { d.perm.clone() } else { d.perm.iter().copied().filter(|&i| (i as usize) < b).collect() };
+    let mut ptrs = vec![core::ptr::null_mut::<u8>(); b];
     let t = Instant::now();
     for _ in 0..rounds {
-        for slot in ptrs.iter_mut() {
+        for (i, slot) in ptrs.iter_mut().enumerate() {
             // SAFETY: size > 0.
-            let p = unsafe { a.alloc(black_box(64)) };
+            let p = unsafe { a.alloc(black_box(size_of(i))) };
             if p.is_null() {
                 out_of_memory(name);
             }
             *slot = p;
         }
         black_box(&mut ptrs);
-        for &p in ptrs.iter() {
-            // SAFETY: p came from a.alloc(64) and is not used again.
-            unsafe { a.free(p, 64) };
+        match order {
+            Order::Fifo => {
+                for (i, &p) in ptrs.iter().enumerate() {
+                    // SAFETY: p came from a.alloc(size_of(i)) and is not used again.
+                    unsafe { a.free(p, size_of(i)) };
+                }
+            }
+            Order::Lifo => {
+                for (i, &p) in ptrs.iter().enumerate().rev() {
+                    // SAFETY: as above.
+                    unsafe { a.free(p, size_of(i)) };
+                }
+            }
+            Order::Random => {
+                for &i in &perm {
+                    let i = i as usize;
+                    // SAFETY: as above; the permutation frees each pointer once.
+                    unsafe { a.free(ptrs[i], size_of(i)) };
+                }
+            }
         }
     }
-    t.elapsed().as_nanos() as f64 / (rounds * B as u64) as f64
+    t.elapsed().as_nanos() as f64 / (rounds * b as u64) as f64
+}
+
+/// The live set: fill (untimed), `n` replacement steps (timed), free all (untimed); ns per step.
+fn live<A: RawAlloc>(a: &A, name: &str, d: &Data, n: u64) -> f64 {
+    let mut ptrs: Vec<(*mut u8, usize)> = d
+        .live_init
+        .iter()
+        .map(|&s| {
+            // SAFETY: s > 0.
+            let p = unsafe { a.alloc(s as usize) };
+            if p.is_null() {
+                out_of_memory(name);
+            }
+            (p, s as usize)
+        })
+        .collect();
+    let steps = &d.live_steps;
+    let t = Instant::now();
+    for k in 0..n as usize {
+        let (slot, size) = steps[k & (steps.len() - 1)];
+        let e = &mut ptrs[slot as usize];
+        // SAFETY: e.0 came from a.alloc(e.1) and is replaced here.
+        unsafe { a.free(e.0, e.1) };
+        // SAFETY: size > 0.
+        let p = unsafe { a.alloc(black_box(size as usize)) };
+        if p.is_null() {
+            out_of_memory(name);
+        }
+        *e = (p, size as usize);
+    }
+    let ns = t.elapsed().as_nanos() as f64 / n as f64;
+    for (p, s) in ptrs {
+        // SAFETY: each live object is freed once.
+        unsafe { a.free(p, s) };
+    }
+    ns
 }
 
 /// A batch of pointers that crosses threads.
@@ -231,22 +426,79 @@ fn xthread<A: RawAlloc>(a: &A, name: &str, n: u64) -> f64 {
     })
 }
 
-fn run_work<A: RawAlloc>(a: &A, name: &str, w: Work, n: u64) -> f64 {
+fn run_work<A: RawAlloc>(a: &A, name: &str, d: &Data, w: Work, n: u64) -> f64 {
     match w {
-        Work::Pair64 => pair(a, name, 64, n),
-        Work::Pair256 => pair(a, name, 256, n),
-        Work::Batch1000 => batch(a, name, n),
+        Work::Pair(size) => pair(a, name, size, n),
+        Work::Batch { n: b, sizes, order } => batch(a, name, d, b, sizes, order, n),
+        Work::Live => live(a, name, d, n),
         Work::XThread => xthread(a, name, n),
     }
 }
 
-fn measure(k: Kind, w: Work, n: u64) -> f64 {
+fn measure(k: Kind, w: Work, d: &Data, n: u64) -> f64 {
     match k {
-        Kind::Nolock => run_work(&Nolock, k.name(), w, n),
-        Kind::Glibc => run_work(&Via(System), k.name(), w, n),
-        Kind::Mimalloc => run_work(&Via(mimalloc::MiMalloc), k.name(), w, n),
-        Kind::Jemalloc => run_work(&Via(tikv_jemallocator::Jemalloc), k.name(), w, n),
+        Kind::Nolock => run_work(&Nolock, k.name(), d, w, n),
+        Kind::Glibc => run_work(&Via(System), k.name(), d, w, n),
+        Kind::Mimalloc => run_work(&Via(mimalloc::MiMalloc), k.name(), d, w, n),
+        Kind::Jemalloc => run_work(&Via(tikv_jemallocator::Jemalloc), k.name(), d, w, n),
     }
+}
+
+/// The real program (`src/prog/workload.rs`) with one allocator as `#[global_allocator]`, run as a child
+/// process: (wall ms, system CPU ms, peak RSS MiB) and its checksum.
+fn run_prog(bin: &Path, rounds: u32) -> Result<([f64; 3], String), String> {
+    let t = Instant::now();
+    let mut child = Command::new(bin)
+        .arg(rounds.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let mut out = String::new();
+    if let Some(mut so) = child.stdout.take() {
+        so.read_to_string(&mut out).map_err(|e| format!("{}: {e}", bin.display()))?;
+    }
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut ru: libc::rusage = unsafe { core::mem::zeroed() };
+    // SAFETY: waits for our own child (not yet reaped: std's `Child` is never waited for) and fills `status`
+    // and `ru`, which are valid for writes.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut ru) };
+    let wall = t.elapsed().as_secs_f64() * 1e3;
+    if pid < 0 {
+        return Err(format!("wait4 for {}: {}", bin.display(), std::io::Error::last_os_error()));
+    }
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        return Err(format!("{} failed (wait status {status:#x})", bin.display()));
+    }
+    let sys = ru.ru_stime.tv_sec as f64 * 1e3 + ru.ru_stime.tv_usec as f64 / 1e3;
+    // The program prints its checksum and its own peak RSS (VmHWM, KiB): `ru_maxrss` would include ours.
+    let mut words = out.split_whitespace();
+    let sum = words.next().unwrap_or("").to_string();
+    let rss = words
+        .next()
+        .and_then(|w| w.parse::<f64>().ok())
+        .ok_or_else(|| format!("{}: no peak RSS in {out:?}", bin.display()))?;
+    Ok(([wall, sys, rss / 1024.0], sum))
+}
+
+/// One table row: a workload (measured in process) or one of the real program's three figures.
+#[derive(Clone)]
+struct Row {
+    id: String,
+    label: String,
+    unit: &'static str,
+}
+
+const PROG_ROWS: [(&str, &str, &str); 3] = [
+    ("prog-wall", "real program, wall time (ms)", "ms"),
+    ("prog-sys", "real program, system CPU time (ms)", "ms"),
+    ("prog-rss", "real program, peak RSS (MiB)", "MiB"),
+];
+
+/// Whether `id` is selected by `--only` (comma-separated substrings; none: everything).
+fn selected(only: Option<&str>, id: &str) -> bool {
+    only.is_none_or(|o| o.split(',').any(|p| !p.is_empty() && id.contains(p)))
 }
 
 /// Run the benchmarks and print the table.
@@ -254,32 +506,82 @@ pub fn run(args: &BenchArgs) -> ExitCode {
     let reps = args.reps();
     let scale = if args.quick { 5 } else { 1 };
     let ops = |w: Work| w.full_ops() / scale;
+    let only = args.only.as_deref();
+    let works: Vec<Work> = WORKS.into_iter().filter(|w| selected(only, &w.id())).collect();
+    let prog_rounds: u32 = if args.quick { 6 } else { 30 };
+    let prog_bins: Option<Vec<PathBuf>> = if PROG_ROWS.iter().any(|r| selected(only, r.0)) {
+        let dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
+        let bins: Option<Vec<PathBuf>> =
+            dir.map(|d| KINDS.iter().map(|k| d.join(format!("prog-{}", k.name()))).collect());
+        match bins {
+            Some(b) if b.iter().all(|p| p.exists()) => Some(b),
+            _ => {
+                println!(
+                    "(real program skipped: build the prog-* binaries next to this one with \
+                     `cargo build --release -p nolock-cli --bins`)"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut rows: Vec<Row> = works.iter().map(|w| Row { id: w.id(), label: w.label(), unit: w.unit() }).collect();
+    if prog_bins.is_some() {
+        rows.extend(PROG_ROWS.iter().map(|r| Row { id: r.0.into(), label: r.1.into(), unit: r.2 }));
+    }
 
     println!(
         "nolock bench ({}): {reps} timed repetitions per cell; allocators take turns inside each repetition; {}",
         if args.quick { "quick" } else { "full" },
         super::conditions()
     );
-    let bar = progress_bar((reps * WORKS.len() * KINDS.len()) as u64);
+    let steps = works.len() + usize::from(prog_bins.is_some());
+    let bar = progress_bar((reps * steps * KINDS.len()) as u64);
+    let data = Data::new();
 
     // Warm-up: threads' caches, page faults, code paths.
     bar.set_message("warming up");
-    for w in WORKS {
+    for &w in &works {
         for k in KINDS {
-            measure(k, w, ops(w) / 10);
+            measure(k, w, &data, ops(w) / 10);
         }
     }
 
-    // samples[w][k]
-    let mut samples = vec![vec![Vec::with_capacity(reps); KINDS.len()]; WORKS.len()];
+    // samples[row][kind]
+    let mut samples = vec![vec![Vec::with_capacity(reps); KINDS.len()]; rows.len()];
+    let mut checksum: Option<String> = None;
     let t_start = Instant::now();
     for rep in 0..reps {
-        for (wi, w) in WORKS.into_iter().enumerate() {
+        for (wi, &w) in works.iter().enumerate() {
             for i in 0..KINDS.len() {
                 let ki = (i + rep) % KINDS.len();
                 let k = KINDS[ki];
                 bar.set_message(format!("{} {}", w.id(), k.name()));
-                samples[wi][ki].push(measure(k, w, ops(w)));
+                samples[wi][ki].push(measure(k, w, &data, ops(w)));
+                bar.inc(1);
+            }
+        }
+        if let Some(bins) = &prog_bins {
+            for i in 0..KINDS.len() {
+                let ki = (i + rep) % KINDS.len();
+                bar.set_message(format!("real program {}", KINDS[ki].name()));
+                let (figs, out) = match run_prog(&bins[ki], prog_rounds) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        bar.finish_and_clear();
+                        eprintln!("nolock bench: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                if checksum.get_or_insert_with(|| out.clone()) != &out {
+                    bar.finish_and_clear();
+                    eprintln!("nolock bench: prog-{} printed {out}, expected {checksum:?}", KINDS[ki].name());
+                    return ExitCode::FAILURE;
+                }
+                for (j, f) in figs.into_iter().enumerate() {
+                    samples[works.len() + j][ki].push(f);
+                }
                 bar.inc(1);
             }
         }
@@ -289,16 +591,22 @@ pub fn run(args: &BenchArgs) -> ExitCode {
 
     let sums: Vec<Vec<Summary>> =
         samples.iter().map(|per_kind| per_kind.iter().map(|s| summarize(s)).collect()).collect();
-    print_table(&sums);
+    print_table(&rows, &sums);
     println!(
         "timed part took {:.1} s (load average at the end {}); cells are median [min–max] over the repetitions; \
-         ratios are medians divided (below 1: nolock faster); compare numbers only within one run",
+         ratios are medians divided (below 1: nolock faster or smaller); compare numbers only within one run",
         took.as_secs_f64(),
         super::load_average()
     );
+    if prog_bins.is_some() {
+        println!(
+            "real program: prog-<allocator> {prog_rounds} (src/prog/workload.rs) run as a child process; wall time \
+             includes process start and exit; system time from wait4, peak RSS (VmHWM) reported by the program itself"
+        );
+    }
 
     if let Some(path) = &args.json {
-        let json = to_json(args.quick, reps, &samples, &sums);
+        let json = to_json(args.quick, reps, &rows, &samples, &sums);
         if let Err(e) = std::fs::write(path, json) {
             eprintln!("nolock bench: cannot write {}: {e}", path.display());
             return ExitCode::FAILURE;
@@ -308,28 +616,45 @@ pub fn run(args: &BenchArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn cell(s: &Summary) -> String {
-    super::cell(s, 1)
+fn cell(s: &Summary, unit: &str) -> String {
+    super::cell(
+        s,
+        if unit == "MiB" {
+            1
+        } else if unit == "ms" {
+            0
+        } else {
+            1
+        },
+    )
 }
 
-fn print_table(sums: &[Vec<Summary>]) {
+/// The spread of a ratio: the smallest and largest of the per-repetition ratios (repetition `r` of nolock over
+/// repetition `r` of the other allocator, measured side by side).
+fn ratio_spread(nl: &[f64], other: &[f64]) -> (f64, f64) {
+    let rs: Vec<f64> = nl.iter().zip(other).map(|(a, b)| a / b).collect();
+    let s = summarize(&rs);
+    (s.min, s.max)
+}
+
+fn print_table(rows: &[Row], sums: &[Vec<Summary>]) {
     let ki = kind_index;
     let mut header = vec!["workload".to_string()];
     header.extend(KINDS.iter().map(|k| k.name().to_string()));
     header.extend(["nolock/mimalloc", "nolock/glibc", "nolock/jemalloc"].map(String::from));
-    let mut rows = vec![header];
-    for (wi, w) in WORKS.into_iter().enumerate() {
-        let s = &sums[wi];
-        let mut row = vec![w.label().to_string()];
-        row.extend(s.iter().map(cell));
+    let mut table = vec![header];
+    for (ri, r) in rows.iter().enumerate() {
+        let s = &sums[ri];
+        let mut row = vec![r.label.clone()];
+        row.extend(s.iter().map(|x| cell(x, r.unit)));
         let nl = s[ki(Kind::Nolock)].median;
         for other in [Kind::Mimalloc, Kind::Glibc, Kind::Jemalloc] {
             row.push(format!("{:.2}", nl / s[ki(other)].median));
         }
-        rows.push(row);
+        table.push(row);
     }
     println!();
-    print_rows(&rows);
+    print_rows(&table);
     println!();
 }
 
@@ -337,14 +662,14 @@ fn kind_index(k: Kind) -> usize {
     KINDS.iter().position(|&x| x == k).unwrap_or(0)
 }
 
-fn to_json(quick: bool, reps: usize, samples: &[Vec<Vec<f64>>], sums: &[Vec<Summary>]) -> String {
+fn to_json(quick: bool, reps: usize, rows: &[Row], samples: &[Vec<Vec<f64>>], sums: &[Vec<Summary>]) -> String {
     let list = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", ");
     let mut out = String::new();
     let _ = writeln!(out, "{{\n  \"quick\": {quick},\n  \"reps\": {reps},\n  \"results\": [");
     let mut first = true;
-    for (wi, w) in WORKS.into_iter().enumerate() {
+    for (ri, r) in rows.iter().enumerate() {
         for (ki, k) in KINDS.into_iter().enumerate() {
-            let s = &sums[wi][ki];
+            let s = &sums[ri][ki];
             if !first {
                 out.push_str(",\n");
             }
@@ -353,29 +678,35 @@ fn to_json(quick: bool, reps: usize, samples: &[Vec<Vec<f64>>], sums: &[Vec<Summ
                 out,
                 "    {{\"workload\": \"{}\", \"allocator\": \"{}\", \"unit\": \"{}\", \"median\": {:.3}, \
                  \"min\": {:.3}, \"max\": {:.3}, \"samples\": [{}]}}",
-                w.id(),
+                r.id,
                 k.name(),
-                w.unit(),
+                r.unit,
                 s.median,
                 s.min,
                 s.max,
-                list(&samples[wi][ki])
+                list(&samples[ri][ki])
             );
         }
     }
     out.push_str("\n  ],\n  \"ratios\": [\n");
-    for (wi, w) in WORKS.into_iter().enumerate() {
-        let s = &sums[wi];
-        let _ = write!(
-            out,
-            "    {{\"workload\": \"{}\", \"nolock/mimalloc\": {:.3}, \"nolock/glibc\": {:.3}, \
-             \"nolock/jemalloc\": {:.3}}}{}",
-            w.id(),
-            s[kind_index(Kind::Nolock)].median / s[kind_index(Kind::Mimalloc)].median,
-            s[kind_index(Kind::Nolock)].median / s[kind_index(Kind::Glibc)].median,
-            s[kind_index(Kind::Nolock)].median / s[kind_index(Kind::Jemalloc)].median,
-            if wi + 1 < WORKS.len() { ",\n" } else { "\n" }
-        );
+    let nl = kind_index(Kind::Nolock);
+    for (ri, r) in rows.iter().enumerate() {
+        let s = &sums[ri];
+        let _ = write!(out, "    {{\"workload\": \"{}\"", r.id);
+        for other in [Kind::Mimalloc, Kind::Glibc, Kind::Jemalloc] {
+            let o = kind_index(other);
+            let (lo, hi) = ratio_spread(&samples[ri][nl], &samples[ri][o]);
+            // A ratio can be infinite (a system time of 0 ms in one repetition): JSON gets `null`.
+            let _ = write!(
+                out,
+                ", \"nolock/{0}\": {1}, \"nolock/{0} min\": {2}, \"nolock/{0} max\": {3}",
+                other.name(),
+                super::json_num(s[nl].median / s[o].median),
+                super::json_num(lo),
+                super::json_num(hi)
+            );
+        }
+        let _ = write!(out, "}}{}", if ri + 1 < rows.len() { ",\n" } else { "\n" });
     }
     out.push_str("  ]\n}\n");
     out
@@ -387,10 +718,23 @@ mod tests {
 
     #[test]
     fn every_allocator_runs_every_workload() {
+        let _serial = crate::bench::TEST_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let d = Data::new();
         for w in WORKS {
             for k in KINDS {
-                assert!(measure(k, w, 2048) > 0.0, "{w:?} {k:?}");
+                assert!(measure(k, w, &d, 2048) > 0.0, "{w:?} {k:?}");
             }
         }
+    }
+
+    #[test]
+    fn workload_ids_are_unique_and_selectable() {
+        let ids: Vec<String> = WORKS.iter().map(|w| w.id()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            assert!(!ids[..i].contains(id), "{id} twice");
+        }
+        assert!(selected(Some("pair,live"), "pair16"));
+        assert!(!selected(Some("pair,live"), "random100k-64"));
+        assert!(selected(None, "xthread"));
     }
 }

@@ -45,6 +45,8 @@ pub struct BenchArgs {
     pub reps: Option<usize>,
     /// Write JSON results here.
     pub json: Option<PathBuf>,
+    /// Only the workloads whose id contains one of these comma-separated strings (`nolock bench alloc`).
+    pub only: Option<String>,
 }
 
 impl BenchArgs {
@@ -164,6 +166,12 @@ pub fn json_str(s: &str) -> String {
 pub fn json_num(x: f64) -> String {
     if x.is_finite() { format!("{x:.4}") } else { "null".into() }
 }
+
+/// Tests that measure process-wide allocator statistics (`bench typesafe` counts the objects of `kmalloc-96`)
+/// and tests that allocate from the same classes (`bench alloc`'s mixed sizes) take this, so they do not run
+/// at the same time.
+#[cfg(test)]
+pub static TEST_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[cfg(test)]
 mod tests {

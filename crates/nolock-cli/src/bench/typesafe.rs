@@ -1015,6 +1015,7 @@ mod tests {
 
     #[test]
     fn every_route_runs() {
+        let _serial = crate::bench::TEST_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         nolock::init();
         let mut res = Results::default();
         let (sections, _, violations) =

@@ -56,9 +56,13 @@
 //! *claims* free dirty pages in the bitmap exactly as an allocation would (so no allocation can hand them out
 //! while their contents are being dropped), calls `madvise(MADV_DONTNEED)`, clears their dirty bits and frees
 //! them again. With aging on, a page is purged only if it was free and dirty at the previous pass as well, so
-//! memory that is reused quickly is not thrown away and faulted back in. Locked memory (commits under
+//! memory that is reused quickly is not thrown away and faulted back in; `PageAllocator::purge_some` stops
+//! after a number of pages (the background worker's decay decides how many: pages freed at one moment go
+//! back gradually over the decay time, see `crate::background`), starting from the top of the active region.
+//! Locked memory (commits under
 //! `MCL_FUTURE`, or after `mlockall(MCL_CURRENT)`) cannot be purged; the purger stops at the first refusal.
-//! The periodic purge can be turned off ([`crate::Config::purge_interval`], `NOLOCK_PURGE=never`).
+//! The periodic purge can be turned off ([`crate::Config::purge_interval`], `NOLOCK_PURGE=never`) and its decay
+//! set ([`crate::Config::purge_decay`], `NOLOCK_PURGE_DECAY_MS`).
 //!
 //! # Contract of `alloc_pages_nolock`
 //!
@@ -959,6 +963,14 @@ impl PageAllocator {
             self.word(self.alloc, w).fetch_and(!mask, Ordering::Release);
             self.note_free(w);
         });
+        // Move the search cursor back to a run freed below it, so that the next allocations reuse these pages
+        // (resident, dirty) before never-touched ones further up: otherwise a program whose slabs the worker
+        // releases faults in fresh pages while the freed ones wait for the purge, and its peak RSS grows. (The
+        // purge works from the top down.) A hint: a race with another thread's update only moves the cursor.
+        let w = first / WORD_PAGES;
+        if w < self.cursor.load(Ordering::Relaxed) {
+            self.cursor.store(w, Ordering::Relaxed);
+        }
         self.used_pages.fetch_sub(npages, Ordering::Relaxed);
         self.frees.fetch_add(1, Ordering::Relaxed);
     }
@@ -1018,6 +1030,17 @@ impl PageAllocator {
     /// # Context
     /// Normal context only: calls `madvise`. Runs concurrently with any allocator operation.
     pub fn purge(&self, aged: bool) -> usize {
+        self.purge_some(aged, usize::MAX)
+    }
+
+    /// [`purge`](Self::purge), stopping once about `max` pages are purged (a run in progress is finished; the
+    /// count can pass `max` by less than one bitmap word). An aged pass still notes which pages are free and
+    /// dirty in every word, purged or not, so that the next pass knows their age. The words are visited from the
+    /// top of the active region down.
+    ///
+    /// # Context
+    /// As [`purge`](Self::purge).
+    pub fn purge_some(&self, aged: bool, max: usize) -> usize {
         if self.lock_commits.load(Ordering::Relaxed) {
             // Every commit is locked: MADV_DONTNEED would be refused, and dropping the pages is not wanted.
             return 0;
@@ -1026,8 +1049,8 @@ impl PageAllocator {
         let mut purged = 0;
         // Set when the kernel refuses (locked memory, after `mlockall(MCL_CURRENT)`): stop asking this pass.
         let mut refused = false;
-        for w in 0..frontier {
-            if refused {
+        for w in (0..frontier).rev() {
+            if refused || (purged >= max && !aged) {
                 break;
             }
             let alloc = self.word(self.alloc, w);
@@ -1039,7 +1062,7 @@ impl PageAllocator {
                 mask &= seen.load(Ordering::Relaxed);
                 seen.store(cand, Ordering::Relaxed);
             }
-            if mask == 0 {
+            if mask == 0 || purged >= max {
                 continue;
             }
             // Claim the pages like an allocation so nobody can use them while they are dropped.
@@ -1081,14 +1104,22 @@ impl PageAllocator {
         purged
     }
 
-    /// A snapshot of the counters. Scans the bitmaps of the active region.
-    pub fn stats(&self) -> PageStats {
+    /// Pages free and dirty now (resident or possibly resident: what a purge could give back). Scans the
+    /// bitmaps of the active region.
+    pub fn dirty_free_pages(&self) -> usize {
         let frontier = self.frontier.load(Ordering::Acquire);
         let mut dirty_free = 0;
         for w in 0..frontier {
             let free = !self.word(self.alloc, w).load(Ordering::Relaxed);
             dirty_free += (free & self.word(self.dirty, w).load(Ordering::Relaxed)).count_ones() as usize;
         }
+        dirty_free
+    }
+
+    /// A snapshot of the counters. Scans the bitmaps of the active region.
+    pub fn stats(&self) -> PageStats {
+        let dirty_free = self.dirty_free_pages();
+        let frontier = self.frontier.load(Ordering::Acquire);
         PageStats {
             arena_pages: self.npages,
             used_pages: self.used_pages.load(Ordering::Relaxed),
@@ -1300,6 +1331,48 @@ mod tests {
         assert_eq!(p.count_allocated(), 0);
         assert!(p.alloc_run(64 * 64, 1).is_some(), "whole arena as one run");
         assert!(p.alloc_run(64 * 64 + 1, 1).is_none());
+    }
+
+    #[test]
+    fn freed_pages_are_reused_before_untouched_ones() {
+        let p = small();
+        for (n, align) in [(64, 64), (1, 1), (4, 4)] {
+            let a = p.alloc_run(n, align).unwrap();
+            let b = p.alloc_run(64, 64).unwrap();
+            assert!(b > a);
+            // SAFETY: frees a run we allocated.
+            unsafe { p.free_run(a, n) };
+            let c = p.alloc_run(n, align).unwrap();
+            assert_eq!(c, a, "the freed run ({n} pages) comes back before the untouched pages above");
+            // SAFETY: frees runs we allocated.
+            unsafe {
+                p.free_run(b, 64);
+                p.free_run(c, n);
+            }
+        }
+    }
+
+    #[test]
+    fn purge_some_stops_at_its_budget_and_keeps_ages() {
+        let p = small();
+        // Two runs in different bitmap words.
+        let a = p.alloc_run(64, 64).unwrap();
+        let b = p.alloc_run(64, 64).unwrap();
+        // SAFETY: we own the runs.
+        unsafe {
+            core::ptr::write_bytes(p.page_addr(a) as *mut u8, 0xab, 64 * PAGE_SIZE);
+            core::ptr::write_bytes(p.page_addr(b) as *mut u8, 0xab, 64 * PAGE_SIZE);
+            p.free_run(a, 64);
+            p.free_run(b, 64);
+        }
+        assert_eq!(p.dirty_free_pages(), 128);
+        assert_eq!(p.purge_some(true, 10), 0, "first aged pass only marks, every word");
+        let first = p.purge_some(true, 10);
+        assert!((10..=64).contains(&first), "stops after the run that reaches the budget: {first}");
+        assert_eq!(p.dirty_free_pages(), 128 - first);
+        // The word it did not reach was still aged: the next pass purges the rest.
+        assert_eq!(p.purge_some(true, usize::MAX), 128 - first);
+        assert_eq!(p.dirty_free_pages(), 0);
     }
 
     #[test]

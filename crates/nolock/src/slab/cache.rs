@@ -174,7 +174,10 @@ impl CacheConfig {
             slab_pages *= 2;
         }
         let capacity = ((slab_pages * PAGE_SIZE) / stride).min(u16::MAX as usize);
-        let high = (32768 / stride).clamp(16, 512).max(capacity);
+        // The per-thread list holds up to about 32 KiB of small objects (16 to 512 of them), and 16 to 4 of the
+        // large classes (at most 128 KiB), never less than a slab: a refill takes a whole slab.
+        let high = if stride <= 4096 { (32768 / stride).clamp(16, 512) } else { (131072 / stride).clamp(4, 16) };
+        let high = high.max(capacity);
         Self {
             size: osz as u32,
             stride: stride as u32,

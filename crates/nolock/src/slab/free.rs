@@ -17,7 +17,9 @@
 //!   refused), and the outcomes above.
 //! - **flush**: the list grew past `high`: check the whole list and, in the same walk, cut the excess into runs
 //!   of objects that share a slab (`scan_flush`, here); then give each run back to its slab with one CAS
-//!   (`push_run`). A push that makes a full slab non-full lists it; one that empties a slab counts an *empty
+//!   (`push_run`). A list with more runs than the walk records (frees in no particular order) is grouped by
+//!   slab instead (`flush_grouped`: an on-stack table of chains, one per slab), so a slab still gets one push
+//!   for all its objects. A push that makes a full slab non-full lists it; one that empties a slab counts an *empty
 //!   event* so the background worker knows to shrink the cache. A list that fails the walk goes to
 //!   `flush_checked`, which finds the damage with `check_chain` (in `checks`), cuts and reports it.
 //! - **deferred**: the list is busy (a handler interrupted its owner): push on the list's deferred `Llist`; the
@@ -343,6 +345,13 @@ impl CacheInner {
         let mut runs = [Run::default(); FLUSH_RUNS];
         match self.scan_flush(g, first, counted, counted.saturating_sub(keep), &mut runs) {
             Some(scan) => {
+                if scan.left > 0 {
+                    // More runs than the buffer holds: the list is fragmented (frees in no particular order).
+                    // Group the objects by slab instead, so that a slab gets one push for all its objects.
+                    self.flush_grouped(g, t, tc, counted.saturating_sub(keep));
+                    bump(&tc.flushes);
+                    return;
+                }
                 let tag = thread_cache::tag(g, t);
                 for (i, r) in runs[..scan.nruns].iter().enumerate() {
                     let next = if i + 1 < scan.nruns { runs[i + 1].first } else { scan.rest };
@@ -350,9 +359,6 @@ impl CacheInner {
                     tc.freelist.store(next, Ordering::Relaxed);
                     tc.count.store(tc.count.load(Ordering::Relaxed) - r.k, Ordering::Relaxed);
                     self.push_run(g, r.head, r.first, r.last, r.k as u16, tag);
-                }
-                if scan.left > 0 {
-                    self.flush_runs(g, t, tc, scan.rest, scan.left);
                 }
             }
             None if first == 0 && counted == 0 => {}
@@ -490,6 +496,62 @@ impl CacheInner {
             tc.count.store(len, Ordering::Relaxed);
         }
         self.flush_runs(g, t, tc, obj, len.saturating_sub(keep));
+    }
+
+    /// Give back the first `left` objects of the thread's list, checked already, grouped by slab: each object is
+    /// detached from the list and linked into the chain of its slab in a small direct-mapped table on the stack
+    /// (`GROUP_SLABS` entries, indexed by the slab's number; a slab that finds its entry taken by another pushes
+    /// that one's chain first), and each chain goes back with one push. Frees in random order then cost about
+    /// one push per slab rather than one per object when their objects come from a few dozen slabs.
+    ///
+    /// # Context
+    /// The owner of the list (busy held); any context. No allocation: the table is on the stack (768 bytes).
+    #[inline(never)]
+    pub(super) fn flush_grouped(&self, g: &SlabState, t: &ThreadCaches, tc: &ThreadCache, mut left: u32) {
+        let c = self.cfg();
+        let slab_bytes = (c.slab_pages as usize) << PAGE_SHIFT;
+        // Slabs are aligned to their size (up to 64 pages), so consecutive slabs get consecutive entries.
+        let shift = c.slab_pages.trailing_zeros();
+        let tag = thread_cache::tag(g, t);
+        // One chain per entry (`k == 0`: empty): `first` its most recently added object, `last` the first one
+        // (whose link `push_run` rewrites).
+        let mut tab = [Run::default(); GROUP_SLABS];
+        // The entry of the previous object and its slab's start: the next object is often in the same slab.
+        let (mut hint, mut hint_base) = (0usize, usize::MAX);
+        let mut obj = tc.freelist.load(Ordering::Relaxed);
+        while left > 0 && obj != 0 {
+            let next = self.next_of(obj);
+            // Detach `obj`: from here on it is only in the table.
+            tc.freelist.store(next, Ordering::Relaxed);
+            tc.count.store(tc.count.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+            left -= 1;
+            let e = if obj.wrapping_sub(hint_base) < slab_bytes {
+                &mut tab[hint]
+            } else {
+                let head = g.pages.info_of(obj).head();
+                hint = (head >> shift) as usize % GROUP_SLABS;
+                hint_base = g.pages.page_addr(head as usize);
+                let e = &mut tab[hint];
+                if e.k > 0 && e.head != head {
+                    self.push_run(g, e.head, e.first, e.last, e.k as u16, tag);
+                    e.k = 0;
+                }
+                if e.k == 0 {
+                    *e = Run { first: obj, last: obj, head, k: 0 };
+                }
+                e
+            };
+            if e.k > 0 {
+                self.set_next(obj, e.first);
+                e.first = obj;
+            }
+            // A sound list holds no object twice, so a chain never exceeds its slab's capacity (a u16).
+            e.k += 1;
+            obj = next;
+        }
+        for r in tab.iter().filter(|r| r.k > 0) {
+            self.push_run(g, r.head, r.first, r.last, r.k as u16, tag);
+        }
     }
 
     /// Give back `left` objects of the thread's list, from `obj` (its head), checked already: one push per run of
@@ -636,7 +698,8 @@ impl CacheInner {
 /// Slabs that become empty between two shrinks before the worker is woken early.
 pub(super) const KICK_AFTER_EMPTY: u64 = 64;
 
-/// A run of a flush: consecutive objects of the thread's list that share a slab (see `scan_flush`).
+/// A run of a flush: objects of the thread's list that share a slab, consecutive ones (`scan_flush`) or a chain
+/// `flush_grouped` links.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Run {
     /// First object of the run (the one nearest the list's head).
@@ -649,9 +712,12 @@ pub(super) struct Run {
     k: u32,
 }
 
-/// Runs a flush records while it checks the list; a flush that needs more groups the rest afterwards, as it
-/// goes (a second walk over that part only).
+/// Runs a flush records while it checks the list; a list that has more is fragmented, and the flush groups its
+/// objects by slab instead (`flush_grouped`: a second walk over the part given back).
 pub(super) const FLUSH_RUNS: usize = 16;
+
+/// Entries of a grouped flush's table (`flush_grouped`): slabs whose objects it gathers at once.
+pub(super) const GROUP_SLABS: usize = 32;
 
 /// What `scan_flush` found in a sound list.
 #[derive(Clone, Copy, Debug)]

@@ -1,13 +1,16 @@
 //! `kmalloc_nolock` / `kfree_nolock` / `ksize`: general-purpose allocation over the kmalloc size classes.
 //!
-//! Sizes up to [`KMALLOC_MAX_CACHE_SIZE`] (8 KiB) are served by thirteen caches, `kmalloc-8` … `kmalloc-8k`
-//! (sizes 8, 16, 32, 64, 96, 128, 192, 256, 512, 1k, 2k, 4k, 8k, as in the kernel). Power-of-two classes are
-//! naturally aligned; 96 and 192 are aligned to 32 and 64. Larger sizes go straight to the page allocator as a
-//! run of whole pages, and `kfree_nolock` frees both kinds: the page descriptor says which.
+//! Sizes up to [`KMALLOC_MAX_CACHE_SIZE`] (32 KiB) are served by the 41 caches `kmalloc-8` … `kmalloc-32k`:
+//! 8, 16, then every 16 bytes from 32 to 128, then four classes per power of two (128 + 32, + 64, + 96, 256,
+//! 320, …, 28k, 32k), the spacing of mimalloc and jemalloc, so that rounding wastes at most 25% above 128 B
+//! (a `BTreeMap` node of 632 B lands in 640, not 1024). Every class is aligned to the largest power of two
+//! dividing its size: power-of-two sizes are naturally aligned, 96 is aligned to 32, 640 to 128. Larger sizes
+//! go straight to the page allocator as a run of whole pages, and `kfree_nolock` frees both kinds: the page
+//! descriptor says which.
 //!
 //! "Try the next bucket": when this thread's list for the size class is busy — only possible when a signal
 //! handler interrupted an allocator operation on that very class on this thread — the allocation is served by
-//! the next larger class that keeps the requested alignment (8 KiB goes to pages). If that one is busy too
+//! the next larger class that keeps the requested alignment (32 KiB goes to pages). If that one is busy too
 //! (nested handlers), the allocation takes an object straight from the class's shared slab lists. Unlike the
 //! kernel, which gives up after one retry, nolock therefore fails only when memory is exhausted.
 //!
@@ -25,12 +28,16 @@ use crate::page::Gfp;
 use crate::page::desc::{Info, Kind};
 use crate::sys::{PAGE_SHIFT, PAGE_SIZE};
 
-/// Sizes of the kmalloc classes.
-pub const KMALLOC_SIZES: [usize; 13] = [8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192];
+/// Sizes of the kmalloc classes: 8, 16, every 16 bytes to 128, then four per power of two up to 32 KiB.
+pub const KMALLOC_SIZES: [usize; 41] = [
+    8, 16, 32, 48, 64, 80, 96, 112, 128, // small: the first 9 (`SMALL_CLASSES`), by `SIZE_INDEX`
+    160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096, 5120,
+    6144, 7168, 8192, 10240, 12288, 14336, 16384, 20480, 24576, 28672, 32768,
+];
 /// Number of kmalloc classes.
 pub const NR_KMALLOC: usize = KMALLOC_SIZES.len();
 /// Largest size served by a slab cache; larger requests are page runs.
-pub const KMALLOC_MAX_CACHE_SIZE: usize = 8192;
+pub const KMALLOC_MAX_CACHE_SIZE: usize = 32768;
 /// What `kmalloc_nolock(0, ..)` returns (the kernel's `ZERO_SIZE_PTR`): a non-null pointer to nothing.
 /// `kfree_nolock` accepts it (and null) and does nothing; `ksize` of it is 0. Never dereference it.
 pub const ZERO_SIZE_PTR: *mut u8 = 16 as *mut u8;
@@ -39,18 +46,24 @@ pub const ZERO_SIZE_PTR: *mut u8 = 16 as *mut u8;
 /// ([`ZERO_SIZE_PTR`], or the alignment itself for alignments above 16), and the free functions ignore them.
 pub const ZERO_SIZE_LIMIT: usize = 1 << 16;
 
-/// Class index for sizes 1..=192, by `(size - 1) / 8`.
-const SIZE_INDEX: [u8; 24] = [0, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6];
+/// Classes served through `SIZE_INDEX` (sizes 1..=128).
+const SMALL_CLASSES: usize = 9;
 
-/// The class for `size` (1 ..= 8192).
+/// Class index for sizes 1..=128, by `(size - 1) / 8`.
+const SIZE_INDEX: [u8; 16] = [0, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8];
+
+/// The class for `size` (1 ..= 32768).
 #[inline(always)]
 pub(crate) fn size_class(size: usize) -> usize {
     debug_assert!((1..=KMALLOC_MAX_CACHE_SIZE).contains(&size));
-    if size <= 192 {
+    if size <= 128 {
         SIZE_INDEX[(size - 1) / 8] as usize
     } else {
-        // 193..=256 → 7, 257..=512 → 8, ... 4097..=8192 → 12
-        (usize::BITS - (size - 1).leading_zeros()) as usize - 1
+        // Four classes per power of two: for `s = size - 1` in [2^e, 2^(e+1)) (e >= 7), the class is the
+        // quarter of that range `s` falls in, so 129..=160 → 160, 161..=192 → 192, ..., 225..=256 → 256.
+        let s = size - 1;
+        let e = (usize::BITS - 1 - s.leading_zeros()) as usize;
+        SMALL_CLASSES + (e - 7) * 4 + ((s >> (e - 2)) & 3)
     }
 }
 
@@ -61,18 +74,19 @@ pub(crate) const fn class_align(class: usize) -> usize {
     s & s.wrapping_neg()
 }
 
-/// Cache ids of all kmalloc caches (created first, so ids 0..26).
+/// Cache ids of all kmalloc caches (created first, so ids `0..2 * NR_KMALLOC`).
 pub(crate) fn all_kmalloc_ids() -> impl Iterator<Item = u16> {
     0..(2 * NR_KMALLOC) as u16
 }
 
-/// Create the plain and debug kmalloc caches in a fresh global state (ids `0..13` and `13..26`).
+/// Create the plain and debug kmalloc caches in a fresh global state (ids `0..NR_KMALLOC` and
+/// `NR_KMALLOC..2 * NR_KMALLOC`).
 pub(crate) fn create_kmalloc_caches(g: &SlabState) {
     for debug in [false, true] {
         for &size in &KMALLOC_SIZES {
             let mut name = crate::sys::StackBuf::<32>::new();
             let prefix = if debug { "kmalloc-dbg-" } else { "kmalloc-" };
-            let _ = if size >= 1024 {
+            let _ = if size >= 1024 && size.is_multiple_of(1024) {
                 core::fmt::Write::write_fmt(&mut name, format_args!("{prefix}{}k", size / 1024))
             } else {
                 core::fmt::Write::write_fmt(&mut name, format_args!("{prefix}{size}"))
@@ -117,7 +131,7 @@ pub fn large_stats() -> LargeStats {
 }
 
 /// Allocate `size` bytes, aligned to at least 8 and to the largest power of two dividing `size` (so naturally
-/// for power-of-two sizes) up to 8 KiB; page aligned above 8 KiB. With [`Gfp::ZERO`] the memory is zeroed.
+/// for power-of-two sizes) up to 32 KiB; page aligned above 32 KiB. With [`Gfp::ZERO`] the memory is zeroed.
 ///
 /// - `size == 0` returns [`ZERO_SIZE_PTR`].
 /// - `None` means out of memory: no free object and no free pages in the arena. It never means "busy".
@@ -138,7 +152,7 @@ pub fn kmalloc_nolock(size: usize, flags: Gfp) -> Option<NonNull<u8>> {
 }
 
 /// Allocate memory for `layout` (any size and power-of-two alignment), aligned to `layout.align()` and, like
-/// [`kmalloc_nolock`], to the largest power of two dividing the size (up to 8 KiB). A zero-size layout returns
+/// [`kmalloc_nolock`], to the largest power of two dividing the size (up to 32 KiB). A zero-size layout returns
 /// a dangling, suitably aligned pointer below [`ZERO_SIZE_LIMIT`] that must not be dereferenced; freeing it is
 /// harmless.
 ///
@@ -159,7 +173,7 @@ pub fn kmalloc_layout_nolock(layout: Layout, flags: Gfp) -> Option<NonNull<u8>> 
     kmalloc_class(layout_class(size, align), || align.max(size & size.wrapping_neg()), flags)
 }
 
-/// The class [`kmalloc_layout_nolock`] serves `size` (1 ..= 8192) at alignment `align` (at most 8192) from.
+/// The class [`kmalloc_layout_nolock`] serves `size` (1 ..= 32768) at alignment `align` (at most 32768) from.
 #[inline(always)]
 fn layout_class(size: usize, align: usize) -> usize {
     let mut class = size_class(size.max(align));
@@ -244,7 +258,7 @@ fn shrink_large_in_place(g: &SlabState, head: usize, npages: usize, keep: usize)
 /// fast path.
 #[inline(always)]
 fn kmalloc_class(class: usize, align: impl FnOnce() -> usize, flags: Gfp) -> Option<NonNull<u8>> {
-    // Plain caches have ids 0..13, no debug layout (the slot is the object) and their link word at offset 0, so
+    // Plain caches have ids 0..NR_KMALLOC, no debug layout (the slot is the object) and their link word at offset 0, so
     // a plain class's `finish_alloc` is `kmalloc_finish`.
     if let Some(g) = tables::state_if_init()
         && g.slow_flags.load(Ordering::Relaxed) == 0
@@ -547,8 +561,21 @@ mod tests {
                 assert!(KMALLOC_SIZES[c - 1] < size, "size {size} not the smallest class");
             }
         }
-        assert_eq!(class_align(4), 32);
-        assert_eq!(class_align(6), 64);
-        assert_eq!(class_align(12), 8192);
+        for (c, &s) in KMALLOC_SIZES.iter().enumerate() {
+            assert_eq!(size_class(s), c, "size {s}");
+            assert!(class_align(c) >= 8 && s.is_multiple_of(class_align(c)));
+            if s.is_power_of_two() {
+                assert_eq!(class_align(c), s, "natural alignment of {s}");
+            }
+            // At most four classes per power of two above 128 B: rounding wastes at most 25%.
+            if c > 0 && s > 128 {
+                assert!(s - KMALLOC_SIZES[c - 1] <= s / 4, "spacing at {s}");
+            }
+        }
+        assert_eq!(size_class(632), size_class(640));
+        assert_eq!(KMALLOC_SIZES[size_class(728)], 768);
+        assert_eq!(class_align(size_class(96)), 32);
+        assert_eq!(class_align(size_class(640)), 128);
+        assert_eq!(KMALLOC_SIZES[NR_KMALLOC - 1], KMALLOC_MAX_CACHE_SIZE);
     }
 }
