@@ -23,7 +23,7 @@
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ffi::{c_int, c_void};
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use nolock::{Gfp, kfree_nolock, kmalloc_layout_nolock, kmalloc_nolock, ksize};
 
