@@ -20,6 +20,9 @@
 
 #![warn(missing_docs)]
 
+#[macro_use]
+mod hook_site;
+
 #[cfg(not(loom))]
 pub mod cpu;
 #[cfg(not(loom))]

@@ -296,51 +296,7 @@ pub enum HookPoint {
     RefillTtrace,
 }
 
-#[cfg(feature = "test-hooks")]
-mod hook_imp {
-    use super::HookPoint;
-    use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
-
-    static HOOK: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
-    thread_local! {
-        static DEPTH: AtomicU32 = const { AtomicU32::new(0) };
-    }
-
-    /// Install (or with `None` remove) the hook called at every [`HookPoint`] (tests only).
-    ///
-    /// # Context
-    /// Normal context (tests): one atomic store. The hook itself runs wherever the allocator reaches a point.
-    pub fn set_hook(hook: Option<fn(HookPoint)>) {
-        // Release: pairs with the Acquire load in `point`.
-        HOOK.store(hook.map_or(core::ptr::null_mut(), |f| f as *mut ()), Ordering::Release);
-    }
-
-    #[inline(never)]
-    pub(super) fn point(at: HookPoint) {
-        // Acquire: pairs with the Release store in `set_hook`.
-        let p = HOOK.load(Ordering::Acquire);
-        if p.is_null() {
-            return;
-        }
-        // SAFETY: stored by `set_hook` from a `fn(HookPoint)`.
-        let f: fn(HookPoint) = unsafe { core::mem::transmute::<*mut (), fn(HookPoint)>(p) };
-        DEPTH.with(|d| {
-            if d.fetch_add(1, Ordering::Relaxed) == 0 {
-                f(at);
-            }
-            d.fetch_sub(1, Ordering::Relaxed);
-        });
-    }
-}
-
-#[cfg(feature = "test-hooks")]
-pub use hook_imp::set_hook;
-
-#[inline(always)]
-fn point(_at: HookPoint) {
-    #[cfg(feature = "test-hooks")]
-    hook_imp::point(_at);
-}
+hook_points!(HookPoint, point);
 
 // ---------------------------------------------------------------------------------------------------------
 // Lists: the link of a free object is its header word.

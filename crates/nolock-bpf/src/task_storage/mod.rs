@@ -416,46 +416,7 @@ pub enum HookPoint {
     DeleteLocked,
 }
 
-#[cfg(feature = "test-hooks")]
-mod hook_imp {
-    use super::HookPoint;
-    use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
-
-    static HOOK: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
-    thread_local! {
-        static DEPTH: AtomicU32 = const { AtomicU32::new(0) };
-    }
-
-    /// Install (or with `None` remove) the hook called at every [`HookPoint`] (tests only). The hook is not
-    /// called again from inside itself (a handler it raises) on the same thread.
-    pub fn set_hook(hook: Option<fn(HookPoint)>) {
-        // Release: pairs with the Acquire load in `point`.
-        HOOK.store(hook.map_or(core::ptr::null_mut(), |f| f as *mut ()), Ordering::Release);
-    }
-
-    #[inline(never)]
-    pub(super) fn point(at: HookPoint) {
-        // Acquire: pairs with the Release store in `set_hook`.
-        let p = HOOK.load(Ordering::Acquire);
-        if p.is_null() {
-            return;
-        }
-        if DEPTH.with(|d| d.fetch_add(1, Ordering::Relaxed)) == 0 {
-            // SAFETY: stored by `set_hook` from a `fn(HookPoint)`.
-            let f: fn(HookPoint) = unsafe { core::mem::transmute::<*mut (), fn(HookPoint)>(p) };
-            f(at);
-        }
-        DEPTH.with(|d| d.fetch_sub(1, Ordering::Relaxed));
-    }
-}
-#[cfg(feature = "test-hooks")]
-pub use hook_imp::set_hook;
-
-#[inline(always)]
-fn hook(_at: HookPoint) {
-    #[cfg(feature = "test-hooks")]
-    hook_imp::point(_at);
-}
+hook_points!(HookPoint, hook);
 
 // -------------------------------------------------------------------------------------------------------------
 // Process-wide storage allocation
