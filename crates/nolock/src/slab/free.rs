@@ -194,14 +194,22 @@ impl CacheInner {
         }
         let count = tc.count.load(Ordering::Relaxed) + 1;
         tc.push_locked(slot, head, count, c.link_off as usize);
-        if count > c.high {
-            self.flush(g, t, tc, c.high / 2);
+        self.pushed_unlock(g, t, tc, count);
+        true
+    }
+
+    /// The lock holder pushed an object and the list now holds `count`: flush past `high`, unlock, drain what
+    /// nested contexts deferred meanwhile (the tail of every full-path push, plain or hardened).
+    #[inline(always)]
+    fn pushed_unlock(&self, g: &SlabState, t: &ThreadCaches, tc: &ThreadCache, count: u32) {
+        let high = self.cfg().high;
+        if count > high {
+            self.flush(g, t, tc, high / 2);
         }
         tc.lock.unlock();
         if !tc.deferred.is_empty() {
             self.drain_deferred(g, t, tc);
         }
-        true
     }
 
     /// Validate `addr` (an object of this cache, id `id`, on the slab `info` describes) and free it; a refused
@@ -290,19 +298,12 @@ impl CacheInner {
             }
         }
         hooks::point(Point::FreeFast);
-        let c = self.cfg();
         let count = tc.count.load(Ordering::Relaxed) + 1;
         self.set_next(slot, tc.freelist.load(Ordering::Relaxed));
         tc.freelist.store(slot, Ordering::Relaxed);
         tc.count.store(count, Ordering::Relaxed);
         bump(&tc.free_fast);
-        if count > c.high {
-            self.flush(g, t, tc, c.high / 2);
-        }
-        tc.lock.unlock();
-        if !tc.deferred.is_empty() {
-            self.drain_deferred(g, t, tc);
-        }
+        self.pushed_unlock(g, t, tc, count);
         true
     }
 
