@@ -19,9 +19,10 @@ pub mod alloc {
     use std::process::ExitCode;
 
     /// Say why there is nothing to measure.
-    pub fn run(_args: &super::BenchArgs) -> ExitCode {
+    pub fn run(args: &super::BenchArgs) -> ExitCode {
+        let only = args.only.as_deref().map_or(String::new(), |o| format!(" (--only {o})"));
         eprintln!(
-            "nolock bench alloc: built without the `c-baselines` feature (mimalloc, jemalloc); rebuild with \
+            "nolock bench alloc{only}: built without the `c-baselines` feature (mimalloc, jemalloc); rebuild with \
              default features to compare against them"
         );
         ExitCode::FAILURE
