@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nolock_bpf::htab::{Backend, Error, HashMap, HtabAttr, LockMode, NolockReuse, UpdateFlags};
 use nolock_bpf::memalloc::RefillMode;
@@ -165,12 +165,7 @@ fn storm_run(backend: Backend, lock: LockMode, target: Target, dur: Duration, ra
         })
         .collect();
     let slots: Vec<Arc<StormSlot>> = workers.iter().map(|w| w.slot.clone()).collect();
-    let mut ctl = Storm::new(rate, threads, nominal);
-    let start = Instant::now();
-    while start.elapsed() < dur {
-        std::thread::sleep(Duration::from_millis(100));
-        ctl.adjust(&slots, 0.1);
-    }
+    Storm::new(rate, threads, nominal).hold(&slots, dur, Duration::from_millis(100));
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         h.join().unwrap();

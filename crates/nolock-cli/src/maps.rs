@@ -569,12 +569,8 @@ fn storm_cell(c: &Contender, target: Target, rate: u64, dur: Duration) -> Cell {
         })
         .collect();
     let slots: Vec<Arc<StormSlot>> = workers.iter().map(|w| w.slot.clone()).collect();
-    let mut ctl = Storm::new(rate, threads, nominal);
     let t0 = Instant::now();
-    while t0.elapsed() < dur {
-        std::thread::sleep(Duration::from_millis(50));
-        ctl.adjust(&slots, 0.05);
-    }
+    Storm::new(rate, threads, nominal).hold(&slots, dur, Duration::from_millis(50));
     stop.store(true, Ordering::Relaxed);
     let el = t0.elapsed().as_secs_f64();
     for h in handles {

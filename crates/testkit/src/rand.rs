@@ -40,6 +40,15 @@ impl Rng {
         self.0 = x;
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
+
+    /// A number in `0..n` (`n > 0`; the modulo bias is negligible for the small `n` of tests and benches).
+    ///
+    /// # Context
+    /// Any context, signal handlers included.
+    #[inline]
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
 }
 
 #[cfg(test)]

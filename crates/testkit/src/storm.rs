@@ -212,6 +212,21 @@ impl Storm {
         }
     }
 
+    /// Hold the rate for `dur`: re-tune every `tick` with the time that really passed, then return.
+    ///
+    /// # Context
+    /// Normal context, on a thread other than the storms': sleeps, and [`adjust`](Self::adjust)'s system calls.
+    pub fn hold<T: AsRef<StormSlot>>(&mut self, threads: &[T], dur: Duration, tick: Duration) {
+        let start = std::time::Instant::now();
+        let mut last = start;
+        while start.elapsed() < dur {
+            std::thread::sleep(tick);
+            let now = std::time::Instant::now();
+            self.adjust(threads, (now - last).as_secs_f64());
+            last = now;
+        }
+    }
+
     /// Mean timer period over the threads.
     ///
     /// # Context

@@ -38,6 +38,8 @@ use std::sync::Barrier;
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
+use testkit::Rng;
+
 use nolock::{Gfp, kfree_nolock, kmalloc_nolock};
 
 use super::{BenchArgs, Summary, print_rows, progress_bar, summarize};
@@ -229,27 +231,11 @@ fn size_label(s: usize) -> String {
     if s >= 1024 { format!("{} KiB", s / 1024) } else { format!("{s} B") }
 }
 
-/// xorshift64*: the deterministic sequences of the workloads.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// Log-uniform in `lo ..= hi`.
-    fn log_uniform(&mut self, lo: usize, hi: usize) -> usize {
-        let (a, b) = ((lo as f64).ln(), (hi as f64).ln());
-        let x = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
-        ((a + (b - a) * x).exp() as usize).clamp(lo, hi)
-    }
+/// Log-uniform in `lo ..= hi`.
+fn log_uniform(rng: &mut Rng, lo: usize, hi: usize) -> usize {
+    let (a, b) = ((lo as f64).ln(), (hi as f64).ln());
+    let x = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    ((a + (b - a) * x).exp() as usize).clamp(lo, hi)
 }
 
 /// The fixed random sequences, built once (outside any timing) and shared by every allocator.
@@ -266,14 +252,15 @@ struct Data {
 
 impl Data {
     fn new() -> Data {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15);
         let mut perm: Vec<u32> = (0..BATCH_MAX as u32).collect();
         for i in (1..perm.len()).rev() {
-            perm.swap(i, rng.below(i + 1));
+            perm.swap(i, rng.below(i as u64 + 1) as usize);
         }
-        let sizes512 = (0..BATCH_MAX).map(|_| rng.log_uniform(16, 512) as u32).collect();
-        let live_init = (0..LIVE_N).map(|_| rng.log_uniform(16, 1024) as u32).collect();
-        let live_steps = (0..1 << 20).map(|_| (rng.below(LIVE_N) as u32, rng.log_uniform(16, 1024) as u32)).collect();
+        let sizes512 = (0..BATCH_MAX).map(|_| log_uniform(&mut rng, 16, 512) as u32).collect();
+        let live_init = (0..LIVE_N).map(|_| log_uniform(&mut rng, 16, 1024) as u32).collect();
+        let live_steps =
+            (0..1 << 20).map(|_| (rng.below(LIVE_N as u64) as u32, log_uniform(&mut rng, 16, 1024) as u32)).collect();
         Data { perm, sizes512, live_init, live_steps }
     }
 }

@@ -8,7 +8,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-/// xorshift64*: deterministic, allocation-free.
+/// xorshift64*: deterministic, allocation-free (testkit's generator, kept here so that the `prog-*` programs
+/// link nothing but their allocator and serde_json).
 struct Rng(u64);
 
 impl Rng {
