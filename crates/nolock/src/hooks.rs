@@ -49,6 +49,9 @@ pub enum Point {
     Shrink,
     /// Page allocator committing more of the arena: after its system calls, before the committed mark moves.
     PageCommit,
+    /// The slab layer's first call building its state: tables mapped and kmalloc caches created, before the
+    /// CAS that publishes them.
+    SlabStateBuild,
 }
 
 #[cfg(feature = "test-hooks")]

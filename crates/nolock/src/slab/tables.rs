@@ -271,6 +271,7 @@ fn build() -> Option<&'static SlabState> {
     // SAFETY: just written; not yet shared.
     let s = unsafe { &*p };
     super::kmalloc::create_kmalloc_caches(s);
+    crate::hooks::point(crate::hooks::Point::SlabStateBuild);
     // AcqRel: the Release publishes the filled tables (pairs with the Acquire loads in `state` and
     // `state_if_init`); the Acquire on failure reads the winner's.
     match STATE.compare_exchange(core::ptr::null_mut(), p, Ordering::AcqRel, Ordering::Acquire) {
