@@ -1,6 +1,6 @@
 //! `nolock demo`: a signal storm against the allocator.
 //!
-//! Worker threads allocate, fill, verify and free objects of every kmalloc class (and page runs above 8 KiB) in
+//! Worker threads allocate, fill, verify and free objects of every kmalloc class (and page runs above 32 KiB) in
 //! tight loops, and hand objects to each other so that many are freed by another thread than the one that
 //! allocated them. Meanwhile each worker gets two per-thread POSIX timers (`timer_create` with
 //! `SIGEV_THREAD_ID`) on two different real-time signals, so a handler can interrupt the worker anywhere —
@@ -46,12 +46,12 @@ pub fn run(args: &RunArgs, inject_bad_free: bool) -> ExitCode {
     crate::scenario::run(Demo { inject_bad_free, ..Demo::default() }, args)
 }
 
-/// Requested sizes; the index is the object's size code. The first `N_SMALL` are served by the kmalloc slab
-/// classes (8 B … 8 KiB), the rest by page runs.
+/// Requested sizes; the index is the object's size code. The first `N_SMALL` (up to 8 KiB) are the common
+/// sizes; the rest are large: kmalloc slab classes up to `KMALLOC_MAX_CACHE_SIZE` (32 KiB), page runs above.
 const SIZES: [usize; 31] = [
     8, 16, 24, 32, 40, 48, 64, 72, 96, 100, 128, 160, 192, 200, 256, 320, // ≤ 320 B
     512, 700, 1024, 1500, 2048, 3000, 4096, 6000, 8192, // ≤ 8 KiB
-    8200, 12288, 16384, 20000, 40000, 65536, // page runs
+    8200, 12288, 16384, 20000, 40000, 65536, // large: slab classes up to 32 KiB, then page runs
 ];
 const N_SMALL: usize = 25;
 const N_TINY: usize = 16;
@@ -198,7 +198,7 @@ fn count_failure(size: usize, in_handler: bool) {
     }
 }
 
-/// Pick a size code from random bits: small sizes most of the time, a page run one time in `large_one_in`.
+/// Pick a size code from random bits: small sizes most of the time, a large one one time in `large_one_in`.
 #[inline]
 fn pick_code(r: u64, large_one_in: u64) -> usize {
     if (r >> 44).is_multiple_of(large_one_in) {
@@ -235,7 +235,7 @@ fn alloc_obj(r: u64, origin: usize, in_handler: bool, seq: u64, large_one_in: u6
         return None;
     };
     let addr = p.as_ptr() as usize;
-    // The contract of the call: the requested alignment (at least 8), whole pages above 8 KiB.
+    // The contract of the call: the requested alignment (at least 8), whole pages above the largest class.
     let required = if size > nolock::KMALLOC_MAX_CACHE_SIZE { 4096.max(align) } else { align };
     if !addr.is_multiple_of(required) {
         MISALIGNED.fetch_add(1, Ordering::Relaxed);
@@ -574,7 +574,7 @@ impl Scenario for Demo {
             "no per-thread list usable (nested handlers, thread start/exit)",
         );
         table.row(
-            "page-run allocations (> 8 KiB)",
+            "page-run allocations (> 32 KiB)",
             count(after.large.allocs.saturating_sub(before.large.allocs)),
             "served straight from the page allocator",
         );
