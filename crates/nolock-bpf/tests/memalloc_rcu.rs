@@ -26,7 +26,7 @@ fn free_rcu_object_is_not_reused_while_a_reader_holds_it() {
     let stop = AtomicBool::new(false);
     let reads = AtomicUsize::new(0);
     std::thread::scope(|s| {
-        s.spawn(|| {
+        let reader = s.spawn(|| {
             // The reader: an RCU section that found X (as a map lookup would), then keeps reading it.
             let g = nolock::rcu_read_lock();
             holding.wait();
@@ -75,6 +75,15 @@ fn free_rcu_object_is_not_reused_while_a_reader_holds_it() {
             }
         }
         assert!(ma.stats().refills > 10);
+        // The reader must check X after the whole churn, however late the scheduler ran it (on a loaded
+        // 2-core machine it may not have run at all yet): wait for two more reads than now, so one of them
+        // began after the churn ended.
+        let seen = reads.load(Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while reads.load(Ordering::Relaxed) < seen + 2 && !reader.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "the reader never ran");
+            std::thread::yield_now();
+        }
     });
     assert!(reads.load(Ordering::Relaxed) > 0);
     // After the grace periods X left the RCU lists: on its way back to kmalloc or reusable.
