@@ -18,9 +18,11 @@
 use std::collections::HashSet;
 use std::ptr::NonNull;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
-use nolock::{Gfp, RcuHead, SrcuFast, kfree_nolock, kfree_rcu_nolock, kmalloc_nolock};
+use std::alloc::Layout;
+
+use nolock::{Gfp, KmemCache, RcuHead, SlabFlags, SrcuFast, kfree_nolock, kfree_rcu_nolock, kmalloc_nolock};
 
 const TF: i64 = 0x100;
 
@@ -75,6 +77,36 @@ extern "C" fn on_trap(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c
     }
     // A reader nested in whatever the stepped code was doing (an RCU section, a grace-period step).
     drop(nolock::rcu_read_lock());
+    // The caches and the page allocator, when the stepped code is using them: an allocation and a free each.
+    let caches = CACHES.load(Ordering::Acquire);
+    if !caches.is_null() {
+        // SAFETY: published by `caches_and_pages_at_every_instruction`, leaked, never freed.
+        for c in unsafe { &*caches } {
+            let Some(o) = c.alloc_nolock(Gfp::NONE) else {
+                HANDLER_FAILED.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            // SAFETY: an object of this cache, given back once.
+            unsafe { c.free_nolock(o) };
+        }
+        match nolock::alloc_pages_nolock(0, Gfp::NONE) {
+            // SAFETY: the page just allocated, order 0.
+            Some(pg) => unsafe { nolock::free_pages_nolock(pg, 0) },
+            None => {
+                HANDLER_FAILED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The caches of `caches_and_pages_at_every_instruction`, for the handler (null: not in use).
+static CACHES: AtomicPtr<[KmemCache; 2]> = AtomicPtr::new(std::ptr::null_mut());
+/// The type-safe cache's constructor: the tag lock-free readers would probe.
+const TAG: u64 = 0x7a6_5afe;
+
+fn tag_ctor(p: NonNull<u8>) {
+    // SAFETY: the constructor gets a whole, aligned object of the cache (48 bytes).
+    unsafe { p.cast::<u64>().write(TAG) };
 }
 
 /// Check and free one of the handler's objects.
@@ -235,4 +267,89 @@ fn handler_at_every_instruction() {
 #[test]
 fn handler_at_every_third_instruction() {
     run_passes(&[(3, 0), (3, 1), (3, 2)], 700);
+}
+
+/// A hardened cache (every popped link checked, encoded links), a type-safe one with a constructor (its frees
+/// wait for a Tasks Trace grace period), and pages of orders 0 to 2, stepped while the handler uses the same
+/// caches and the page allocator at every instruction.
+#[test]
+fn caches_and_pages_at_every_instruction() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let _reports = testkit::NoReports::new();
+    testkit::install_handler(libc::SIGTRAP, on_trap, 0);
+    nolock::init();
+    let layout = Layout::from_size_align(48, 8).unwrap();
+    let hardened = KmemCache::builder("step-hardened", layout).hardened(true).build().unwrap();
+    let typesafe = KmemCache::builder("step-typesafe", layout)
+        .flags(SlabFlags::TYPESAFE_BY_SRCU_FAST)
+        .freeptr_offset(40)
+        .ctor(tag_ctor)
+        .build()
+        .unwrap();
+    let caches: &'static [KmemCache; 2] = Box::leak(Box::new([hardened, typesafe]));
+    // Warm up every path the handler takes (first calls may map memory).
+    for c in caches {
+        let o = c.alloc_nolock(Gfp::NONE).unwrap();
+        // SAFETY: just allocated from `c`.
+        unsafe { c.free_nolock(o) };
+    }
+    let pg = nolock::alloc_pages_nolock(2, Gfp::NONE).unwrap();
+    // SAFETY: the run just allocated.
+    unsafe { nolock::free_pages_nolock(pg, 2) };
+    CACHES.store(std::ptr::from_ref(caches).cast_mut(), Ordering::Release);
+    EVERY.store(1, Ordering::SeqCst);
+    PHASE.store(0, Ordering::SeqCst);
+
+    let n = 600;
+    let mut rng = testkit::Rng::new(0xcac4e);
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let mut objs: Vec<(usize, usize)> = Vec::with_capacity(n);
+    let mut pages: Vec<(NonNull<u8>, u32)> = Vec::with_capacity(30);
+    let t0 = TRAPS.load(Ordering::Relaxed);
+    start_stepping();
+    for i in 0..n {
+        let which = i % 2;
+        let o = caches[which].alloc_nolock(Gfp::NONE).expect("cache allocation failed with memory available");
+        if which == 1 {
+            // SAFETY: an object of the type-safe cache: its constructor wrote the tag once, at slab set-up.
+            let tag = unsafe { o.cast::<u64>().read() };
+            if tag != TAG {
+                stop_stepping();
+                panic!("type-safe object {i} lost its constructed tag: {tag:#x}");
+            }
+        }
+        // SAFETY: bytes 8..40 of our 48-byte object (the type-safe cache's link word is at 40, its tag at 0).
+        unsafe { testkit::fill(o.as_ptr().add(8), 32, i as u64) };
+        objs.push((o.as_ptr() as usize, which));
+        if i % 10 == 0 {
+            let order = (i / 10 % 3) as u32;
+            pages.push((nolock::alloc_pages_nolock(order, Gfp::NONE).expect("pages failed"), order));
+        }
+    }
+    for &i in &order {
+        let (a, which) = objs[i];
+        // SAFETY: the 32 bytes filled above.
+        if let Err(d) = unsafe { testkit::check((a + 8) as *const u8, 32, Some(i as u64), u64::MAX) } {
+            stop_stepping();
+            panic!("cache object {i} changed while live: {d:?}");
+        }
+        // SAFETY: allocated from this cache above, freed once.
+        unsafe { caches[which].free_nolock(NonNull::new_unchecked(a as *mut u8)) };
+    }
+    for &(p, order) in &pages {
+        // SAFETY: allocated above with this order, freed once.
+        unsafe { nolock::free_pages_nolock(p, order) };
+    }
+    stop_stepping();
+    CACHES.store(std::ptr::null_mut(), Ordering::Release);
+    let traps = TRAPS.load(Ordering::Relaxed) - t0;
+    eprintln!("caches and pages: {traps} traps");
+    assert!(traps > 50_000, "single-stepping ran ({traps} traps)");
+    let mut seen = HashSet::new();
+    assert!(objs.iter().all(|&(a, _)| seen.insert(a)), "a cache handed out an object twice");
+    assert_eq!(HANDLER_FAILED.load(Ordering::Relaxed), 0, "a handler allocation failed with memory available");
+    nolock::rcu_barrier_tasks_trace();
 }
