@@ -759,7 +759,7 @@ mod tests {
     use super::*;
     use crate::sys::PAGE_SHIFT;
 
-    /// The mask test of `plain_slot` accepts exactly the addresses the division test accepts.
+    /// The mask test of `free_fast` accepts exactly the addresses the division test accepts.
     #[test]
     fn stride_shift_agrees_with_division() {
         let mut sizes: Vec<usize> = crate::slab::kmalloc::KMALLOC_SIZES.to_vec();

@@ -117,13 +117,40 @@ impl CacheInner {
             && let Some(t) = thread_cache::current_if_any()
         {
             let id = info.cache_id();
-            let c = g.cache(id);
-            if let Some(slot) = c.plain_slot(g, addr, info) {
-                c.free_to_list(g, t, id, slot, true);
+            let shift = info.stride_shift();
+            // Power-of-two stride, slab aligned to it, no tail: one mask test, no load from the cache. Otherwise
+            // the cache's reciprocal says whether `addr` starts a slot.
+            let slot_ok = if shift != 0 {
+                addr & ((1usize << shift) - 1) == 0
+            } else {
+                g.cache(id).index_of(addr - g.arena.page_addr(info.head() as usize)).is_some()
+            };
+            if slot_ok {
+                // The cache itself is looked up only on the way out to a slow path, not on the push.
+                match t.list(id).try_push(addr) {
+                    Push::Done => {}
+                    other => g.cache(id).free_declined(g, t, id, addr, other),
+                }
                 return true;
             }
         }
         false
+    }
+
+    /// The fast push of `free_fast` declined (`outcome` is not `Done`): finish the free on the matching path.
+    #[cold]
+    #[inline(never)]
+    fn free_declined(&self, g: &SlabState, t: &ThreadCaches, id: u16, slot: usize, outcome: Push) {
+        let tc = t.list(id);
+        match outcome {
+            Push::Done => {}
+            Push::DoneDrain => self.drain_deferred(g, t, tc),
+            Push::Busy => self.free_deferred(tc, slot),
+            Push::Claimed => self.free_shared(g, slot),
+            Push::Locked => {
+                self.free_locked(g, t, tc, slot, true);
+            }
+        }
     }
 
     /// Free a validated slot through the list `id` of `t` (the calling thread's): the fast push, or one
@@ -151,18 +178,6 @@ impl CacheInner {
             }
             Push::Locked => self.free_locked(g, t, tc, slot, report),
         }
-    }
-
-    /// The free fast path's check for a non-debug cache: `addr` is exactly a slot of the slab at `info.head()`.
-    #[inline(always)]
-    pub fn plain_slot(&self, g: &SlabState, addr: usize, info: Info) -> Option<usize> {
-        let shift = info.stride_shift();
-        if shift != 0 {
-            // Power-of-two stride, slab aligned to it, no tail: one mask test, no load from the cache.
-            return (addr & ((1usize << shift) - 1) == 0).then_some(addr);
-        }
-        let rel = addr - g.arena.page_addr(info.head() as usize);
-        self.index_of(rel).map(|_| addr)
     }
 
     /// The fast push declined and the caller holds the list's lock: set the list up on its first full-path
@@ -585,7 +600,9 @@ impl CacheInner {
     pub(super) fn push_run(&self, g: &SlabState, head: u32, first: usize, last: usize, k: u16, owner_tag: u32) {
         let d = g.pages.desc(head as usize);
         let geo = self.geometry(g, head);
-        let idx = ((first - geo.base) / geo.stride) as u32;
+        // `first` is a checked slot, so the reciprocal gives its index exactly (no division on the flush path).
+        let idx = (((first - geo.base) as u64).wrapping_mul(self.cfg().recip) >> 32) as u32;
+        debug_assert_eq!(idx as usize, (first - geo.base) / geo.stride);
         // SAFETY: the chain's objects belong to this slab (checked at free time) and are given up by the caller.
         match unsafe { d.slab.push_chain_coded(&geo, self.codec(), idx, last, k) } {
             Ok(p) => {
