@@ -289,6 +289,62 @@ fn double_free_large_kmalloc() {
     assert_healthy(&[]);
 }
 
+/// A double free of a plain kmalloc object that is no longer at the head of the thread's list — `free(a);
+/// free(b); free(a)` — is refused by the free key, in every size class above 8 bytes, on the fast path
+/// (`kfree_nolock` reports it) and through `try_kfree_nolock`; nothing is handed out twice afterwards. Before
+/// the key, the third free was accepted and the next allocations returned `a`, `b`, `a`.
+#[test]
+fn double_free_not_at_the_head_kmalloc() {
+    let _s = serial();
+    for size in [16usize, 24, 64, 100, 640, 4096, 20_000] {
+        let a = kmalloc_nolock(size, Gfp::NONE).unwrap().as_ptr();
+        let b = kmalloc_nolock(size, Gfp::NONE).unwrap().as_ptr();
+        let r0 = reports();
+        // SAFETY: first frees of live objects, then a deliberate double free of `a` through the fast path.
+        unsafe {
+            kfree_nolock(a);
+            kfree_nolock(b);
+            kfree_nolock(a);
+        }
+        assert_eq!(reports(), r0 + 1, "size {size}: the double free of a is reported");
+        // SAFETY: and once more through the reporting-free variant.
+        let e = unsafe { try_kfree_nolock(a) }.unwrap_err();
+        assert_eq!(e.kind, FreeErrorKind::DoubleFree, "size {size}: {e:?}");
+        let class = nolock::stats::snapshot().caches.iter().find(|c| c.object_size >= size).map(|c| c.name);
+        assert_display(&e, class.as_ref().map(|n| n.as_str()));
+        let got: Vec<usize> = (0..4).map(|_| kmalloc_nolock(size, Gfp::NONE).unwrap().as_ptr() as usize).collect();
+        let mut uniq = got.clone();
+        uniq.sort_unstable();
+        uniq.dedup();
+        assert_eq!(uniq.len(), got.len(), "size {size}: an object handed out twice: {got:x?}");
+        for p in got {
+            // SAFETY: live objects, freed once.
+            assert_eq!(unsafe { try_kfree_nolock(p as *mut u8) }, Ok(()));
+        }
+    }
+    assert_healthy(&[]);
+}
+
+/// The first free happened on another thread (the object sits on that thread's list, or went back to its slab
+/// when that thread exited): the second free, here, is still refused.
+#[test]
+fn double_free_across_threads_kmalloc() {
+    let _s = serial();
+    let a = kmalloc_nolock(64, Gfp::NONE).unwrap().as_ptr() as usize;
+    let b = kmalloc_nolock(64, Gfp::NONE).unwrap().as_ptr() as usize;
+    // SAFETY: first frees of live objects, on another thread.
+    std::thread::spawn(move || unsafe {
+        kfree_nolock(a as *mut u8);
+        kfree_nolock(b as *mut u8);
+    })
+    .join()
+    .unwrap();
+    // SAFETY: a deliberate double free.
+    let e = unsafe { try_kfree_nolock(a as *mut u8) }.unwrap_err();
+    assert_eq!(e.kind, FreeErrorKind::DoubleFree, "{e:?}");
+    assert_healthy(&[]);
+}
+
 /// A plain (non-debug) cache keeps no per-object state, so a double free is not refused at free time: the
 /// object goes onto the thread's list twice. What must not happen is that the same object is then handed to
 /// two live owners at once. Observed: the second free is accepted (`Ok`), the thread's free list gets a

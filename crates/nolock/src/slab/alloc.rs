@@ -33,7 +33,7 @@
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use super::cache::{CacheInner, FLAG_DEBUG, FLAG_HARDENED, NO_FALLBACK};
+use super::cache::{CacheInner, FLAG_DEBUG, FLAG_FREE_KEY, FLAG_HARDENED, NO_FALLBACK};
 use super::checks::{Shape, prefetch_links};
 use super::debug;
 use super::tables::SlabState;
@@ -140,8 +140,12 @@ impl CacheInner {
     #[inline(always)]
     pub fn finish_alloc(&self, slot: usize, flags: Gfp) -> NonNull<u8> {
         let c = self.cfg();
-        if c.flags & (FLAG_DEBUG | FLAG_HARDENED) != 0 {
-            self.finish_checked(slot);
+        if c.flags & (FLAG_DEBUG | FLAG_HARDENED | FLAG_FREE_KEY) != 0 {
+            if c.flags & FLAG_FREE_KEY != 0 {
+                super::free::clear_free_key(slot);
+            } else {
+                self.finish_checked(slot);
+            }
         }
         let obj = slot + c.obj_off as usize;
         if flags.contains(Gfp::ZERO) {

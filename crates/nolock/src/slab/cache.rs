@@ -63,6 +63,11 @@ pub const FLAG_KMALLOC: u32 = 2;
 /// Hardened mode: encoded free-list links, checked on every pop and free (see `debug`).
 pub const FLAG_HARDENED: u32 = 4;
 
+/// Plain kmalloc classes of 16 bytes and more: a free writes [`FREE_KEY`](super::free::FREE_KEY) into the
+/// object's second word and refuses an object that already holds it (a double free); every allocation clears
+/// it (see `free`).
+pub const FLAG_FREE_KEY: u32 = 8;
+
 /// Maximum number of caches (the kmalloc classes included) alive at once.
 pub const MAX_CACHES: usize = 256;
 
@@ -663,6 +668,9 @@ pub fn create(g: &SlabState, cfg: CacheConfig) -> Result<u16, CacheError> {
     }
     if cfg.flags & FLAG_HARDENED != 0 {
         cfg.key = debug::random_key();
+    }
+    if cfg.flags & (FLAG_KMALLOC | FLAG_DEBUG | FLAG_HARDENED) == FLAG_KMALLOC && cfg.stride >= 16 {
+        cfg.flags |= FLAG_FREE_KEY;
     }
     // SAFETY: the slot is reserved (STATE_CREATING): nobody reads its configuration until it is published.
     unsafe { c.cfg.get().write(cfg) };

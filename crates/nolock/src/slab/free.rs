@@ -30,10 +30,11 @@
 //!
 //! Who can meet whom here: as for allocation (see `alloc`); a free onto a slab a shrink holds, see `shrink`.
 
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use super::cache::{CacheInner, FLAG_DEBUG, FLAG_HARDENED};
+use super::cache::{CacheInner, FLAG_DEBUG, FLAG_FREE_KEY, FLAG_HARDENED};
 use super::debug::{self, FreeError, FreeErrorKind};
+use super::kmalloc::NR_KMALLOC;
 use super::tables::SlabState;
 use super::thread_cache::{self, ThreadCache, ThreadCaches, bump};
 use crate::hooks::{self, Point};
@@ -41,6 +42,40 @@ use crate::page::desc::Info;
 use crate::sync::local_lock::TryLock;
 use crate::sync::slab_freelist::{LinkCodec, PushError};
 use crate::sys::PAGE_SHIFT;
+
+/// The free key: written into the second word of a freed object of a plain kmalloc class of 16 bytes or more
+/// (`FLAG_FREE_KEY`), cleared by every allocation. A free that finds it there refuses the object as a double
+/// free — wherever the first free put it (this thread's list, another thread's, a slab) — where the cheap
+/// head-of-list check alone would let `free(a); free(b); free(a)` hand `a` out twice. (glibc's tcache keeps
+/// the same kind of key.) A live object whose second word the program set to exactly this value is refused
+/// too: reported, counted and leaked, never corrupting.
+pub const FREE_KEY: u64 = 0x6e6f_6c6f_636b_f7ee;
+
+/// The free key's word in `slot` (its second word; the link word is the first).
+#[inline(always)]
+fn free_key_word(slot: usize) -> &'static AtomicU64 {
+    // SAFETY: `slot` is an object of a keyed class (16 bytes or more, 8-aligned) that the caller owns or is
+    // freeing; arena memory is never unmapped. Like link words, the word is accessed atomically while free.
+    unsafe { &*((slot + 8) as *const AtomicU64) }
+}
+
+/// Claim the free of `slot` (an object of a keyed class): false if it holds the free key already (a double
+/// free; nothing written), otherwise write the key and return true.
+#[inline(always)]
+fn take_free_key(slot: usize) -> bool {
+    let w = free_key_word(slot);
+    if w.load(Ordering::Relaxed) == FREE_KEY {
+        return false;
+    }
+    w.store(FREE_KEY, Ordering::Relaxed);
+    true
+}
+
+/// Clear the free key of `slot`, an object of a keyed class being allocated.
+#[inline(always)]
+pub(super) fn clear_free_key(slot: usize) {
+    free_key_word(slot).store(0, Ordering::Relaxed);
+}
 
 /// Outcome of [`ThreadCache::try_push`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +161,11 @@ impl CacheInner {
                 g.cache(id).index_of(addr - g.arena.page_addr(info.head() as usize)).is_some()
             };
             if slot_ok {
+                // The plain kmalloc classes above 8 bytes (ids 1 .. NR_KMALLOC) carry the free key. An object
+                // that holds it is free already: the full path reports the double free.
+                if id.wrapping_sub(1) < (NR_KMALLOC - 1) as u16 && !take_free_key(addr) {
+                    return false;
+                }
                 // The cache itself is looked up only on the way out to a slow path, not on the push.
                 match t.list(id).try_push(addr) {
                     Push::Done => {}
@@ -272,8 +312,12 @@ impl CacheInner {
     /// slot is already the head of this thread's list: the cheap double-free check SLUB also makes.
     #[inline(never)]
     pub fn free_slot(&self, g: &'static SlabState, id: u16, slot: usize) -> bool {
-        if self.cfg().flags & FLAG_HARDENED != 0 {
+        let flags = self.cfg().flags;
+        if flags & FLAG_HARDENED != 0 {
             return self.free_hardened(g, id, slot);
+        }
+        if flags & FLAG_FREE_KEY != 0 && !take_free_key(slot) {
+            return false;
         }
         match thread_cache::current(g) {
             Some(t) => self.free_to_list(g, t, id, slot, false),

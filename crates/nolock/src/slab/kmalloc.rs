@@ -272,6 +272,10 @@ fn kmalloc_class(class: usize, align: impl FnOnce() -> usize, flags: Gfp) -> Opt
 /// Zero the object if asked.
 #[inline(always)]
 fn kmalloc_finish(slot: usize, class: usize, flags: Gfp) -> NonNull<u8> {
+    // Every plain class but the 8-byte one carries the free key (`FLAG_FREE_KEY`): clear it.
+    if class != 0 {
+        super::free::clear_free_key(slot);
+    }
     if flags.contains(Gfp::ZERO) {
         // SAFETY: a fresh object of the class's size.
         unsafe { core::ptr::write_bytes(slot as *mut u8, 0, KMALLOC_SIZES[class]) };
