@@ -614,15 +614,31 @@ impl HashMap {
         if let Some(p) = prev {
             let hash = m.hash(p);
             if let Some(e) = m.find_reader(p) {
+                let el = Elem(e);
+                // Acquire: pairs with the Release stores of the even seq (`begin_init`/`end_init`), as in
+                // `stable_key_match`.
+                let s0 = el.seq().load(Ordering::Acquire);
                 // The next element of the same bucket, if any. Acquire: pairs with the Release CAS that linked
                 // it.
-                let n = Elem(e).next().load(Ordering::Acquire) & !list::MARK;
+                let n = el.next().load(Ordering::Acquire) & !list::MARK;
+                // With type-safe immediate reuse, `e` may have been freed and reused for a key of another
+                // bucket since the lookup found it, and `n` is then that bucket's: following it would skip the
+                // rest of this bucket and every bucket in between. So `n` counts only if `e` still held `prev`,
+                // unchanged, around the read (the seqlock check of `stable_key_match`); otherwise `prev`
+                // vanished, and the walk starts again at its bucket.
+                let held = !m.validate || {
+                    let matched = el.key_matches(hash, p);
+                    // Acquire fence: the reads above happen before the re-read of seq (pairs with the Release
+                    // fence in `begin_init`).
+                    fence(Ordering::Acquire);
+                    matched && s0 & 1 == 0 && el.seq().load(Ordering::Relaxed) == s0
+                };
                 // (UNSET: `e` is being reused; go on with the next bucket.)
-                if !list::is_nulls(n) && n != UNSET {
+                if held && !list::is_nulls(n) && n != UNSET {
                     m.copy_key(n, next);
                     return Ok(());
                 }
-                start = (hash as usize & m.mask) + 1;
+                start = (hash as usize & m.mask) + usize::from(held);
             }
         }
         for idx in start..=m.mask {
