@@ -134,6 +134,9 @@ fn run() {
         // Acquire: pairs with the Release increment in `kick`.
         let seen = WORK.load(Ordering::Acquire);
         let (busy, progress) = pass();
+        if let Some(c) = super::client() {
+            (c.give_back)();
+        }
         if last_sweep.elapsed() >= SWEEP_EVERY {
             crate::thread::sweep_orphans();
             last_sweep = std::time::Instant::now();
@@ -294,7 +297,15 @@ fn invoke_ready(d: &dyn Domain) {
     let mut since_step = 0u32;
     loop {
         let h = match next_ready(d) {
-            Next::Callback(h) | Next::Marker(h) => h,
+            Next::Callback(h) => h,
+            Next::Marker(h) => {
+                // A barrier returns once its marker ran: what the callbacks before it freed onto this thread's
+                // lists goes back to the slabs first, so the barrier's caller can allocate it.
+                if let Some(c) = super::client() {
+                    (c.give_back)();
+                }
+                h
+            }
             Next::Nothing => return,
         };
         // Count before invoking, so that counts are exact when a barrier returns. Release: pairs with the

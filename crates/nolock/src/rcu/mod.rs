@@ -292,6 +292,10 @@ pub(crate) struct GpClient {
     /// A barrier of this grace period, before it entrains its callbacks: push out every partial batch for it and
     /// wait until everything queued for it before the call is done. Normal context; blocks.
     pub flush: fn(GracePeriod),
+    /// The worker, after each pass: give back what its own thread holds — the objects its callbacks and block
+    /// frees put on its thread's lists — so that other threads can allocate them (a worker that only frees
+    /// would otherwise keep them, and an exhausted arena would fail allocations with that memory free).
+    pub give_back: fn(),
 }
 
 static CLIENT: AtomicPtr<GpClient> = AtomicPtr::new(core::ptr::null_mut());

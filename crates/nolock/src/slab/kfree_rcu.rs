@@ -552,8 +552,21 @@ pub unsafe fn kfree_srcu_fast_nolock(domain: &SrcuFast, ptr: *mut u8, head: NonN
 }
 
 /// What the grace-period worker and barriers do for the blocks (registered with the RCU layer by `process`).
-pub(crate) static GP_CLIENT: GpClient =
-    GpClient { reclaim: free_done_blocks_everywhere, holds_partial: any_blocks, age: age_blocks, flush: flush_blocks };
+pub(crate) static GP_CLIENT: GpClient = GpClient {
+    reclaim: free_done_blocks_everywhere,
+    holds_partial: any_blocks,
+    age: age_blocks,
+    flush: flush_blocks,
+    give_back: give_back_cached,
+};
+
+/// [`GpClient::give_back`]: return every object on the calling thread's (the worker's) lists to its slab. A
+/// list with nothing on it costs one load.
+fn give_back_cached() {
+    if let Some(g) = super::tables::state_if_init() {
+        super::thread_cache::drain_current(g);
+    }
+}
 
 /// [`GpClient::flush`]: queue every partial block of `gp` (only blocks of that very domain), then wait for their
 /// grace periods and free every block of `gp`'s ring queued before the call. For barriers. Normal context.
