@@ -14,10 +14,12 @@
 //! - **`trim`**: this thread's cached objects back to their slabs, every cache's empty slabs released, free
 //!   pages purged, inside the background worker's fork-excluding critical section.
 //! - **Fork**: the child handler brings every layer back to a consistent state with one thread, bottom up:
-//!   the background workers are marked gone, the `kfree_rcu` rings and block-slot claims are repaired, then
-//!   every slot of a thread that is gone goes through every layer's `reset` (the slab layer hands its objects
-//!   back and queues its pointer blocks, RCU closes its sections in every domain) and is freed, and the
-//!   grace-period machinery is reset (see `rcu::after_fork_child`).
+//!   the background workers are marked gone, shrinks of vanished threads ended, the `kfree_rcu` rings and
+//!   block-slot claims are repaired, then every slot of a thread that is gone goes through every layer's
+//!   `reset` (the slab layer hands its objects back and queues its pointer blocks, RCU closes its sections in
+//!   every domain) and is freed, and the grace-period machinery is reset (see `rcu::after_fork_child`). What
+//!   the forking thread's own interrupted call holds (fork from a signal handler) is left to it; the child's
+//!   first blocking call takes it over (docs/DESIGN.md section 10).
 
 use core::sync::atomic::{AtomicU8, Ordering};
 
@@ -54,6 +56,9 @@ pub(crate) fn trim() -> crate::TrimReport {
 
 extern "C" fn atfork_child() {
     crate::background::after_fork_child();
+    if let Some(s) = crate::slab::tables::state_if_init() {
+        crate::slab::shrink::after_fork_child(s);
+    }
     crate::slab::kfree_rcu::after_fork_child();
     // Every layer's `reset` for the slots of the threads that are gone, in registration order: the slab layer
     // hands their objects back and queues their pointer blocks, then RCU closes their read-side sections.

@@ -182,7 +182,7 @@ pub(crate) fn after_fork_child() {
             RCU.overflow[p].store(u64::from(c.load(Ordering::Relaxed)), Ordering::SeqCst);
         }
     });
-    RCU.core.after_fork_child(|c| c.phase.store(WAIT1, Ordering::Relaxed));
+    super::driver_after_fork(&RCU);
 }
 
 impl RcuDomain {
@@ -242,6 +242,10 @@ impl Domain for RcuDomain {
 
     fn slot_queued(&self, i: u32) -> u64 {
         READERS[i as usize].queued.get()
+    }
+
+    fn restart_phase(&self) {
+        self.core.phase.store(WAIT1, Ordering::Relaxed);
     }
 
     fn held_by_current(&self) -> Option<&'static str> {

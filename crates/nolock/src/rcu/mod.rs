@@ -50,7 +50,7 @@ pub mod tasks_trace;
 pub use gp_worker::IDLE_POLL_MAX;
 
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use core::time::Duration;
 
 use crate::sync::llist::Llist;
@@ -266,6 +266,7 @@ impl GracePeriod {
     pub(crate) fn barrier(self, what: &str) {
         let d = self.domain();
         assert_not_held(d, what);
+        adopt_abandoned_steps(); // before the flush, which waits for grace periods too
         if let Some(c) = client() {
             (c.flush)(self);
         }
@@ -350,7 +351,12 @@ pub(crate) enum Step {
 pub(crate) struct GpCore {
     /// Completed grace periods.
     pub seq: GpSeq,
-    driver: AtomicBool,
+    /// Who runs steps: 0 when nobody, else the driving thread's [`thread_id`] (so a fork child knows whose
+    /// step was interrupted).
+    driver: AtomicUsize,
+    /// In a fork child: the forking thread's own step held the driver at the fork, interrupted by the signal
+    /// handler that forked (see [`driver_after_fork`] and [`adopt_abandoned_steps`]).
+    held_at_fork: AtomicBool,
     /// State-machine phase (driver only).
     pub phase: AtomicU32,
     /// Phase-specific value (driver only), e.g. an RCU cookie being waited for.
@@ -372,7 +378,8 @@ impl GpCore {
     pub const fn new() -> Self {
         Self {
             seq: GpSeq::new(),
-            driver: AtomicBool::new(false),
+            driver: AtomicUsize::new(0),
+            held_at_fork: AtomicBool::new(false),
             phase: AtomicU32::new(0),
             aux: AtomicU64::new(0),
             requested: AtomicU64::new(0),
@@ -403,42 +410,83 @@ impl GpCore {
     pub fn try_drive(&self, f: impl FnOnce() -> Step) -> Option<Step> {
         // Acquire: pairs with the Release store in `DriverGuard::drop`: the next driver sees the phase (and
         // everything else) the previous one left.
-        if self.driver.swap(true, Ordering::Acquire) {
+        if self.driver.compare_exchange(0, thread_id(), Ordering::Acquire, Ordering::Relaxed).is_err() {
             return None;
         }
-        struct DriverGuard<'a>(&'a AtomicBool);
+        struct DriverGuard<'a>(&'a GpCore);
         impl Drop for DriverGuard<'_> {
             fn drop(&mut self) {
-                DRIVING.with(|d| d.set(d.get() - 1));
-                // Release: pairs with the Acquire swap above.
-                self.0.store(false, Ordering::Release);
+                // The step a fork child inherited has ended: nothing left to adopt.
+                self.0.held_at_fork.store(false, Ordering::Relaxed);
+                // Release: pairs with the Acquire CAS above.
+                self.0.driver.store(0, Ordering::Release);
             }
         }
-        DRIVING.with(|d| d.set(d.get() + 1));
-        let _g = DriverGuard(&self.driver);
+        let _g = DriverGuard(self);
         Some(f())
     }
 
-    /// In a fork child: if a thread that no longer exists held the driver flag, it may have stopped anywhere
-    /// inside a step. Take the flag back and restart the grace period in progress (if any) from `restart`, the
-    /// phase that re-scans every reader; with one thread left that is always a correct grace period.
-    fn after_fork_child(&self, restart: impl FnOnce(&Self)) {
-        if DRIVING.with(|d| d.get()) != 0 {
-            return; // fork() from inside a step on this thread (a signal handler): the step continues here
-        }
-        self.driver.store(false, Ordering::Relaxed);
-        if self.seq.in_progress() {
-            restart(self);
+    /// Take the driver flag back from a step that will never end, and restart the grace period in progress
+    /// (if any) from `d`'s [`Domain::restart_phase`], the phase that re-scans every reader; with one thread left
+    /// that is always a correct grace period.
+    fn take_back(d: &dyn Domain) {
+        let core = d.core();
+        core.held_at_fork.store(false, Ordering::Relaxed);
+        if core.seq.in_progress() {
+            d.restart_phase();
         } else {
-            self.phase.store(0, Ordering::Relaxed);
+            core.phase.store(0, Ordering::Relaxed);
         }
+        // Release: pairs with the Acquire CAS in `try_drive`: the next driver sees the phase set above.
+        core.driver.store(0, Ordering::Release);
     }
 }
 
 thread_local! {
-    /// Driver flags this thread holds (for the fork child, which must know whether the step in progress is its
-    /// own).
-    static DRIVING: core::cell::Cell<u32> = const { core::cell::Cell::new(0) };
+    /// Its address names the thread in `GpCore::driver` (unique among live threads, and the same in a fork
+    /// child for the thread that forked).
+    static THREAD_ID: u8 = const { 0 };
+}
+
+/// The calling thread's identity for `GpCore::driver` (never 0).
+fn thread_id() -> usize {
+    THREAD_ID.with(|t| t as *const u8 as usize)
+}
+
+/// In a fork child: if a thread that no longer exists held `d`'s driver flag, it may have stopped anywhere
+/// inside a step: take the flag back and restart the grace period in progress.
+///
+/// If the flag is this thread's own, fork() was called by a signal handler that interrupted one of its steps.
+/// Should the handler return, the step continues here, so the flag is left to it; it is only marked
+/// `held_at_fork`. Should the handler never return (it ends the child with `_exit` or `exec`) and make a
+/// blocking call meanwhile, [`adopt_abandoned_steps`] takes it back then.
+fn driver_after_fork(d: &dyn Domain) {
+    let core = d.core();
+    if core.driver.load(Ordering::Relaxed) == thread_id() {
+        core.held_at_fork.store(true, Ordering::Relaxed);
+        return;
+    }
+    GpCore::take_back(d);
+}
+
+/// Called by every blocking call (`synchronize_*`, barriers, the `call_rcu` backlog wait) before it waits.
+///
+/// In a fork child made by a signal handler that interrupted one of the forking thread's own grace-period
+/// steps, the child's first blocking call can only come from that handler (blocking calls are for normal
+/// contexts, and the step is still on this thread's stack until the handler returns). A handler may make one
+/// only because it never returns to the code it interrupted: that step will never end. Before this, its
+/// driver flag stayed held for good and every grace period of the child (and so every barrier, and the
+/// worker's callbacks) waited for it forever (`tests/fork_step.rs`, a fork at an instruction of
+/// `synchronize_rcu` inside `step`). So take the flag back as for a thread that is gone.
+pub(crate) fn adopt_abandoned_steps() {
+    let adopt = |d: &dyn Domain| {
+        let core = d.core();
+        if core.held_at_fork.load(Ordering::Relaxed) && core.driver.load(Ordering::Relaxed) == thread_id() {
+            GpCore::take_back(d);
+        }
+    };
+    adopt(classic::domain());
+    srcu::for_each_state(|s| adopt(s));
 }
 
 impl Default for GpCore {
@@ -457,6 +505,9 @@ pub(crate) trait Domain: Sync {
     fn slot_cbs(&self, i: u32) -> Option<&Llist>;
     /// Callbacks ever queued on slot `i`'s list.
     fn slot_queued(&self, i: u32) -> u64;
+    /// A grace period is in progress but its driver was lost (a fork): set the phase it restarts from, the one
+    /// that re-scans every reader.
+    fn restart_phase(&self);
     /// If the calling thread is inside a read-side section that this domain's grace periods wait for (then
     /// waiting for one of them would wait forever): what kind of section, for the panic message.
     fn held_by_current(&self) -> Option<&'static str>;
@@ -492,6 +543,7 @@ pub(crate) fn throttle(d: &dyn Domain, mine: u64) {
     if pending() <= BACKLOG_HIGH {
         return;
     }
+    adopt_abandoned_steps();
     gp_worker::ensure_started();
     gp_worker::kick();
     let mut backoff = Backoff::new();
@@ -527,6 +579,7 @@ pub(crate) fn queued_total(d: &dyn Domain) -> u64 {
 /// Block until the grace period named by `cookie` has ended, driving grace periods as needed.
 /// Normal context only.
 pub(crate) fn wait_for_cookie(d: &dyn Domain, cookie: u64) {
+    adopt_abandoned_steps();
     let core = d.core();
     core.request(cookie);
     let mut backoff = Backoff::new();
@@ -590,6 +643,7 @@ unsafe fn barrier_done(head: NonNull<RcuHead>) {
 /// (inside a callback) it runs the worker's passes itself until its markers have run.
 pub(crate) fn barrier(d: &dyn Domain, what: &str) {
     assert_not_held(d, what);
+    adopt_abandoned_steps();
     let slots = crate::thread::count();
     let remaining = AtomicU32::new(0);
     let mut heads: Vec<BarrierHead> = Vec::with_capacity(slots as usize + 1);

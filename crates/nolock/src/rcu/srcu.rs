@@ -208,17 +208,7 @@ impl SrcuState {
         if SHARED_OPEN.with(|o| o.iter().all(|c| c.load(Ordering::Relaxed) == 0)) {
             self.overflow.close_open_sections();
         }
-        self.core.after_fork_child(|c| {
-            if self.implies_rcu.load(Ordering::Relaxed) != 0 {
-                let rcu = super::classic::domain().core();
-                let cookie = rcu.seq.snap();
-                rcu.request(cookie);
-                c.aux.store(cookie, Ordering::Relaxed);
-                c.phase.store(WAIT_RCU, Ordering::Relaxed);
-            } else {
-                c.phase.store(SCAN1, Ordering::Relaxed);
-            }
-        });
+        super::driver_after_fork(self);
     }
 
     /// Wait for a full grace period of this domain (normal context).
@@ -295,6 +285,19 @@ impl Domain for SrcuState {
 
     fn slot_queued(&self, i: u32) -> u64 {
         self.per_thread(i).queued.get()
+    }
+
+    fn restart_phase(&self) {
+        let c = &self.core;
+        if self.implies_rcu.load(Ordering::Relaxed) != 0 {
+            let rcu = super::classic::domain().core();
+            let cookie = rcu.seq.snap();
+            rcu.request(cookie);
+            c.aux.store(cookie, Ordering::Relaxed);
+            c.phase.store(WAIT_RCU, Ordering::Relaxed);
+        } else {
+            c.phase.store(SCAN1, Ordering::Relaxed);
+        }
     }
 
     fn held_by_current(&self) -> Option<&'static str> {

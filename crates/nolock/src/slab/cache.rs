@@ -43,7 +43,7 @@
 
 use core::cell::UnsafeCell;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::debug;
 use super::tables::{self, SlabState};
@@ -317,8 +317,12 @@ pub(crate) struct CacheInner {
     pub fault: Fault,
     /// Empty events already handled by the last shrink.
     pub shrunk_at: AtomicU64,
-    /// Whether a shrink is running (only one at a time; others skip).
-    pub(super) shrinking: AtomicBool,
+    /// Who is shrinking: 0 when nobody, else the shrinking thread's identity (`shrink::shrinker_id`; only one
+    /// shrink at a time, others skip or wait).
+    pub(super) shrinking: AtomicUsize,
+    /// In a fork child: the forking thread's own shrink held `shrinking` at the fork, interrupted by the signal
+    /// handler that forked (see `shrink::after_fork_child`).
+    pub(super) held_at_fork: AtomicBool,
 }
 
 // SAFETY: `cfg` is written only while the slot is reserved (STATE_CREATING, not yet published) and read-only

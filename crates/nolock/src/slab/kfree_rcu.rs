@@ -571,6 +571,7 @@ fn give_back_cached() {
 /// [`GpClient::flush`]: queue every partial block of `gp` (only blocks of that very domain), then wait for their
 /// grace periods and free every block of `gp`'s ring queued before the call. For barriers. Normal context.
 fn flush_blocks(gp: GracePeriod) {
+    adopt_abandoned_slot();
     steal_blocks(slot_index(gp), Some(gp.id()), None);
     finish_blocks(gp);
 }
@@ -706,17 +707,42 @@ pub(crate) fn drain_slot(me: u32, dead: bool) -> bool {
 /// set, every barrier and aging tick of the child would wait for it in vain.
 pub(crate) fn after_fork_child() {
     for_each_ring(|_, ring| ring.after_fork_child());
+    LOCKED_AT_FORK.store(0, Ordering::Relaxed);
     let mine = crate::thread::current_if_any();
     for i in 0..crate::thread::count() {
         let own = mine == Some(i);
         for slot in &SLOTS[i as usize] {
             if own {
                 // A signal handler may have forked from inside this thread's own `retire_in_block`: that call
-                // continues in the child and unlocks; only a stale claim is cleared.
+                // continues in the child and unlocks if the handler returns; only a stale claim is cleared. If
+                // the handler never returns, its first barrier takes the slot over (`adopt_abandoned_slot`).
                 slot.lock.unclaim();
+                if slot.lock.is_locked() {
+                    LOCKED_AT_FORK.store(i + 1, Ordering::Relaxed);
+                }
             } else {
                 slot.lock.reset();
             }
+        }
+    }
+}
+
+/// In a fork child: the forking thread's slot + 1 if one of its block slots was locked at the fork (by the
+/// `retire_in_block` that the forking signal handler interrupted), else 0.
+static LOCKED_AT_FORK: AtomicU32 = AtomicU32::new(0);
+
+/// A barrier (a blocking call) on the thread that forked, in a fork child where that thread's block slot was
+/// locked at the fork: the lock belongs to the `retire_in_block` that the forking signal handler interrupted,
+/// and only a handler that never returns to it (it ends the child with `_exit` or `exec`) may make a blocking
+/// call. That call will never unlock, so the slot is drained as a dead thread's (see `drain_slot`). Before
+/// this, every barrier of the child and every aging tick of its worker waited a second for that lock in vain
+/// (`steal_blocks`), and the slot's partial block was never flushed (`tests/fork_step.rs`).
+fn adopt_abandoned_slot() {
+    let Some(me) = crate::thread::current_if_any() else { return };
+    if LOCKED_AT_FORK.load(Ordering::Relaxed) == me + 1 {
+        LOCKED_AT_FORK.store(0, Ordering::Relaxed);
+        if SLOTS[me as usize].iter().any(|s| s.lock.is_locked()) {
+            drain_slot(me, true);
         }
     }
 }

@@ -86,10 +86,17 @@ impl CacheInner {
     /// allocation path that is out of pages. It holds at most one slab at a time, named in the cache's hand,
     /// whose objects an allocation that finds no memory can still take (see "Shrinking" and `rescue`).
     pub fn shrink(&self, g: &SlabState, keep: usize) -> usize {
-        if self.shrinking.swap(true, Ordering::Acquire) {
+        if !self.try_start_shrink() {
             return 0;
         }
         self.shrink_locked(g, keep)
+    }
+
+    /// Take the right to shrink (`shrinking`), naming this thread; false if another shrink runs.
+    fn try_start_shrink(&self) -> bool {
+        // Acquire: pairs with the Release store at the end of `shrink_locked`: this shrink sees the lists and the
+        // hand as the previous one left them.
+        self.shrinking.compare_exchange(0, shrinker_id(), Ordering::Acquire, Ordering::Relaxed).is_ok()
     }
 
     /// [`shrink`](Self::shrink) that waits (yielding) for a shrink already running on this cache instead of
@@ -98,7 +105,16 @@ impl CacheInner {
     /// # Context
     /// Normal context only: may yield while another thread shrinks the cache.
     pub fn shrink_wait(&self, g: &SlabState, keep: usize) -> usize {
-        while self.shrinking.swap(true, Ordering::Acquire) {
+        // A normal-context call on the thread whose own shrink holds the flag is nested in that shrink: in a fork
+        // child, the signal handler that forked while it ran, which makes blocking calls only because it never
+        // returns to it. That shrink will never end: take its right over (the slab it held off the lists stays
+        // named in `hand`, where a rescue may still take its objects; otherwise the child loses it). Before
+        // this the child's `trim` and `KmemCache::destroy` waited for it forever (`tests/fork_step.rs`).
+        if self.held_at_fork.load(Ordering::Relaxed) && self.shrinking.load(Ordering::Relaxed) == shrinker_id() {
+            self.held_at_fork.store(false, Ordering::Relaxed);
+            self.shrinking.store(0, Ordering::Relaxed);
+        }
+        while !self.try_start_shrink() {
             std::thread::yield_now();
         }
         self.shrink_locked(g, keep)
@@ -155,7 +171,10 @@ impl CacheInner {
         self.hand.store(0, Ordering::Release);
         self.moves.fetch_add(1, Ordering::Release);
         self.shrunk_at.store(events, Ordering::Relaxed);
-        self.shrinking.store(false, Ordering::Release);
+        // The shrink a fork child inherited has ended: nothing left to take over.
+        self.held_at_fork.store(false, Ordering::Relaxed);
+        // Release: pairs with the Acquire CAS in `try_start_shrink`.
+        self.shrinking.store(0, Ordering::Release);
         released
     }
 
@@ -314,6 +333,35 @@ pub(super) unsafe fn typesafe_slab_gp_done(head: core::ptr::NonNull<crate::rcu::
     let c = g.cache(g.pages.desc(page).info().cache_id());
     c.free_slab_now(g, page as u32);
     c.counters.pending_slabs.fetch_sub(1, Ordering::Relaxed);
+}
+
+thread_local! {
+    /// Its address names the thread in `CacheInner::shrinking` (unique among live threads, and the same in a
+    /// fork child for the thread that forked).
+    static SHRINKER_ID: u8 = const { 0 };
+}
+
+/// The calling thread's identity for `CacheInner::shrinking` (never 0).
+fn shrinker_id() -> usize {
+    SHRINKER_ID.with(|t| t as *const u8 as usize)
+}
+
+/// In a fork child (the atfork child handler): a shrink that a thread which is gone was running will never end.
+/// Its right is cleared; before this, every `trim` and `KmemCache::destroy` of the child waited for it forever
+/// and no shrink ran on that cache again (`tests/fork_step.rs`). The slab it held off the lists stays named in
+/// `hand`, where a rescue may still take its objects; otherwise the child loses it. A shrink of this thread's
+/// own (fork() from a signal handler that interrupted it) continues if the handler returns: it is only marked,
+/// and `shrink_wait` takes it over if the handler makes a blocking call instead.
+pub(crate) fn after_fork_child(g: &SlabState) {
+    let me = shrinker_id();
+    for id in 0..g.cache_count() {
+        let c = g.cache(id);
+        let who = c.shrinking.load(Ordering::Relaxed);
+        c.held_at_fork.store(who == me, Ordering::Relaxed);
+        if who != 0 && who != me {
+            c.shrinking.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Release every cache's entirely free slabs (keeping none). Lock-free; used when the page allocator is out.
