@@ -398,7 +398,10 @@ impl ValueRef<'_> {
     /// Copy the value (volatile reads: it may change concurrently).
     pub fn copy_to(&self, out: &mut [u8]) {
         let n = out.len().min(self.len);
-        Elem(self.ptr as usize).copy_value(0, &mut out[..n]);
+        // `ptr` is the value itself, not an element: `Elem(ptr).copy_value(0, ..)` read 48 bytes (a header)
+        // further on, past the element's end (tests/single_step_maps.rs found it).
+        // SAFETY: `ptr` is the 8-aligned value of an element, `n <= len` bytes, mapped while the guard lives.
+        unsafe { elem::copy_value_at(self.ptr, &mut out[..n]) };
     }
 }
 
