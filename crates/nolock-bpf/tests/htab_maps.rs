@@ -58,6 +58,9 @@ fn flags_semantics() {
         assert_eq!(m.len(), 2, "{name}");
         let v = m.lookup(&k(2)).unwrap();
         assert_eq!(v.atomic_u64(0).load(Ordering::Relaxed), 20);
+        let mut copy = [0u8; 8];
+        v.copy_to(&mut copy);
+        assert_eq!(copy, k(20), "{name}: ValueRef::copy_to copies the value");
         drop(v);
         let mut out = [0u8; 8];
         assert_eq!(m.lookup_and_delete(&k(2), &mut out), Ok(()), "{name}");

@@ -6,6 +6,11 @@
 //! of the bucket that is not the one it looks for); the writer deletes X's key and inserts another key, which
 //! takes X again from this CPU's free list, and stops at `BeforeInsert` with X initialised but not linked; then
 //! the reader resumes.
+//!
+//! And the reader must not skip elements: a replacement linked *in place* of a deeper element of the same
+//! bucket, reusing the X a reader stands on, carried the reader past every element in between (a key present
+//! all along was not found; `single_step_maps.rs` found it). Replacements in these modes are linked at the head,
+//! as the kernel's `htab_map_update_elem` does.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -46,12 +51,28 @@ fn hook(p: Point) {
     }
 }
 
+/// The reader of `reader_is_not_carried_past_elements`: stands on its first non-matching element until the
+/// writer is done.
+fn hook_stand(p: Point) {
+    if ROLE.with(|r| r.get()) == READER
+        && p == Point::ReaderStep
+        && STEP.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    {
+        barrier(); // 1: the reader stands on X
+        barrier(); // 2: the writer replaced X's key and then P's, reusing X
+    }
+}
+
 fn k(i: u64) -> [u8; 8] {
     i.to_ne_bytes()
 }
 
+/// The tests here share the hook and the barrier.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 #[test]
 fn reader_on_an_element_being_reused_restarts() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     set_hook(Some(hook));
     for b in [
         Backend::Prealloc,
@@ -89,6 +110,50 @@ fn reader_on_an_element_being_reused_restarts() {
             writer.join().unwrap();
             assert_eq!(STEP.load(Ordering::Acquire), 2, "{b:?}/{lock:?}: the interleaving did not happen");
             assert!(m.stats().nulls_restarts >= 1, "{b:?}/{lock:?}: the reader did not restart");
+        }
+    }
+    set_hook(None);
+}
+
+/// Bucket `head -> X -> K -> P`; the reader looks up K and stands on X; the writer replaces X's key (X is
+/// retired and reused at once) and then P's (the replacement reuses X). Linked in place of P, X would lead the
+/// reader from X straight to the end of the bucket, past K.
+#[test]
+fn reader_is_not_carried_past_elements() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    set_hook(Some(hook_stand));
+    for b in [
+        Backend::Prealloc,
+        Backend::BpfMemAlloc(RefillMode::AtRegionEnd),
+        Backend::Nolock(NolockReuse::TypesafeImmediate),
+    ] {
+        for lock in [LockMode::Rqspin, LockMode::MapLocked] {
+            STEP.store(0, Ordering::Release);
+            *SYNC.lock().unwrap() = Some(Arc::new(Barrier::new(2)));
+            let m = Arc::new(HashMap::new(HtabAttr::new(8, 8, 4).backend(b).lock(lock)).unwrap());
+            let mask = m.n_buckets() as u32 - 1;
+            let in0: Vec<u64> = (0..10_000).filter(|&i| m.debug_hash(&k(i)) & mask == 0).take(3).collect();
+            let (p, key, x) = (in0[0], in0[1], in0[2]);
+            for (i, &kk) in [p, key, x].iter().enumerate() {
+                m.update(&k(kk), &k(10 + i as u64), UpdateFlags::NoExist).unwrap();
+            }
+            let writer = {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    barrier(); // 1: the reader stands on X
+                    m.update(&k(x), &k(21), UpdateFlags::Exist).unwrap();
+                    m.update(&k(p), &k(22), UpdateFlags::Exist).unwrap();
+                    barrier(); // 2
+                })
+            };
+            ROLE.with(|r| r.set(READER));
+            let mut out = [0u8; 8];
+            let r = m.lookup_copy(&k(key), &mut out);
+            ROLE.with(|r| r.set(0));
+            writer.join().unwrap();
+            assert_eq!(STEP.load(Ordering::Acquire), 1, "{b:?}/{lock:?}: the interleaving did not happen");
+            assert_eq!(r, Ok(()), "{b:?}/{lock:?}: a key present all along was not found");
+            assert_eq!(out, k(11), "{b:?}/{lock:?}");
         }
     }
     set_hook(None);

@@ -278,6 +278,34 @@ fn f_create_race_with_own_handler_nolock() {
     }
 }
 
+/// The first creation loses the race to publish the storage to a handler that creates in *another* map: the
+/// interrupted call retries in the handler's storage with a new element, whose value must be the one its `init`
+/// built (`init` runs once; the value moves from the undone element). Found by `single_step_maps.rs`: the new
+/// element's value was never written.
+#[test]
+fn f_create_lost_to_another_map_keeps_the_value() {
+    let _reports = testkit::NoReports::new();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for alloc in StorageAlloc::ALL {
+        let map = Map::new(cfg(alloc, Recursion::Nolock)).unwrap();
+        let other = Map::new(cfg(alloc, Recursion::Nolock)).unwrap();
+        let ((val, inits), res) = with_signal_at(&other, HookPoint::CreateBeforePublish, 1, |_| {
+            let mut inits = 0;
+            let v = map
+                .get_current(GetFlags::CREATE, || {
+                    inits += 1;
+                    AtomicU64::new(0x5eed)
+                })
+                .unwrap();
+            (v.load(Ordering::Relaxed), inits)
+        });
+        assert_eq!(res, 1, "{alloc:?}: the handler's get(CREATE) on the other map succeeded");
+        assert_eq!((val, inits), (0x5eed, 1), "{alloc:?}: the value init built, init run once");
+        assert_eq!(map.stats().created, 1, "{alloc:?}");
+        assert_eq!(other.stats().storages_created, 1, "{alloc:?}: the handler's storage is the one");
+    }
+}
+
 #[test]
 fn f_create_race_with_own_handler_older_kernels() {
     let _reports = testkit::NoReports::new();

@@ -181,16 +181,27 @@ impl Elem {
     /// Copy the value out with volatile reads (it may be written concurrently by users or by a reuse).
     #[inline]
     pub fn copy_value(self, key_rup: usize, out: &mut [u8]) {
-        let v = self.value_ptr(key_rup);
-        let words = out.len() / 8;
-        for i in 0..words {
-            // SAFETY: inside the value area, 8-aligned.
-            let w = unsafe { core::ptr::read_volatile((v as *const u64).add(i)) };
-            out[i * 8..i * 8 + 8].copy_from_slice(&w.to_ne_bytes());
-        }
-        for (i, o) in out.iter_mut().enumerate().skip(words * 8) {
-            // SAFETY: inside the value area.
-            *o = unsafe { core::ptr::read_volatile(v.add(i)) };
-        }
+        // SAFETY: the value area of this element holds at least `out.len()` bytes (callers copy at most the
+        // value size), 8-aligned (the header and `key_rup` are multiples of 8).
+        unsafe { copy_value_at(self.value_ptr(key_rup), out) }
+    }
+}
+
+/// Copy `out.len()` bytes of the value at `v` with volatile reads, word by word where whole words fit (a word
+/// written concurrently with one atomic store is never torn).
+///
+/// # Safety
+/// `v` is 8-aligned and `out.len()` bytes from it are readable (element memory under the caller's protection).
+#[inline]
+pub unsafe fn copy_value_at(v: *const u8, out: &mut [u8]) {
+    let words = out.len() / 8;
+    for i in 0..words {
+        // SAFETY: per the contract, inside the value area, 8-aligned.
+        let w = unsafe { core::ptr::read_volatile((v as *const u64).add(i)) };
+        out[i * 8..i * 8 + 8].copy_from_slice(&w.to_ne_bytes());
+    }
+    for (i, o) in out.iter_mut().enumerate().skip(words * 8) {
+        // SAFETY: per the contract, inside the value area.
+        *o = unsafe { core::ptr::read_volatile(v.add(i)) };
     }
 }

@@ -12,6 +12,8 @@
 //! - **Insert at head** (key absent): `new.next = first` (a private store), then CAS `head: first -> new`.
 //! - **Claim** (delete or replace `old`): CAS `old.repl: 0 -> DEL | new`. Exactly one claim per element wins;
 //!   `new` is fully initialised before the claim (the claim publishes it to helpers) and has `next == UNSET`.
+//!   (Locked modes with immediate reuse replace as the kernel does instead, under the bucket lock: claim `old`
+//!   with [`REPLACED`], insert `new` at the head, then complete `old` as a delete: [`update_at_head`].)
 //! - **Complete** (anyone who meets a claimed element `c` behind link word `prev` — its claimer, another thread,
 //!   or a signal handler that interrupted the claimer): freeze `c.next` (set the mark by CAS until it is set;
 //!   from then on `c.next` never changes), let `succ = c.next & !MARK`; for a replace, CAS `new.next: UNSET ->
@@ -76,6 +78,9 @@ pub const NULLS: usize = 1;
 pub const MARK: usize = 2;
 /// `repl` of an element being deleted.
 pub const DEL: usize = 1;
+/// `repl` of an element being removed because its replacement was linked at the head ([`update_at_head`]):
+/// unlinked as a delete, retired as a replaced element.
+pub const REPLACED: usize = 3;
 /// `next` of a replacement element not linked yet.
 pub const UNSET: usize = 0;
 
@@ -213,7 +218,7 @@ pub unsafe fn complete<N: Nodes>(n: &N, prev: &AtomicUsize, c: usize, r: usize) 
     }
     let succ = nx & !MARK;
     point(Point::AfterFreeze);
-    let target = if r == DEL {
+    let target = if r == DEL || r == REPLACED {
         succ
     } else {
         // SAFETY: `r` is the replacement published by the claim (Acquire load of `repl` in the caller).
@@ -325,6 +330,61 @@ pub unsafe fn update<N: Nodes, E>(
         }
         st.cas_restarts += 1;
     }
+}
+
+/// An update for the locked modes whose removed elements are reused at once: as [`update`], but a replacement is
+/// linked at the head and the old element then removed (claimed with [`REPLACED`] first, so iterations can
+/// skip it), as the kernel's `htab_map_update_elem` does, instead of taking the old element's place.
+///
+/// Why: a lockless reader may stand on an element that a writer removes and reuses at once. Reused as the
+/// replacement of a *deeper* element of the same bucket and linked in its place, it carries the reader from
+/// where it stood to that place, past every element in between: a key present all along is not found (a
+/// reader on X in `head -> X -> K -> P`; the writer replaces X's key, then P's, reusing X in place of P; the
+/// reader goes from X to the end of the bucket). Linked at the head, a reused element only takes the reader
+/// back to the start of the bucket (or, in another bucket, to a nulls marker that restarts the walk).
+///
+/// # Safety
+/// As [`update`]; and the caller holds the bucket's lock: no other writer changes the bucket.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn update_at_head<N: Nodes, E>(
+    n: &N,
+    head: &AtomicUsize,
+    idx: usize,
+    mut matches: impl FnMut(usize) -> bool,
+    want: Want,
+    mut get: impl FnMut(bool) -> Result<usize, E>,
+    retire: &mut impl FnMut(usize),
+    st: &mut WalkStats,
+) -> Result<Done, E> {
+    // SAFETY: per the caller.
+    let pos = unsafe { seek(n, head, idx, &mut matches, retire, st) };
+    point(Point::AfterSeek);
+    let old = pos.found();
+    match (old, want) {
+        (Some(_), Want::NoExist) => return Ok(Done::Exists),
+        (None, Want::Exist) => return Ok(Done::NotFound),
+        _ => {}
+    }
+    let e = get(old.is_some())?;
+    if let Some(o) = old {
+        // SAFETY: `o` was found by the walk; under the bucket lock nobody else claims it.
+        let won = unsafe { claim(n, o, REPLACED) };
+        debug_assert!(won, "an element claimed under the bucket lock by another writer");
+        point(Point::AfterClaim);
+    }
+    point(Point::BeforeInsert);
+    // Under the bucket lock only readers run beside us: the head is still `first` (retry anyway).
+    let mut first = pos.first;
+    // SAFETY: `e` is private and initialised (caller).
+    while !unsafe { insert_head(n, head, first, e) } {
+        // Acquire: as in `seek`.
+        first = head.load(Ordering::Acquire);
+        st.cas_restarts += 1;
+    }
+    let Some(o) = old else { return Ok(Done::Inserted) };
+    // SAFETY: per the caller.
+    unsafe { seek(n, head, idx, |c| c == o, retire, st) };
+    Ok(Done::Replaced)
 }
 
 /// A delete of bucket `idx`: walk, claim the element with the key, call `claimed(e)` (the value is still

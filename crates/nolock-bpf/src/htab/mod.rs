@@ -26,8 +26,10 @@
 //!
 //! An update is what the kernel's `htab_map_update_elem` does: find the key, check the flags, take an element
 //! (a new one counts against `max_entries`: `Full` = `-E2BIG`), link it at the head (new key) or in place of the
-//! old one (existing key), and retire the old one. Every map operation is one IRQs-off region
-//! ([`crate::cpu::IrqRegion`]).
+//! old one (existing key), and retire the old one. Where removed elements are reused at once (the locked modes
+//! with Prealloc, bpf_mem_alloc or type-safe reuse) a replacement is linked at the head and the old element
+//! removed after, as in the kernel (`list::update_at_head`: in place, a reused element would carry lockless
+//! readers past keys). Every map operation is one IRQs-off region ([`crate::cpu::IrqRegion`]).
 //!
 //! # Context
 //! As the crate: every operation may run in a signal handler that interrupted any operation of the same map on
@@ -398,7 +400,10 @@ impl ValueRef<'_> {
     /// Copy the value (volatile reads: it may change concurrently).
     pub fn copy_to(&self, out: &mut [u8]) {
         let n = out.len().min(self.len);
-        Elem(self.ptr as usize).copy_value(0, &mut out[..n]);
+        // `ptr` is the value itself, not an element: `Elem(ptr).copy_value(0, ..)` read 48 bytes (a header)
+        // further on, past the element's end (tests/single_step_maps.rs found it).
+        // SAFETY: `ptr` is the 8-aligned value of an element, `n <= len` bytes, mapped while the guard lives.
+        unsafe { elem::copy_value_at(self.ptr, &mut out[..n]) };
     }
 }
 
@@ -668,8 +673,10 @@ impl HashMap {
             'restart: loop {
                 buf.clear();
                 // Acquire: as in `get_next_key`.
-                let mut cur = b.load(Ordering::Acquire);
+                let first = b.load(Ordering::Acquire);
+                let mut cur = first;
                 let mut seen = 0usize;
+                let mut skipped = false;
                 while !list::is_nulls(cur) {
                     seen += 1;
                     if cur == UNSET || seen > m.max_entries * 2 + 16 {
@@ -678,6 +685,14 @@ impl HashMap {
                         continue 'restart;
                     }
                     let el = Elem(cur);
+                    // Acquire: pairs with the claim CAS (AcqRel in `list::claim`).
+                    if el.repl().load(Ordering::Acquire) == list::REPLACED {
+                        // Its replacement is (or will be, if the head changes) at the head (`update_at_head`).
+                        skipped = true;
+                        // Acquire: as below.
+                        cur = el.next().load(Ordering::Acquire) & !list::MARK;
+                        continue;
+                    }
                     let at = buf.len();
                     buf.resize(at + ks + vs, 0);
                     m.copy_key(cur, &mut buf[at..at + ks]);
@@ -687,6 +702,10 @@ impl HashMap {
                 }
                 if list::nulls_index(cur) != idx {
                     m.counters.nulls_restarts.fetch_add(1, Ordering::Relaxed);
+                    continue 'restart;
+                }
+                // Acquire: as above. A replacement linked at the head after we passed it: walk again.
+                if skipped && b.load(Ordering::Acquire) != first {
                     continue 'restart;
                 }
                 break;
@@ -1070,10 +1089,17 @@ impl Inner {
             Ok(e)
         };
         let mut retire = |e: usize| un.push(self, e);
+        let matches = |e: usize| Elem(e).key_matches(hash, key);
         // SAFETY: the caller holds the bucket lock (locked modes) or a read-side section (lock-free mode, where
-        // unlinked elements are reused only after a grace period).
-        let r =
-            unsafe { list::update(&ElemNodes, b, idx, |e| Elem(e).key_matches(hash, key), want, get, &mut retire, ws) };
+        // unlinked elements are reused only after a grace period). Removed elements reused at once (locked
+        // modes only) need the kernel's order, a replacement linked at the head: see `list::update_at_head`.
+        let r = unsafe {
+            if matches!(self.retire, Retire::Immediate) {
+                list::update_at_head(&ElemNodes, b, idx, matches, want, get, &mut retire, ws)
+            } else {
+                list::update(&ElemNodes, b, idx, matches, want, get, &mut retire, ws)
+            }
+        };
         let (keep, err) = match r {
             Ok(list::Done::Inserted) => (true, None),
             Ok(list::Done::Replaced) => {

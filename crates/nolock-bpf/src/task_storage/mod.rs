@@ -994,10 +994,25 @@ impl<V: Send + Sync> TaskStorage<V> {
         };
         hook(HookPoint::GetGuardHeld);
         let mut init = Some(init);
+        // Where `init`'s value was written first. `write` can be called twice: in `Nolock` mode a first creation
+        // that loses the race to publish the task's storage (a signal handler on this thread published one,
+        // for another map, between this call's `create_first` and its compare-and-swap) undoes its element and
+        // creates a new one in the winner's storage. `init` has run already (at most once, as documented), so
+        // the value moves from the undone element, whose memory stays valid: it is freed after a Tasks Trace
+        // grace period and this call holds a section. (Before, the new element's value was never written:
+        // tests/single_step_maps.rs, `task_storage_creation_at_each_instruction`.)
+        let mut first: *const V = core::ptr::null();
         let mut write = |p: *mut u8| {
+            // SAFETY: `p` is a fresh element of `Selem<V>` layout, owned by the caller until published.
+            let dst = unsafe { &raw mut (*(p as *mut Selem<V>)).value };
             if let Some(f) = init.take() {
-                // SAFETY: `p` is a fresh element of `Selem<V>` layout, owned by the caller until published.
-                unsafe { core::ptr::write(&raw mut (*(p as *mut Selem<V>)).value, f()) };
+                // SAFETY: as above.
+                unsafe { core::ptr::write(dst, f()) };
+                first = dst;
+            } else if !first.is_null() {
+                // SAFETY: `first` is the value of the undone element (valid, see above, and never published,
+                // so nobody else reads it or will drop it: `V` needs no drop); `dst` is as above.
+                unsafe { core::ptr::copy_nonoverlapping(first, dst, 1) };
             }
         };
         let n = self.core.get_raw(task, flags == GetFlags::CREATE, &mut write)?;
