@@ -264,7 +264,8 @@ fn run_passes(mode: u8, passes: &[(u64, u64)], min_traps: u64, mut pass: impl Fn
         assert!(!RUNAWAY.load(Ordering::Relaxed), "the stepped code made no progress in {RUNAWAY_TRAPS} traps");
         assert!(traps > min_traps, "single-stepping ran ({traps} traps)");
         assert!(acted * every >= traps - every, "the handler ran at every {every}th trap ({acted} of {traps})");
-        assert!(hit * 10 >= hot * 6, "the handler's actions reached the stepped code ({hit} of {hot})");
+        // (With e^-2 odds of a miss each, 60% is far below what 40 or more addresses give by chance.)
+        assert!(hot < 40 || hit * 10 >= hot * 6, "the handler's actions reached the stepped code ({hit} of {hot})");
         assert_eq!(COV_FULL.load(Ordering::Relaxed), 0, "coverage table full");
     }
     MODE.store(MODE_NONE, Ordering::SeqCst);
