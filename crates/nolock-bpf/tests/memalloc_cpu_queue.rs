@@ -24,7 +24,7 @@ fn item(arg: usize) {
     RUNS[arg].fetch_add(1, Ordering::Relaxed);
 }
 
-const TF: i64 = 0x100;
+use testkit::step::TF;
 
 extern "C" fn on_trap(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: an SA_SIGINFO handler's third argument is the interrupted context.
@@ -46,9 +46,7 @@ extern "C" fn on_trap(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c
 #[inline(never)]
 fn start_stepping() {
     STEPPING.store(true, Ordering::SeqCst);
-    // SAFETY: sets the trap flag in RFLAGS: a SIGTRAP after every following instruction until the handler
-    // clears it in the saved context; touches only the stack slot it pushes and pops.
-    unsafe { core::arch::asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq") };
+    testkit::step::set_trap_flag();
 }
 
 #[test]

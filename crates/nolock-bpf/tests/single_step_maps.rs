@@ -68,7 +68,7 @@ use testkit::splitmix64;
 // Single-stepping
 // -------------------------------------------------------------------------------------------------------------
 
-const TF: i64 = 0x100;
+use testkit::step::TF;
 
 static STEPPING: AtomicBool = AtomicBool::new(false);
 static TRAPS: AtomicU64 = AtomicU64::new(0);
@@ -125,9 +125,7 @@ extern "C" fn on_trap(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c
 #[inline(never)]
 fn start_stepping() {
     STEPPING.store(true, Ordering::SeqCst);
-    // SAFETY: sets the trap flag in RFLAGS: a SIGTRAP after every following instruction until the handler
-    // clears it in the saved context; touches only the stack slot it pushes and pops.
-    unsafe { core::arch::asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq") };
+    testkit::step::set_trap_flag();
 }
 
 #[inline(never)]

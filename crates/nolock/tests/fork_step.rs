@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use nolock::{Gfp, KmemCache, RcuHead, SrcuFast, kfree_nolock, kfree_rcu_nolock, kmalloc_nolock};
 
-const TF: i64 = 0x100;
+use testkit::step::TF;
 
 /// How long the parent waits for a child before killing it (the child's own `alarm` fires at 10 s).
 const CHILD_DEADLINE: Duration = Duration::from_secs(15);
@@ -455,9 +455,7 @@ fn child_checks() -> i32 {
 #[inline(never)]
 fn start_stepping() {
     STEPPING.store(true, Ordering::SeqCst);
-    // SAFETY: sets the trap flag in RFLAGS: a SIGTRAP after every following instruction until the handler
-    // clears it in the saved context; touches only the stack slot it pushes and pops.
-    unsafe { core::arch::asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq") };
+    testkit::step::set_trap_flag();
 }
 
 #[inline(never)]

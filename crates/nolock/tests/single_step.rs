@@ -24,7 +24,7 @@ use std::alloc::Layout;
 
 use nolock::{Gfp, KmemCache, RcuHead, SlabFlags, SrcuFast, kfree_nolock, kfree_rcu_nolock, kmalloc_nolock};
 
-const TF: i64 = 0x100;
+use testkit::step::TF;
 
 static STEPPING: AtomicBool = AtomicBool::new(false);
 static TRAPS: AtomicU64 = AtomicU64::new(0);
@@ -122,9 +122,7 @@ fn release(addr: usize, size: usize) {
 #[inline(never)]
 fn start_stepping() {
     STEPPING.store(true, Ordering::SeqCst);
-    // SAFETY: sets the trap flag in RFLAGS: a SIGTRAP after every following instruction until the handler
-    // clears it in the saved context; touches only the stack slot it pushes and pops.
-    unsafe { core::arch::asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq") };
+    testkit::step::set_trap_flag();
 }
 
 #[inline(never)]

@@ -45,7 +45,7 @@ use testkit::{pattern_word, splitmix64};
 #[global_allocator]
 static A: HybridAlloc<System> = HybridAlloc::new(System);
 
-const TF: i64 = 0x100;
+use testkit::step::TF;
 
 static STEPPING: AtomicBool = AtomicBool::new(false);
 static TRAPS: AtomicU64 = AtomicU64::new(0);
@@ -134,9 +134,7 @@ impl Stepping {
     #[inline(never)]
     fn start() -> Self {
         STEPPING.store(true, Ordering::SeqCst);
-        // SAFETY: sets the trap flag in RFLAGS: a SIGTRAP after every following instruction until the handler
-        // clears it in the saved context; touches only the stack slot it pushes and pops.
-        unsafe { core::arch::asm!("pushfq", "or qword ptr [rsp], 0x100", "popfq") };
+        testkit::step::set_trap_flag();
         Stepping
     }
 }

@@ -26,6 +26,8 @@ pub mod rand;
 pub mod reports;
 pub mod signal;
 pub mod sleep;
+#[cfg(target_arch = "x86_64")]
+pub mod step;
 pub mod storm;
 pub mod sys;
 pub mod timer;
