@@ -133,6 +133,9 @@ enum BenchWhat {
     /// BPF hash maps (nolock-bpf): htab-mem, full-update, occupancy, insert-until-full, burst and signal
     /// storms, nolock backends against prealloc and bpf_mem_alloc.
     Maps,
+    /// The rseq experiment: a free list's pop+push with per-CPU lists guarded by restartable sequences, with
+    /// nolock's per-thread busy flag, and unguarded (x86-64).
+    Rseq,
 }
 
 fn main() -> ExitCode {
@@ -170,6 +173,13 @@ fn main() -> ExitCode {
                 BenchWhat::Rcu => bench::rcu::run(&args),
                 BenchWhat::Typesafe => bench::typesafe::run(&args),
                 BenchWhat::Maps => maps::run(&args),
+                #[cfg(target_arch = "x86_64")]
+                BenchWhat::Rseq => bench::rseq::run(&args),
+                #[cfg(not(target_arch = "x86_64"))]
+                BenchWhat::Rseq => {
+                    eprintln!("nolock bench rseq: x86-64 only");
+                    ExitCode::FAILURE
+                }
             }
         }
         Command::Compare { quick, kernel, out, only } => {

@@ -5,7 +5,9 @@
 //! - [`rcu`]: RCU, SRCU-fast and Tasks Trace readers, grace periods, `call_rcu_nolock` and `kfree_rcu_nolock`
 //!   against crossbeam-epoch, seize, `membarrier` and (with the `liburcu` feature) liburcu (`nolock bench rcu`);
 //! - [`typesafe`]: the add-then-delete pattern through a type-safe cache, `kfree_rcu_nolock` and plain
-//!   `kfree_nolock`: throughput and memory held (`nolock bench typesafe`).
+//!   `kfree_nolock`: throughput and memory held (`nolock bench typesafe`);
+//! - [`rseq`]: the rseq experiment: per-CPU lists guarded by restartable sequences against nolock's per-thread
+//!   lists guarded by a busy flag (`nolock bench rseq`).
 //!
 //! These machines are noisy (results can move 2× between runs), so each cell is the median of at least five
 //! timed repetitions with min and max, the contenders take turns inside every repetition, and only ratios
@@ -29,6 +31,8 @@ pub mod alloc {
     }
 }
 pub mod rcu;
+#[cfg(target_arch = "x86_64")]
+pub mod rseq;
 pub mod typesafe;
 #[cfg(feature = "liburcu")]
 mod urcu;
