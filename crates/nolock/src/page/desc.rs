@@ -76,6 +76,11 @@ impl Info {
             _ => Kind::Free,
         }
     }
+    /// Whether this is a page of a slab of cache `cache_id` (kind and cache id in one compare, for list walks).
+    #[inline(always)]
+    pub fn is_slab_of(self, cache_id: u16) -> bool {
+        self.0 & 0xffff_00ff == (u64::from(cache_id) << 16) | Kind::Slab as u64
+    }
     /// Cache id (slab pages).
     #[inline]
     pub fn cache_id(self) -> u16 {

@@ -35,7 +35,7 @@ use core::sync::atomic::Ordering;
 use super::cache::CacheInner;
 use super::debug;
 use super::tables::SlabState;
-use crate::page::desc::Kind;
+use crate::page::ArenaView;
 use crate::sync::slab_freelist::LinkCodec;
 use crate::sys::PAGE_SHIFT;
 
@@ -65,6 +65,18 @@ impl<const CODED: bool> Shape<CODED> {
         // accessed atomically.
         let word = unsafe { &*(at as *const core::sync::atomic::AtomicUsize) }.load(Ordering::Relaxed);
         if CODED { self.codec.decode(at, word) } else { word }
+    }
+
+    /// Make `next` the link of the free slot `slot`, encoded as this cache stores links.
+    ///
+    /// # Safety
+    /// `slot` is a slot of this cache that the caller owns (free, on a list it holds).
+    #[inline(always)]
+    pub(super) unsafe fn store(&self, slot: usize, next: usize) {
+        let at = slot + self.link_off;
+        let word = if CODED { self.codec.encode(at, next) } else { next };
+        // SAFETY: as for `load`.
+        unsafe { &*(at as *const core::sync::atomic::AtomicUsize) }.store(word, Ordering::Relaxed);
     }
 
     /// The index of the slot at offset `rel` from its slab's start.
@@ -114,6 +126,44 @@ impl<const CODED: bool> Shape<CODED> {
     }
 }
 
+/// What [`CacheInner::slab_finder`] gives: the slab lookup of a walk, with everything it reads held by value.
+#[derive(Clone, Copy)]
+pub(super) struct SlabFinder<const CODED: bool> {
+    arena: ArenaView,
+    id: u16,
+    pub(super) shape: Shape<CODED>,
+}
+
+impl<const CODED: bool> SlabFinder<CODED> {
+    /// If `addr` is a slot of a live slab of this cache: that slab's start and head page (the descriptor lookup
+    /// of `is_slot`).
+    #[inline(always)]
+    pub(super) fn slot_slab(&self, addr: usize) -> Option<(usize, u32)> {
+        if !self.arena.contains(addr) {
+            return None;
+        }
+        let info = self.arena.info_of(addr);
+        if !info.is_slab_of(self.id) {
+            return None;
+        }
+        let base = self.arena.page_addr(info.head() as usize);
+        // `addr` lies in the slab's pages, so its offset is below the slab's size, as `slot_ok` requires.
+        self.shape.slot_ok(addr - base).then_some((base, info.head()))
+    }
+
+    /// The head page of the slab of `addr`, a checked slot of this cache.
+    #[inline(always)]
+    pub(super) fn head_of(&self, addr: usize) -> u32 {
+        self.arena.info_of(addr).head()
+    }
+
+    /// Address of page `page`.
+    #[inline(always)]
+    pub(super) fn page_addr(&self, page: u32) -> usize {
+        self.arena.page_addr(page as usize)
+    }
+}
+
 /// What `walk_chain` found.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Walk {
@@ -155,19 +205,12 @@ impl CacheInner {
         }
     }
 
-    /// If `addr` is a slot of a live slab of this cache: that slab's start and head page (the descriptor lookup
-    /// of `is_slot`).
-    #[inline]
-    pub(super) fn slot_slab(&self, g: &SlabState, addr: usize) -> Option<(usize, u32)> {
-        if !g.pages.contains(addr) {
-            return None;
-        }
-        let info = g.pages.info_of(addr);
-        if info.kind() != Kind::Slab || info.cache_id() != self.id() {
-            return None;
-        }
-        let base = g.pages.page_addr(info.head() as usize);
-        self.index_of(addr.wrapping_sub(base)).map(|_| (base, info.head()))
+    /// The lookup walks over many slabs make (`scan_flush`, `flush_grouped`): the arena's geometry and this
+    /// cache's identity and slot shape copied into a value the walk keeps in registers, so that finding an
+    /// address's slab is one descriptor load and one compare.
+    #[inline(always)]
+    pub(super) fn slab_finder<const CODED: bool>(&self, g: &SlabState) -> SlabFinder<CODED> {
+        SlabFinder { arena: g.arena, id: self.id(), shape: self.shape::<CODED>() }
     }
 
     /// Walk the chain of free slots from `first`, whose links are stored through `codec`, checking that `first`

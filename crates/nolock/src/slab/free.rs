@@ -460,11 +460,12 @@ impl CacheInner {
         group: u32,
         runs: &mut [Run; FLUSH_RUNS],
     ) -> Option<Scan> {
-        let sh = self.shape::<CODED>();
+        let finder = self.slab_finder::<CODED>(g);
+        let sh = finder.shape;
         if n == 0 {
             return None;
         }
-        let (mut base, head) = self.slot_slab(g, first)?;
+        let (mut base, head) = finder.slot_slab(first)?;
         // `node` is the `seen`-th object, checked; while `grouping`, it is the last one of `run`.
         // `delta` and `ahead` as in `chain_sound`.
         let (mut node, mut seen, mut delta, mut ahead) = (first, 1u32, 0usize, false);
@@ -511,7 +512,7 @@ impl CacheInner {
                     run.k += 1;
                 }
             } else {
-                let (b, h) = self.slot_slab(g, next)?;
+                let (b, h) = finder.slot_slab(next)?;
                 base = b;
                 (delta, ahead) = (0, false);
                 if grouping {
@@ -559,19 +560,29 @@ impl CacheInner {
     }
 
     /// Give back the first `left` objects of the thread's list, checked already, grouped by slab: each object is
-    /// detached from the list and linked into the chain of its slab in a small direct-mapped table on the stack
-    /// (`GROUP_SLABS` entries, indexed by the slab's number; a slab that finds its entry taken by another pushes
-    /// that one's chain first), and each chain goes back with one push. Frees in random order then cost about
-    /// one push per slab rather than one per object when their objects come from a few dozen slabs.
+    /// linked into the chain of its slab in a small direct-mapped table on the stack (`GROUP_SLABS` entries,
+    /// indexed by the slab's number; a slab that finds its entry taken by another pushes that one's chain
+    /// first), and each chain goes back with one push. Frees in random order then cost about one push per slab
+    /// rather than one per object when their objects come from a few dozen slabs.
     ///
     /// # Context
     /// The owner of the list (busy held); any context. No allocation: the table is on the stack (768 bytes).
     #[inline(never)]
-    pub(super) fn flush_grouped(&self, g: &SlabState, t: &ThreadCaches, tc: &ThreadCache, mut left: u32) {
-        let c = self.cfg();
-        let slab_bytes = (c.slab_pages as usize) << PAGE_SHIFT;
+    pub(super) fn flush_grouped(&self, g: &SlabState, t: &ThreadCaches, tc: &ThreadCache, left: u32) {
+        if self.codec().is_hardened() {
+            self.flush_grouped_in::<true>(g, t, tc, left);
+        } else {
+            self.flush_grouped_in::<false>(g, t, tc, left);
+        }
+    }
+
+    /// `flush_grouped` for a cache whose links are encoded (`CODED`) or not.
+    #[inline(always)]
+    fn flush_grouped_in<const CODED: bool>(&self, g: &SlabState, t: &ThreadCaches, tc: &ThreadCache, left: u32) {
+        let finder = self.slab_finder::<CODED>(g);
+        let sh = finder.shape;
         // Slabs are aligned to their size (up to 64 pages), so consecutive slabs get consecutive entries.
-        let shift = c.slab_pages.trailing_zeros();
+        let shift = (sh.slab_bytes >> PAGE_SHIFT).trailing_zeros();
         let tag = thread_cache::tag(g, t);
         // One chain per entry (`k == 0`: empty): `first` its most recently added object, `last` the first one
         // (whose link `push_run` rewrites).
@@ -579,20 +590,20 @@ impl CacheInner {
         // The entry of the previous object and its slab's start: the next object is often in the same slab.
         let (mut hint, mut hint_base) = (0usize, usize::MAX);
         let mut obj = tc.freelist.load(Ordering::Relaxed);
-        while left > 0 && obj != 0 {
-            let next = self.next_of(obj);
-            // Detach `obj`: from here on it is only in the table.
-            tc.freelist.store(next, Ordering::Relaxed);
-            tc.count.store(tc.count.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
-            left -= 1;
-            let e = if obj.wrapping_sub(hint_base) < slab_bytes {
+        let mut taken = 0u32;
+        while taken < left && obj != 0 {
+            // SAFETY: `obj` is a checked slot of this cache on our list (busy held).
+            let next = unsafe { sh.load(obj) };
+            taken += 1;
+            let e = if obj.wrapping_sub(hint_base) < sh.slab_bytes {
                 &mut tab[hint]
             } else {
-                let head = g.pages.info_of(obj).head();
+                let head = finder.head_of(obj);
                 hint = (head >> shift) as usize % GROUP_SLABS;
-                hint_base = g.pages.page_addr(head as usize);
+                hint_base = finder.page_addr(head);
                 let e = &mut tab[hint];
                 if e.k > 0 && e.head != head {
+                    // The objects taken so far are off the list from here on: the push rewrites links.
                     self.push_run(g, e.head, e.first, e.last, e.k as u16, tag);
                     e.k = 0;
                 }
@@ -602,13 +613,21 @@ impl CacheInner {
                 e
             };
             if e.k > 0 {
-                self.set_next(obj, e.first);
+                // SAFETY: as above; `obj` has left the list (its successor is read).
+                unsafe { sh.store(obj, e.first) };
                 e.first = obj;
             }
             // A sound list holds no object twice, so a chain never exceeds its slab's capacity (a u16).
             e.k += 1;
             obj = next;
         }
+        // Detach what was taken, then give back the chains still in the table. Until this store the list still
+        // starts with objects some of which are back in their slabs; nothing reads it meanwhile: the busy flag
+        // keeps nested contexts off, a claimer waits for it, and a list whose busy flag is never cleared (its
+        // context left by `longjmp`, or a fork child's thread that is gone) is dropped unwalked
+        // (`thread_cache`).
+        tc.freelist.store(obj, Ordering::Relaxed);
+        tc.count.store(tc.count.load(Ordering::Relaxed) - taken, Ordering::Relaxed);
         for r in tab.iter().filter(|r| r.k > 0) {
             self.push_run(g, r.head, r.first, r.last, r.k as u16, tag);
         }
