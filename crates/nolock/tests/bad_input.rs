@@ -379,6 +379,76 @@ fn double_free_plain_cache_never_two_owners() {
     std::mem::forget(cache);
 }
 
+/// `free(a); free(b); free(a)` on a plain `KmemCache` (no constructor, not type-safe, link word at offset 0):
+/// such a cache carries the free key like the kmalloc classes, so the third free is refused — on the fast path
+/// (`free_nolock` reports it) and through `try_free_nolock` — wherever the first free put the object, and
+/// nothing is handed out twice afterwards. Several object sizes, the smallest one that has room for the key.
+/// Before the key covered these caches, the next allocations returned `a`, `b`, `a`.
+#[test]
+fn double_free_not_at_the_head_plain_cache() {
+    let _s = serial();
+    for size in [16usize, 24, 64, 200, 1000] {
+        let cache = KmemCache::new("bad-double-nothead", Layout::from_size_align(size, 8).unwrap()).unwrap();
+        let a = cache.alloc_nolock(Gfp::NONE).unwrap();
+        let b = cache.alloc_nolock(Gfp::NONE).unwrap();
+        let r0 = reports();
+        // SAFETY: first frees of live objects, then a deliberate double free of `a` through the fast path.
+        unsafe {
+            cache.free_nolock(a);
+            cache.free_nolock(b);
+            cache.free_nolock(a);
+        }
+        assert_eq!(reports(), r0 + 1, "size {size}: the double free of a is reported");
+        // SAFETY: and once more through the reporting-free variant.
+        let e = unsafe { cache.try_free_nolock(a) }.unwrap_err();
+        assert_eq!(e.kind, FreeErrorKind::DoubleFree, "size {size}: {e:?}");
+        assert_display(&e, Some("bad-double-nothead"));
+        let got: Vec<NonNull<u8>> = (0..4).map(|_| cache.alloc_nolock(Gfp::NONE).unwrap()).collect();
+        let mut uniq: Vec<usize> = got.iter().map(|p| p.as_ptr() as usize).collect();
+        uniq.sort_unstable();
+        uniq.dedup();
+        assert_eq!(uniq.len(), got.len(), "size {size}: an object handed out twice: {got:x?}");
+        for p in got {
+            // SAFETY: live objects, freed once.
+            assert_eq!(unsafe { cache.try_free_nolock(p) }, Ok(()));
+        }
+        assert_eq!(cache.stats().bad_frees, 2, "size {size}: both refusals counted");
+        let report = cache.destroy();
+        assert_eq!(report.live_objects, 0, "size {size}: every object came back: {report:?}");
+    }
+}
+
+/// The key lives in a free object's second word, so caches that keep meaning in freed objects do not carry it:
+/// a constructor's state must survive free and reuse, a type-safe cache's readers probe freed objects, and a
+/// link word moved with `freeptr_offset` says the same. Their objects' second word is left alone by a free.
+#[test]
+fn free_key_spares_caches_that_keep_freed_contents() {
+    let _s = serial();
+    let word1 = |p: NonNull<u8>| {
+        // SAFETY: an object of at least 16 bytes, freed (still arena memory, never unmapped); a plain read.
+        unsafe { (p.as_ptr() as *const u64).add(1).read_volatile() }
+    };
+    fn ctor(p: NonNull<u8>) {
+        // SAFETY: the constructor gets a whole object of the cache (32 bytes).
+        unsafe { (p.as_ptr() as *mut u64).add(1).write(0xc7) };
+    }
+    let layout = Layout::new::<[u64; 4]>();
+    let with_ctor = KmemCache::builder("bad-key-ctor", layout).ctor(ctor).build().unwrap();
+    let moved = KmemCache::builder("bad-key-moved", layout).freeptr_offset(16).build().unwrap();
+    let typesafe =
+        KmemCache::builder("bad-key-typesafe", layout).flags(nolock::SlabFlags::TYPESAFE_BY_RCU).build().unwrap();
+    for (c, expect) in [(&with_ctor, 0xc7u64), (&moved, 0x1234), (&typesafe, 0x1234)] {
+        let p = c.alloc_nolock(Gfp::NONE).unwrap();
+        if expect == 0x1234 {
+            // SAFETY: a live object of 32 bytes.
+            unsafe { (p.as_ptr() as *mut u64).add(1).write(0x1234) };
+        }
+        // SAFETY: a live object, freed once.
+        unsafe { c.free_nolock(p) };
+        assert_eq!(word1(p), expect, "cache {}: the second word kept across the free", c.name());
+    }
+}
+
 // -------------------------------------------------------------------------------------------------------------
 // Wrong cache
 // -------------------------------------------------------------------------------------------------------------

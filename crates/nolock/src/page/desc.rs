@@ -30,6 +30,7 @@ pub enum Kind {
 
 const DEBUG_BIT: u64 = 1 << 8;
 const STRIDE_SHIFT_BIT: u32 = 9;
+const KEYED_BIT: u64 = 1 << 15;
 
 /// Decoded `info` word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,15 +45,24 @@ impl Info {
 
     /// Info word of a slab page; `debug` marks slabs of debug caches so that the free fast path can route
     /// them to the checked path without looking at the cache; `stride_shift` is log2 of the object stride when
-    /// every address of the slab that is a multiple of the stride is an object (0: check by division).
+    /// every address of the slab that is a multiple of the stride is an object (0: check by division); `keyed`
+    /// marks slabs of caches whose free objects carry the free key, so that the free fast path knows without
+    /// looking at the cache.
     #[inline]
-    pub fn slab(cache_id: u16, head: u32, debug: bool, stride_shift: u32) -> Self {
+    pub fn slab(cache_id: u16, head: u32, debug: bool, stride_shift: u32, keyed: bool) -> Self {
         debug_assert!(stride_shift < 64);
         Self(
             Self::new(Kind::Slab, cache_id, head).0
                 | if debug { DEBUG_BIT } else { 0 }
+                | if keyed { KEYED_BIT } else { 0 }
                 | (u64::from(stride_shift) << STRIDE_SHIFT_BIT),
         )
+    }
+
+    /// A slab of a cache whose free objects carry the free key (the slab layer's `FLAG_FREE_KEY`).
+    #[inline(always)]
+    pub fn is_keyed(self) -> bool {
+        self.0 & KEYED_BIT != 0
     }
 
     /// log2 of the stride if objects sit exactly at the multiples of a power-of-two stride (0: not so).

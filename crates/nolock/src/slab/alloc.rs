@@ -535,7 +535,7 @@ impl CacheInner {
         hooks::point(Point::SlabNew);
         // Debug and hardened slabs are not "plain": the free fast path sends their objects to the full path.
         let checked = c.flags & (FLAG_DEBUG | FLAG_HARDENED) != 0;
-        let info = Info::slab(self.id(), head as u32, checked, c.stride_shift);
+        let info = Info::slab(self.id(), head as u32, checked, c.stride_shift, c.flags & FLAG_FREE_KEY != 0);
         for p in head..head + pages {
             g.pages.desc(p).set_info(info);
         }

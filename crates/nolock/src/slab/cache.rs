@@ -63,9 +63,11 @@ pub const FLAG_KMALLOC: u32 = 2;
 /// Hardened mode: encoded free-list links, checked on every pop and free (see `debug`).
 pub const FLAG_HARDENED: u32 = 4;
 
-/// Plain kmalloc classes of 16 bytes and more: a free writes [`FREE_KEY`](super::free::FREE_KEY) into the
-/// object's second word and refuses an object that already holds it (a double free); every allocation clears
-/// it (see `free`).
+/// Plain caches of 16 bytes and more whose free objects mean nothing — the kmalloc classes, and `KmemCache`s
+/// with no constructor, not type-safe, with the link word at offset 0: a free writes
+/// [`FREE_KEY`](super::free::FREE_KEY) into the object's second word and refuses an object that already holds
+/// it (a double free); every allocation clears it (see `free`). Their slabs carry `Info::is_keyed`, which is
+/// what the free fast path tests.
 pub const FLAG_FREE_KEY: u32 = 8;
 
 /// Maximum number of caches (the kmalloc classes included) alive at once.
@@ -159,6 +161,13 @@ pub(crate) struct CacheConfig {
 pub const NO_FALLBACK: u16 = u16::MAX;
 
 impl CacheConfig {
+    /// Whether a free object of this cache holds nothing anyone reads: no constructor state to keep, no
+    /// type-safe readers that probe freed objects, the link word at the slot's start and the object there too —
+    /// so its second word may carry the free key.
+    fn keeps_nothing_when_free(&self) -> bool {
+        self.ctor == 0 && self.dtor == 0 && self.typesafe.is_none() && self.link_off == 0 && self.obj_off == 0
+    }
+
     /// Compute the layout of a cache. `size` is the usable object size, `freeptr` the link offset inside the
     /// object (non-debug caches only).
     pub fn new(name: &str, size: usize, align: usize, freeptr: usize, flags: u32) -> Self {
@@ -673,7 +682,10 @@ pub fn create(g: &SlabState, cfg: CacheConfig) -> Result<u16, CacheError> {
     if cfg.flags & FLAG_HARDENED != 0 {
         cfg.key = debug::random_key();
     }
-    if cfg.flags & (FLAG_KMALLOC | FLAG_DEBUG | FLAG_HARDENED) == FLAG_KMALLOC && cfg.stride >= 16 {
+    if cfg.flags & (FLAG_DEBUG | FLAG_HARDENED) == 0
+        && cfg.stride >= 16
+        && (cfg.flags & FLAG_KMALLOC != 0 || cfg.keeps_nothing_when_free())
+    {
         cfg.flags |= FLAG_FREE_KEY;
     }
     // SAFETY: the slot is reserved (STATE_CREATING): nobody reads its configuration until it is published.

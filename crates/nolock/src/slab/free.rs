@@ -34,7 +34,6 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::cache::{CacheInner, FLAG_DEBUG, FLAG_FREE_KEY, FLAG_HARDENED};
 use super::debug::{self, FreeError, FreeErrorKind};
-use super::kmalloc::NR_KMALLOC;
 use super::tables::SlabState;
 use super::thread_cache::{self, ThreadCache, ThreadCaches, bump};
 use crate::hooks::{self, Point};
@@ -43,8 +42,9 @@ use crate::sync::local_lock::TryLock;
 use crate::sync::slab_freelist::{LinkCodec, PushError};
 use crate::sys::PAGE_SHIFT;
 
-/// The free key: written into the second word of a freed object of a plain kmalloc class of 16 bytes or more
-/// (`FLAG_FREE_KEY`), cleared by every allocation. A free that finds it there refuses the object as a double
+/// The free key: written into the second word of a freed object of a keyed cache (`FLAG_FREE_KEY`: the plain
+/// kmalloc classes of 16 bytes or more, and plain `KmemCache`s whose free objects hold nothing), cleared by
+/// every allocation. A free that finds it there refuses the object as a double
 /// free — wherever the first free put it (this thread's list, another thread's, a slab) — where the cheap
 /// head-of-list check alone would let `free(a); free(b); free(a)` hand `a` out twice. (glibc's tcache keeps
 /// the same kind of key.) A live object whose second word the program set to exactly this value is refused
@@ -161,9 +161,9 @@ impl CacheInner {
                 g.cache(id).index_of(addr - g.arena.page_addr(info.head() as usize)).is_some()
             };
             if slot_ok {
-                // The plain kmalloc classes above 8 bytes (ids 1 .. NR_KMALLOC) carry the free key. An object
-                // that holds it is free already: the full path reports the double free.
-                if id.wrapping_sub(1) < (NR_KMALLOC - 1) as u16 && !take_free_key(addr) {
+                // Slabs of caches whose objects carry the free key say so in their descriptor. An object that
+                // holds the key is free already: the full path reports the double free.
+                if info.is_keyed() && !take_free_key(addr) {
                     return false;
                 }
                 // The cache itself is looked up only on the way out to a slow path, not on the push.
