@@ -142,21 +142,13 @@ pub enum Rseq {
     GaveUp,
 }
 
-/// Pop the first block of the calling CPU's list.
-///
-/// # Safety
-/// `area` is this thread's [`rseq_area`]; `lists` holds only blocks linked through their first word.
-///
-/// # Context
-/// Any context, signal handlers included: an interrupted section restarts.
-#[inline(never)]
-pub unsafe fn rseq_pop(area: *mut u8, lists: &PerCpu) -> Rseq {
-    let obj: usize;
-    let tries: u32;
-    // SAFETY: the critical section per the kernel's rseq ABI (see the module documentation): the descriptor
-    // (label 3) covers labels 4..5, whose last instruction is the commit store; the abort handler (7), after
-    // the signature, re-arms and restarts, or gives up after RSEQ_TRIES restarts with `obj = 1`.
-    unsafe {
+/// One rseq critical section on the calling CPU's list head: the kernel ABI's scaffolding around `$body`,
+/// which starts with `{cpu}` holding the address of this CPU's head and must end with its commit store (or
+/// leave early with `jmp 6f`). Label 3 is the descriptor, 4..5 the section, 7 the abort handler after the
+/// signature: it re-arms `rseq_cs` (the kernel cleared it) and restarts, or gives up after `RSEQ_TRIES`
+/// restarts. `{tries}` counts the restarts. The caller's operands follow the `;`.
+macro_rules! rseq_section {
+    ($($body:literal),+ ; $($operands:tt)+) => {
         core::arch::asm!(
             "xor {tries:e}, {tries:e}",
             "2:",
@@ -166,11 +158,7 @@ pub unsafe fn rseq_pop(area: *mut u8, lists: &PerCpu) -> Rseq {
             "mov {cpu:e}, dword ptr [{area} + 4]",
             "shl {cpu}, 6",
             "add {cpu}, {heads}",
-            "mov {obj}, qword ptr [{cpu}]",
-            "test {obj}, {obj}",
-            "jz 6f",
-            "mov {tmp}, qword ptr [{obj}]",
-            "mov qword ptr [{cpu}], {tmp}",
+            $($body),+,
             "5:",
             "jmp 6f",
             ".pushsection __rseq_cs, \"aw\"",
@@ -186,18 +174,42 @@ pub unsafe fn rseq_pop(area: *mut u8, lists: &PerCpu) -> Rseq {
             "inc {tries:e}",
             "cmp {tries:e}, {limit}",
             "jb 2b",
-            "mov {obj}, 1",
             "jmp 6f",
             ".popsection",
             "6:",
-            area = in(reg) area,
-            heads = in(reg) lists.heads.as_ptr(),
             cs = const RSEQ_CS_OFFSET,
             limit = const RSEQ_TRIES,
-            tries = out(reg) tries,
-            obj = out(reg) obj,
             cpu = out(reg) _,
             tmp = out(reg) _,
+            $($operands)+
+        )
+    };
+}
+
+/// Pop the first block of the calling CPU's list.
+///
+/// # Safety
+/// `area` is this thread's [`rseq_area`]; `lists` holds only blocks linked through their first word.
+///
+/// # Context
+/// Any context, signal handlers included: an interrupted section restarts.
+#[inline(never)]
+pub unsafe fn rseq_pop(area: *mut u8, lists: &PerCpu) -> Rseq {
+    let obj: usize;
+    let tries: u32;
+    // SAFETY: a critical section per the kernel's rseq ABI (`rseq_section!`): it reads the head and its link
+    // and commits the new head with its last instruction; `obj` is meaningful only if it did not give up.
+    unsafe {
+        rseq_section!(
+            "mov {obj}, qword ptr [{cpu}]",
+            "test {obj}, {obj}",
+            "jz 6f",
+            "mov {tmp}, qword ptr [{obj}]",
+            "mov qword ptr [{cpu}], {tmp}";
+            area = in(reg) area,
+            heads = in(reg) lists.heads.as_ptr(),
+            tries = out(reg) tries,
+            obj = out(reg) obj,
             options(nostack),
         );
     }
@@ -218,44 +230,14 @@ pub unsafe fn rseq_push(area: *mut u8, lists: &PerCpu, obj: usize) -> Rseq {
     // SAFETY: as in `rseq_pop`; the link store into `obj` is inside the section (a restart rewrites it) and
     // the head store is its last instruction.
     unsafe {
-        core::arch::asm!(
-            "xor {tries:e}, {tries:e}",
-            "2:",
-            "lea {tmp}, [rip + 3f]",
-            "mov qword ptr [{area} + {cs}], {tmp}",
-            "4:",
-            "mov {cpu:e}, dword ptr [{area} + 4]",
-            "shl {cpu}, 6",
-            "add {cpu}, {heads}",
+        rseq_section!(
             "mov {tmp}, qword ptr [{cpu}]",
             "mov qword ptr [{obj}], {tmp}",
-            "mov qword ptr [{cpu}], {obj}",
-            "5:",
-            "jmp 6f",
-            ".pushsection __rseq_cs, \"aw\"",
-            ".balign 32",
-            "3:",
-            ".long 0, 0",
-            ".quad 4b, 5b - 4b, 7f",
-            ".popsection",
-            ".pushsection __rseq_failure, \"ax\"",
-            ".byte 0x0f, 0xb9, 0x3d",
-            ".long 0x53053053",
-            "7:",
-            "inc {tries:e}",
-            "cmp {tries:e}, {limit}",
-            "jb 2b",
-            "jmp 6f",
-            ".popsection",
-            "6:",
+            "mov qword ptr [{cpu}], {obj}";
             area = in(reg) area,
             heads = in(reg) lists.heads.as_ptr(),
             obj = in(reg) obj,
-            cs = const RSEQ_CS_OFFSET,
-            limit = const RSEQ_TRIES,
             tries = out(reg) tries,
-            cpu = out(reg) _,
-            tmp = out(reg) _,
             options(nostack),
         );
     }
