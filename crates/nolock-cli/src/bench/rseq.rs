@@ -105,6 +105,9 @@ unsafe impl Sync for PerCpu {}
 
 impl PerCpu {
     /// Heads for every CPU the system may bring online, all empty.
+    ///
+    /// # Context
+    /// Normal context: allocates (one head per configured CPU).
     pub fn new() -> PerCpu {
         // SAFETY: sysconf has no preconditions.
         let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize;
@@ -112,6 +115,9 @@ impl PerCpu {
     }
 
     /// Every block on every CPU's list (for checks; the caller makes sure no section runs meanwhile).
+    ///
+    /// # Context
+    /// Normal context: allocates the result; no section on these lists may run meanwhile.
     pub fn collect(&self) -> Vec<usize> {
         let mut out = Vec::new();
         for h in &self.heads {
@@ -311,6 +317,9 @@ pub struct PlainList(UnsafeCell<usize>);
 
 impl PlainList {
     /// Pop (0: empty).
+    ///
+    /// # Context
+    /// The one thread that uses the list, no signal handler (unguarded).
     #[inline(never)]
     pub fn pop(&self) -> usize {
         // SAFETY: one thread, no handler uses it; blocks are linked through their first word.
@@ -324,6 +333,9 @@ impl PlainList {
     }
 
     /// Push `obj`.
+    ///
+    /// # Context
+    /// As [`pop`](Self::pop).
     #[inline(never)]
     pub fn push(&self, obj: usize) {
         // SAFETY: as above; `obj` is a block the caller owns.
@@ -400,6 +412,9 @@ fn mimalloc_pairs(_n: u64) -> Option<()> {
 }
 
 /// `nolock bench rseq`.
+///
+/// # Context
+/// Normal context: prints, allocates, runs for seconds.
 pub fn run(args: &BenchArgs) -> ExitCode {
     let Some(area) = rseq_area() else {
         eprintln!(
