@@ -63,6 +63,23 @@ pub use lock::LockMode;
 use lock::{BucketLock, MapLockedCounters};
 pub use typed::{Pod, TypedHashMap};
 
+/// Times a walk of one bucket for `get_next_key` starts again (it was carried into another bucket by a reused
+/// element) before it settles for what it found.
+const SCAN_RETRIES: u32 = 64;
+
+/// Compare the key bytes at `k` (element memory, read volatile: a writer may be reusing the element; the
+/// caller validates with the element's version) with `key`, in byte order.
+fn key_cmp(k: *const u8, key: &[u8]) -> core::cmp::Ordering {
+    for (i, &b) in key.iter().enumerate() {
+        // SAFETY: inside the key area of element memory (the caller's read-side section keeps it mapped).
+        let a = unsafe { core::ptr::read_volatile(k.add(i)) };
+        if a != b {
+            return a.cmp(&b);
+        }
+    }
+    core::cmp::Ordering::Equal
+}
+
 /// Errors of map operations, as the kernel's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Error {
@@ -607,8 +624,19 @@ impl HashMap {
         }
     }
 
-    /// The key after `prev` in the map's order (bucket by bucket), copied to `next`; the first key when `prev`
-    /// is `None` or absent (`bpf_map_get_next_key`). `NotFound` after the last key.
+    /// The key after `prev` in the map's order, copied to `next`; the first key when `prev` is `None`
+    /// (`bpf_map_get_next_key`). `NotFound` after the last key.
+    ///
+    /// The order is bucket by bucket and, inside a bucket, by the keys' bytes: each call returns the least key
+    /// of `prev`'s bucket greater than `prev`, else the least key of the next non-empty bucket. So an iteration
+    /// that calls it with the key it got last always moves forward — it ends, however the map changes — and
+    /// it returns every key present throughout, whether or not `prev` was deleted meanwhile. (The kernel's
+    /// walks the bucket's list from `prev`'s element and starts again at the first bucket when `prev` is gone;
+    /// with elements reused at once a walk can be carried into another bucket and skip keys, and under churn
+    /// an iteration can go round without end.)
+    ///
+    /// # Context
+    /// Any context: lock-free (a read-side section), no allocation.
     pub fn get_next_key(&self, prev: Option<&[u8]>, next: &mut [u8]) -> Result<(), Error> {
         let m = &*self.inner;
         if next.len() != m.key_size || prev.is_some_and(|p| p.len() != m.key_size) {
@@ -617,40 +645,15 @@ impl HashMap {
         let _g = m.read_lock();
         let mut start = 0;
         if let Some(p) = prev {
-            let hash = m.hash(p);
-            if let Some(e) = m.find_reader(p) {
-                let el = Elem(e);
-                // Acquire: pairs with the Release stores of the even seq (`begin_init`/`end_init`), as in
-                // `stable_key_match`.
-                let s0 = el.seq().load(Ordering::Acquire);
-                // The next element of the same bucket, if any. Acquire: pairs with the Release CAS that linked
-                // it.
-                let n = el.next().load(Ordering::Acquire) & !list::MARK;
-                // With type-safe immediate reuse, `e` may have been freed and reused for a key of another
-                // bucket since the lookup found it, and `n` is then that bucket's: following it would skip the
-                // rest of this bucket and every bucket in between. So `n` counts only if `e` still held `prev`,
-                // unchanged, around the read (the seqlock check of `stable_key_match`); otherwise `prev`
-                // vanished, and the walk starts again at its bucket.
-                let held = !m.validate || {
-                    let matched = el.key_matches(hash, p);
-                    // Acquire fence: the reads above happen before the re-read of seq (pairs with the Release
-                    // fence in `begin_init`).
-                    fence(Ordering::Acquire);
-                    matched && s0 & 1 == 0 && el.seq().load(Ordering::Relaxed) == s0
-                };
-                // (UNSET: `e` is being reused; go on with the next bucket.)
-                if held && !list::is_nulls(n) && n != UNSET {
-                    m.copy_key(n, next);
-                    return Ok(());
-                }
-                start = (hash as usize & m.mask) + usize::from(held);
+            let bucket = m.hash(p) as usize & m.mask;
+            if m.least_key_after(bucket, Some(p), next) {
+                return Ok(());
             }
+            start = bucket + 1;
         }
         for idx in start..=m.mask {
             // Acquire: pairs with the Release CAS that linked the first element.
-            let h = m.heads[idx].load(Ordering::Acquire);
-            if !list::is_nulls(h) {
-                m.copy_key(h, next);
+            if !list::is_nulls(m.heads[idx].load(Ordering::Acquire)) && m.least_key_after(idx, None, next) {
                 return Ok(());
             }
         }
@@ -844,6 +847,54 @@ impl Inner {
             Some(d) => ReadGuard::Srcu(d.read_lock_fast()),
             None => ReadGuard::Rcu(nolock::rcu_read_lock()),
         }
+    }
+
+    /// The least key of bucket `idx` greater than `after` (any key when `None`) in byte order, copied to `out`;
+    /// false if there is none. One walk of the bucket's list inside the caller's read-side section. With
+    /// immediate reuse an element may be reused for another key while it is read: a candidate counts only if
+    /// its version was even and unchanged around the read and its hash is this bucket's, and a walk that ends
+    /// in another bucket's nulls marker (carried there by a reused element), stands on an element being
+    /// reused, or runs longer than any list can be, starts again (at most `SCAN_RETRIES` times; then what the
+    /// last walk found is the answer).
+    fn least_key_after(&self, idx: usize, after: Option<&[u8]>, out: &mut [u8]) -> bool {
+        let mut found = false;
+        'walk: for _ in 0..=SCAN_RETRIES {
+            found = false;
+            // Acquire: pairs with the Release CAS that linked the first element.
+            let mut cur = self.heads[idx].load(Ordering::Acquire);
+            let mut steps = 0usize;
+            while !list::is_nulls(cur) {
+                steps += 1;
+                if cur == UNSET || steps > self.max_entries * 2 + 16 {
+                    continue 'walk;
+                }
+                let el = Elem(cur);
+                // Acquire: pairs with the Release stores of the even seq (`begin_init`/`end_init`).
+                let s0 = el.seq().load(Ordering::Acquire);
+                if s0 & 1 == 0 && el.hash().load(Ordering::Relaxed) as usize & self.mask == idx {
+                    let k = el.key_ptr();
+                    let above = after.is_none_or(|a| key_cmp(k, a).is_gt());
+                    if above && (!found || key_cmp(k, out).is_lt()) {
+                        self.copy_key(cur, out);
+                        // Acquire fence: the copy happens before the version re-read (pairs with the Release
+                        // fence in `begin_init`).
+                        fence(Ordering::Acquire);
+                        if el.seq().load(Ordering::Relaxed) != s0 {
+                            continue 'walk;
+                        }
+                        found = true;
+                    }
+                }
+                // Acquire: pairs with the Release CAS that linked the successor.
+                cur = el.next().load(Ordering::Acquire) & !list::MARK;
+            }
+            if list::nulls_index(cur) != idx {
+                self.counters.nulls_restarts.fetch_add(1, Ordering::Relaxed);
+                continue 'walk;
+            }
+            return found;
+        }
+        found
     }
 
     fn copy_key(&self, e: usize, out: &mut [u8]) {
