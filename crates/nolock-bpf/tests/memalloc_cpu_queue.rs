@@ -7,14 +7,13 @@
 
 #![cfg(target_arch = "x86_64")]
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nolock_bpf::cpu::IrqRegion;
 
 static RUNS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
 /// Items the test queues; the handler queues item `QUEUED` (the last one).
 const QUEUED: usize = 6;
-static STEPPING: AtomicBool = AtomicBool::new(false);
 static TRAPS: AtomicU64 = AtomicU64::new(0);
 /// The trap (instruction) number at which the handler acts in this round.
 static ACT_AT: AtomicU64 = AtomicU64::new(0);
@@ -24,13 +23,9 @@ fn item(arg: usize) {
     RUNS[arg].fetch_add(1, Ordering::Relaxed);
 }
 
-use testkit::step::TF;
-
 extern "C" fn on_trap(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: an SA_SIGINFO handler's third argument is the interrupted context.
-    let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
-    if !STEPPING.load(Ordering::Relaxed) {
-        uc.uc_mcontext.gregs[libc::REG_EFL as usize] &= !TF;
+    if !unsafe { testkit::step::still_stepping(ctx) } {
         return;
     }
     if TRAPS.fetch_add(1, Ordering::Relaxed) != ACT_AT.load(Ordering::Relaxed) {
@@ -41,12 +36,6 @@ extern "C" fn on_trap(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c
     let r = IrqRegion::enter();
     IrqRegion::defer(item, QUEUED);
     drop(r);
-}
-
-#[inline(never)]
-fn start_stepping() {
-    STEPPING.store(true, Ordering::SeqCst);
-    testkit::step::set_trap_flag();
 }
 
 #[test]
@@ -64,10 +53,9 @@ fn every_deferred_item_runs_once_with_a_signal_at_each_instruction() {
         for arg in 0..QUEUED {
             IrqRegion::defer(item, arg);
         }
-        start_stepping();
+        testkit::step::start();
         drop(region); // runs the queue, single-stepped
-        STEPPING.store(false, Ordering::SeqCst);
-        std::hint::black_box(());
+        testkit::step::stop();
         let runs: Vec<u64> = RUNS.iter().map(|r| r.load(Ordering::Relaxed)).collect();
         let acted = ACTED.load(Ordering::Relaxed);
         let mut want = vec![1; QUEUED];

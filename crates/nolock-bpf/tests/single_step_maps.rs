@@ -68,9 +68,6 @@ use testkit::splitmix64;
 // Single-stepping
 // -------------------------------------------------------------------------------------------------------------
 
-use testkit::step::TF;
-
-static STEPPING: AtomicBool = AtomicBool::new(false);
 static TRAPS: AtomicU64 = AtomicU64::new(0);
 /// The handler acts at trap numbers `PHASE (mod EVERY)` (modes `HTAB` and `TS`).
 static EVERY: AtomicU64 = AtomicU64::new(1);
@@ -90,9 +87,7 @@ static TURN: Mutex<()> = Mutex::new(());
 
 extern "C" fn on_trap(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: an SA_SIGINFO handler's third argument is the interrupted context.
-    let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
-    if !STEPPING.load(Ordering::Relaxed) {
-        uc.uc_mcontext.gregs[libc::REG_EFL as usize] &= !TF;
+    if !unsafe { testkit::step::still_stepping(ctx) } {
         return;
     }
     let _errno = testkit::ErrnoGuard::new();
@@ -103,8 +98,8 @@ extern "C" fn on_trap(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c
                 ACTED.fetch_add(1, Ordering::Relaxed);
                 ts_once_act();
                 // The rest of the round runs at full speed.
-                STEPPING.store(false, Ordering::Relaxed);
-                uc.uc_mcontext.gregs[libc::REG_EFL as usize] &= !TF;
+                // SAFETY: the handler's own context.
+                unsafe { testkit::step::stop_in_handler(ctx) };
             }
         }
         mode => {
@@ -120,19 +115,6 @@ extern "C" fn on_trap(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c
             }
         }
     }
-}
-
-#[inline(never)]
-fn start_stepping() {
-    STEPPING.store(true, Ordering::SeqCst);
-    testkit::step::set_trap_flag();
-}
-
-#[inline(never)]
-fn stop_stepping() {
-    // The next trap sees this and clears the flag.
-    STEPPING.store(false, Ordering::SeqCst);
-    std::hint::black_box(());
 }
 
 /// Failures the handler found: the count, and the first one (what, key or map, expected, got).
@@ -725,9 +707,9 @@ fn htab_pass(name: &str, backend: Backend, lock: LockMode, every: u64, phase: u6
         INF_NV.store(nv, Ordering::Relaxed);
         INF.store(i, Ordering::Relaxed);
         compiler_fence(Ordering::SeqCst);
-        start_stepping();
+        testkit::step::start();
         let (got, val) = run_op(&m, key, op, nv);
-        stop_stepping();
+        testkit::step::stop();
         compiler_fence(Ordering::SeqCst);
         per_op_max = per_op_max.max(TRAPS.load(Ordering::Relaxed) - base);
         let ctx = format!("{name}: step {step}: {op:?} of main key {key:#x} (version {ver})");
@@ -1122,7 +1104,7 @@ fn ts_pass(alloc: StorageAlloc, rec: Recursion, every: u64, phase: u64, steps: u
                 TS_INF_DEL.store(if op == TsOp::Delete { cur } else { 0 }, Ordering::Relaxed);
                 TS_INF.store(j, Ordering::Relaxed);
                 compiler_fence(Ordering::SeqCst);
-                start_stepping();
+                testkit::step::start();
                 let r = match op {
                     TsOp::GetCreate => map
                         .get(&task, GetFlags::CREATE, || {
@@ -1136,7 +1118,7 @@ fn ts_pass(alloc: StorageAlloc, rec: Recursion, every: u64, phase: u64, steps: u
                         .map(|v| (&*v as *const Val as usize, intact(&v, j), v.serial.load(Ordering::Relaxed))),
                     TsOp::Delete => map.delete(&task).map(|()| (0, true, 0)),
                 };
-                stop_stepping();
+                testkit::step::stop();
                 compiler_fence(Ordering::SeqCst);
                 let ctx = format!("{name}: step {step}: {op:?} on map {j} (element {cur:#x})");
                 assert_handler_ok(&ctx);
@@ -1301,9 +1283,9 @@ fn once_round(maps: &[TsMap], task: &Task, mj: usize, hj: usize, n: u64, ctx: &s
     ACTED.store(0, Ordering::Relaxed);
     ACT_AT.store(TRAPS.load(Ordering::Relaxed) + n, Ordering::Relaxed);
     MODE.store(TS_ONCE, Ordering::SeqCst);
-    start_stepping();
+    testkit::step::start();
     let r = maps[mj].get(task, GetFlags::CREATE, || make(mj)).map(|v| (&*v as *const Val as usize, intact(&v, mj)));
-    stop_stepping();
+    testkit::step::stop();
     MODE.store(IDLE, Ordering::SeqCst);
     let acted = ACTED.load(Ordering::Relaxed) != 0;
     let (p, ok) = r.unwrap_or_else(|e| panic!("{ctx}: get(CREATE) on map {mj} failed: {e:?}"));

@@ -46,14 +46,11 @@ use std::time::{Duration, Instant};
 
 use nolock::{Gfp, KmemCache, RcuHead, SrcuFast, kfree_nolock, kfree_rcu_nolock, kmalloc_nolock};
 
-use testkit::step::TF;
-
 /// How long the parent waits for a child before killing it (the child's own `alarm` fires at 10 s).
 const CHILD_DEADLINE: Duration = Duration::from_secs(15);
 /// After this many failed or hung children a test forks no more (each hang costs the deadline).
 const MAX_BAD: u64 = 4;
 
-static STEPPING: AtomicBool = AtomicBool::new(false);
 static TRAPS: AtomicU64 = AtomicU64::new(0);
 /// The handler forks at trap numbers `OFFSET (mod STRIDE)` of the current pass.
 static STRIDE: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -146,11 +143,11 @@ fn child_step() -> &'static AtomicU32 {
 
 extern "C" fn on_trap(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: an SA_SIGINFO handler's third argument is the interrupted context.
-    let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
-    if !STEPPING.load(Ordering::Relaxed) {
-        uc.uc_mcontext.gregs[libc::REG_EFL as usize] &= !TF;
+    if !unsafe { testkit::step::still_stepping(ctx) } {
         return;
     }
+    // SAFETY: as above.
+    let uc = unsafe { &*(ctx as *const libc::ucontext_t) };
     let n = TRAPS.fetch_add(1, Ordering::Relaxed);
     if n % STRIDE.load(Ordering::Relaxed) != OFFSET.load(Ordering::Relaxed) || BAD.load(Ordering::Relaxed) >= MAX_BAD {
         return;
@@ -452,19 +449,6 @@ fn child_checks() -> i32 {
 // The stepped code
 // ------------------------------------------------------------------------------------------------------------
 
-#[inline(never)]
-fn start_stepping() {
-    STEPPING.store(true, Ordering::SeqCst);
-    testkit::step::set_trap_flag();
-}
-
-#[inline(never)]
-fn stop_stepping() {
-    // The next trap sees this and clears the flag.
-    STEPPING.store(false, Ordering::SeqCst);
-    std::hint::black_box(());
-}
-
 static CALLBACKS: AtomicU64 = AtomicU64::new(0);
 /// Stepped-code failures (recorded while stepping, asserted after: no panic while stepping).
 static STEP_FAILED: AtomicI32 = AtomicI32::new(0);
@@ -501,7 +485,7 @@ fn stepped_objects(objects: usize, seed: u64) {
     }
     let mut objs: Vec<usize> = Vec::with_capacity(objects);
     let cb0 = CALLBACKS.load(Ordering::Relaxed);
-    start_stepping();
+    testkit::step::start();
     for i in 0..objects {
         let size = size_of_obj(i);
         let Some(p) = kmalloc_nolock(size, Gfp::NONE) else {
@@ -562,7 +546,7 @@ fn stepped_objects(objects: usize, seed: u64) {
             unsafe { kfree_nolock(a as *mut u8) };
         }
     }
-    stop_stepping();
+    testkit::step::stop();
     assert_eq!(STEP_FAILED.load(Ordering::Relaxed), 0, "the stepped code failed (1: allocation, 2: damaged object)");
     nolock::rcu_barrier();
     let want = order[..RCU_OBJS].iter().enumerate().filter(|&(k, &i)| k % 2 == 1 && size_of_obj(i) >= 64).count();
@@ -571,11 +555,11 @@ fn stepped_objects(objects: usize, seed: u64) {
 
 /// Stepped: `synchronize_rcu` (a grace period driven by this thread or the worker, `membarrier` included).
 fn stepped_synchronize(times: usize) {
-    start_stepping();
+    testkit::step::start();
     for _ in 0..times {
         nolock::synchronize_rcu();
     }
-    stop_stepping();
+    testkit::step::stop();
 }
 
 /// A cache another thread shrinks while the test thread steps (the child's `trim` shrinks it too).
@@ -598,9 +582,9 @@ fn empty_slabs(c: &KmemCache, n: usize) {
 fn stepped_shrink(rounds: usize) {
     for _ in 0..rounds {
         empty_slabs(cache(), 600);
-        start_stepping();
+        testkit::step::start();
         cache().shrink();
-        stop_stepping();
+        testkit::step::stop();
     }
 }
 

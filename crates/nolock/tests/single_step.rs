@@ -18,15 +18,12 @@
 use std::collections::HashSet;
 use std::ptr::NonNull;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use std::alloc::Layout;
 
 use nolock::{Gfp, KmemCache, RcuHead, SlabFlags, SrcuFast, kfree_nolock, kfree_rcu_nolock, kmalloc_nolock};
 
-use testkit::step::TF;
-
-static STEPPING: AtomicBool = AtomicBool::new(false);
 static TRAPS: AtomicU64 = AtomicU64::new(0);
 /// The handler acts at trap numbers `PHASE (mod EVERY)`.
 static EVERY: AtomicU64 = AtomicU64::new(1);
@@ -52,9 +49,7 @@ static TURN: Mutex<()> = Mutex::new(());
 
 extern "C" fn on_trap(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: an SA_SIGINFO handler's third argument is the interrupted context.
-    let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
-    if !STEPPING.load(Ordering::Relaxed) {
-        uc.uc_mcontext.gregs[libc::REG_EFL as usize] &= !TF;
+    if !unsafe { testkit::step::still_stepping(ctx) } {
         return;
     }
     let n = TRAPS.fetch_add(1, Ordering::Relaxed);
@@ -119,19 +114,6 @@ fn release(addr: usize, size: usize) {
     unsafe { kfree_nolock(addr as *mut u8) };
 }
 
-#[inline(never)]
-fn start_stepping() {
-    STEPPING.store(true, Ordering::SeqCst);
-    testkit::step::set_trap_flag();
-}
-
-#[inline(never)]
-fn stop_stepping() {
-    // The next trap sees this and clears the flag.
-    STEPPING.store(false, Ordering::SeqCst);
-    std::hint::black_box(());
-}
-
 fn count_callback(head: NonNull<RcuHead>) {
     CALLBACKS.fetch_add(1, Ordering::Relaxed);
     // SAFETY: the head sits at the start of a kmalloc object given to call_rcu_nolock; the callback owns it.
@@ -166,7 +148,7 @@ fn stepped_run(objects: usize, every: u64, phase: u64, seed: u64) {
     let rcu_objs = 40;
 
     // Stepped: allocate and fill.
-    start_stepping();
+    testkit::step::start();
     for i in 0..objects {
         let size = size_of_obj(i);
         let p = kmalloc_nolock(size, Gfp::NONE).expect("allocation failed with memory available");
@@ -174,7 +156,7 @@ fn stepped_run(objects: usize, every: u64, phase: u64, seed: u64) {
         unsafe { testkit::fill(p.as_ptr(), FILLED.min(size), i as u64) };
         objs.push((p.as_ptr() as usize, size));
     }
-    stop_stepping();
+    testkit::step::stop();
 
     // No address is live twice: the stepped code's objects and the handler's.
     let mut seen = HashSet::new();
@@ -188,12 +170,12 @@ fn stepped_run(objects: usize, every: u64, phase: u64, seed: u64) {
 
     // Stepped: check and free in random order, retire through RCU, read under SRCU-fast.
     let cb0 = CALLBACKS.load(Ordering::Relaxed);
-    start_stepping();
+    testkit::step::start();
     for (k, &i) in order.iter().enumerate() {
         let (a, size) = objs[i];
         // SAFETY: a live object whose first `FILLED.min(size)` bytes hold pattern `i`.
         if let Err(d) = unsafe { testkit::check(a as *const u8, FILLED.min(size), Some(i as u64), u64::MAX) } {
-            stop_stepping();
+            testkit::step::stop();
             panic!("object {i} at {a:#x} changed while live: {d:?}");
         }
         if k % 64 == 0 {
@@ -215,7 +197,7 @@ fn stepped_run(objects: usize, every: u64, phase: u64, seed: u64) {
             unsafe { kfree_nolock(a as *mut u8) };
         }
     }
-    stop_stepping();
+    testkit::step::stop();
     nolock::rcu_barrier();
     let want = order[..rcu_objs].iter().enumerate().filter(|&(k, &i)| k % 2 == 1 && size_of_obj(i) >= 64).count();
     assert_eq!(CALLBACKS.load(Ordering::Relaxed) - cb0, want as u64, "each call_rcu callback runs once");
@@ -307,7 +289,7 @@ fn caches_and_pages_at_every_instruction() {
     let mut objs: Vec<(usize, usize)> = Vec::with_capacity(n);
     let mut pages: Vec<(NonNull<u8>, u32)> = Vec::with_capacity(30);
     let t0 = TRAPS.load(Ordering::Relaxed);
-    start_stepping();
+    testkit::step::start();
     for i in 0..n {
         let which = i % 2;
         let o = caches[which].alloc_nolock(Gfp::NONE).expect("cache allocation failed with memory available");
@@ -315,7 +297,7 @@ fn caches_and_pages_at_every_instruction() {
             // SAFETY: an object of the type-safe cache: its constructor wrote the tag once, at slab set-up.
             let tag = unsafe { o.cast::<u64>().read() };
             if tag != TAG {
-                stop_stepping();
+                testkit::step::stop();
                 panic!("type-safe object {i} lost its constructed tag: {tag:#x}");
             }
         }
@@ -331,7 +313,7 @@ fn caches_and_pages_at_every_instruction() {
         let (a, which) = objs[i];
         // SAFETY: the 32 bytes filled above.
         if let Err(d) = unsafe { testkit::check((a + 8) as *const u8, 32, Some(i as u64), u64::MAX) } {
-            stop_stepping();
+            testkit::step::stop();
             panic!("cache object {i} changed while live: {d:?}");
         }
         // SAFETY: allocated from this cache above, freed once.
@@ -341,7 +323,7 @@ fn caches_and_pages_at_every_instruction() {
         // SAFETY: allocated above with this order, freed once.
         unsafe { nolock::free_pages_nolock(p, order) };
     }
-    stop_stepping();
+    testkit::step::stop();
     CACHES.store(std::ptr::null_mut(), Ordering::Release);
     let traps = TRAPS.load(Ordering::Relaxed) - t0;
     eprintln!("caches and pages: {traps} traps");

@@ -45,9 +45,6 @@ use testkit::{pattern_word, splitmix64};
 #[global_allocator]
 static A: HybridAlloc<System> = HybridAlloc::new(System);
 
-use testkit::step::TF;
-
-static STEPPING: AtomicBool = AtomicBool::new(false);
 static TRAPS: AtomicU64 = AtomicU64::new(0);
 /// The handler acts at trap numbers `PHASE (mod EVERY)`.
 static EVERY: AtomicU64 = AtomicU64::new(1);
@@ -78,17 +75,17 @@ extern "C" fn on_trap(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c
     // from nolock, never from glibc's malloc (which the stepped code may be in the middle of).
     let _mark = HandlerGuard::enter();
     // SAFETY: an SA_SIGINFO handler's third argument is the interrupted context.
-    let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
-    if !STEPPING.load(Ordering::Relaxed) {
-        uc.uc_mcontext.gregs[libc::REG_EFL as usize] &= !TF;
+    if !unsafe { testkit::step::still_stepping(ctx) } {
         return;
     }
+    // SAFETY: as above.
+    let uc = unsafe { &*(ctx as *const libc::ucontext_t) };
     let n = TRAPS.fetch_add(1, Ordering::Relaxed);
     if n.wrapping_sub(PASS_START.load(Ordering::Relaxed)) > RUNAWAY_TRAPS {
         // The stepped code is not getting anywhere: stop stepping (the test then fails) rather than hang.
         RUNAWAY.store(true, Ordering::Relaxed);
-        STEPPING.store(false, Ordering::Relaxed);
-        uc.uc_mcontext.gregs[libc::REG_EFL as usize] &= !TF;
+        // SAFETY: the handler's own context.
+        unsafe { testkit::step::stop_in_handler(ctx) };
         return;
     }
     let every = EVERY.load(Ordering::Relaxed);
@@ -133,8 +130,7 @@ struct Stepping;
 impl Stepping {
     #[inline(never)]
     fn start() -> Self {
-        STEPPING.store(true, Ordering::SeqCst);
-        testkit::step::set_trap_flag();
+        testkit::step::start();
         Stepping
     }
 }
@@ -143,8 +139,7 @@ impl Drop for Stepping {
     #[inline(never)]
     fn drop(&mut self) {
         // The next trap sees this and clears the flag.
-        STEPPING.store(false, Ordering::SeqCst);
-        std::hint::black_box(());
+        testkit::step::stop();
     }
 }
 

@@ -473,11 +473,10 @@ pub fn run(args: &BenchArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
     use std::time::Duration;
 
     use testkit::signal::install_handler;
-    use testkit::step::{clear_trap_flag, set_trap_flag};
     use testkit::timer::ThreadTimer;
 
     /// The lists the signal handlers of these tests use (null: none).
@@ -487,10 +486,8 @@ mod tests {
     static HANDLED: AtomicU64 = AtomicU64::new(0);
     static GAVE_UP: AtomicU64 = AtomicU64::new(0);
     static BUSY_SEEN: AtomicU64 = AtomicU64::new(0);
-    /// Traps taken; the SIGTRAP handler clears the trap flag at the first trap after `STOP` is set.
+    /// Traps taken in a stepped section.
     static TRAPS: AtomicU64 = AtomicU64::new(0);
-    static STOP: AtomicBool = AtomicBool::new(false);
-    static STEPPING: AtomicBool = AtomicBool::new(false);
 
     /// A block a handler popped and keeps until the next handler pushes it back (so that a handler changes
     /// the list under the code it interrupted: a pop and push of the same block would leave the head as it
@@ -559,28 +556,21 @@ mod tests {
     }
 
     extern "C" fn on_trap(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-        TRAPS.fetch_add(1, Ordering::Relaxed);
-        if STOP.load(Ordering::Relaxed) {
-            // SAFETY: `ctx` is this handler's interrupted context.
-            unsafe { clear_trap_flag(ctx) };
-            STEPPING.store(false, Ordering::Relaxed);
+        // SAFETY: `ctx` is this handler's interrupted context.
+        if !unsafe { testkit::step::still_stepping(ctx) } {
+            return;
         }
+        TRAPS.fetch_add(1, Ordering::Relaxed);
         use_lists();
     }
 
     /// Step the calling thread through `f` (a trap after each of its instructions), then stop stepping.
     fn stepped<R>(f: impl FnOnce() -> R) -> (R, u64) {
-        STOP.store(false, Ordering::Relaxed);
         TRAPS.store(0, Ordering::Relaxed);
-        STEPPING.store(true, Ordering::Relaxed);
-        set_trap_flag();
+        testkit::step::start();
         let r = f();
-        let traps = TRAPS.load(Ordering::Relaxed);
-        STOP.store(true, Ordering::Relaxed);
-        while STEPPING.load(Ordering::Relaxed) {
-            std::hint::spin_loop();
-        }
-        (r, traps)
+        testkit::step::stop();
+        (r, TRAPS.load(Ordering::Relaxed))
     }
 
     /// The rseq lists under a storm of timer signals (every 20 µs, to this thread) whose handler pops and
