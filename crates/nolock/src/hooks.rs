@@ -40,6 +40,9 @@ pub enum Point {
     /// Taking a `kfree_rcu` pointer block from another thread's slot (barrier, aging, cache destroy), after the
     /// slot is claimed and quiescent, before the block is taken.
     KfreeSteal,
+    /// `kfree_rcu_nolock` and friends, holding the thread's pointer-block slot with a block in it, before the
+    /// pointer is written into the block.
+    KfreeAppend,
     /// A thread's exit destructor, before it takes its `kfree_rcu` pointer blocks.
     KfreeExit,
     /// A barrier, after the grace period of the `kfree_rcu` blocks queued before it, before it frees them.

@@ -505,6 +505,11 @@ fn fork_one(deadline: Duration, body: fn() -> i32) -> ChildEnd {
         child_main(body);
     }
     assert!(pid > 0, "fork failed: {}", std::io::Error::last_os_error());
+    wait_child(pid, deadline)
+}
+
+/// Wait for the child `pid` (at most `deadline`, then kill it).
+fn wait_child(pid: libc::pid_t, deadline: Duration) -> ChildEnd {
     let until = Instant::now() + deadline;
     let mut status = 0;
     loop {
@@ -680,17 +685,21 @@ mod yields {
     use std::cell::Cell;
     use std::sync::atomic::{AtomicU64, Ordering};
 
+    use std::sync::atomic::AtomicBool;
+
     thread_local! {
         /// Whether this thread's `sched_yield` calls are counted.
         pub static COUNT: Cell<bool> = const { Cell::new(false) };
     }
+    /// Count every thread's calls (a fork child's library threads included).
+    pub static COUNT_ALL: AtomicBool = AtomicBool::new(false);
     /// Counted `sched_yield` calls.
     pub static YIELDS: AtomicU64 = AtomicU64::new(0);
 
     /// `sched_yield(2)`, counted, then made with a raw system call.
     #[unsafe(no_mangle)]
     pub extern "C" fn sched_yield() -> libc::c_int {
-        if COUNT.with(Cell::get) {
+        if COUNT_ALL.load(Ordering::Relaxed) || COUNT.with(Cell::get) {
             YIELDS.fetch_add(1, Ordering::Relaxed);
         }
         let r: i64;
@@ -859,6 +868,118 @@ fn fork_with_kfree_slot_locked_by_a_vanished_thread() {
     assert!(
         matches!(end, ChildEnd::Ok),
         "fork child: {what} (limit {YIELD_LIMIT}: it waited for a thread that does not exist)"
+    );
+    let st = flood_cache().stats();
+    assert_eq!(st.allocs, st.frees, "parent: flood objects lost");
+    assert_eq!(nolock::debug::reports(), reports, "parent: nolock reported a problem (see stderr)");
+}
+
+/// The forking thread is itself inside `kfree_srcu_fast_nolock` with its pointer-block slot locked and a block
+/// in it, and the fork happens there (as from a signal handler that interrupted it; here from the test hook
+/// before the pointer is written). The child goes on from inside that call and never returns to it, so the
+/// slot stays locked; unlike a vanished thread's, it cannot be cleared (the forking thread could still return
+/// and finish its edit). The child's grace-period worker ages the slot's block every few milliseconds: the
+/// aging tick must skip the locked slot rather than wait for it. On the code before this test the worker spent
+/// 100,000 `sched_yield`s (at least a second) in every tick, and every grace period of the child waited
+/// behind it. The child counts the yields of all its threads over 40 aging ticks.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[test]
+fn fork_inside_kfree_rcu_the_childs_worker_does_not_wait_for_the_forking_thread() {
+    use std::cell::Cell;
+    use std::sync::atomic::AtomicI32;
+
+    use nolock::hooks::Point;
+
+    thread_local! {
+        static FORK_HERE: Cell<bool> = const { Cell::new(false) };
+    }
+    static CHILD: AtomicI32 = AtomicI32::new(0);
+
+    /// In the child (inside `kfree_srcu_fast_nolock` on the forking thread, slot locked): let a new thread
+    /// start the worker with a grace period, then give the worker 40 aging ticks, counting every yield.
+    fn child_ages() -> i32 {
+        use yields::{COUNT_ALL, YIELDS};
+        let p = progress();
+        let reports = nolock::debug::reports();
+        YIELDS.store(0, Ordering::Relaxed);
+        COUNT_ALL.store(true, Ordering::Relaxed);
+        p.step.store(2, Ordering::Release);
+        let t = std::thread::spawn(|| {
+            synchronize_rcu();
+            std::thread::sleep(Duration::from_millis(200));
+            synchronize_rcu();
+        });
+        if t.join().is_err() {
+            return PANICKED + 2;
+        }
+        let y = YIELDS.load(Ordering::Relaxed);
+        p.yields[1].store(y, Ordering::Relaxed);
+        p.step.store(0, Ordering::Release);
+        if y > YIELD_LIMIT {
+            2
+        } else if nolock::debug::reports() != reports {
+            3
+        } else {
+            0
+        }
+    }
+
+    /// The hook: fork at the append point reached with `FORK_HERE` set (the slot is locked there).
+    fn fork_hook(at: Point) {
+        if at != Point::KfreeAppend || !FORK_HERE.with(|f| f.replace(false)) {
+            return;
+        }
+        progress().step.store(0, Ordering::Release);
+        progress().yields[1].store(0, Ordering::Relaxed);
+        // SAFETY: the child runs `child_main` only (from here, never returning into the library call) and leaves
+        // with `_exit`.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            child_main(child_ages);
+        }
+        CHILD.store(pid, Ordering::Relaxed);
+    }
+
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    nolock::init();
+    let reports = nolock::debug::reports();
+    FLOOD.store(flood_cache() as *const KmemCache as *mut KmemCache, Ordering::Release);
+    progress();
+    let c = flood().expect("set");
+    let one = |how| {
+        let o = new_obj(c, 1).expect("memory");
+        // SAFETY: our fresh object, retired once.
+        unsafe { retire(o, how) };
+    };
+    std::thread::spawn(move || {
+        for _ in 0..8 {
+            one(1); // a block of the static domain in this thread's SRCU slot, eight pointers in it
+        }
+        nolock::hooks::set_hook(Some(fork_hook));
+        FORK_HERE.with(|f| f.set(true));
+        one(1); // the fork happens before the ninth pointer is written
+        nolock::hooks::set_hook(None);
+        assert!(!FORK_HERE.with(|f| f.get()), "the hook never ran inside kfree_srcu_fast_nolock");
+    })
+    .join()
+    .expect("forking thread");
+    let pid = CHILD.load(Ordering::Relaxed);
+    assert!(pid > 0, "fork failed");
+    let end = wait_child(pid, CHILD_DEADLINE);
+    let y = progress().yields[1].load(Ordering::Relaxed);
+    rcu_barrier();
+    DOMAIN.barrier();
+    rcu_barrier_tasks_trace();
+    let what = match end {
+        ChildEnd::Ok => "ok".to_string(),
+        ChildEnd::Failed(2) => format!("the child's threads spun {y} sched_yields in 40 aging ticks"),
+        ChildEnd::Failed(3) => "nolock made a debug report".to_string(),
+        ref e => describe(e),
+    };
+    eprintln!("fork_rcu (fork inside kfree_srcu_fast_nolock): child: {what}; sched_yield calls: {y}");
+    assert!(
+        matches!(end, ChildEnd::Ok),
+        "fork child: {what} (limit {YIELD_LIMIT}: its worker waited for the forking thread)"
     );
     let st = flood_cache().stats();
     assert_eq!(st.allocs, st.frees, "parent: flood objects lost");

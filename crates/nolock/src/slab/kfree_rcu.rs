@@ -506,6 +506,7 @@ fn retire_in_block(mine: &[KfreeSlot; 2], ptr: *mut u8, gp: GracePeriod) -> bool
             }
         }
     }
+    crate::hooks::point(crate::hooks::Point::KfreeAppend);
     let blk = b as *mut PtrBlock;
     // SAFETY: we hold the slot lock; count < BLOCK_PTRS is kept by queueing full blocks at once.
     let full = unsafe {
@@ -596,7 +597,7 @@ fn age_blocks() {
 /// - **another stealer** (a second barrier, the worker's aging tick, a cache destroy): claims are exclusive
 ///   (`try_claim` is a CAS), so only one stealer at a time is inside a slot. A stealer that finds the slot
 ///   claimed by another waits for that claim to end and looks again, when it must see the block gone
-///   (barriers); the aging tick just skips it.
+///   (barriers); the aging tick just skips it, and skips a slot whose owner is inside its section too.
 /// - **the owner's thread exit** (`drain_slot`): it takes the slot's lock like any owner operation, so it
 ///   finds a claimed slot `Claimed` and leaves the block to the stealer.
 /// - **the reset of a thread that is gone** (`drain_slot` from the orphan sweep or a fork child): like the
@@ -619,6 +620,7 @@ fn steal_blocks(which: usize, tag: Option<usize>, older: Option<u32>) {
     };
     // A barrier (a `tag`) must not return while a block it wants sits in a slot another stealer holds.
     let must_see_all = tag.is_some();
+    let aging = older.is_some() && !must_see_all;
     let mut todo: Vec<u32> = (0..n).filter(|&i| wanted(i)).collect();
     while !todo.is_empty() {
         let mut claimed = Vec::new();
@@ -636,7 +638,12 @@ fn steal_blocks(which: usize, tag: Option<usize>, older: Option<u32>) {
         }
         for i in claimed {
             let st = &SLOTS[i as usize][which];
-            if st.lock.wait_unlocked(100_000) {
+            // The aging tick never waits for an owner inside its section: it only hurries blocks along, and the
+            // next tick looks again. (An owner that never comes back — the `retire_in_block` a forking signal
+            // handler interrupted, in the child — would otherwise cost it a second of yields every tick.) A
+            // barrier waits, bounded: its caller asked for the blocks queued before it.
+            let quiescent = if aging { !st.lock.is_locked() } else { st.lock.wait_unlocked(100_000) };
+            if quiescent {
                 crate::hooks::point(crate::hooks::Point::KfreeSteal);
                 // AcqRel: Acquire pairs with the owner's Release store of the block (its header is visible);
                 // Release orders our later header reads before a reuse of the slot by the owner.
