@@ -290,13 +290,15 @@ fn double_free_large_kmalloc() {
 }
 
 /// A double free of a plain kmalloc object that is no longer at the head of the thread's list — `free(a);
-/// free(b); free(a)` — is refused by the free key, in every size class above 8 bytes, on the fast path
-/// (`kfree_nolock` reports it) and through `try_kfree_nolock`; nothing is handed out twice afterwards. Before
-/// the key, the third free was accepted and the next allocations returned `a`, `b`, `a`.
+/// free(b); free(a)` — is refused, in every size class (by the free key in the object, and for the 8-byte
+/// class by its slabs' free map), on the fast path (`kfree_nolock` reports it) and through
+/// `try_kfree_nolock`; nothing is handed out twice afterwards. Before the key, the third free was accepted and
+/// the next allocations returned `a`, `b`, `a`; before the map, the 8-byte class found the loop only on a slow
+/// path, reported it, and leaked the objects behind it.
 #[test]
 fn double_free_not_at_the_head_kmalloc() {
     let _s = serial();
-    for size in [16usize, 24, 64, 100, 640, 4096, 20_000] {
+    for size in [1usize, 8, 16, 24, 64, 100, 640, 4096, 20_000] {
         let a = kmalloc_nolock(size, Gfp::NONE).unwrap().as_ptr();
         let b = kmalloc_nolock(size, Gfp::NONE).unwrap().as_ptr();
         let r0 = reports();
@@ -379,48 +381,81 @@ fn double_free_plain_cache_never_two_owners() {
     std::mem::forget(cache);
 }
 
+/// `free(a); free(b); free(a)` on `cache`: the third free is refused — on the fast path (`free_nolock` reports
+/// it) and through `try_free_nolock` — wherever the first free put the object, nothing is handed out twice
+/// afterwards, and the cache's destroy finds every object back.
+fn double_free_not_at_the_head_is_refused(cache: KmemCache, what: &str) {
+    let a = cache.alloc_nolock(Gfp::NONE).unwrap();
+    let b = cache.alloc_nolock(Gfp::NONE).unwrap();
+    let r0 = reports();
+    // SAFETY: first frees of live objects, then a deliberate double free of `a` through the fast path.
+    unsafe {
+        cache.free_nolock(a);
+        cache.free_nolock(b);
+        cache.free_nolock(a);
+    }
+    assert_eq!(reports(), r0 + 1, "{what}: the double free of a is reported");
+    // SAFETY: and once more through the reporting-free variant.
+    let e = unsafe { cache.try_free_nolock(a) }.unwrap_err();
+    assert_eq!(e.kind, FreeErrorKind::DoubleFree, "{what}: {e:?}");
+    assert_display(&e, Some(cache.name().as_str()));
+    let got: Vec<NonNull<u8>> = (0..4).map(|_| cache.alloc_nolock(Gfp::NONE).unwrap()).collect();
+    let mut uniq: Vec<usize> = got.iter().map(|p| p.as_ptr() as usize).collect();
+    uniq.sort_unstable();
+    uniq.dedup();
+    assert_eq!(uniq.len(), got.len(), "{what}: an object handed out twice: {got:x?}");
+    for p in got {
+        // SAFETY: live objects, freed once.
+        assert_eq!(unsafe { cache.try_free_nolock(p) }, Ok(()), "{what}");
+    }
+    assert_eq!(cache.stats().bad_frees, 2, "{what}: both refusals counted");
+    let report = cache.destroy();
+    assert_eq!(report.live_objects, 0, "{what}: every object came back: {report:?}");
+}
+
 /// `free(a); free(b); free(a)` on a plain `KmemCache` (no constructor, not type-safe, link word at offset 0):
-/// such a cache carries the free key like the kmalloc classes, so the third free is refused — on the fast path
-/// (`free_nolock` reports it) and through `try_free_nolock` — wherever the first free put the object, and
-/// nothing is handed out twice afterwards. Several object sizes, the smallest one that has room for the key.
-/// Before the key covered these caches, the next allocations returned `a`, `b`, `a`.
+/// such a cache carries the free key like the kmalloc classes. Several object sizes, the smallest one that has
+/// room for the key. Before the key covered these caches, the next allocations returned `a`, `b`, `a`.
 #[test]
 fn double_free_not_at_the_head_plain_cache() {
     let _s = serial();
     for size in [16usize, 24, 64, 200, 1000] {
         let cache = KmemCache::new("bad-double-nothead", Layout::from_size_align(size, 8).unwrap()).unwrap();
-        let a = cache.alloc_nolock(Gfp::NONE).unwrap();
-        let b = cache.alloc_nolock(Gfp::NONE).unwrap();
-        let r0 = reports();
-        // SAFETY: first frees of live objects, then a deliberate double free of `a` through the fast path.
-        unsafe {
-            cache.free_nolock(a);
-            cache.free_nolock(b);
-            cache.free_nolock(a);
-        }
-        assert_eq!(reports(), r0 + 1, "size {size}: the double free of a is reported");
-        // SAFETY: and once more through the reporting-free variant.
-        let e = unsafe { cache.try_free_nolock(a) }.unwrap_err();
-        assert_eq!(e.kind, FreeErrorKind::DoubleFree, "size {size}: {e:?}");
-        assert_display(&e, Some("bad-double-nothead"));
-        let got: Vec<NonNull<u8>> = (0..4).map(|_| cache.alloc_nolock(Gfp::NONE).unwrap()).collect();
-        let mut uniq: Vec<usize> = got.iter().map(|p| p.as_ptr() as usize).collect();
-        uniq.sort_unstable();
-        uniq.dedup();
-        assert_eq!(uniq.len(), got.len(), "size {size}: an object handed out twice: {got:x?}");
-        for p in got {
-            // SAFETY: live objects, freed once.
-            assert_eq!(unsafe { cache.try_free_nolock(p) }, Ok(()));
-        }
-        assert_eq!(cache.stats().bad_frees, 2, "size {size}: both refusals counted");
-        let report = cache.destroy();
-        assert_eq!(report.live_objects, 0, "size {size}: every object came back: {report:?}");
+        double_free_not_at_the_head_is_refused(cache, &format!("size {size}"));
     }
 }
 
-/// The key lives in a free object's second word, so caches that keep meaning in freed objects do not carry it:
-/// a constructor's state must survive free and reuse, a type-safe cache's readers probe freed objects, and a
-/// link word moved with `freeptr_offset` says the same. Their objects' second word is left alone by a free.
+/// The same for the caches whose free objects keep meaning — a constructor's, a type-safe one, one with the
+/// link word moved by `freeptr_offset`, and the 8-byte objects that have no room for a key — which carry the
+/// key in the slab's free map instead. Before the map, the next allocations of the first three returned `a`,
+/// `b`, `a`, `b`, silently.
+#[test]
+fn double_free_not_at_the_head_caches_that_keep_freed_contents() {
+    let _s = serial();
+    fn ctor(p: NonNull<u8>) {
+        // SAFETY: the constructor gets a whole object of the cache (at least 8 bytes).
+        unsafe { p.as_ptr().cast::<u64>().write(0xc7) };
+    }
+    for size in [8usize, 24, 64, 200, 1000, 4096] {
+        let layout = Layout::from_size_align(size, 8).unwrap();
+        let name = "bad-double-kept";
+        let with_ctor = KmemCache::builder(name, layout).ctor(ctor).build().unwrap();
+        double_free_not_at_the_head_is_refused(with_ctor, &format!("constructor, size {size}"));
+        let typesafe = KmemCache::builder(name, layout).flags(nolock::SlabFlags::TYPESAFE_BY_RCU).build().unwrap();
+        double_free_not_at_the_head_is_refused(typesafe, &format!("type-safe, size {size}"));
+        if size >= 16 {
+            let moved = KmemCache::builder(name, layout).freeptr_offset(8).build().unwrap();
+            double_free_not_at_the_head_is_refused(moved, &format!("moved link, size {size}"));
+        }
+        let small = KmemCache::new(name, Layout::new::<u64>()).unwrap();
+        double_free_not_at_the_head_is_refused(small, "8-byte objects");
+    }
+}
+
+/// The free key lives in a free object's second word, so caches that keep meaning in freed objects do not
+/// carry it there: a constructor's state must survive free and reuse, a type-safe cache's readers probe freed
+/// objects, and a link word moved with `freeptr_offset` says the same. Their key is in the slab's free map, and
+/// their objects' second word is left alone by a free.
 #[test]
 fn free_key_spares_caches_that_keep_freed_contents() {
     let _s = serial();

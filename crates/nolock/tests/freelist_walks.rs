@@ -24,15 +24,14 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     g
 }
 
-/// A plain or hardened cache without the free key: a (no-op) constructor keeps the key off, so a double free
-/// not at the head of the list gets past the free and the walks below are what catch it (plain caches without
-/// a constructor refuse such a free at once: `bad_input.rs`).
+/// A plain or hardened cache without a double-free key (`without_free_key`, a test hook), so a double free
+/// not at the head of the list gets past the free and the walks below are what catch it (every other plain
+/// cache refuses such a free at once: `bad_input.rs`).
 fn cache(name: &str, hardened: bool) -> KmemCache {
-    fn constructed(_: NonNull<u8>) {}
     let c = KmemCache::builder(name, Layout::new::<[u64; 8]>())
         .debug(false)
         .hardened(hardened)
-        .ctor(constructed)
+        .without_free_key()
         .build()
         .unwrap();
     assert_eq!(c.stats().objects_per_slab, PER_SLAB);

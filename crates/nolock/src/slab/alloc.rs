@@ -33,7 +33,7 @@
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use super::cache::{CacheInner, FLAG_DEBUG, FLAG_FREE_KEY, FLAG_HARDENED, NO_FALLBACK};
+use super::cache::{CacheInner, FLAG_DEBUG, FLAG_FREE_KEY, FLAG_HARDENED, FLAG_MAP_KEY, NO_FALLBACK};
 use super::checks::{Shape, prefetch_links};
 use super::debug;
 use super::tables::SlabState;
@@ -140,9 +140,11 @@ impl CacheInner {
     #[inline(always)]
     pub fn finish_alloc(&self, slot: usize, flags: Gfp) -> NonNull<u8> {
         let c = self.cfg();
-        if c.flags & (FLAG_DEBUG | FLAG_HARDENED | FLAG_FREE_KEY) != 0 {
+        if c.flags & (FLAG_DEBUG | FLAG_HARDENED | FLAG_FREE_KEY | FLAG_MAP_KEY) != 0 {
             if c.flags & FLAG_FREE_KEY != 0 {
                 super::free::clear_free_key(slot);
+            } else if c.flags & FLAG_MAP_KEY != 0 {
+                c.map_byte(slot).store(0, Ordering::Relaxed);
             } else {
                 self.finish_checked(slot);
             }
@@ -533,8 +535,9 @@ impl CacheInner {
             }
         };
         hooks::point(Point::SlabNew);
-        // Debug and hardened slabs are not "plain": the free fast path sends their objects to the full path.
-        let checked = c.flags & (FLAG_DEBUG | FLAG_HARDENED) != 0;
+        // Debug, hardened and free-map slabs are not "plain": the free fast path sends their objects to the full
+        // path.
+        let checked = c.flags & (FLAG_DEBUG | FLAG_HARDENED | FLAG_MAP_KEY) != 0;
         let info = Info::slab(self.id(), head as u32, checked, c.stride_shift, c.flags & FLAG_FREE_KEY != 0);
         for p in head..head + pages {
             g.pages.desc(p).set_info(info);

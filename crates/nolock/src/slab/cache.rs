@@ -70,6 +70,18 @@ pub const FLAG_HARDENED: u32 = 4;
 /// what the free fast path tests.
 pub const FLAG_FREE_KEY: u32 = 8;
 
+/// Plain `KmemCache`s whose free objects keep meaning — a constructor's state, type-safe readers that probe
+/// freed objects, a link word moved with `freeptr_offset` — so that nothing may be written into a freed object
+/// but its link word: each slab ends in a *free map*, one byte per object (the old SLAB allocator kept its
+/// free-object index array in the slab the same way). A free sets the object's byte to
+/// [`FREE_MARK`](super::free::FREE_MARK) and refuses an object whose byte holds it already (a double free,
+/// wherever the first free put it); every allocation clears it. Their slabs are not "plain" (`Info`'s checked
+/// bit), so their frees take the full path, which knows the map's place.
+pub const FLAG_MAP_KEY: u32 = 16;
+
+/// Built with `KmemCacheBuilder::without_free_key` (tests only): neither key.
+pub const FLAG_UNKEYED: u32 = 32;
+
 /// Maximum number of caches (the kmalloc classes included) alive at once.
 pub const MAX_CACHES: usize = 256;
 
@@ -164,8 +176,46 @@ impl CacheConfig {
     /// Whether a free object of this cache holds nothing anyone reads: no constructor state to keep, no
     /// type-safe readers that probe freed objects, the link word at the slot's start and the object there too —
     /// so its second word may carry the free key.
-    fn keeps_nothing_when_free(&self) -> bool {
+    pub(super) fn keeps_nothing_when_free(&self) -> bool {
         self.ctor == 0 && self.dtor == 0 && self.typesafe.is_none() && self.link_off == 0 && self.obj_off == 0
+    }
+
+    /// End each slab with a free map (see [`FLAG_MAP_KEY`]): one byte per object after the last one, so the slab
+    /// holds `slab bytes / (stride + 1)` objects. Not for slabs of more than 64 pages (the map is found from an
+    /// object's address by the slab's alignment, which stops there) or that would hold no object then.
+    pub fn add_free_map(&mut self) {
+        let bytes = (self.slab_pages as usize) * PAGE_SIZE;
+        let stride = self.stride as usize;
+        let capacity = (bytes / (stride + 1)).min(u16::MAX as usize);
+        if self.slab_pages > 64 || capacity == 0 {
+            return;
+        }
+        self.capacity = capacity as u16;
+        self.limit = (capacity * stride) as u32;
+        self.high = self.high.max(capacity as u32);
+        // The map is a tail: a multiple of the stride is no longer always an object.
+        self.stride_shift = 0;
+        self.flags |= FLAG_MAP_KEY;
+    }
+
+    /// The address of the free-map byte of the slot at `slot` (see [`map_byte`](Self::map_byte)).
+    #[inline]
+    fn map_byte_addr(&self, slot: usize) -> usize {
+        let bytes = (self.slab_pages as usize) * PAGE_SIZE;
+        // Slabs of at most 64 pages are aligned to their size (`slab_align`).
+        let base = slot & !(bytes - 1);
+        let idx = (((slot - base) as u64).wrapping_mul(self.recip) >> 32) as usize;
+        debug_assert!(idx < usize::from(self.capacity) && idx * self.stride as usize == slot - base);
+        base + self.limit as usize + idx
+    }
+
+    /// The free-map byte of `slot`, a slot of this cache (which has [`FLAG_MAP_KEY`]).
+    #[inline]
+    pub(super) fn map_byte(&self, slot: usize) -> &'static core::sync::atomic::AtomicU8 {
+        // SAFETY: `slot` is a slot of a slab of this cache; `base + limit` is the end of the slab's objects and
+        // the map of `capacity` bytes follows inside the slab (`add_free_map`); arena memory is never unmapped.
+        // Every context reads and writes the byte atomically.
+        unsafe { &*(self.map_byte_addr(slot) as *const core::sync::atomic::AtomicU8) }
     }
 
     /// Compute the layout of a cache. `size` is the usable object size, `freeptr` the link offset inside the
@@ -681,8 +731,10 @@ pub fn create(g: &SlabState, cfg: CacheConfig) -> Result<u16, CacheError> {
     }
     if cfg.flags & FLAG_HARDENED != 0 {
         cfg.key = debug::random_key();
+        // Hardened links refuse a double free by themselves (`free_hardened`); the map stays unused.
+        cfg.flags &= !FLAG_MAP_KEY;
     }
-    if cfg.flags & (FLAG_DEBUG | FLAG_HARDENED) == 0
+    if cfg.flags & (FLAG_DEBUG | FLAG_HARDENED | FLAG_UNKEYED) == 0
         && cfg.stride >= 16
         && (cfg.flags & FLAG_KMALLOC != 0 || cfg.keeps_nothing_when_free())
     {
@@ -803,6 +855,37 @@ mod tests {
                 let by_division = rel % stride == 0 && rel < limit;
                 let by_mask = (base + rel) & (stride - 1) == 0;
                 assert_eq!(by_division, by_mask, "size {size} offset {rel}");
+            }
+        }
+    }
+
+    /// A free map fits in its slab after the last object, gives each object its own byte, and is found from
+    /// any object's address; no multiple of the stride past the objects passes for one.
+    #[test]
+    fn free_map_layout() {
+        for size in [8usize, 16, 24, 40, 64, 100, 640, 1000, 4096, 5000, 20_000, 1 << 17, 1 << 20] {
+            for align in [8usize, 64, 4096] {
+                let mut c = CacheConfig::new("t", size, align, 0, 0);
+                c.add_free_map();
+                if c.flags & FLAG_MAP_KEY == 0 {
+                    // Only slabs of more than 64 pages, or of one object that leaves no byte, go without.
+                    assert!(c.slab_pages > 64 || c.capacity == 1, "size {size} align {align}: {c:?}");
+                    continue;
+                }
+                let slab_bytes = (c.slab_pages as usize) << PAGE_SHIFT;
+                let (stride, capacity) = (c.stride as usize, usize::from(c.capacity));
+                assert!(capacity > 0 && c.limit as usize == capacity * stride, "{c:?}");
+                assert!(c.limit as usize + capacity <= slab_bytes, "size {size} align {align}: the map overflows");
+                assert_eq!(c.stride_shift, 0);
+                let base = c.slab_align() << PAGE_SHIFT;
+                for i in 0..capacity {
+                    let byte = c.map_byte_addr(base + i * stride);
+                    assert_eq!(byte, base + c.limit as usize + i, "size {size} align {align} object {i}");
+                }
+                for rel in (c.limit as usize..slab_bytes).step_by(8) {
+                    let idx = ((rel as u64).wrapping_mul(c.recip) >> 32) as usize;
+                    assert!(!(idx * stride == rel && rel < c.limit as usize));
+                }
             }
         }
     }

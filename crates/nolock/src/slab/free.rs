@@ -14,7 +14,8 @@
 //!
 //! - **full path** (`free_checked`, `free_slot`): validation (an object of the cache, at an object's start;
 //!   debug checks), hardened caches (`free_hardened`: a free of an object whose link word decodes to a link is
-//!   refused), and the outcomes above.
+//!   refused; caches with a free map: a free of an object whose map byte says free is refused), and the
+//!   outcomes above.
 //! - **flush**: the list grew past `high`: check the whole list and, in the same walk, cut the excess into runs
 //!   of objects that share a slab (`scan_flush`, here); then give each run back to its slab with one CAS
 //!   (`push_run`). A list with more runs than the walk records (frees in no particular order) is grouped by
@@ -32,7 +33,7 @@
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use super::cache::{CacheInner, FLAG_DEBUG, FLAG_FREE_KEY, FLAG_HARDENED};
+use super::cache::{CacheInner, FLAG_DEBUG, FLAG_FREE_KEY, FLAG_HARDENED, FLAG_MAP_KEY};
 use super::debug::{self, FreeError, FreeErrorKind};
 use super::tables::SlabState;
 use super::thread_cache::{self, ThreadCache, ThreadCaches, bump};
@@ -48,7 +49,9 @@ use crate::sys::PAGE_SHIFT;
 /// free — wherever the first free put it (this thread's list, another thread's, a slab) — where the cheap
 /// head-of-list check alone would let `free(a); free(b); free(a)` hand `a` out twice. (glibc's tcache keeps
 /// the same kind of key.) A live object whose second word the program set to exactly this value is refused
-/// too: reported, counted and leaked, never corrupting.
+/// too: reported, counted and leaked, never corrupting. Caches that cannot carry it in the object (free
+/// contents that keep meaning, 8-byte objects) keep the same mark in their slabs' free map ([`FREE_MARK`],
+/// `FLAG_MAP_KEY`), checked on the full path.
 pub const FREE_KEY: u64 = 0x6e6f_6c6f_636b_f7ee;
 
 /// The free key's word in `slot` (its second word; the link word is the first).
@@ -68,6 +71,20 @@ fn take_free_key(slot: usize) -> bool {
         return false;
     }
     w.store(FREE_KEY, Ordering::Relaxed);
+    true
+}
+
+/// The free map's byte of a free object (see `FLAG_MAP_KEY`); an allocated object's is 0.
+pub const FREE_MARK: u8 = 0xf7;
+
+/// Claim the free of an object of a free-map cache whose map byte is `b`: false if it is marked free already (a
+/// double free; nothing written), otherwise mark it and return true.
+#[inline(always)]
+fn take_map_mark(b: &core::sync::atomic::AtomicU8) -> bool {
+    if b.load(Ordering::Relaxed) == FREE_MARK {
+        return false;
+    }
+    b.store(FREE_MARK, Ordering::Relaxed);
     true
 }
 
@@ -317,6 +334,9 @@ impl CacheInner {
             return self.free_hardened(g, id, slot);
         }
         if flags & FLAG_FREE_KEY != 0 && !take_free_key(slot) {
+            return false;
+        }
+        if flags & FLAG_MAP_KEY != 0 && !take_map_mark(self.cfg().map_byte(slot)) {
             return false;
         }
         match thread_cache::current(g) {

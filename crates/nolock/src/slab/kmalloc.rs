@@ -93,7 +93,11 @@ pub(crate) fn create_kmalloc_caches(g: &SlabState) {
             };
             let flags = FLAG_KMALLOC | if debug { FLAG_DEBUG } else { 0 };
             let align = size & size.wrapping_neg();
-            let cfg = CacheConfig::new(name.as_str(), size, align, 0, flags);
+            let mut cfg = CacheConfig::new(name.as_str(), size, align, 0, flags);
+            if size < 16 && !debug {
+                // No room for the free key in the object: a free map after the slab's objects.
+                cfg.add_free_map();
+            }
             cache::create(g, cfg).expect("fresh cache table has room for the kmalloc caches");
         }
     }
@@ -262,19 +266,22 @@ fn kmalloc_class(class: usize, align: impl FnOnce() -> usize, flags: Gfp) -> Opt
     // a plain class's `finish_alloc` is `kmalloc_finish`.
     if let Some(g) = tables::state_if_init()
         && g.slow_flags.load(Ordering::Relaxed) == 0
-        && let Some(r) = alloc_fast(g, class as u16, 0, flags, |slot| kmalloc_finish(slot, class, flags))
+        && let Some(r) = alloc_fast(g, class as u16, 0, flags, |slot| kmalloc_finish(g, slot, class, flags))
     {
         return r;
     }
     kmalloc_class_full(class, align(), flags)
 }
 
-/// Zero the object if asked.
+/// Clear the object's double-free key; zero the object if asked.
 #[inline(always)]
-fn kmalloc_finish(slot: usize, class: usize, flags: Gfp) -> NonNull<u8> {
-    // Every plain class but the 8-byte one carries the free key (`FLAG_FREE_KEY`): clear it.
+fn kmalloc_finish(g: &SlabState, slot: usize, class: usize, flags: Gfp) -> NonNull<u8> {
+    // Every plain class but the 8-byte one carries the free key in the object (`FLAG_FREE_KEY`); the 8-byte
+    // one, which has no room for it, in its slabs' free map (`FLAG_MAP_KEY`).
     if class != 0 {
         super::free::clear_free_key(slot);
+    } else {
+        g.cache(0).cfg().map_byte(slot).store(0, Ordering::Relaxed);
     }
     if flags.contains(Gfp::ZERO) {
         // SAFETY: a fresh object of the class's size.
@@ -293,7 +300,7 @@ fn kmalloc_class_full(class: usize, align: usize, flags: Gfp) -> Option<NonNull<
     }
     let id = class as u16;
     match g.cache(id).alloc_local(g, id, 0) {
-        Got::Obj(slot) => Some(kmalloc_finish(slot, class, flags)),
+        Got::Obj(slot) => Some(kmalloc_finish(g, slot, class, flags)),
         Got::Busy => next_bucket(g, 0, class, align, flags),
         Got::Oom => None,
     }

@@ -69,7 +69,7 @@ use crate::page::desc::Kind;
 use crate::rcu::GracePeriod;
 use crate::rcu::srcu::SrcuFast;
 use cache::{
-    CacheConfig, CacheError, CacheName, CacheStats, DestroyReport, FLAG_DEBUG, FLAG_HARDENED, MAX_ALIGN,
+    CacheConfig, CacheError, CacheName, CacheStats, DestroyReport, FLAG_DEBUG, FLAG_HARDENED, FLAG_UNKEYED, MAX_ALIGN,
     MAX_OBJECT_SIZE, NO_FALLBACK,
 };
 use debug::{FaultInjection, FreeError, FreeErrorKind};
@@ -113,6 +113,7 @@ pub struct KmemCacheBuilder<'a> {
     dtor: Option<fn(NonNull<u8>)>,
     fallback: Option<bool>,
     memcg: Option<&'static memcg::MemGroup>,
+    unkeyed: bool,
 }
 
 /// Cache creation flags (the kernel's `SLAB_*`). Combine with `|`.
@@ -205,6 +206,16 @@ impl<'a> KmemCacheBuilder<'a> {
         self
     }
 
+    /// Tests only (the `test-hooks` feature): no double-free key of either kind (the free key in the object, the
+    /// free map after the slab's objects), so that a double free not at the head of a list gets past the free
+    /// and the slow paths' own checks of lists and chains — what stands between a use-after-free write and a
+    /// corrupt slab — can be tested on any layout.
+    #[cfg(feature = "test-hooks")]
+    pub fn without_free_key(mut self) -> Self {
+        self.unkeyed = true;
+        self
+    }
+
     /// Pair the cache with a fallback cache of the same type that serves allocations while this thread's list
     /// is busy (a signal handler interrupted it). Default: on for type-safe caches, off otherwise (they use the
     /// shared slab lists instead). Either way allocation never fails for being busy.
@@ -246,7 +257,9 @@ impl<'a> KmemCacheBuilder<'a> {
         normal_context_init();
         let debug = self.debug.unwrap_or_else(|| g.kmalloc_debug());
         let hardened = self.hardened.unwrap_or_else(debug::hardened_default);
-        let flags = if debug { FLAG_DEBUG } else { 0 } | if hardened { FLAG_HARDENED } else { 0 };
+        let flags = if debug { FLAG_DEBUG } else { 0 }
+            | if hardened { FLAG_HARDENED } else { 0 }
+            | if self.unkeyed { FLAG_UNKEYED } else { 0 };
         let mut cfg = CacheConfig::new(self.name, size, align, self.freeptr_offset, flags);
         cfg.typesafe = if self.flags.contains(SlabFlags::TYPESAFE_BY_SRCU_FAST) {
             Some(GracePeriod::srcu_fast(self.srcu.unwrap_or(&crate::rcu::tasks_trace::RCU_TASKS_TRACE)))
@@ -257,6 +270,13 @@ impl<'a> KmemCacheBuilder<'a> {
         };
         cfg.ctor = self.ctor.map_or(0, |f| f as usize);
         cfg.dtor = self.dtor.map_or(0, |f| f as usize);
+        if flags & (FLAG_DEBUG | FLAG_HARDENED | FLAG_UNKEYED) == 0
+            && (!cfg.keeps_nothing_when_free() || cfg.stride < 16)
+        {
+            // No free key inside the object (it keeps meaning while free, or has no room): a free map at the
+            // slab's end instead (before the fallback cache copies the layout).
+            cfg.add_free_map();
+        }
         if cfg.typesafe.is_some() {
             // Type-safe objects stay readable after free: the link word must not sit on fields readers probe,
             // which is what `freeptr_offset` is for; poison would destroy them, so debug mode skips it.
@@ -311,6 +331,7 @@ impl KmemCache {
             dtor: None,
             fallback: None,
             memcg: None,
+            unkeyed: false,
         }
     }
 
