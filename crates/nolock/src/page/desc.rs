@@ -28,6 +28,10 @@ pub enum Kind {
     Pages = 3,
 }
 
+/// In the kind byte (kinds need two bits): the slab ends in a free map (the slab layer's `FLAG_MAP_KEY`).
+const MAPPED_BIT: u64 = 1 << 7;
+/// The kind byte without [`MAPPED_BIT`].
+const KIND_MASK: u64 = 0x7f;
 const DEBUG_BIT: u64 = 1 << 8;
 const STRIDE_SHIFT_BIT: u32 = 9;
 const KEYED_BIT: u64 = 1 << 15;
@@ -47,14 +51,16 @@ impl Info {
     /// them to the checked path without looking at the cache; `stride_shift` is log2 of the object stride when
     /// every address of the slab that is a multiple of the stride is an object (0: check by division); `keyed`
     /// marks slabs of caches whose free objects carry the free key, so that the free fast path knows without
-    /// looking at the cache.
+    /// looking at the cache; `mapped` marks slabs that end in a free map (the same mark kept outside the
+    /// objects).
     #[inline]
-    pub fn slab(cache_id: u16, head: u32, debug: bool, stride_shift: u32, keyed: bool) -> Self {
+    pub fn slab(cache_id: u16, head: u32, debug: bool, stride_shift: u32, keyed: bool, mapped: bool) -> Self {
         debug_assert!(stride_shift < 64);
         Self(
             Self::new(Kind::Slab, cache_id, head).0
                 | if debug { DEBUG_BIT } else { 0 }
                 | if keyed { KEYED_BIT } else { 0 }
+                | if mapped { MAPPED_BIT } else { 0 }
                 | (u64::from(stride_shift) << STRIDE_SHIFT_BIT),
         )
     }
@@ -63,6 +69,12 @@ impl Info {
     #[inline(always)]
     pub fn is_keyed(self) -> bool {
         self.0 & KEYED_BIT != 0
+    }
+
+    /// A slab that ends in a free map (the slab layer's `FLAG_MAP_KEY`).
+    #[inline(always)]
+    pub fn is_mapped(self) -> bool {
+        self.0 & MAPPED_BIT != 0
     }
 
     /// log2 of the stride if objects sit exactly at the multiples of a power-of-two stride (0: not so).
@@ -74,12 +86,12 @@ impl Info {
     /// A slab page of a non-debug cache (the free fast path's one test).
     #[inline(always)]
     pub fn is_plain_slab(self) -> bool {
-        self.0 & (0xff | DEBUG_BIT) == Kind::Slab as u64
+        self.0 & (KIND_MASK | DEBUG_BIT) == Kind::Slab as u64
     }
     /// The page's kind.
     #[inline]
     pub fn kind(self) -> Kind {
-        match self.0 & 0xff {
+        match self.0 & KIND_MASK {
             1 => Kind::Slab,
             2 => Kind::Large,
             3 => Kind::Pages,
@@ -89,7 +101,7 @@ impl Info {
     /// Whether this is a page of a slab of cache `cache_id` (kind and cache id in one compare, for list walks).
     #[inline(always)]
     pub fn is_slab_of(self, cache_id: u16) -> bool {
-        self.0 & 0xffff_00ff == (u64::from(cache_id) << 16) | Kind::Slab as u64
+        self.0 & (0xffff_0000 | KIND_MASK) == (u64::from(cache_id) << 16) | Kind::Slab as u64
     }
     /// Cache id (slab pages).
     #[inline]

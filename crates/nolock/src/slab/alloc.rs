@@ -535,10 +535,10 @@ impl CacheInner {
             }
         };
         hooks::point(Point::SlabNew);
-        // Debug, hardened and free-map slabs are not "plain": the free fast path sends their objects to the full
-        // path.
-        let checked = c.flags & (FLAG_DEBUG | FLAG_HARDENED | FLAG_MAP_KEY) != 0;
-        let info = Info::slab(self.id(), head as u32, checked, c.stride_shift, c.flags & FLAG_FREE_KEY != 0);
+        // Debug and hardened slabs are not "plain": the free fast path sends their objects to the full path.
+        let checked = c.flags & (FLAG_DEBUG | FLAG_HARDENED) != 0;
+        let (keyed, mapped) = (c.flags & FLAG_FREE_KEY != 0, c.flags & FLAG_MAP_KEY != 0);
+        let info = Info::slab(self.id(), head as u32, checked, c.stride_shift, keyed, mapped);
         for p in head..head + pages {
             g.pages.desc(p).set_info(info);
         }

@@ -75,8 +75,8 @@ pub const FLAG_FREE_KEY: u32 = 8;
 /// but its link word: each slab ends in a *free map*, one byte per object (the old SLAB allocator kept its
 /// free-object index array in the slab the same way). A free sets the object's byte to
 /// [`FREE_MARK`](super::free::FREE_MARK) and refuses an object whose byte holds it already (a double free,
-/// wherever the first free put it); every allocation clears it. Their slabs are not "plain" (`Info`'s checked
-/// bit), so their frees take the full path, which knows the map's place.
+/// wherever the first free put it); every allocation clears it. Their slabs carry `Info::is_mapped`, which
+/// the free fast path tests.
 pub const FLAG_MAP_KEY: u32 = 16;
 
 /// Built with `KmemCacheBuilder::without_free_key` (tests only): neither key.

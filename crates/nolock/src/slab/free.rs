@@ -178,9 +178,14 @@ impl CacheInner {
                 g.cache(id).index_of(addr - g.arena.page_addr(info.head() as usize)).is_some()
             };
             if slot_ok {
-                // Slabs of caches whose objects carry the free key say so in their descriptor. An object that
-                // holds the key is free already: the full path reports the double free.
-                if info.is_keyed() && !take_free_key(addr) {
+                // Slabs of caches whose objects carry the free key say so in their descriptor, and so do slabs
+                // that keep the mark in a free map (whose stride is never a power-of-two shift, so the cache is
+                // at hand). An object marked free already: the full path reports the double free.
+                if info.is_keyed() {
+                    if !take_free_key(addr) {
+                        return false;
+                    }
+                } else if info.is_mapped() && !take_map_mark(g.cache(id).cfg().map_byte(addr)) {
                     return false;
                 }
                 // The cache itself is looked up only on the way out to a slow path, not on the push.
