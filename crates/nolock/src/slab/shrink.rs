@@ -61,7 +61,8 @@ use super::cache::CacheInner;
 use super::tables::SlabState;
 use crate::hooks::{self, Point};
 use crate::page::desc::{Info, Kind};
-use crate::sync::slab_freelist::State;
+use crate::sync::slab_freelist::{DEAD, LISTED, State};
+use crate::sync::tagged::decode_link;
 
 /// The word a shrinker sleeps on (the background worker, which imports this layer; this layer names no one
 /// above it). A free path that empties enough slabs of a cache bumps it ([`request_shrink`]).
@@ -348,19 +349,69 @@ fn shrinker_id() -> usize {
 
 /// In a fork child (the atfork child handler): a shrink that a thread which is gone was running will never end.
 /// Its right is cleared; before this, every `trim` and `KmemCache::destroy` of the child waited for it forever
-/// and no shrink ran on that cache again (`tests/fork_step.rs`). The slab it held off the lists stays named in
-/// `hand`, where a rescue may still take its objects; otherwise the child loses it. A shrink of this thread's
-/// own (fork() from a signal handler that interrupted it) continues if the handler returns: it is only marked,
-/// and `shrink_wait` takes it over if the handler makes a blocking call instead.
+/// and no shrink ran on that cache again (`tests/fork_step.rs`). The slab it held off the lists is put back on
+/// one, and the slabs it had not reached yet are moved to the list the next shrink drains
+/// (`adopt_orphaned_shrink`); before that, only a rescue could still take the first one's objects, and the
+/// child's next `trim` released none of them (its `KmemCache::destroy` reported them as slabs still in use). A shrink of this thread's own
+/// (fork() from a signal handler that interrupted it) continues if the handler returns: it is only marked, and
+/// `shrink_wait` takes it over if the handler makes a blocking call instead.
 pub(crate) fn after_fork_child(g: &SlabState) {
     let me = shrinker_id();
+    // Whether this thread was inside a list operation of the slab layer at the fork (a signal handler forked
+    // there): it may hold the take right of a slab, which `adopt_orphaned_shrink` must not put on a list, or be
+    // in the middle of a list operation.
+    let inside = super::thread_cache::current_if_any()
+        .is_none_or(|t| (0..g.cache_count()).any(|id| t.list(id).lock.is_locked()));
     for id in 0..g.cache_count() {
         let c = g.cache(id);
         let who = c.shrinking.load(Ordering::Relaxed);
         c.held_at_fork.store(who == me, Ordering::Relaxed);
         if who != 0 && who != me {
             c.shrinking.store(0, Ordering::Relaxed);
+            if !inside {
+                c.adopt_orphaned_shrink(g);
+            }
         }
+    }
+}
+
+impl CacheInner {
+    /// In a fork child, for a cache whose shrink was run by a thread that is gone. The child has one thread and
+    /// it is here, outside the slab layer's list operations (the caller checks), so nothing moves. What that
+    /// shrink left:
+    /// - the list it was draining (the one pushes no longer go to) still holds the slabs it had not reached; the
+    ///   next shrink drains only the other one, so they are moved there first;
+    /// - the slab named in `hand` may be off the lists for good (taken, not yet put back or released): it is
+    ///   put back unless it is on the list already, was killed (`DEAD`: its release may have been cut short;
+    ///   it is left alone), or is not `LISTED` (whoever unlisted it lists it again with its next free).
+    ///
+    /// Every walk stops after as many steps as the cache has slabs, plus slack.
+    fn adopt_orphaned_shrink(&self, g: &SlabState) {
+        let next_of = |i: u32| &g.pages.desc(i as usize).next;
+        let dst = self.active.load(Ordering::Relaxed) as usize & 1;
+        let bound = self.nr_slabs.load(Ordering::Relaxed) as usize + 64;
+        for _ in 0..bound {
+            let Some(h) = self.partial[dst ^ 1].pop(next_of) else { break };
+            self.partial[dst].push(h, next_of(h));
+        }
+        let Some(head) = self.hand.load(Ordering::Relaxed).checked_sub(1) else { return };
+        self.hand.store(0, Ordering::Relaxed);
+        let flags = g.pages.desc(head as usize).slab.load().flags();
+        let ours = g.pages.info_of(g.pages.page_addr(head as usize)).is_slab_of(self.id());
+        if flags & DEAD != 0 || flags & LISTED == 0 || !ours {
+            return;
+        }
+        let mut at = self.partial[dst].peek();
+        for _ in 0..bound {
+            match at {
+                // On the list already.
+                Some(i) if i == head => return,
+                Some(i) => at = decode_link(next_of(i).load(Ordering::Relaxed)),
+                None => return self.list_push(g, head),
+            }
+        }
+        // A list longer than the cache's slabs (a loop): leave the slab where it is rather than risk a second
+        // place on a list.
     }
 }
 
